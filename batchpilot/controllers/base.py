@@ -1,0 +1,56 @@
+"""The seam between the scheduler and a batch-size policy.
+
+A controller never sees requests or tensors: before each step it gets a read-only
+`SchedulerView` and answers how many sequences may run; after the step it gets the
+`StepStats` that were measured. The same objects run under the real engine, the
+simulator and the vLLM adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class SchedulerView:
+    """What the scheduler knows before a step. Lengths are per running request, in admission order."""
+
+    num_running: int
+    num_waiting: int
+    num_decoding: int  # running requests whose prompt is fully in the KV cache
+    num_free_blocks: int
+    num_total_blocks: int
+    block_size: int
+    prompt_lens: tuple[int, ...]
+    output_lens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What happened in one step, measured after it ran."""
+
+    batch_size: int  # sequences in the step
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    step_time_s: float  # wall (or virtual) time of schedule + execute + update
+    kv_usage: float  # fraction of KV blocks in use after the step
+    num_preemptions: int  # in this step
+    num_running: int
+    num_waiting: int
+    # prompt + output tokens of each request that finished in this step
+    finished_lens: tuple[int, ...] = ()
+
+
+class BatchController(Protocol):
+    """A batch-size policy: `limit` before each step, `observe` after it."""
+
+    name: str
+
+    def limit(self, view: SchedulerView) -> int:
+        """Most sequences that may be running after this step's admissions (>= 1)."""
+        ...
+
+    def observe(self, stats: StepStats) -> None:
+        """Learn from the step that just ran."""
+        ...

@@ -1,0 +1,20 @@
+"""The baseline every engine ships: one fixed `max_num_seqs`."""
+
+from __future__ import annotations
+
+from batchpilot.controllers.base import SchedulerView, StepStats
+
+
+class StaticController:
+    name = "static"
+
+    def __init__(self, max_num_seqs: int):
+        if max_num_seqs < 1:
+            raise ValueError(f"--max-num-seqs must be at least 1, got {max_num_seqs}")
+        self.max_num_seqs = max_num_seqs
+
+    def limit(self, view: SchedulerView) -> int:
+        return self.max_num_seqs
+
+    def observe(self, stats: StepStats) -> None:
+        pass

@@ -1,0 +1,132 @@
+"""LLMEngine: add_request / abort / step(), the loop every driver shares.
+
+`step()` is schedule -> execute -> update, then the controller observes what the step
+cost. The executor is anything with `execute(SchedulerOutput) -> RunnerOutput`; the clock
+is injected so the simulator can pass a virtual one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from batchpilot.controllers.base import BatchController, StepStats
+from batchpilot.engine.output_processor import OutputProcessor, RequestOutput
+from batchpilot.engine.outputs import RunnerOutput, SchedulerOutput
+from batchpilot.engine.request import Request, RequestStatus
+from batchpilot.engine.scheduler import Scheduler
+from batchpilot.model.tokenizer import TextTokenizer
+from batchpilot.sampling_params import SamplingParams
+
+
+class Executor(Protocol):
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput: ...
+
+
+@dataclass
+class EngineCounters:
+    """Totals since start, read by the metrics endpoint and the benchmarks."""
+
+    num_requests_added: int = 0
+    num_requests_finished: int = 0
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    num_steps: int = 0
+    busy_time_s: float = 0.0  # time inside step()
+    schedule_time_s: float = 0.0  # of which: scheduler + controller
+
+
+class LLMEngine:
+    def __init__(self, scheduler: Scheduler, executor: Executor, tokenizer: TextTokenizer,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.scheduler = scheduler
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self.clock = clock
+        self.output_processor = OutputProcessor(tokenizer)
+        self.counters = EngineCounters()
+        self.last_stats: StepStats | None = None
+        self._ids = itertools.count()
+
+    @property
+    def controller(self) -> BatchController:
+        return self.scheduler.controller
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a prompt (text or token ids); returns its id.
+
+        Raises:
+            RequestRejectedError: the prompt is empty or longer than the context or the pool.
+        """
+        params = params or SamplingParams()
+        text = prompt if isinstance(prompt, str) else None
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        req = Request(rid, token_ids, params, self.clock(), eos_token_id=self.tokenizer.eos_token_id)
+        self.scheduler.add_request(req)
+        self.output_processor.add(req, text)
+        self.counters.num_requests_added += 1
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request wherever it is and free its blocks (no-op if unknown or finished)."""
+        self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ABORTED)
+        self.output_processor.remove(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; returns the delta of every request that advanced or finished."""
+        t0 = self.clock()
+        sched_out = self.scheduler.schedule()
+        t1 = self.clock()
+        result = self.executor.execute(sched_out)
+        t2 = self.clock()
+        updates = self.scheduler.update_from_output(sched_out, result)
+        outputs = []
+        finished_lens = []
+        for update in updates:
+            out = self.output_processor.process(update)
+            req = update.request
+            if out.finished and not req.status.finished:  # a stop string ended it
+                self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
+            if out.finished:
+                finished_lens.append(req.num_tokens)
+            outputs.append(out)
+        t3 = self.clock()
+        self._account(sched_out, outputs, finished_lens, t3 - t0, (t1 - t0) + (t3 - t2))
+        return outputs
+
+    def _account(self, sched_out: SchedulerOutput, outputs: list[RequestOutput],
+                 finished_lens: list[int], step_time: float, schedule_time: float) -> None:
+        c = self.counters
+        c.num_steps += 1
+        c.busy_time_s += step_time
+        c.schedule_time_s += schedule_time
+        c.num_requests_finished += len(finished_lens)
+        c.num_generation_tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
+        c.num_prompt_tokens += sum(
+            s.request.num_prompt_tokens for s in sched_out.scheduled
+            if s.start == 0 and s.request.num_preemptions == 0
+        )
+        pool = self.scheduler.kv.pool
+        stats = StepStats(
+            batch_size=len(sched_out.scheduled),
+            num_prefill_tokens=sched_out.num_prefill_tokens,
+            num_decode_tokens=sched_out.num_decode_tokens,
+            step_time_s=step_time,
+            kv_usage=pool.usage,
+            num_preemptions=len(sched_out.preempted_ids),
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            finished_lens=tuple(finished_lens),
+        )
+        t = self.clock()
+        self.controller.observe(stats)
+        c.schedule_time_s += self.clock() - t
+        self.last_stats = stats

@@ -1,0 +1,108 @@
+"""Turns sampled tokens into text: incremental detokenization and stop strings.
+
+Stop strings never reach the caller: text is cut before the stop string, and while a
+request is still running the last `len(longest stop) - 1` characters are held back, since
+they may be the start of a stop string.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from batchpilot.engine.outputs import RequestUpdate, TokenLogprobs
+from batchpilot.engine.request import Request
+from batchpilot.model.tokenizer import TextTokenizer
+
+
+@dataclass
+class CompletionOutput:
+    """One generated sequence (cumulative in LLM results, a delta in engine step results)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class RequestOutput:
+    """vLLM-shaped result of a request; `engine.step()` returns the step's delta."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+    num_preemptions: int = 0
+
+
+@dataclass
+class _TextState:
+    request: Request
+    prompt: str | None
+    stream: object
+    text: str = ""
+    sent: int = 0  # characters already returned
+    stop_hit: bool = False
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+
+class OutputProcessor:
+    """Keeps each live request's decoded text and cuts it at stop strings."""
+
+    def __init__(self, tokenizer: TextTokenizer):
+        self.tokenizer = tokenizer
+        self._states: dict[str, _TextState] = {}
+
+    def add(self, request: Request, prompt: str | None) -> None:
+        stream = self.tokenizer.decode_stream(request.sampling_params.skip_special_tokens)
+        self._states[request.request_id] = _TextState(request, prompt, stream)
+
+    def remove(self, request_id: str) -> None:
+        self._states.pop(request_id, None)
+
+    def process(self, update: RequestUpdate) -> RequestOutput:
+        """Detokenize a step's new tokens. Sets `stop_hit` when a stop string ended the text."""
+        st = self._states[update.request.request_id]
+        req = st.request
+        params = req.sampling_params
+        new_ids = update.new_token_ids
+        # A stop token's own text is never shown (vLLM behaviour); its id still is.
+        text_ids = new_ids[:-1] if req.stopped_by_token and req.status.finished else new_ids
+        for tid in text_ids:
+            piece = st.stream.step(self.tokenizer.tokenizer, tid)
+            if piece:
+                st.text += piece
+        if params.stop and not st.stop_hit:
+            self._cut_at_stop(st)
+        return self._delta(st, new_ids, update.new_logprobs)
+
+    def _cut_at_stop(self, st: _TextState) -> None:
+        params = st.request.sampling_params
+        longest = max(len(s) for s in params.stop)
+        # Text before `sent - longest` was searched in earlier steps.
+        search_from = max(0, st.sent - longest)
+        hits = [(i, s) for s in params.stop if (i := st.text.find(s, search_from)) != -1]
+        if hits:
+            i, s = min(hits)
+            st.text = st.text[: i + len(s)] if params.include_stop_str_in_output else st.text[:i]
+            st.stop_hit = True
+
+    def _delta(self, st: _TextState, new_ids: list[int], new_logprobs: list[TokenLogprobs]) -> RequestOutput:
+        req = st.request
+        done = req.status.finished or st.stop_hit
+        visible = len(st.text)
+        stops = req.sampling_params.stop
+        if stops and not done:
+            visible = max(st.sent, visible - (max(len(s) for s in stops) - 1))
+        delta, st.sent = st.text[st.sent : visible], visible
+        reason = "stop" if st.stop_hit else req.status.finish_reason
+        completion = CompletionOutput(
+            0, delta, list(new_ids),
+            list(new_logprobs) if req.sampling_params.logprobs is not None else None, reason,
+        )
+        if done:
+            self.remove(req.request_id)
+        return RequestOutput(req.request_id, st.prompt, req.prompt_token_ids, [completion], done,
+                             req.num_preemptions)

@@ -1,0 +1,57 @@
+"""Plain data passed between scheduler, executor and engine each step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from batchpilot.engine.request import Request
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step. Executors read it and never change the request."""
+
+    request: Request
+    start: int  # num_computed_tokens before this step: positions [start, start + num_new_tokens)
+    num_new_tokens: int
+    block_table: list[int]
+    sample: bool  # the step computes the request's last token, so a next token is sampled
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    preempted_ids: list[str] = field(default_factory=list)
+    # Requests finished since the previous step, so executors can drop per-request state.
+    finished_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefill_tokens + self.num_decode_tokens
+
+
+@dataclass
+class TokenLogprobs:
+    """Log-probability of the sampled token and of the most likely alternatives."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class RunnerOutput:
+    """What an executor returns: one sampled token per request that samples."""
+
+    sampled_token_ids: dict[str, int]
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+
+
+@dataclass
+class RequestUpdate:
+    """The scheduler's account of one request after a step."""
+
+    request: Request
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs]

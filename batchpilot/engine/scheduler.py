@@ -1,0 +1,178 @@
+"""Continuous batching at the iteration level.
+
+Admission is FCFS and gated by exactly three things: the controller's `limit()` on running
+sequences, free KV blocks (the hard limit) and the per-step token budget. Long prompts are
+prefilled in chunks so they never stall the decodes. When a running request needs a block
+and none is free, the most recently admitted request is preempted by recompute.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+from batchpilot.config import SchedulerConfig
+from batchpilot.controllers.base import BatchController, SchedulerView
+from batchpilot.engine.block_pool import KVCacheManager
+from batchpilot.engine.outputs import RequestUpdate, RunnerOutput, ScheduledRequest, SchedulerOutput
+from batchpilot.engine.request import Request, RequestStatus
+
+
+class RequestRejectedError(ValueError):
+    """A request the engine can never serve (empty, or longer than the context or the pool)."""
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, controller: BatchController,
+                 max_model_len: int):
+        self.config = config
+        self.kv = kv
+        self.controller = controller
+        pool_tokens = kv.pool.num_blocks * kv.block_size
+        # NOTE: a sequence may never outgrow the whole pool, or it would preempt itself forever.
+        self.max_model_len = min(max_model_len, config.max_model_len or max_model_len, pool_tokens)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions_total = 0
+        self.last_limit = 0
+        self._finished_ids: list[str] = []
+
+    # ---- requests in and out -------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request; raises RequestRejectedError if it could never run."""
+        n = request.num_prompt_tokens
+        if n == 0:
+            raise RequestRejectedError("prompt is empty")
+        if n >= self.max_model_len:
+            raise RequestRejectedError(
+                f"prompt has {n} tokens, but the context holds {self.max_model_len} "
+                f"(prompt plus at least one generated token)"
+            )
+        if request.request_id in self.requests:
+            raise RequestRejectedError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
+        """Finish (abort, or stop on a stop string) requests wherever they are; frees their blocks."""
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None or req.status.finished:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            self._finish(req, status)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step -------------------------------------------------------------------------
+
+    def view(self) -> SchedulerView:
+        pool = self.kv.pool
+        return SchedulerView(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            num_decoding=sum(r.is_decoding for r in self.running),
+            num_free_blocks=pool.num_free_blocks,
+            num_total_blocks=pool.num_blocks,
+            block_size=pool.block_size,
+            prompt_lens=tuple(r.num_prompt_tokens for r in self.running),
+            output_lens=tuple(len(r.output_token_ids) for r in self.running),
+        )
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's requests and token counts, growing their block tables."""
+        self.last_limit = max(1, self.controller.limit(self.view()))
+        out = SchedulerOutput([], 0, 0, finished_ids=self._finished_ids)
+        self._finished_ids = []
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        if not out.preempted_ids:  # memory is short: admitting now would only preempt again
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
+                victim = self.running.pop()  # the most recently admitted
+                self._preempt(victim)
+                out.preempted_ids.append(victim.request_id)
+                if victim is req:
+                    break
+            else:
+                self._add(out, req, n)
+                budget -= n
+                i += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.last_limit:
+            req = self.waiting[0]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            self._add(out, req, n)
+            budget -= n
+
+    def _add(self, out: SchedulerOutput, req: Request, n: int) -> None:
+        sample = req.num_computed_tokens + n == req.num_tokens
+        out.scheduled.append(
+            ScheduledRequest(req, req.num_computed_tokens, n, self.kv.block_tables[req.request_id], sample)
+        )
+        if req.is_decoding:
+            out.num_decode_tokens += n
+        else:
+            out.num_prefill_tokens += n
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.waiting.appendleft(req)
+
+    def update_from_output(self, out: SchedulerOutput, result: RunnerOutput) -> list[RequestUpdate]:
+        """Advance each scheduled request by its computed tokens, append samples, finish stops."""
+        updates = []
+        for s in out.scheduled:
+            req = s.request
+            req.num_computed_tokens += s.num_new_tokens
+            token = result.sampled_token_ids.get(req.request_id)
+            if token is None:
+                continue
+            req.output_token_ids.append(token)
+            logprobs = result.logprobs.get(req.request_id)
+            updates.append(RequestUpdate(req, [token], [logprobs] if logprobs else []))
+            status = self._stop_status(req, token)
+            if status is not None:
+                self.running.remove(req)
+                self._finish(req, status)
+        return updates
+
+    def _stop_status(self, req: Request, token: int) -> RequestStatus | None:
+        params = req.sampling_params
+        if token in params.stop_token_ids or (token == req.eos_token_id and not params.ignore_eos):
+            req.stopped_by_token = True
+            return RequestStatus.FINISHED_STOPPED
+        if params.max_tokens is not None and len(req.output_token_ids) >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        req.status = status
+        self.kv.free(req.request_id)
+        del self.requests[req.request_id]
+        self._finished_ids.append(req.request_id)

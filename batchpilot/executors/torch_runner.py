@@ -1,0 +1,152 @@
+"""Runs a scheduled step on the real model: builds the batch tensors, runs, samples."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from batchpilot.config import CacheConfig
+from batchpilot.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
+from batchpilot.model.attention import AttentionMetadata, PrefillChunk
+from batchpilot.model.llama import LlamaModel
+from batchpilot.model.sampler import SamplingRow, sample
+
+logger = logging.getLogger(__name__)
+
+# Without --kv-cache-gib the pool takes this share of available memory, up to the cap.
+_AUTO_KV_FRACTION = 0.5
+_AUTO_KV_CAP_GIB = 4.0
+
+
+def available_memory_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("MemAvailable not found in /proc/meminfo")
+
+
+def num_kv_blocks(cache: CacheConfig, bytes_per_token: int) -> int:
+    """Blocks that fit the configured size, or a share of free memory when none is set."""
+    if cache.num_blocks is not None:
+        return cache.num_blocks
+    if cache.kv_cache_gib is not None:
+        budget = cache.kv_cache_gib * 2**30
+    else:
+        budget = min(available_memory_bytes() * _AUTO_KV_FRACTION, _AUTO_KV_CAP_GIB * 2**30)
+    blocks = int(budget // (bytes_per_token * cache.block_size))
+    if blocks < 1:
+        raise ValueError(f"--kv-cache-gib {cache.kv_cache_gib} holds less than one block")
+    return blocks
+
+
+class TorchRunner:
+    """Owns the model and its KV cache tensors; executes SchedulerOutputs."""
+
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, seed: int = 0):
+        a = model.args
+        self.model = model
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        slots = num_blocks * block_size
+        # NOTE: left uninitialised (zeroing GiBs costs seconds); attention only ever gathers
+        # slots that were written, padding included (see _decode_context).
+        self.kv_caches = [
+            (torch.empty(slots, a.num_kv_heads, a.head_dim, dtype=model.dtype),
+             torch.empty(slots, a.num_kv_heads, a.head_dim, dtype=model.dtype))
+            for _ in range(a.num_layers)
+        ]
+        self._generators: dict[str, torch.Generator] = {}
+        self._seed_source = torch.Generator().manual_seed(seed)
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        for rid in sched.finished_ids:
+            self._generators.pop(rid, None)
+        if not sched.scheduled:
+            return RunnerOutput({})
+        # Single-token rows first: they share one batched attention call.
+        ordered = sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1)
+        token_ids, positions, meta, sample_rows = self._prepare(ordered)
+        logits_rows = torch.tensor([row for row, _ in sample_rows], dtype=torch.long)
+        logits = self.model.forward(token_ids, positions, self.kv_caches, meta, logits_rows)
+        rows = [
+            SamplingRow(s.request.sampling_params, s.request.output_token_ids, self._generator(s))
+            for _, s in sample_rows
+        ]
+        tokens, logprobs = sample(logits, rows)
+        ids = [s.request.request_id for _, s in sample_rows]
+        return RunnerOutput(
+            dict(zip(ids, tokens)),
+            {rid: lp for rid, lp in zip(ids, logprobs) if lp is not None},
+        )
+
+    def _generator(self, s: ScheduledRequest) -> torch.Generator:
+        rid = s.request.request_id
+        gen = self._generators.get(rid)
+        if gen is None:
+            seed = s.request.sampling_params.seed
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_source))
+            gen = self._generators[rid] = torch.Generator().manual_seed(seed)
+        return gen
+
+    def _prepare(self, ordered: list[ScheduledRequest]):
+        bs = self.block_size
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[tuple[int, ScheduledRequest]] = []
+        decodes: list[ScheduledRequest] = []
+        prefills: list[PrefillChunk] = []
+        for s in ordered:
+            start, end = s.start, s.start + s.num_new_tokens
+            row0 = len(tokens)
+            tokens += s.request.token_ids(start, end)
+            positions += range(start, end)
+            table = s.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            if s.sample:
+                sample_rows.append((len(tokens) - 1, s))
+            if s.num_new_tokens == 1:
+                decodes.append(s)
+            elif start == 0:
+                prefills.append(PrefillChunk(row0, len(tokens), 0, None, None))
+            else:
+                ctx = self._context_slots(table, end)
+                q_pos = torch.arange(start, end).unsqueeze(1)
+                mask = torch.arange(end).unsqueeze(0) <= q_pos  # [n, end]
+                prefills.append(PrefillChunk(row0, len(tokens), start, ctx, mask))
+        decode_slots = decode_mask = None
+        if decodes:
+            decode_slots, decode_mask = self._decode_context(decodes)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            num_decodes=len(decodes),
+            decode_slots=decode_slots,
+            decode_mask=decode_mask,
+            prefills=prefills,
+        )
+        return (torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
+                meta, sample_rows)
+
+    def _context_slots(self, table: list[int], length: int) -> torch.Tensor:
+        blocks = torch.tensor(table[: -(-length // self.block_size)], dtype=torch.long)
+        return (blocks.unsqueeze(1) * self.block_size + torch.arange(self.block_size)).flatten()[:length]
+
+    def _decode_context(self, decodes: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded context slots [B, L] and mask [B, 1, 1, L] of the single-token rows."""
+        bs = self.block_size
+        lens = torch.tensor([s.start + 1 for s in decodes])
+        max_len = int(lens.max())
+        width = -(-max_len // bs)
+        # Short tables are padded with their first block; the mask hides those positions.
+        padded = [s.block_table[:width] for s in decodes]
+        tables = torch.tensor([t + [t[0]] * (width - len(t)) for t in padded], dtype=torch.long)
+        slots = (tables.unsqueeze(2) * bs + torch.arange(bs)).view(len(decodes), -1)[:, :max_len]
+        mask = torch.arange(max_len).unsqueeze(0) < lens.unsqueeze(1)
+        # Padding reads position 0, always written: unwritten memory could hold NaN, and
+        # a masked NaN still poisons probs @ V (0 * NaN = NaN).
+        slots = torch.where(mask, slots, slots[:, :1])
+        return slots, mask.view(len(decodes), 1, 1, max_len)

@@ -1,0 +1,145 @@
+"""Offline API shaped like vLLM's: `LLM(model).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from batchpilot.config import CacheConfig, ControllerConfig, EngineConfig, SchedulerConfig
+from batchpilot.controllers import make_controller
+from batchpilot.engine.block_pool import BlockPool, KVCacheManager
+from batchpilot.engine.engine import LLMEngine
+from batchpilot.engine.output_processor import CompletionOutput, RequestOutput
+from batchpilot.engine.scheduler import Scheduler
+from batchpilot.executors.torch_runner import TorchRunner, num_kv_blocks
+from batchpilot.model.llama import LlamaModel
+from batchpilot.model.loader import load_checkpoint
+from batchpilot.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | list[int]
+
+
+def build_engine(config: EngineConfig) -> LLMEngine:
+    """Load the model and wire pool, scheduler, controller and runner into an engine."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    ckpt = load_checkpoint(config.model)
+    dtype = getattr(torch, config.dtype)
+    model = LlamaModel(ckpt.args, ckpt.weights, dtype)
+    del ckpt.weights
+    elem = torch.finfo(dtype).bits // 8
+    num_blocks = num_kv_blocks(config.cache, ckpt.args.kv_bytes_per_token * elem)
+    block_size = config.cache.block_size
+    pool = BlockPool(num_blocks, block_size)
+    runner = TorchRunner(model, num_blocks, block_size, seed=config.seed)
+    scheduler = Scheduler(config.scheduler, KVCacheManager(pool), make_controller(config.controller),
+                          ckpt.args.max_position_embeddings)
+    logger.info(
+        "model %s (%s, %s); KV cache %d blocks x %d tokens = %d tokens (%.2f GiB)",
+        ckpt.path, ckpt.args.architecture, config.dtype, num_blocks, block_size,
+        num_blocks * block_size, num_blocks * block_size * ckpt.args.kv_bytes_per_token * elem / 2**30,
+    )
+    return LLMEngine(scheduler, runner, ckpt.tokenizer)
+
+
+class LLM:
+    """Generate offline from a batch of prompts, through the continuous-batching engine."""
+
+    def __init__(self, model: str | None = None, *, dtype: str = "bfloat16",
+                 kv_cache_gib: float | None = None, max_num_seqs: int = 256,
+                 batch_controller: str = "static", threads: int | None = None, seed: int = 0,
+                 max_num_batched_tokens: int = 512, max_model_len: int | None = None,
+                 block_size: int = 16, num_kv_blocks: int | None = None):
+        self.config = EngineConfig(
+            model=model, dtype=dtype, threads=threads, seed=seed,
+            cache=CacheConfig(block_size=block_size, kv_cache_gib=kv_cache_gib, num_blocks=num_kv_blocks),
+            scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
+                                      max_model_len=max_model_len),
+            controller=ControllerConfig(name=batch_controller, max_num_seqs=max_num_seqs),
+        )
+        self.engine = build_engine(self.config)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run every prompt to completion; results in prompt order.
+
+        Args:
+            prompts: a string, a list of token ids, or a list of either.
+            sampling_params: one for all prompts, or one per prompt.
+        """
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError("sampling_params: need one per prompt, or a single one")
+        return self._run(prompts, params_list, use_tqdm)
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             sampling_params: SamplingParams | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Render each conversation with the model's chat template, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.apply_chat_template(c) for c in conversations]  # type: ignore[arg-type]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, prompts: list[PromptType], params_list: list[SamplingParams],
+             use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.engine
+        results: dict[str, RequestOutput] = {}
+        # n > 1 becomes n engine requests "{i}:{k}", merged back into one result per prompt.
+        owners: dict[str, tuple[int, int]] = {}
+        for i, (prompt, params) in enumerate(zip(prompts, params_list)):
+            for k in range(params.n):
+                child = params if params.n == 1 else replace(
+                    params, n=1, seed=None if params.seed is None else params.seed + k)
+                rid = engine.add_request(prompt, child, request_id=f"{i}:{k}:{id(self)}")
+                owners[rid] = (i, k)
+        merged: list[RequestOutput | None] = [None] * len(prompts)
+        bar = tqdm(total=len(owners), disable=not use_tqdm, desc="requests")
+        while engine.has_unfinished_requests():
+            for delta in engine.step():
+                i, k = owners[delta.request_id]
+                results.setdefault(delta.request_id, delta)
+                out = _accumulate(results, delta)
+                if out.finished:
+                    bar.update(1)
+                    merged[i] = _merge_child(merged[i], out, k, str(i))
+        bar.close()
+        return [m for m in merged if m is not None]
+
+
+def _accumulate(results: dict[str, RequestOutput], delta: RequestOutput) -> RequestOutput:
+    acc = results[delta.request_id]
+    if acc is not delta:
+        c, d = acc.outputs[0], delta.outputs[0]
+        c.text += d.text
+        c.token_ids += d.token_ids
+        if c.logprobs is not None and d.logprobs:
+            c.logprobs += d.logprobs
+        c.finish_reason = d.finish_reason
+        acc.finished = delta.finished
+        acc.num_preemptions = delta.num_preemptions
+    return acc
+
+
+def _merge_child(parent: RequestOutput | None, child: RequestOutput, k: int, rid: str) -> RequestOutput:
+    completion: CompletionOutput = replace(child.outputs[0], index=k)
+    if parent is None:
+        return RequestOutput(rid, child.prompt, child.prompt_token_ids, [completion], True,
+                             child.num_preemptions)
+    parent.outputs.append(completion)
+    parent.outputs.sort(key=lambda o: o.index)
+    parent.num_preemptions += child.num_preemptions
+    return parent

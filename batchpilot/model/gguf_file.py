@@ -1,0 +1,165 @@
+"""Read a llama.cpp GGUF file as a Hugging Face checkpoint: config, dequantised weights, tokenizer.
+
+GGUF stores the tokenizer as metadata (tokens, merges, token types) and the weights under
+llama.cpp names, with the Q and K projections permuted for its rotary layout. We undo both
+so that the rest of batchpilot sees exactly what a Hugging Face folder holds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+# llama.cpp token types (gguf.TokenType): 3 = CONTROL, 4 = USER_DEFINED.
+_CONTROL, _USER_DEFINED = 3, 4
+# Pre-tokenizers by `tokenizer.ggml.pre`: every GPT-2 family split, some with single digits.
+_SINGLE_DIGIT_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
+_GPT2_PRE = {"gpt2", "default", "llama-bpe", "llama3"} | _SINGLE_DIGIT_PRE
+
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def _hf_name(gguf_name: str) -> str:
+    stem, _, suffix = gguf_name.rpartition(".")
+    if stem.startswith("blk."):
+        _, layer, part = stem.split(".", 2)
+        return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{suffix}"
+    return f"{_TOP_NAMES[stem]}.{suffix}"
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Invert llama.cpp's convert-time permutation of Q/K rows (interleaved -> halves rotary)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_config(reader: GGUFReader) -> dict[str, Any]:
+    arch = _field(reader, "general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise ValueError(f"unsupported GGUF architecture {arch!r} (supported: llama, qwen2)")
+
+    def get(key: str, default: Any = None) -> Any:
+        return _field(reader, f"{arch}.{key}", default)
+
+    num_heads = get("attention.head_count")
+    vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    has_output = any(t.name == "output.weight" for t in reader.tensors)
+    config = {
+        "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
+        "model_type": arch,
+        "vocab_size": get("vocab_size", vocab),
+        "hidden_size": get("embedding_length"),
+        "intermediate_size": get("feed_forward_length"),
+        "num_hidden_layers": get("block_count"),
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": get("attention.head_count_kv", num_heads),
+        "head_dim": get("rope.dimension_count", get("embedding_length") // num_heads),
+        "max_position_embeddings": get("context_length", 2048),
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-5),
+        "rope_theta": get("rope.freq_base", 10000.0),
+        "tie_word_embeddings": not has_output,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "torch_dtype": "float32",
+    }
+    return config
+
+
+def read_weights(reader: GGUFReader, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Dequantise every tensor to float32 under its Hugging Face name."""
+    permute_llama = config["model_type"] == "llama"
+    weights: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        data = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        name = _hf_name(t.name)
+        if permute_llama and name.endswith("q_proj.weight"):
+            data = _unpermute(data, config["num_attention_heads"])
+        elif permute_llama and name.endswith("k_proj.weight"):
+            data = _unpermute(data, config["num_key_value_heads"])
+        weights[name] = torch.from_numpy(data)
+    return weights
+
+
+def read_tokenizer(reader: GGUFReader) -> Tokenizer:
+    """Rebuild a byte-level BPE tokenizer from GGUF metadata (the `gpt2` tokenizer model)."""
+    kind, pre = _field(reader, "tokenizer.ggml.model"), _field(reader, "tokenizer.ggml.pre", "default")
+    if kind != "gpt2" or pre not in _GPT2_PRE:
+        raise ValueError(f"unsupported GGUF tokenizer {kind!r}/{pre!r} (supported: gpt2 byte-level BPE)")
+    tokens: list[str] = _field(reader, "tokenizer.ggml.tokens")
+    types: list[int] = _field(reader, "tokenizer.ggml.token_type")
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in _SINGLE_DIGIT_PRE:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
+    else:
+        tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_tokens(
+        [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
+    )
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL]
+    )
+    return tok
+
+
+def tokenizer_config(reader: GGUFReader) -> dict[str, Any]:
+    tokens: list[str] = _field(reader, "tokenizer.ggml.tokens")
+
+    def token(key: str) -> str | None:
+        idx = _field(reader, key)
+        return tokens[idx] if idx is not None else None
+
+    return {
+        "chat_template": _field(reader, "tokenizer.chat_template"),
+        "bos_token": token("tokenizer.ggml.bos_token_id"),
+        "eos_token": token("tokenizer.ggml.eos_token_id"),
+        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+    }
+
+
+def open_gguf(path: Path) -> GGUFReader:
+    reader = GGUFReader(path)
+    if reader.fields.get("general.architecture") is None:
+        raise ValueError("not a model GGUF (no general.architecture)")
+    return reader
+
+
+def write_hf_folder(path: Path, out_dir: Path) -> None:
+    """Convert a GGUF file into a Hugging Face folder (config, safetensors, tokenizer)."""
+    from safetensors.torch import save_file
+
+    reader = open_gguf(path)
+    config = read_config(reader)
+    save_file(read_weights(reader, config), str(out_dir / "model.safetensors"))
+    read_tokenizer(reader).save(str(out_dir / "tokenizer.json"))
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(reader), indent=2))
+

@@ -1,0 +1,117 @@
+"""Llama-family forward pass (Llama 1/2/3, Mistral, Qwen2, SmolLM2) over a paged KV cache.
+
+Our own code, in the shape of gpt-fast: plain tensors, projections fused at load time
+(QKV into one matmul, gate and up into another) so a layer is five matmuls and the
+attention. The KV cache is owned by the caller; the model only reads and writes slots.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from batchpilot.model.args import ModelArgs
+from batchpilot.model.attention import AttentionMetadata, paged_attention
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor  # [hidden]
+    wqkv: torch.Tensor  # [(H + 2 * KVH) * D, hidden]
+    bqkv: torch.Tensor | None  # [(H + 2 * KVH) * D] (Qwen2 only)
+    wo: torch.Tensor  # [hidden, H * D]
+    ffn_norm: torch.Tensor  # [hidden]
+    w_gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    w_down: torch.Tensor  # [hidden, intermediate]
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Rotary inverse frequencies, with Llama-3 frequency-dependent scaling when configured."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    s = args.rope_scaling
+    if not s:
+        return inv_freq.float()
+    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    medium = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return torch.where(medium, blended, scaled).float()
+
+
+class LlamaModel:
+    """Weights of one model in one dtype, and the forward pass over a paged KV cache."""
+
+    def __init__(self, args: ModelArgs, weights: dict[str, torch.Tensor], dtype: torch.dtype):
+        self.args = args
+        self.dtype = dtype
+
+        def w(name: str) -> torch.Tensor:
+            return weights[name].to(dtype).contiguous()
+
+        self.embed = w("model.embed_tokens.weight")
+        self.lm_head = self.embed if args.tie_word_embeddings else w("lm_head.weight")
+        self.norm = w("model.norm.weight")
+        self.layers = []
+        for i in range(args.num_layers):
+            p = f"model.layers.{i}."
+            bias = None
+            if args.qkv_bias:
+                bias = torch.cat([w(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
+            self.layers.append(
+                LayerWeights(
+                    attn_norm=w(p + "input_layernorm.weight"),
+                    wqkv=torch.cat([w(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
+                    bqkv=bias,
+                    wo=w(p + "self_attn.o_proj.weight"),
+                    ffn_norm=w(p + "post_attention_layernorm.weight"),
+                    w_gate_up=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
+                    w_down=w(p + "mlp.down_proj.weight"),
+                )
+            )
+        inv_freq = rope_inv_freq(args)
+        angles = torch.outer(torch.arange(args.max_position_embeddings, dtype=torch.float32), inv_freq)
+        self.rope_cos = angles.cos()  # [max_pos, D/2]
+        self.rope_sin = angles.sin()
+
+    def forward(
+        self,
+        token_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer: ([S, KVH, D], [S, KVH, D])
+        meta: AttentionMetadata,
+        logits_rows: torch.Tensor,  # [R] rows whose next-token logits are wanted
+    ) -> torch.Tensor:
+        """Run the batch through the model; returns float32 logits [R, vocab]."""
+        a = self.args
+        t = token_ids.shape[0]
+        h, kvh, d = a.num_heads, a.num_kv_heads, a.head_dim
+        cos = self.rope_cos[positions].to(self.dtype).unsqueeze(1)  # [T, 1, D/2]
+        sin = self.rope_sin[positions].to(self.dtype).unsqueeze(1)
+        scale = 1.0 / math.sqrt(d)
+        x = F.embedding(token_ids, self.embed)  # [T, hidden]
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            y = F.rms_norm(x, (a.hidden_size,), layer.attn_norm, a.rms_norm_eps)
+            qkv = F.linear(y, layer.wqkv, layer.bqkv)
+            q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
+            q = _rope(q.view(t, h, d), cos, sin)
+            k = _rope(k.view(t, kvh, d), cos, sin)
+            o = paged_attention(q, k, v.view(t, kvh, d), k_cache, v_cache, meta, scale)
+            x = x + F.linear(o.view(t, h * d), layer.wo)
+            y = F.rms_norm(x, (a.hidden_size,), layer.ffn_norm, a.rms_norm_eps)
+            gate, up = F.linear(y, layer.w_gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.w_down)
+        x = F.rms_norm(x[logits_rows], (a.hidden_size,), self.norm, a.rms_norm_eps)
+        return F.linear(x, self.lm_head).float()
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + D/2), the Hugging Face layout. x: [T, heads, D]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

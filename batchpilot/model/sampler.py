@@ -1,0 +1,91 @@
+"""Turn next-token logits into tokens, one row per request, with each request's own options.
+
+Greedy rows take the argmax. Random rows apply temperature, top-k, top-p and min-p, then
+sample with the exponential race (argmax of p / Exp(1)), drawing the noise from the
+request's own generator, so a seeded request gives the same tokens in any batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from batchpilot.engine.outputs import TokenLogprobs
+from batchpilot.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    params: SamplingParams
+    output_token_ids: list[int]
+    generator: torch.Generator
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """Pick one token per row of logits [R, V] (float32, modified in place).
+
+    Returns:
+        The sampled token ids, and per row the logprobs asked for (None where not asked).
+        Logprobs are of the model's raw distribution, before penalties and temperature.
+    """
+    want_logprobs = [r.params.logprobs is not None for r in rows]
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+    _apply_penalties(logits, rows)
+    tokens = logits.argmax(dim=-1)
+    random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if random_rows:
+        idx = torch.tensor(random_rows)
+        tokens[idx] = _sample_random(logits[idx], [rows[i] for i in random_rows])
+    token_list = tokens.tolist()
+    logprobs: list[TokenLogprobs | None] = [None] * len(rows)
+    if raw_logprobs is not None:
+        for i, r in enumerate(rows):
+            if want_logprobs[i]:
+                logprobs[i] = _token_logprobs(raw_logprobs[i], token_list[i], r.params.logprobs or 0)
+    return token_list, logprobs
+
+
+def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    for i, r in enumerate(rows):
+        p = r.params
+        if (p.presence_penalty == 0 and p.frequency_penalty == 0) or not r.output_token_ids:
+            continue
+        counts = torch.bincount(torch.tensor(r.output_token_ids), minlength=logits.shape[1])
+        counts = counts[: logits.shape[1]].to(logits.dtype)
+        logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def _sample_random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype).unsqueeze(1)
+    logits = logits / temps
+    top_k = [r.params.top_k for r in rows]
+    top_p = [r.params.top_p for r in rows]
+    if any(top_k) or any(p < 1.0 for p in top_p):
+        logits = _top_k_top_p(logits, top_k, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    min_p = torch.tensor([r.params.min_p for r in rows], dtype=probs.dtype).unsqueeze(1)
+    if bool((min_p > 0).any()):
+        probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+    noise = torch.empty_like(probs)
+    for i, r in enumerate(rows):
+        noise[i].exponential_(generator=r.generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    vocab = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    k = torch.tensor([t if t > 0 else vocab for t in top_k]).clamp(max=vocab)
+    ranks = torch.arange(vocab).unsqueeze(0)
+    drop = ranks >= k.unsqueeze(1)
+    sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    # Drop a token when the tokens ranked above it already cover top_p (the first always stays).
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    drop |= mass_before > torch.tensor(top_p, dtype=logits.dtype).unsqueeze(1)
+    return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+def _token_logprobs(row: torch.Tensor, token: int, n: int) -> TokenLogprobs:
+    top_values, top_ids = row.topk(n) if n else (row[:0], row[:0].long())
+    return TokenLogprobs(float(row[token]), list(zip(top_ids.tolist(), top_values.tolist())))
