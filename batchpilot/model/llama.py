@@ -97,17 +97,17 @@ class LlamaModel:
         scale = 1.0 / math.sqrt(d)
         x = F.embedding(token_ids, self.embed)  # [T, hidden]
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            y = F.rms_norm(x, (a.hidden_size,), layer.attn_norm, a.rms_norm_eps)
+            y = _rms_norm(x, layer.attn_norm, a.rms_norm_eps)
             qkv = F.linear(y, layer.wqkv, layer.bqkv)
             q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
             q = _rope(q.view(t, h, d), cos, sin)
             k = _rope(k.view(t, kvh, d), cos, sin)
             o = paged_attention(q, k, v.view(t, kvh, d), k_cache, v_cache, meta, scale)
             x = x + F.linear(o.view(t, h * d), layer.wo)
-            y = F.rms_norm(x, (a.hidden_size,), layer.ffn_norm, a.rms_norm_eps)
+            y = _rms_norm(x, layer.ffn_norm, a.rms_norm_eps)
             gate, up = F.linear(y, layer.w_gate_up).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, layer.w_down)
-        x = F.rms_norm(x[logits_rows], (a.hidden_size,), self.norm, a.rms_norm_eps)
+        x = _rms_norm(x[logits_rows], self.norm, a.rms_norm_eps)
         return F.linear(x, self.lm_head).float()
 
 
@@ -115,3 +115,9 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     """Rotate pairs (i, i + D/2), the Hugging Face layout. x: [T, heads, D]."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm with the statistics in float32 (bf16 sums of squares lose the answer)."""
+    normed = F.rms_norm(x.float(), (x.shape[-1],), None, eps)
+    return weight * normed.to(x.dtype)

@@ -1,0 +1,89 @@
+"""Workloads: synthetic length distributions and ShareGPT-format conversations."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class BenchRequest:
+    prompt: str | list[int]
+    prompt_len: int
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class LengthDist:
+    """`N` (fixed), `uniform:LOW:HIGH` or `lognormal:MEDIAN:SIGMA`, sampled as positive ints."""
+
+    kind: str
+    a: float
+    b: float = 0.0
+
+    @classmethod
+    def parse(cls, spec: str, flag: str) -> LengthDist:
+        parts = spec.split(":")
+        try:
+            if len(parts) == 1:
+                dist = cls("fixed", float(int(parts[0])))
+            elif parts[0] == "uniform" and len(parts) == 3:
+                dist = cls("uniform", float(int(parts[1])), float(int(parts[2])))
+            elif parts[0] == "lognormal" and len(parts) == 3:
+                dist = cls("lognormal", float(parts[1]), float(parts[2]))
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(
+                f"{flag}: expected N, uniform:LOW:HIGH or lognormal:MEDIAN:SIGMA, got {spec!r}"
+            ) from None
+        if dist.a < 1 or (dist.kind == "uniform" and dist.b < dist.a) or dist.b < 0:
+            raise ValueError(f"{flag}: lengths must be positive and LOW <= HIGH, got {spec!r}")
+        return dist
+
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        if self.kind == "fixed":
+            return np.full(n, int(self.a))
+        if self.kind == "uniform":
+            return rng.integers(int(self.a), int(self.b) + 1, size=n)
+        return np.maximum(1, np.round(rng.lognormal(np.log(self.a), self.b, size=n))).astype(int)
+
+
+def synthetic_requests(n: int, input_dist: LengthDist, output_dist: LengthDist, vocab_size: int,
+                       seed: int, first_token: int = 0) -> list[BenchRequest]:
+    """Prompts of random token ids (as vLLM's random dataset), lengths from the distributions."""
+    rng = np.random.default_rng(seed)
+    in_lens, out_lens = input_dist.sample(rng, n), output_dist.sample(rng, n)
+    return [
+        BenchRequest(rng.integers(first_token, vocab_size, size=int(i)).tolist(), int(i), int(o))
+        for i, o in zip(in_lens, out_lens)
+    ]
+
+
+def sharegpt_requests(path: Path, n: int, encode, seed: int, max_prompt: int = 1024,
+                      max_total: int = 2048) -> list[BenchRequest]:
+    """First human turn as prompt, the reply's token count as max_tokens (vLLM's filters)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--dataset: cannot read {path}: {e}") from e
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(data))
+    out: list[BenchRequest] = []
+    for idx in order:
+        turns = data[idx].get("conversations") or []
+        if len(turns) < 2:
+            continue
+        prompt, reply = turns[0].get("value", ""), turns[1].get("value", "")
+        p_len, o_len = len(encode(prompt)), len(encode(reply))
+        if p_len < 4 or o_len < 4 or p_len > max_prompt or p_len + o_len > max_total:
+            continue
+        out.append(BenchRequest(prompt, p_len, o_len))
+        if len(out) == n:
+            break
+    if not out:
+        raise ValueError(f"--dataset: no usable conversations in {path}")
+    return out

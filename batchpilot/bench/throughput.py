@@ -1,0 +1,99 @@
+"""`batchpilot bench throughput`: every request at t=0 through the offline engine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from batchpilot.bench.datasets import LengthDist, sharegpt_requests, synthetic_requests
+from batchpilot.bench.metrics import RequestRecord, summarize
+from batchpilot.sampling_params import SamplingParams
+
+
+def add_throughput_parser(sub, add_engine_args, engine_kwargs) -> None:
+    p = sub.add_parser("throughput", help="offline throughput: all requests at t=0")
+    add_engine_args(p)
+    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--input-len", type=int, default=None)
+    p.add_argument("--output-len", type=int, default=None)
+    p.add_argument("--input-dist", default=None, help="uniform:LOW:HIGH or lognormal:MEDIAN:SIGMA")
+    p.add_argument("--output-dist", default=None, help="uniform:LOW:HIGH or lognormal:MEDIAN:SIGMA")
+    p.add_argument("--dataset", default=None, help="ShareGPT-format JSON file")
+    p.add_argument("--ignore-eos", action="store_true", help="always generate the full output length")
+    p.add_argument("--output-json", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=lambda args: run_throughput(args, engine_kwargs(args)))
+
+
+def _dist(fixed: int | None, spec: str | None, flag: str, default: int) -> LengthDist:
+    if fixed is not None and spec is not None:
+        raise ValueError(f"--{flag}-len and --{flag}-dist are exclusive")
+    return LengthDist.parse(spec if spec is not None else str(fixed or default), f"--{flag}-dist")
+
+
+def run_throughput(args: argparse.Namespace, engine_kwargs: dict) -> int:
+    from batchpilot.llm import LLM
+
+    if args.num_prompts < 1:
+        raise ValueError(f"--num-prompts must be at least 1, got {args.num_prompts}")
+    in_dist = _dist(args.input_len, args.input_dist, "input", 256)
+    out_dist = _dist(args.output_len, args.output_dist, "output", 128)
+    llm = LLM(args.model, **engine_kwargs)
+    engine = llm.engine
+    if args.dataset:
+        requests = sharegpt_requests(Path(args.dataset), args.num_prompts, llm.tokenizer.encode, args.seed)
+    else:
+        specials = len(llm.tokenizer.tokenizer.get_added_tokens_decoder())
+        requests = synthetic_requests(args.num_prompts, in_dist, out_dist, llm.tokenizer.vocab_size,
+                                      args.seed, specials)
+    start = time.perf_counter()
+    first: dict[str, float] = {}
+    records: dict[str, RequestRecord] = {}
+    meta = {}
+    for i, r in enumerate(requests):
+        params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=r.max_tokens,
+                                ignore_eos=args.ignore_eos, seed=args.seed + i)
+        rid = engine.add_request(r.prompt, params)
+        meta[rid] = r.prompt_len
+    bar = tqdm(total=len(requests), disable=args.no_progress, desc="requests")
+    n_out: dict[str, int] = {}
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        now = time.perf_counter() - start
+        for o in outputs:
+            n_out[o.request_id] = n_out.get(o.request_id, 0) + len(o.outputs[0].token_ids)
+            first.setdefault(o.request_id, now)
+            if o.finished:
+                records[o.request_id] = RequestRecord(meta[o.request_id], n_out[o.request_id],
+                                                      first[o.request_id], now)
+                bar.update(1)
+    bar.close()
+    duration = time.perf_counter() - start
+    c = engine.counters
+    result = summarize(list(records.values()), duration)
+    result |= {
+        "num_preemptions": engine.scheduler.num_preemptions_total,
+        "num_steps": c.num_steps,
+        "scheduler_overhead_frac": c.schedule_time_s / c.busy_time_s if c.busy_time_s else 0.0,
+        "batch_controller": args.batch_controller,
+        "max_num_seqs": args.max_num_seqs,
+        "dtype": args.dtype,
+        "threads": args.threads,
+    }
+    print_table(result)
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def print_table(result: dict) -> None:
+    width = max(len(k) for k in result)
+    print("=" * (width + 16))
+    for k, v in result.items():
+        text = f"{v:.2f}" if isinstance(v, float) else str(v)
+        print(f"{k:<{width}}  {text:>12}")
+    print("=" * (width + 16))

@@ -1,0 +1,24 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    from batchpilot.model.loader import default_model_dir
+
+    return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def llm_fp32(default_model_dir):
+    """The default model in float32 with an ample pool, shared by the model tests."""
+    from batchpilot import LLM
+
+    return LLM(str(default_model_dir), dtype="float32", kv_cache_gib=0.5)
