@@ -1,0 +1,100 @@
+"""Each sampling option does what it says, on hand-made logits (no model)."""
+
+import math
+
+import pytest
+import torch
+
+from batchpilot.model.sampler import SamplingRow, sample
+from batchpilot.sampling_params import SamplingParams, SamplingParamsError
+
+
+def rows(n, seed=None, outputs=None, **kw):
+    return [SamplingRow(SamplingParams(seed=seed, **kw), list(outputs or []),
+                        torch.Generator().manual_seed(seed if seed is not None else i)) for i in range(n)]
+
+
+def random_logits(n=8, vocab=100, seed=0):
+    return torch.randn(n, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_greedy_is_argmax():
+    logits = random_logits()
+    tokens, _ = sample(logits.clone(), rows(8, temperature=0))
+    assert tokens == logits.argmax(dim=-1).tolist()
+
+
+def test_top_k_one_equals_greedy():
+    logits = random_logits()
+    tokens, _ = sample(logits.clone(), rows(8, temperature=1.5, top_k=1))
+    assert tokens == logits.argmax(dim=-1).tolist()
+
+
+def test_tiny_top_p_and_full_min_p_keep_only_the_best():
+    logits = random_logits()
+    assert sample(logits.clone(), rows(8, top_p=1e-6))[0] == logits.argmax(dim=-1).tolist()
+    assert sample(logits.clone(), rows(8, min_p=1.0))[0] == logits.argmax(dim=-1).tolist()
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent():
+    logits = random_logits(1).expand(4, -1).clone()
+    draws = [sample(logits.clone(), rows(4, seed=s))[0] for s in (11, 11, 12)]
+    assert draws[0] == draws[1]
+    flat = torch.zeros(1, 100)
+    many = [sample(flat.clone(), rows(1, seed=s))[0][0] for s in range(20)]
+    assert len(set(many)) > 5  # different seeds draw different tokens
+
+
+def test_temperature_sampling_follows_the_distribution():
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
+    gen_rows = rows(1, seed=3)
+    counts = [0, 0, 0]
+    for _ in range(3000):
+        counts[sample(logits.clone(), gen_rows)[0][0]] += 1
+    assert counts[0] / 3000 == pytest.approx(0.7, abs=0.03)
+    assert counts[2] / 3000 == pytest.approx(0.1, abs=0.02)
+
+
+def test_top_k_restricts_to_the_k_best():
+    logits = random_logits(1, vocab=50)
+    best3 = set(logits[0].topk(3).indices.tolist())
+    seen = {sample(logits.clone(), rows(1, seed=s, temperature=5.0, top_k=3))[0][0] for s in range(200)}
+    assert seen <= best3 and len(seen) == 3
+
+
+def test_top_p_keeps_the_smallest_covering_set():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    seen = {sample(logits.clone(), rows(1, seed=s, top_p=0.75))[0][0] for s in range(300)}
+    assert seen == {0, 1}  # 0.5 alone < 0.75, 0.5 + 0.3 covers it
+
+
+def test_min_p_drops_unlikely_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    seen = {sample(logits.clone(), rows(1, seed=s, min_p=0.25))[0][0] for s in range(300)}
+    assert seen == {0, 1, 2}  # 0.05 < 0.25 * 0.5
+
+
+def test_penalties_push_away_repeated_tokens():
+    logits = torch.tensor([[2.0, 1.5, 0.0]])
+    assert sample(logits.clone(), rows(1, temperature=0, outputs=[0]))[0] == [0]
+    assert sample(logits.clone(), rows(1, temperature=0, outputs=[0], presence_penalty=1.0))[0] == [1]
+    assert sample(logits.clone(), rows(1, temperature=0, outputs=[0], frequency_penalty=0.3))[0] == [0]
+    assert sample(logits.clone(), rows(1, temperature=0, outputs=[0, 0], frequency_penalty=0.3))[0] == [1]
+
+
+def test_logprobs_are_raw_and_sorted():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    _, lps = sample(logits.clone(), rows(1, temperature=0, logprobs=2, presence_penalty=1.0, outputs=[0]))
+    lp = lps[0]
+    assert lp.logprob == pytest.approx(math.log(0.3), abs=1e-5)  # token 1 won after the penalty
+    assert [t for t, _ in lp.top] == [0, 1]
+    assert lp.top[0][1] == pytest.approx(math.log(0.5), abs=1e-5)
+
+
+@pytest.mark.parametrize("field,value", [("temperature", -1), ("top_p", 0), ("top_k", -2), ("min_p", 2),
+                                         ("max_tokens", 0), ("n", 0), ("presence_penalty", 3),
+                                         ("logprobs", 21), ("stop", [""])])
+def test_invalid_params_name_the_field(field, value):
+    with pytest.raises(SamplingParamsError) as e:
+        SamplingParams(**{field: value})
+    assert e.value.param == field and field in str(e.value)
