@@ -50,11 +50,11 @@ class TorchRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         slots = num_blocks * block_size
-        # NOTE: left uninitialised (zeroing GiBs costs seconds); attention only ever gathers
-        # slots that were written, padding included (see _decode_context).
+        # NOTE: zeroed: decode attention gathers whole blocks, and a never-written slot
+        # holding NaN would poison probs @ V even where the mask gives it weight 0.
         self.kv_caches = [
-            (torch.empty(slots, a.num_kv_heads, a.head_dim, dtype=model.dtype),
-             torch.empty(slots, a.num_kv_heads, a.head_dim, dtype=model.dtype))
+            (torch.zeros(a.num_kv_heads, slots, a.head_dim, dtype=model.dtype),
+             torch.zeros(a.num_kv_heads, slots, a.head_dim, dtype=model.dtype))
             for _ in range(a.num_layers)
         ]
         self._generators: dict[str, torch.Generator] = {}
@@ -118,13 +118,14 @@ class TorchRunner:
                 q_pos = torch.arange(start, end).unsqueeze(1)
                 mask = torch.arange(end).unsqueeze(0) <= q_pos  # [n, end]
                 prefills.append(PrefillChunk(row0, len(tokens), start, ctx, mask))
-        decode_slots = decode_mask = None
+        decode_blocks = decode_mask = None
         if decodes:
-            decode_slots, decode_mask = self._decode_context(decodes)
+            decode_blocks, decode_mask = self._decode_context(decodes)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long),
+            block_size=bs,
             num_decodes=len(decodes),
-            decode_slots=decode_slots,
+            decode_blocks=decode_blocks,
             decode_mask=decode_mask,
             prefills=prefills,
         )
@@ -136,17 +137,12 @@ class TorchRunner:
         return (blocks.unsqueeze(1) * self.block_size + torch.arange(self.block_size)).flatten()[:length]
 
     def _decode_context(self, decodes: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded context slots [B, L] and mask [B, 1, 1, L] of the single-token rows."""
+        """Block tables padded to a common width W, flattened [B * W], and the mask [1, B, 1, W * bs]."""
         bs = self.block_size
         lens = torch.tensor([s.start + 1 for s in decodes])
-        max_len = int(lens.max())
-        width = -(-max_len // bs)
+        width = -(-int(lens.max()) // bs)
         # Short tables are padded with their first block; the mask hides those positions.
         padded = [s.block_table[:width] for s in decodes]
         tables = torch.tensor([t + [t[0]] * (width - len(t)) for t in padded], dtype=torch.long)
-        slots = (tables.unsqueeze(2) * bs + torch.arange(bs)).view(len(decodes), -1)[:, :max_len]
-        mask = torch.arange(max_len).unsqueeze(0) < lens.unsqueeze(1)
-        # Padding reads position 0, always written: unwritten memory could hold NaN, and
-        # a masked NaN still poisons probs @ V (0 * NaN = NaN).
-        slots = torch.where(mask, slots, slots[:, :1])
-        return slots, mask.view(len(decodes), 1, 1, max_len)
+        mask = torch.arange(width * bs).unsqueeze(0) < lens.unsqueeze(1)
+        return tables.flatten(), mask.view(1, len(decodes), 1, width * bs)

@@ -1,11 +1,13 @@
 """Paged attention for one mixed batch of decode tokens and prefill chunks, on the CPU.
 
-The KV cache of a layer is one tensor per K and V of shape [num_slots, num_kv_heads, head_dim],
-num_slots = num_blocks * block_size; a token's slot is block_id * block_size + offset. The
-batch's tokens are laid out decodes first (one token each), then prefill chunks. Decodes are
-attended together with their contexts gathered into one padded tensor; each prefill chunk
-runs through scaled_dot_product_attention (causal, with an offset when earlier chunks of the
-same prompt are already in the cache).
+The KV cache of a layer is one tensor per K and V of shape [num_kv_heads, num_slots, head_dim],
+num_slots = num_blocks * block_size; a token's slot is block_id * block_size + offset. Heads
+lead so that gathering whole blocks of every sequence yields [KVH, B, L, D] in one contiguous
+copy, which batched matmuls consume without a further transpose copy.
+
+The batch's tokens are laid out decodes first (one token each), then prefill chunks. Decodes
+are attended together; each prefill chunk runs through scaled_dot_product_attention (causal,
+with an offset when earlier chunks of the same prompt are already in the cache).
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ class AttentionMetadata:
     """Built once per step by the runner, shared by every layer."""
 
     slot_mapping: torch.Tensor  # [T] slot where each new token's K/V is written
+    block_size: int
     num_decodes: int  # rows [0, num_decodes) are single decode tokens
-    decode_slots: torch.Tensor | None  # [B, L] slots of each decode's context, padded
-    decode_mask: torch.Tensor | None  # [B, 1, 1, L] True for real context positions
+    decode_blocks: torch.Tensor | None  # [B * W] block tables of the decodes, padded to W blocks
+    decode_mask: torch.Tensor | None  # [1, B, 1, W * block_size] True for real context positions
     prefills: list[PrefillChunk]
 
 
@@ -44,14 +47,14 @@ def paged_attention(
     q: torch.Tensor,  # [T, H, D]
     k: torch.Tensor,  # [T, KVH, D]
     v: torch.Tensor,  # [T, KVH, D]
-    k_cache: torch.Tensor,  # [S, KVH, D]
-    v_cache: torch.Tensor,  # [S, KVH, D]
+    k_cache: torch.Tensor,  # [KVH, S, D]
+    v_cache: torch.Tensor,  # [KVH, S, D]
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
     """Write this step's K/V into the cache, then attend every query row. Returns [T, H, D]."""
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+    k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+    v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     out = torch.empty_like(q)
     if meta.num_decodes:
         out[: meta.num_decodes] = _decode_attention(q[: meta.num_decodes], k_cache, v_cache, meta, scale)
@@ -62,15 +65,18 @@ def paged_attention(
 
 def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     b, h, d = q.shape
-    kvh = k_cache.shape[1]
+    kvh = k_cache.shape[0]
+    mask = meta.decode_mask
+    length = mask.shape[-1]
     # Grouped-query attention without repeating K/V: the G query heads of a KV head share it.
-    qg = q.view(b, kvh, h // kvh, d)  # [B, KVH, G, D]
-    keys = k_cache[meta.decode_slots].permute(0, 2, 3, 1)  # [B, KVH, D, L]
-    values = v_cache[meta.decode_slots].transpose(1, 2)  # [B, KVH, L, D]
-    scores = torch.matmul(qg, keys).float() * scale  # [B, KVH, G, L]
-    scores.masked_fill_(~meta.decode_mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    return torch.matmul(probs, values).view(b, h, d)
+    qg = q.view(b, kvh, h // kvh, d).transpose(0, 1)  # [KVH, B, G, D]
+    blocks = k_cache.view(kvh, -1, meta.block_size, d)  # [KVH, NB, bs, D]
+    keys = blocks.index_select(1, meta.decode_blocks).view(kvh, b, length, d)
+    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale  # [KVH, B, G, L]
+    scores.masked_fill_(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    values = v_cache.view(blocks.shape).index_select(1, meta.decode_blocks).view(kvh, b, length, d)
+    return torch.matmul(probs, values).transpose(0, 1).reshape(b, h, d)
 
 
 def _prefill_attention(q, k, v, k_cache, v_cache, chunk: PrefillChunk, scale: float) -> torch.Tensor:
@@ -80,7 +86,7 @@ def _prefill_attention(q, k, v, k_cache, v_cache, chunk: PrefillChunk, scale: fl
         vs = v[chunk.start : chunk.end].transpose(0, 1)
         o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
     else:
-        ks = k_cache[chunk.context_slots].transpose(0, 1)  # [KVH, L, D]
-        vs = v_cache[chunk.context_slots].transpose(0, 1)
+        ks = k_cache.index_select(1, chunk.context_slots)  # [KVH, L, D]
+        vs = v_cache.index_select(1, chunk.context_slots)
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=chunk.mask, scale=scale, enable_gqa=True)
     return o.transpose(0, 1)
