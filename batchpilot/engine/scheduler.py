@@ -40,9 +40,9 @@ class Scheduler:
 
     # ---- requests in and out -------------------------------------------------------------
 
-    def add_request(self, request: Request) -> None:
-        """Queue a request; raises RequestRejectedError if it could never run."""
-        n = request.num_prompt_tokens
+    def check_prompt(self, num_prompt_tokens: int) -> None:
+        """Raise RequestRejectedError for a prompt that could never run. Reads only config."""
+        n = num_prompt_tokens
         if n == 0:
             raise RequestRejectedError("prompt is empty")
         if n >= self.max_model_len:
@@ -50,6 +50,10 @@ class Scheduler:
                 f"prompt has {n} tokens, but the context holds {self.max_model_len} "
                 f"(prompt plus at least one generated token)"
             )
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request; raises RequestRejectedError if it could never run."""
+        self.check_prompt(request.num_prompt_tokens)
         if request.request_id in self.requests:
             raise RequestRejectedError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request

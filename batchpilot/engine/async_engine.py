@@ -1,0 +1,132 @@
+"""AsyncEngine: the step loop in a background thread, per-request streams for asyncio callers.
+
+The model step runs in one worker thread (torch releases the GIL), so the event loop stays
+free to serve HTTP while a step runs. Only that thread touches the engine: callers enqueue
+additions and aborts, which the worker applies between steps. Prompts are validated in the
+caller's task, so a bad request fails at once and never reaches the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from batchpilot.engine.engine import LLMEngine
+from batchpilot.engine.output_processor import RequestOutput
+from batchpilot.engine.scheduler import RequestRejectedError
+from batchpilot.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The step loop failed; no request can be served any more."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._ids = itertools.count()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
+        self._wakeup: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    def start(self) -> None:
+        """Start the background loop on the running event loop (idempotent)."""
+        if self._loop_task is None:
+            self._wakeup = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="engine-loop")
+
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except asyncio.CancelledError:
+                pass
+            self._loop_task = None
+        self._worker.shutdown(wait=True)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's deltas until it finishes. Leaving early aborts it.
+
+        Raises:
+            RequestRejectedError: invalid prompt or duplicate id (before anything is queued).
+            EngineDeadError: the step loop has failed.
+        """
+        if self._error is not None:
+            raise EngineDeadError(str(self._error))
+        self.start()
+        token_ids = self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self.engine.scheduler.check_prompt(len(token_ids))
+        rid = request_id if request_id is not None else f"areq-{next(self._ids)}"
+        if rid in self._streams:
+            raise RequestRejectedError(f"request id {rid!r} is already in use")
+        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._streams[rid] = stream
+        self._commands.put(("add", rid, token_ids, params))
+        self._wakeup.set()
+        finished = False
+        try:
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise EngineDeadError(str(item)) from item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request; its blocks are freed before the next step."""
+        if self._streams.pop(request_id, None) is not None:
+            self._commands.put(("abort", request_id))
+            if self._wakeup is not None:
+                self._wakeup.set()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if self._commands.empty() and not self.engine.has_unfinished_requests():
+                    await self._wakeup.wait()
+                    self._wakeup.clear()
+                outputs = await loop.run_in_executor(self._worker, self._step)
+                for out in outputs:
+                    stream = self._streams.get(out.request_id)
+                    if stream is not None:
+                        stream.put_nowait(out)
+                        if out.finished:
+                            del self._streams[out.request_id]
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # a bug in a step must not leave callers waiting forever
+            logger.exception("engine step failed; failing all requests")
+            self._error = e
+            for stream in self._streams.values():
+                stream.put_nowait(e)
+            self._streams.clear()
+
+    def _step(self) -> list[RequestOutput]:
+        """Worker thread: apply queued commands, then run one step if there is work."""
+        while not self._commands.empty():
+            cmd = self._commands.get()
+            if cmd[0] == "add":
+                _, rid, token_ids, params = cmd
+                self.engine.add_request(token_ids, params, request_id=rid)
+            else:
+                self.engine.abort(cmd[1])
+        return self.engine.step() if self.engine.has_unfinished_requests() else []
