@@ -1,9 +1,8 @@
 """CPU-only scheduler tests with a fake executor (no model), in the style of vLLM's v1 core tests."""
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import pytest
 
 from batchpilot.engine.request import Request, RequestStatus
 from batchpilot.engine.scheduler import RequestRejectedError

@@ -8,6 +8,7 @@ import torch
 
 from batchpilot.config import CacheConfig
 from batchpilot.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
+from batchpilot.model import kernels
 from batchpilot.model.attention import AttentionMetadata, PrefillChunk
 from batchpilot.model.llama import LlamaModel
 from batchpilot.model.sampler import SamplingRow, sample
@@ -44,7 +45,8 @@ def num_kv_blocks(cache: CacheConfig, bytes_per_token: int) -> int:
 class TorchRunner:
     """Owns the model and its KV cache tensors; executes SchedulerOutputs."""
 
-    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, seed: int = 0):
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, seed: int = 0,
+                 native_attention: bool = True):
         a = model.args
         self.model = model
         self.block_size = block_size
@@ -57,6 +59,7 @@ class TorchRunner:
              torch.zeros(a.num_kv_heads, slots, a.head_dim, dtype=model.dtype))
             for _ in range(a.num_layers)
         ]
+        self.native_attention = native_attention and kernels.native_decode_available()
         self._generators: dict[str, torch.Generator] = {}
         self._seed_source = torch.Generator().manual_seed(seed)
 
@@ -118,15 +121,16 @@ class TorchRunner:
                 q_pos = torch.arange(start, end).unsqueeze(1)
                 mask = torch.arange(end).unsqueeze(0) <= q_pos  # [n, end]
                 prefills.append(PrefillChunk(row0, len(tokens), start, ctx, mask))
-        decode_blocks = decode_mask = None
+        decode_tables = decode_lens = None
         if decodes:
-            decode_blocks, decode_mask = self._decode_context(decodes)
+            decode_tables, decode_lens = self._decode_context(decodes)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long),
             block_size=bs,
             num_decodes=len(decodes),
-            decode_blocks=decode_blocks,
-            decode_mask=decode_mask,
+            decode_tables=decode_tables,
+            decode_lens=decode_lens,
+            native_decode=self.native_attention,
             prefills=prefills,
         )
         return (torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
@@ -137,12 +141,10 @@ class TorchRunner:
         return (blocks.unsqueeze(1) * self.block_size + torch.arange(self.block_size)).flatten()[:length]
 
     def _decode_context(self, decodes: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block tables padded to a common width W, flattened [B * W], and the mask [1, B, 1, W * bs]."""
-        bs = self.block_size
-        lens = torch.tensor([s.start + 1 for s in decodes])
-        width = -(-int(lens.max()) // bs)
-        # Short tables are padded with their first block; the mask hides those positions.
+        """Block tables padded to a common width W [B, W], and context lengths [B]."""
+        lens = [s.start + 1 for s in decodes]
+        width = -(-max(lens) // self.block_size)
+        # Short tables are padded with their first block; positions past a length are never read.
         padded = [s.block_table[:width] for s in decodes]
         tables = torch.tensor([t + [t[0]] * (width - len(t)) for t in padded], dtype=torch.long)
-        mask = torch.arange(width * bs).unsqueeze(0) < lens.unsqueeze(1)
-        return tables.flatten(), mask.view(1, len(decodes), 1, width * bs)
+        return tables, torch.tensor(lens, dtype=torch.long)

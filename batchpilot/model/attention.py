@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from batchpilot.model import kernels
+
 
 @dataclass
 class PrefillChunk:
@@ -38,8 +40,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] slot where each new token's K/V is written
     block_size: int
     num_decodes: int  # rows [0, num_decodes) are single decode tokens
-    decode_blocks: torch.Tensor | None  # [B * W] block tables of the decodes, padded to W blocks
-    decode_mask: torch.Tensor | None  # [1, B, 1, W * block_size] True for real context positions
+    decode_tables: torch.Tensor | None  # [B, W] block tables of the decodes, padded to W blocks
+    decode_lens: torch.Tensor | None  # [B] context length of each decode, its new token included
+    native_decode: bool  # use the C kernel (kernels.py) rather than the torch gather path
     prefills: list[PrefillChunk]
 
 
@@ -57,25 +60,32 @@ def paged_attention(
     v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     out = torch.empty_like(q)
     if meta.num_decodes:
-        out[: meta.num_decodes] = _decode_attention(q[: meta.num_decodes], k_cache, v_cache, meta, scale)
+        q_dec = q[: meta.num_decodes]
+        if meta.native_decode:
+            out[: meta.num_decodes] = kernels.paged_decode_attention(
+                q_dec, k_cache, v_cache, meta.decode_tables, meta.decode_lens, meta.block_size, scale)
+        else:
+            out[: meta.num_decodes] = _decode_attention(q_dec, k_cache, v_cache, meta, scale)
     for chunk in meta.prefills:
         out[chunk.start : chunk.end] = _prefill_attention(q, k, v, k_cache, v_cache, chunk, scale)
     return out
 
 
 def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """The torch path: gather every decode's blocks into [KVH, B, L, D], then two matmuls."""
     b, h, d = q.shape
     kvh = k_cache.shape[0]
-    mask = meta.decode_mask
-    length = mask.shape[-1]
+    length = meta.decode_tables.shape[1] * meta.block_size
+    mask = (torch.arange(length) < meta.decode_lens.unsqueeze(1)).view(1, b, 1, length)
+    flat_tables = meta.decode_tables.flatten()
     # Grouped-query attention without repeating K/V: the G query heads of a KV head share it.
     qg = q.view(b, kvh, h // kvh, d).transpose(0, 1)  # [KVH, B, G, D]
     blocks = k_cache.view(kvh, -1, meta.block_size, d)  # [KVH, NB, bs, D]
-    keys = blocks.index_select(1, meta.decode_blocks).view(kvh, b, length, d)
+    keys = blocks.index_select(1, flat_tables).view(kvh, b, length, d)
     scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale  # [KVH, B, G, L]
     scores.masked_fill_(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    values = v_cache.view(blocks.shape).index_select(1, meta.decode_blocks).view(kvh, b, length, d)
+    values = v_cache.view(blocks.shape).index_select(1, flat_tables).view(kvh, b, length, d)
     return torch.matmul(probs, values).transpose(0, 1).reshape(b, h, d)
 
 

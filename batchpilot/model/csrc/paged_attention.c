@@ -1,0 +1,109 @@
+/*
+ * Paged decode attention for the CPU: one query token per sequence, keys and values read
+ * straight from the cache blocks (no gather copy), online softmax in float32.
+ *
+ * Layout (see batchpilot/model/attention.py): q and out are [B, H, D]; k_cache and v_cache
+ * are [KVH, S, D] with S = num_blocks * block_size; block_tables is [B, W]; context_lens is
+ * [B]. The G = H / KVH query heads of a KV head are processed together, so each K/V row is
+ * read from memory once per sequence. Parallel over (sequence, KV head) with OpenMP; the
+ * process shares torch's libgomp (same soname), so there is one thread pool.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_G 16
+#define MAX_D 256
+#define MAX_BS 128
+
+static inline void load_row(const void *base, int is_bf16, int64_t offset, int d, float *dst) {
+    if (is_bf16) {
+        const uint16_t *src = (const uint16_t *)base + offset;
+        for (int i = 0; i < d; i++) {
+            uint32_t bits = ((uint32_t)src[i]) << 16;
+            memcpy(&dst[i], &bits, sizeof(float));
+        }
+    } else {
+        memcpy(dst, (const float *)base + offset, (size_t)d * sizeof(float));
+    }
+}
+
+static inline void store_row(void *base, int is_bf16, int64_t offset, int d, const float *src, float mul) {
+    if (is_bf16) {
+        uint16_t *dst = (uint16_t *)base + offset;
+        for (int i = 0; i < d; i++) {
+            float f = src[i] * mul;
+            uint32_t bits;
+            memcpy(&bits, &f, sizeof(float));
+            bits += 0x7FFF + ((bits >> 16) & 1); /* round to nearest even */
+            dst[i] = (uint16_t)(bits >> 16);
+        }
+    } else {
+        float *dst = (float *)base + offset;
+        for (int i = 0; i < d; i++) dst[i] = src[i] * mul;
+    }
+}
+
+/* Returns 0, or -1 when a dimension exceeds the fixed per-thread buffers. */
+int paged_decode_attention(const void *q, const void *k_cache, const void *v_cache, void *out,
+                           const int64_t *block_tables, const int64_t *context_lens, int num_seqs,
+                           int num_heads, int num_kv_heads, int head_dim, int table_width,
+                           int block_size, int64_t num_slots, float scale, int is_bf16, int num_threads) {
+    const int G = num_heads / num_kv_heads, D = head_dim, BS = block_size;
+    if (G > MAX_G || D > MAX_D || BS > MAX_BS) return -1;
+
+#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)
+    for (int b = 0; b < num_seqs; b++) {
+        for (int kh = 0; kh < num_kv_heads; kh++) {
+            float qf[MAX_G * MAX_D], acc[MAX_G * MAX_D], row[MAX_D], p[MAX_G * MAX_BS];
+            float mx[MAX_G], den[MAX_G];
+            const int64_t len = context_lens[b];
+            const int64_t head0 = (int64_t)b * num_heads + (int64_t)kh * G;
+            for (int g = 0; g < G; g++) {
+                load_row(q, is_bf16, (head0 + g) * D, D, qf + g * D);
+                for (int i = 0; i < D; i++) qf[g * D + i] *= scale;
+                memset(acc + g * D, 0, (size_t)D * sizeof(float));
+                mx[g] = -INFINITY;
+                den[g] = 0.0f;
+            }
+            for (int64_t start = 0; start < len; start += BS) {
+                const int n = (int)((len - start) < BS ? (len - start) : BS);
+                const int64_t slot0 = block_tables[(int64_t)b * table_width + start / BS] * BS;
+                const int64_t base = ((int64_t)kh * num_slots + slot0) * D;
+                for (int t = 0; t < n; t++) {
+                    load_row(k_cache, is_bf16, base + (int64_t)t * D, D, row);
+                    for (int g = 0; g < G; g++) {
+                        const float *qg = qf + g * D;
+                        float s = 0.0f;
+                        for (int i = 0; i < D; i++) s += qg[i] * row[i];
+                        p[g * BS + t] = s;
+                    }
+                }
+                for (int g = 0; g < G; g++) {
+                    float m = mx[g];
+                    for (int t = 0; t < n; t++) m = p[g * BS + t] > m ? p[g * BS + t] : m;
+                    const float correction = expf(mx[g] - m); /* exp(-inf) = 0 on the first block */
+                    float sum = den[g] * correction;
+                    for (int t = 0; t < n; t++) {
+                        p[g * BS + t] = expf(p[g * BS + t] - m);
+                        sum += p[g * BS + t];
+                    }
+                    if (correction != 1.0f)
+                        for (int i = 0; i < D; i++) acc[g * D + i] *= correction;
+                    den[g] = sum;
+                    mx[g] = m;
+                }
+                for (int t = 0; t < n; t++) {
+                    load_row(v_cache, is_bf16, base + (int64_t)t * D, D, row);
+                    for (int g = 0; g < G; g++) {
+                        const float w = p[g * BS + t];
+                        float *ag = acc + g * D;
+                        for (int i = 0; i < D; i++) ag[i] += w * row[i];
+                    }
+                }
+            }
+            for (int g = 0; g < G; g++) store_row(out, is_bf16, (head0 + g) * D, D, acc + g * D, 1.0f / den[g]);
+        }
+    }
+    return 0;
+}

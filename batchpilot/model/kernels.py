@@ -1,0 +1,100 @@
+"""Native CPU kernels, compiled on first use with the system C compiler and loaded by ctypes.
+
+Plain C with OpenMP, no torch headers: it compiles in about a second and is cached under
+the user cache dir, keyed by the source, the flags and the CPU's feature flags (it is built
+with -march=native). Without a compiler, `paged_decode_attention` is None and the torch
+implementation in attention.py is used instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from batchpilot.model.loader import cache_dir
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
+# Reassociation lets gcc vectorise the dot-product reductions; infinities stay IEEE (no -ffast-math).
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=fast", "-fassociative-math",
+          "-fno-signed-zeros", "-fno-trapping-math"]
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def _build() -> Path:
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(_FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"paged_attention-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        raise RuntimeError("no C compiler found")
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True,
+                       text=True)
+        os.replace(tmp, target)  # atomic: a concurrent build just replaces it with the same bytes
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        logger.warning("native paged attention unavailable, using the torch path: %s", detail.strip()[:500])
+        return None
+    fn = lib.paged_decode_attention
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_int64, ctypes.c_float,
+                                                                  ctypes.c_int, ctypes.c_int]
+    return lib
+
+
+def native_decode_available() -> bool:
+    return _library() is not None
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
+                           scale: float) -> torch.Tensor:
+    """Decode attention read straight from the blocks. q: [B, H, D]; caches [KVH, S, D];
+    block_tables [B, W] int64; context_lens [B] int64. Returns [B, H, D]."""
+    lib = _library()
+    assert lib is not None, "call native_decode_available() first"
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    b, h, d = q.shape
+    rc = lib.paged_decode_attention(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
+        block_tables.data_ptr(), context_lens.data_ptr(), b, h, k_cache.shape[0], d,
+        block_tables.shape[1], block_size, k_cache.shape[1], scale, int(q.dtype == torch.bfloat16),
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise ValueError(f"paged attention kernel: unsupported shape (heads {h}, head_dim {d}, block {block_size})")
+    return out
