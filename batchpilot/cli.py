@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from batchpilot.config import CONTROLLERS, DTYPES, CacheConfig, ControllerConfig, EngineConfig, SchedulerConfig
 from batchpilot.model.loader import ModelLoadError
 from batchpilot.sampling_params import SamplingParams
 
@@ -13,22 +14,41 @@ from batchpilot.sampling_params import SamplingParams
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by every command that builds an engine."""
     p.add_argument("--model", default=None, help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--kv-cache-gib", type=float, default=None, help="KV pool size (default: from free memory)")
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step")
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--batch-controller", default="static")
     p.add_argument("--seed", type=int, default=0)
+    c = p.add_argument_group("batch controller")
+    c.add_argument("--batch-controller", default="combined", help=f"one of {', '.join(CONTROLLERS)}")
+    c.add_argument("--max-num-seqs", type=int, default=256, help="B_max (the fixed limit of 'static')")
+    c.add_argument("--min-num-seqs", type=int, default=1, help="B_min")
+    c.add_argument("--memory-mode", default="clt", help="blocks (authors' heuristic) or clt (paper's bound)")
+    c.add_argument("--memory-factor", type=float, default=0.95)
+    c.add_argument("--mem-epsilon", type=float, default=0.05, help="overflow probability eps_M")
+    c.add_argument("--sla-tpot-ms", type=float, default=None, help="decode latency target D_SLA")
+    c.add_argument("--sla-tolerance-ms", type=float, default=None, help="band eps_D (default 10%% of D_SLA)")
+    c.add_argument("--sla-alpha", type=int, default=4)
+    c.add_argument("--sla-delta", type=int, default=2)
+    c.add_argument("--sla-window", type=int, default=8)
+    c.add_argument("--controller-trace", default=None, metavar="PATH", help="JSONL trace, one line per step")
 
 
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(
-        dtype=args.dtype, threads=args.threads, kv_cache_gib=args.kv_cache_gib, block_size=args.block_size,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, batch_controller=args.batch_controller, seed=args.seed,
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """EngineConfig from the flags; raises ValueError naming the bad flag."""
+    return EngineConfig(
+        model=args.model, dtype=args.dtype, threads=args.threads, seed=args.seed,
+        cache=CacheConfig(block_size=args.block_size, kv_cache_gib=args.kv_cache_gib),
+        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_model_len=args.max_model_len),
+        controller=ControllerConfig(
+            name=args.batch_controller, max_num_seqs=args.max_num_seqs, min_num_seqs=args.min_num_seqs,
+            memory_mode=args.memory_mode, memory_factor=args.memory_factor, mem_epsilon=args.mem_epsilon,
+            sla_tpot_ms=args.sla_tpot_ms, sla_tolerance_ms=args.sla_tolerance_ms, sla_alpha=args.sla_alpha,
+            sla_delta=args.sla_delta, sla_window=args.sla_window, trace_path=args.controller_trace,
+        ),
     )
 
 
@@ -39,7 +59,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
         seed=args.sampling_seed, stop=args.stop or None,
     )
-    llm = LLM(args.model, **engine_kwargs(args))
+    llm = LLM.from_config(engine_config(args))
     if args.chat:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompts], params)
     else:
@@ -48,6 +68,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if len(args.prompts) > 1:
             print(f"### {prompt}")
         print(out.outputs[0].text)
+    return 0
+
+
+def cmd_plot_trace(args: argparse.Namespace) -> int:
+    from batchpilot.bench.plots import plot_trace
+
+    plot_trace(args.trace, args.out)
+    print(args.out)
     return 0
 
 
@@ -71,7 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     from batchpilot.bench.throughput import add_throughput_parser
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
-    add_throughput_parser(bench, add_engine_args, engine_kwargs)
+    add_throughput_parser(bench, add_engine_args, engine_config)
+
+    plot = sub.add_parser("plot-trace", help="draw a controller trace (JSONL) over time")
+    plot.add_argument("trace", metavar="TRACE")
+    plot.add_argument("--out", required=True, metavar="PNG")
+    plot.set_defaults(func=cmd_plot_trace)
     return parser
 
 

@@ -38,16 +38,53 @@ class SchedulerConfig:
             raise ValueError(f"--max-model-len must be at least 2, got {self.max_model_len}")
 
 
+CONTROLLERS = ("static", "memory", "sla", "combined")
+
+
 @dataclass
 class ControllerConfig:
-    """Which batch-size policy runs, and its bounds."""
+    """Which batch-size policy runs, and its parameters (flag names in the messages)."""
 
-    name: str = "static"
-    max_num_seqs: int = 256
+    name: str = "combined"
+    max_num_seqs: int = 256  # B_max (the fixed limit of `static`)
+    min_num_seqs: int = 1  # B_min
+    memory_mode: str = "clt"  # "blocks" (the authors' patch) or "clt" (the paper's bound)
+    memory_factor: float = 0.95
+    mem_epsilon: float = 0.05
+    sla_tpot_ms: float | None = None  # D_SLA; None: no SLA constraint
+    sla_tolerance_ms: float | None = None  # eps_D; None: 10% of D_SLA
+    sla_alpha: int = 4
+    sla_delta: int = 2
+    sla_window: int = 8
+    trace_path: str | None = None  # JSONL, one line per step
 
     def __post_init__(self) -> None:
+        if self.name not in CONTROLLERS:
+            raise ValueError(f"--batch-controller must be one of {CONTROLLERS}, got {self.name!r}")
         if self.max_num_seqs < 1:
             raise ValueError(f"--max-num-seqs must be at least 1, got {self.max_num_seqs}")
+        if not 1 <= self.min_num_seqs <= self.max_num_seqs:
+            raise ValueError(
+                f"--min-num-seqs must be between 1 and --max-num-seqs ({self.max_num_seqs}), got {self.min_num_seqs}"
+            )
+        if self.memory_mode not in ("blocks", "clt"):
+            raise ValueError(f"--memory-mode must be 'blocks' or 'clt', got {self.memory_mode!r}")
+        if not 0 < self.memory_factor <= 1:
+            raise ValueError(f"--memory-factor must be in (0, 1], got {self.memory_factor}")
+        if not 0 < self.mem_epsilon < 1:
+            raise ValueError(f"--mem-epsilon must be in (0, 1), got {self.mem_epsilon}")
+        if self.name == "sla" and self.sla_tpot_ms is None:
+            raise ValueError("--batch-controller sla needs --sla-tpot-ms")
+        if self.sla_tpot_ms is not None and self.sla_tpot_ms <= 0:
+            raise ValueError(f"--sla-tpot-ms must be positive, got {self.sla_tpot_ms}")
+        if self.sla_tolerance_ms is not None and self.sla_tolerance_ms < 0:
+            raise ValueError(f"--sla-tolerance-ms must be non-negative, got {self.sla_tolerance_ms}")
+        if self.sla_alpha < 1:
+            raise ValueError(f"--sla-alpha must be at least 1, got {self.sla_alpha}")
+        if self.sla_delta < 0:
+            raise ValueError(f"--sla-delta must be non-negative, got {self.sla_delta}")
+        if self.sla_window < 1:
+            raise ValueError(f"--sla-window must be at least 1, got {self.sla_window}")
 
 
 @dataclass

@@ -16,6 +16,7 @@ from batchpilot.engine.block_pool import BlockPool, KVCacheManager
 from batchpilot.engine.engine import LLMEngine
 from batchpilot.engine.output_processor import CompletionOutput, RequestOutput
 from batchpilot.engine.scheduler import Scheduler
+from batchpilot.engine.trace import TraceWriter
 from batchpilot.executors.torch_runner import TorchRunner, num_kv_blocks
 from batchpilot.model.llama import LlamaModel
 from batchpilot.model.loader import load_checkpoint
@@ -46,7 +47,8 @@ def build_engine(config: EngineConfig) -> LLMEngine:
         ckpt.path, ckpt.args.architecture, config.dtype, num_blocks, block_size,
         num_blocks * block_size, num_blocks * block_size * ckpt.args.kv_bytes_per_token * elem / 2**30,
     )
-    return LLMEngine(scheduler, runner, ckpt.tokenizer)
+    trace = TraceWriter(config.controller.trace_path) if config.controller.trace_path else None
+    return LLMEngine(scheduler, runner, ckpt.tokenizer, trace=trace)
 
 
 class LLM:
@@ -54,17 +56,29 @@ class LLM:
 
     def __init__(self, model: str | None = None, *, dtype: str = "bfloat16",
                  kv_cache_gib: float | None = None, max_num_seqs: int = 256,
-                 batch_controller: str = "static", threads: int | None = None, seed: int = 0,
+                 batch_controller: str = "combined", threads: int | None = None, seed: int = 0,
                  max_num_batched_tokens: int = 512, max_model_len: int | None = None,
-                 block_size: int = 16, num_kv_blocks: int | None = None):
-        self.config = EngineConfig(
+                 block_size: int = 16, num_kv_blocks: int | None = None, **controller_options: Any):
+        """Args mirror vLLM's; `controller_options` are ControllerConfig fields
+        (min_num_seqs, memory_mode, mem_epsilon, sla_tpot_ms, trace_path, ...)."""
+        config = EngineConfig(
             model=model, dtype=dtype, threads=threads, seed=seed,
             cache=CacheConfig(block_size=block_size, kv_cache_gib=kv_cache_gib, num_blocks=num_kv_blocks),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
                                       max_model_len=max_model_len),
-            controller=ControllerConfig(name=batch_controller, max_num_seqs=max_num_seqs),
+            controller=ControllerConfig(name=batch_controller, max_num_seqs=max_num_seqs, **controller_options),
         )
-        self.engine = build_engine(self.config)
+        self._init(config)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLM:
+        llm = cls.__new__(cls)
+        llm._init(config)
+        return llm
+
+    def _init(self, config: EngineConfig) -> None:
+        self.config = config
+        self.engine = build_engine(config)
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: PromptType | Sequence[PromptType],

@@ -57,17 +57,15 @@ def ours_prefill(runner: TorchRunner, n: int, iters: int) -> float:
 
 
 def hf_decode(model, batch: int, context: int, iters: int) -> float:
-    from transformers import DynamicCache
-
     ids = torch.randint(100, 10000, (batch, context))
     with torch.inference_mode():
         out = model(ids, use_cache=True)
-        cache: DynamicCache = out.past_key_values
+        cache = getattr(out, "cache", None) or out.past_key_values
         nxt = torch.randint(100, 10000, (batch, 1))
 
-        def step():
-            model(nxt, past_key_values=cache, use_cache=True)
-            cache.crop(context)
+        def step():  # one decode token on a context of `context`, then drop it again
+            model(nxt, cache=cache, use_cache=True)
+            cache.crop(-1)
 
         return timed(step, iters)
 

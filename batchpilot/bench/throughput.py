@@ -11,10 +11,11 @@ from tqdm import tqdm
 
 from batchpilot.bench.datasets import LengthDist, sharegpt_requests, synthetic_requests
 from batchpilot.bench.metrics import RequestRecord, summarize
+from batchpilot.config import EngineConfig
 from batchpilot.sampling_params import SamplingParams
 
 
-def add_throughput_parser(sub, add_engine_args, engine_kwargs) -> None:
+def add_throughput_parser(sub, add_engine_args, engine_config) -> None:
     p = sub.add_parser("throughput", help="offline throughput: all requests at t=0")
     add_engine_args(p)
     p.add_argument("--num-prompts", type=int, default=200)
@@ -26,7 +27,7 @@ def add_throughput_parser(sub, add_engine_args, engine_kwargs) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="always generate the full output length")
     p.add_argument("--output-json", default=None)
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=lambda args: run_throughput(args, engine_kwargs(args)))
+    p.set_defaults(func=lambda args: run_throughput(args, engine_config(args)))
 
 
 def _dist(fixed: int | None, spec: str | None, flag: str, default: int) -> LengthDist:
@@ -35,14 +36,14 @@ def _dist(fixed: int | None, spec: str | None, flag: str, default: int) -> Lengt
     return LengthDist.parse(spec if spec is not None else str(fixed or default), f"--{flag}-dist")
 
 
-def run_throughput(args: argparse.Namespace, engine_kwargs: dict) -> int:
+def run_throughput(args: argparse.Namespace, config: EngineConfig) -> int:
     from batchpilot.llm import LLM
 
     if args.num_prompts < 1:
         raise ValueError(f"--num-prompts must be at least 1, got {args.num_prompts}")
     in_dist = _dist(args.input_len, args.input_dist, "input", 256)
     out_dist = _dist(args.output_len, args.output_dist, "output", 128)
-    llm = LLM(args.model, **engine_kwargs)
+    llm = LLM.from_config(config)
     engine = llm.engine
     if args.dataset:
         requests = sharegpt_requests(Path(args.dataset), args.num_prompts, llm.tokenizer.encode, args.seed)
@@ -94,6 +95,6 @@ def print_table(result: dict) -> None:
     width = max(len(k) for k in result)
     print("=" * (width + 16))
     for k, v in result.items():
-        text = f"{v:.2f}" if isinstance(v, float) else str(v)
+        text = (f"{v:.4f}" if abs(v) < 1 else f"{v:.2f}") if isinstance(v, float) else str(v)
         print(f"{k:<{width}}  {text:>12}")
     print("=" * (width + 16))

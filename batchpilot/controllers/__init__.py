@@ -4,16 +4,28 @@ from __future__ import annotations
 
 from batchpilot.config import ControllerConfig
 from batchpilot.controllers.base import BatchController, SchedulerView, StepStats
+from batchpilot.controllers.combined import CombinedController
+from batchpilot.controllers.memory import MemoryController
+from batchpilot.controllers.sla import SLAController
 from batchpilot.controllers.static import StaticController
-
-CONTROLLERS = ("static",)
 
 
 def make_controller(config: ControllerConfig) -> BatchController:
-    """Build the controller the config names."""
+    """Build the controller the config names (the config has been validated)."""
     if config.name == "static":
         return StaticController(config.max_num_seqs)
-    raise ValueError(f"--batch-controller: unknown controller {config.name!r} (choose from {CONTROLLERS})")
+    memory = MemoryController(config.memory_mode, config.memory_factor, config.mem_epsilon,
+                              config.min_num_seqs, config.max_num_seqs)
+    sla = None
+    if config.sla_tpot_ms is not None:
+        sla = SLAController(config.sla_tpot_ms, config.sla_tolerance_ms, config.sla_alpha, config.sla_delta,
+                            config.sla_window, config.min_num_seqs, config.max_num_seqs)
+    if config.name == "memory":
+        return memory
+    if config.name == "sla":
+        return sla
+    return CombinedController(memory, sla)
 
 
-__all__ = ["BatchController", "SchedulerView", "StepStats", "StaticController", "make_controller"]
+__all__ = ["BatchController", "SchedulerView", "StepStats", "CombinedController", "MemoryController",
+           "SLAController", "StaticController", "make_controller"]

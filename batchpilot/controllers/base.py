@@ -47,6 +47,11 @@ class BatchController(Protocol):
 
     name: str
 
+    @property
+    def trace(self) -> dict[str, float]:
+        """The controller's internal limits (b_mem, b_sla, ...) as of the last `limit`, for traces."""
+        ...
+
     def limit(self, view: SchedulerView) -> int:
         """Most sequences that may be running after this step's admissions (>= 1)."""
         ...

@@ -13,6 +13,10 @@ class StaticController:
             raise ValueError(f"--max-num-seqs must be at least 1, got {max_num_seqs}")
         self.max_num_seqs = max_num_seqs
 
+    @property
+    def trace(self) -> dict[str, float]:
+        return {}
+
     def limit(self, view: SchedulerView) -> int:
         return self.max_num_seqs
 

@@ -18,6 +18,7 @@ from batchpilot.engine.output_processor import OutputProcessor, RequestOutput
 from batchpilot.engine.outputs import RunnerOutput, SchedulerOutput
 from batchpilot.engine.request import Request, RequestStatus
 from batchpilot.engine.scheduler import Scheduler
+from batchpilot.engine.trace import TraceWriter
 from batchpilot.model.tokenizer import TextTokenizer
 from batchpilot.sampling_params import SamplingParams
 
@@ -37,15 +38,19 @@ class EngineCounters:
     num_steps: int = 0
     busy_time_s: float = 0.0  # time inside step()
     schedule_time_s: float = 0.0  # of which: scheduler + controller
+    num_preemptions: int = 0
+    batch_limit: int = 0  # b_t of the last step
 
 
 class LLMEngine:
     def __init__(self, scheduler: Scheduler, executor: Executor, tokenizer: TextTokenizer,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, trace: TraceWriter | None = None):
         self.scheduler = scheduler
         self.executor = executor
         self.tokenizer = tokenizer
         self.clock = clock
+        self.trace = trace
+        self.start_time = clock()
         self.output_processor = OutputProcessor(tokenizer)
         self.counters = EngineCounters()
         self.last_stats: StepStats | None = None
@@ -109,6 +114,8 @@ class LLMEngine:
         c.busy_time_s += step_time
         c.schedule_time_s += schedule_time
         c.num_requests_finished += len(finished_lens)
+        c.num_preemptions += len(sched_out.preempted_ids)
+        c.batch_limit = self.scheduler.last_limit
         c.num_generation_tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
         c.num_prompt_tokens += sum(
             s.request.num_prompt_tokens for s in sched_out.scheduled
@@ -126,6 +133,8 @@ class LLMEngine:
             num_waiting=len(self.scheduler.waiting),
             finished_lens=tuple(finished_lens),
         )
+        if self.trace is not None:  # before observe: the trace shows the limits this step ran under
+            self.trace.write(self.clock() - self.start_time, c.num_steps, c.batch_limit, self.controller.trace, stats)
         t = self.clock()
         self.controller.observe(stats)
         c.schedule_time_s += self.clock() - t

@@ -1,0 +1,112 @@
+"""b_mem: how many sequences the KV pool can hold (PAPER.md section 1).
+
+Two forms:
+- `blocks`: the authors' vLLM patch. While requests both wait and run, divide the pool by
+  the blocks a running sequence holds on average (times a memory factor); otherwise keep
+  the previous value. It only sees what is already in the cache, not the outputs to come.
+- `clt`: the paper's bound. Per-request tokens (prompt + output) have mean mu and spread
+  sigma; the total of b requests is ~Normal(b mu, b sigma^2), and the largest b with
+  Pr(total > capacity) <= epsilon solves mu x^2 + z sigma x - eta = 0 for x = sqrt(b).
+
+Either way the result is clamped to [B_min, B_max] and never below the running count; the
+block pool stays the hard limit (the scheduler admits nothing it cannot allocate).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from statistics import NormalDist
+
+from batchpilot.controllers.base import SchedulerView, StepStats
+
+MEMORY_MODES = ("blocks", "clt")
+
+
+def clt_batch_limit(mu: float, sigma: float, capacity_tokens: float, epsilon: float) -> int:
+    """Largest b with b mu + z sigma sqrt(b) <= capacity, z = Phi^-1(1 - epsilon)."""
+    if mu <= 0:
+        raise ValueError(f"mean tokens per request must be positive, got {mu}")
+    z = NormalDist().inv_cdf(1 - epsilon)
+    x = (-z * sigma + math.sqrt(z * z * sigma * sigma + 4 * mu * capacity_tokens)) / (2 * mu)
+    return math.floor(x * x + 1e-9)
+
+
+def blocks_batch_limit(total_blocks: int, free_blocks: int, num_running: int, memory_factor: float) -> int:
+    """The authors' heuristic: total_blocks * factor / (used blocks per running sequence)."""
+    blocks_per_seq = (total_blocks - free_blocks) / num_running
+    if blocks_per_seq <= 0:
+        return 0
+    return math.floor(total_blocks * memory_factor / blocks_per_seq)
+
+
+class TokenStats:
+    """Online mean and spread of tokens per request.
+
+    Finished requests (their final length) fill a sliding window. Until `min_finished` have
+    been seen, running requests' current lengths stand in as the prior; they only grow,
+    so they underestimate, and the window takes over as soon as it can.
+    """
+
+    def __init__(self, window: int = 256, min_finished: int = 16):
+        self.finished: deque[int] = deque(maxlen=window)
+        self.min_finished = min_finished
+
+    def add_finished(self, lengths: tuple[int, ...]) -> None:
+        self.finished.extend(lengths)
+
+    def estimate(self, view: SchedulerView) -> tuple[float, float] | None:
+        """(mu, sigma) in tokens, or None with no data at all."""
+        samples = list(self.finished)
+        if len(samples) < self.min_finished:
+            samples += [p + o for p, o in zip(view.prompt_lens, view.output_lens)]
+        if not samples:
+            return None
+        mu = sum(samples) / len(samples)
+        var = sum((s - mu) ** 2 for s in samples) / max(1, len(samples) - 1)
+        return mu, math.sqrt(var)
+
+
+class MemoryController:
+    name = "memory"
+
+    def __init__(self, mode: str = "blocks", memory_factor: float = 0.95, epsilon: float = 0.05,
+                 min_num_seqs: int = 1, max_num_seqs: int = 256, window: int = 256):
+        if mode not in MEMORY_MODES:
+            raise ValueError(f"--memory-mode must be one of {MEMORY_MODES}, got {mode!r}")
+        if not 0 < memory_factor <= 1:
+            raise ValueError(f"--memory-factor must be in (0, 1], got {memory_factor}")
+        if not 0 < epsilon < 1:
+            raise ValueError(f"--mem-epsilon must be in (0, 1), got {epsilon}")
+        if not 1 <= min_num_seqs <= max_num_seqs:
+            raise ValueError(f"--min-num-seqs ({min_num_seqs}) must be in [1, --max-num-seqs ({max_num_seqs})]")
+        self.mode = mode
+        self.memory_factor = memory_factor
+        self.epsilon = epsilon
+        self.b_min, self.b_max = min_num_seqs, max_num_seqs
+        self.stats = TokenStats(window=window)
+        self.b_mem = max_num_seqs  # no information yet: the pool alone gates admission
+
+    @property
+    def trace(self) -> dict[str, int]:
+        return {"b_mem": self.b_mem}
+
+    def limit(self, view: SchedulerView) -> int:
+        if self.mode == "blocks":
+            if view.num_waiting > 0 and view.num_running > 0:
+                raw = blocks_batch_limit(view.num_total_blocks, view.num_free_blocks, view.num_running,
+                                         self.memory_factor)
+                self.b_mem = self._clamp(raw, view.num_running)
+        else:
+            estimate = self.stats.estimate(view)
+            if estimate is not None:
+                capacity = view.num_total_blocks * view.block_size
+                raw = clt_batch_limit(estimate[0], estimate[1], capacity, self.epsilon)
+                self.b_mem = self._clamp(raw, view.num_running)
+        return self.b_mem
+
+    def observe(self, stats: StepStats) -> None:
+        self.stats.add_finished(stats.finished_lens)
+
+    def _clamp(self, b: int, num_running: int) -> int:
+        return min(max(b, num_running, self.b_min), self.b_max)

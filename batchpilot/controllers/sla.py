@@ -1,0 +1,76 @@
+"""b_sla: the largest batch whose decode latency stays inside the SLA band (PAPER.md section 2).
+
+D(b), the step latency at batch b, is unknown and not even convex, so the limit is found by
+an online interval search: too slow moves [b_low, b_high] down, too fast moves it up, inside
+the band tightens it around the batch that was measured; b_sla is its midpoint.
+
+Signal (our choice): only steps that decode and prefill nothing feed the latency window. A
+step that also prefills a prompt chunk costs that chunk's compute on top of D(b); counting
+it would make the loop shrink the batch for a cost that the batch size does not cause
+(prefill cost is bounded separately, by the token budget).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from batchpilot.controllers.base import SchedulerView, StepStats
+
+
+class SLAController:
+    name = "sla"
+
+    def __init__(self, tpot_ms: float, tolerance_ms: float | None = None, alpha: int = 4, delta: int = 2,
+                 window: int = 8, min_num_seqs: int = 1, max_num_seqs: int = 256):
+        if tpot_ms <= 0:
+            raise ValueError(f"--sla-tpot-ms must be positive, got {tpot_ms}")
+        tolerance_ms = 0.1 * tpot_ms if tolerance_ms is None else tolerance_ms
+        if tolerance_ms < 0:
+            raise ValueError(f"--sla-tolerance-ms must be non-negative, got {tolerance_ms}")
+        if alpha < 1:
+            raise ValueError(f"--sla-alpha must be at least 1, got {alpha}")
+        if delta < 0:
+            raise ValueError(f"--sla-delta must be non-negative, got {delta}")
+        if window < 1:
+            raise ValueError(f"--sla-window must be at least 1, got {window}")
+        if not 1 <= min_num_seqs <= max_num_seqs:
+            raise ValueError(f"--min-num-seqs ({min_num_seqs}) must be in [1, --max-num-seqs ({max_num_seqs})]")
+        self.target_s = tpot_ms / 1000
+        self.tolerance_s = tolerance_ms / 1000
+        self.alpha, self.delta = alpha, delta
+        self.b_min, self.b_max = min_num_seqs, max_num_seqs
+        self.samples: deque[tuple[float, int]] = deque(maxlen=window)  # (step seconds, batch size)
+        self.b_low, self.b_high = min_num_seqs, max_num_seqs
+        self.b_sla = (self.b_low + self.b_high) // 2
+
+    @property
+    def trace(self) -> dict[str, float]:
+        return {"b_sla": self.b_sla, "b_low": self.b_low, "b_high": self.b_high}
+
+    def limit(self, view: SchedulerView) -> int:
+        # The SLA limit only stops admissions: it never asks to evict decoding sequences.
+        return min(max(self.b_sla, view.num_decoding), self.b_max)
+
+    def observe(self, stats: StepStats) -> None:
+        if stats.num_prefill_tokens or not stats.num_decode_tokens:
+            return
+        self.samples.append((stats.step_time_s, stats.num_decode_tokens))
+        tau = sum(t for t, _ in self.samples) / len(self.samples)
+        b_avg = round(sum(b for _, b in self.samples) / len(self.samples))
+        self.update(tau, b_avg)
+
+    def update(self, tau_s: float, b_avg: int) -> None:
+        """One step of the interval search, given mean latency and mean batch of the window."""
+        a, d = self.alpha, self.delta
+        if tau_s > self.target_s + self.tolerance_s:  # too slow: move the interval down
+            self.b_high = max(b_avg, self.b_low + a)
+            self.b_low = max(self.b_low - d, self.b_min)
+        elif tau_s < self.target_s - self.tolerance_s:  # too fast: room to grow
+            self.b_low = min(b_avg, self.b_high - a)
+            self.b_high = min(self.b_high + d, self.b_max)
+        else:  # inside the band: tighten around the measured batch
+            self.b_high = min(b_avg + a // 2, self.b_max)
+            self.b_low = max(b_avg - a // 2, self.b_min)
+        self.b_low = max(self.b_low, self.b_min)
+        self.b_high = min(max(self.b_high, self.b_low), self.b_max)
+        self.b_sla = (self.b_low + self.b_high) // 2
