@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # configuration and request validation errors name their flag
         print(f"batchpilot: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # unreadable or unwritable paths given on the command line
+        print(f"batchpilot: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

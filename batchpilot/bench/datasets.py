@@ -87,3 +87,35 @@ def sharegpt_requests(path: Path, n: int, encode, seed: int, max_prompt: int = 1
     if not out:
         raise ValueError(f"--dataset: no usable conversations in {path}")
     return out
+
+
+INSTRUCTIONS = (
+    "Summarise the following documentation in a few sentences:\n\n{text}",
+    "Explain the following to a beginner, with an example:\n\n{text}",
+    "List the key points of this text as bullet points:\n\n{text}",
+    "Translate the first two sentences of this text into French:\n\n{text}",
+    "Write a short Python program that illustrates this:\n\n{text}",
+    "In one word, which Python feature does this text describe?\n\n{text}",
+    "Write three quiz questions, with answers, about this text:\n\n{text}",
+)
+
+
+def builtin_conversations(n: int, seed: int) -> list[list[dict[str, str]]]:
+    """Varied real-text chat prompts, built offline from Python's own documentation.
+
+    Each pairs an instruction of a different kind (summarise, explain, list, translate, code,
+    one word, quiz) with an excerpt of a `pydoc_data` topic, so output lengths come from the
+    model, as in real traffic. Deterministic for a seed.
+    """
+    from pydoc_data.topics import topics
+
+    rng = np.random.default_rng(seed)
+    names = sorted(k for k, v in topics.items() if len(v) > 400)
+    out = []
+    for _ in range(n):
+        text = topics[names[rng.integers(len(names))]].strip()
+        start = int(rng.integers(0, max(1, len(text) - 400)))
+        excerpt = text[start : start + int(rng.integers(300, 1200))]
+        instruction = INSTRUCTIONS[rng.integers(len(INSTRUCTIONS))]
+        out.append([{"role": "user", "content": instruction.format(text=excerpt)}])
+    return out

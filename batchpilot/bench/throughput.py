@@ -7,9 +7,16 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
-from batchpilot.bench.datasets import LengthDist, sharegpt_requests, synthetic_requests
+from batchpilot.bench.datasets import (
+    BenchRequest,
+    LengthDist,
+    builtin_conversations,
+    sharegpt_requests,
+    synthetic_requests,
+)
 from batchpilot.bench.metrics import RequestRecord, summarize
 from batchpilot.config import EngineConfig
 from batchpilot.sampling_params import SamplingParams
@@ -23,7 +30,9 @@ def add_throughput_parser(sub, add_engine_args, engine_config) -> None:
     p.add_argument("--output-len", type=int, default=None)
     p.add_argument("--input-dist", default=None, help="uniform:LOW:HIGH or lognormal:MEDIAN:SIGMA")
     p.add_argument("--output-dist", default=None, help="uniform:LOW:HIGH or lognormal:MEDIAN:SIGMA")
-    p.add_argument("--dataset", default=None, help="ShareGPT-format JSON file")
+    p.add_argument("--dataset-name", default="random", choices=["random", "sharegpt", "builtin"],
+                   help="random token ids, a ShareGPT file (--dataset), or the bundled real-text prompts")
+    p.add_argument("--dataset", default=None, help="ShareGPT-format JSON file (implies --dataset-name sharegpt)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate the full output length")
     p.add_argument("--output-json", default=None)
     p.add_argument("--no-progress", action="store_true")
@@ -45,8 +54,17 @@ def run_throughput(args: argparse.Namespace, config: EngineConfig) -> int:
     out_dist = _dist(args.output_len, args.output_dist, "output", 128)
     llm = LLM.from_config(config)
     engine = llm.engine
-    if args.dataset:
+    if args.dataset or args.dataset_name == "sharegpt":
+        if not args.dataset:
+            raise ValueError("--dataset-name sharegpt needs --dataset PATH")
         requests = sharegpt_requests(Path(args.dataset), args.num_prompts, llm.tokenizer.encode, args.seed)
+    elif args.dataset_name == "builtin":
+        # Real prompts with model-chosen output lengths; --output-len caps them (default 512).
+        capped = args.output_len is not None or args.output_dist is not None
+        n = args.num_prompts
+        cap = out_dist.sample(np.random.default_rng(args.seed), n) if capped else [512] * n
+        prompts = [llm.tokenizer.apply_chat_template(c) for c in builtin_conversations(args.num_prompts, args.seed)]
+        requests = [BenchRequest(p, len(llm.tokenizer.encode(p)), int(m)) for p, m in zip(prompts, cap)]
     else:
         specials = len(llm.tokenizer.tokenizer.get_added_tokens_decoder())
         requests = synthetic_requests(args.num_prompts, in_dist, out_dist, llm.tokenizer.vocab_size,

@@ -90,13 +90,15 @@ def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float
 
 
 def _prefill_attention(q, k, v, k_cache, v_cache, chunk: PrefillChunk, scale: float) -> torch.Tensor:
-    qs = q[chunk.start : chunk.end].transpose(0, 1)  # [H, n, D]
+    # NOTE: 4-D inputs ([1, heads, n, D]) take torch's CPU flash-attention kernel; 3-D ones
+    # fall back to the unfused math path, 2-3x slower.
+    qs = q[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
     if chunk.context_slots is None:
-        ks = k[chunk.start : chunk.end].transpose(0, 1)  # [KVH, n, D]
-        vs = v[chunk.start : chunk.end].transpose(0, 1)
+        ks = k[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)  # [1, KVH, n, D]
+        vs = v[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)
         o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
     else:
-        ks = k_cache.index_select(1, chunk.context_slots)  # [KVH, L, D]
-        vs = v_cache.index_select(1, chunk.context_slots)
+        ks = k_cache.index_select(1, chunk.context_slots).unsqueeze(0)  # [1, KVH, L, D]
+        vs = v_cache.index_select(1, chunk.context_slots).unsqueeze(0)
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=chunk.mask, scale=scale, enable_gqa=True)
-    return o.transpose(0, 1)
+    return o[0].transpose(0, 1)

@@ -1,0 +1,64 @@
+"""The command line: benchmark JSON keys, controller trace and plot, clear errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+BENCH_KEYS = ["completed", "duration_s", "total_input_tokens", "total_output_tokens", "request_throughput",
+              "output_throughput", "total_token_throughput", "num_preemptions"] + [
+    f"{s}_{m}" for m in ("ttft_ms", "tpot_ms", "e2el_ms") for s in ("mean", "median", "p90", "p99")]
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "batchpilot.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_bench_throughput_writes_vllm_keys_and_a_trace_that_plots(tmp_path):
+    out, trace, png = tmp_path / "r.json", tmp_path / "trace.jsonl", tmp_path / "trace.png"
+    r = cli("bench", "throughput", "--num-prompts", "6", "--input-dist", "uniform:8:40", "--output-len", "6",
+            "--ignore-eos", "--kv-cache-gib", "0.01", "--threads", "1", "--no-progress", "--output-json", str(out),
+            "--controller-trace", str(trace))
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    for key in BENCH_KEYS:
+        assert key in result, key
+    assert result["completed"] == 6 and result["total_output_tokens"] == 36
+    assert "output_throughput" in r.stdout
+    rows = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert len(rows) == result["num_steps"]
+    assert {"t", "b_t", "b_mem", "batch_size", "num_running", "num_waiting", "kv_usage", "step_time_s",
+            "num_preemptions"} <= set(rows[0])
+    assert sum(r["num_decode_tokens"] + r["num_prefill_tokens"] for r in rows) >= 6 * 6
+    r = cli("plot-trace", str(trace), "--out", str(png))
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--mem-epsilon", "2"], "--mem-epsilon"),
+    (["--batch-controller", "nope"], "--batch-controller"),
+    (["--min-num-seqs", "9", "--max-num-seqs", "4"], "--min-num-seqs"),
+    (["--sla-tpot-ms", "-5"], "--sla-tpot-ms"),
+    (["--batch-controller", "sla"], "--sla-tpot-ms"),
+])
+def test_bad_controller_flags_fail_at_start_naming_the_flag(args, flag):
+    r = cli("generate", *args, "hello", timeout=120)
+    assert r.returncode == 2
+    assert flag in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_length_distribution_is_a_clear_error():
+    r = cli("bench", "throughput", "--input-dist", "gauss:1:2", "--num-prompts", "1", timeout=120)
+    assert r.returncode == 2 and "--input-dist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_plot_trace_rejects_a_missing_or_bad_file(tmp_path):
+    bad = tmp_path / "t.jsonl"
+    bad.write_text("not json\n")
+    r = cli("plot-trace", str(bad), "--out", str(tmp_path / "x.png"), timeout=120)
+    assert r.returncode == 2 and "t.jsonl:1" in r.stderr
+    r = cli("plot-trace", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x.png"), timeout=120)
+    assert r.returncode == 1 and "missing.jsonl" in r.stderr and "Traceback" not in r.stderr

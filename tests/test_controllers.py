@@ -1,0 +1,217 @@
+"""The paper's controllers: formulas against hand-computed cases, properties, and closed loops."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from batchpilot.config import ControllerConfig
+from batchpilot.controllers import CombinedController, MemoryController, SLAController, make_controller
+from batchpilot.controllers.base import SchedulerView, StepStats
+from batchpilot.controllers.memory import blocks_batch_limit, clt_batch_limit
+
+
+def view(running=0, waiting=0, decoding=None, free=100, total=100, block_size=16, prompt_lens=(), output_lens=()):
+    return SchedulerView(running, waiting, running if decoding is None else decoding, free, total, block_size,
+                         tuple(prompt_lens), tuple(output_lens))
+
+
+def stats(batch, step_s, prefill=0, finished=()):
+    return StepStats(batch_size=batch, num_prefill_tokens=prefill, num_decode_tokens=batch, step_time_s=step_s,
+                     kv_usage=0.5, num_preemptions=0, num_running=batch, num_waiting=0, finished_lens=tuple(finished))
+
+
+# ---- b_mem --------------------------------------------------------------------------------------
+
+def test_clt_bound_hand_computed():
+    assert clt_batch_limit(100, 0, 1000, 0.05) == 10  # deterministic lengths: eta / mu
+    # z = 1.6449; x = (-32.897 + sqrt(1082.2 + 400000)) / 200 = 3.0021 -> b = 9.01 -> 9
+    assert clt_batch_limit(100, 20, 1000, 0.05) == 9
+    assert 9 * 100 + 1.6449 * 20 * 3 <= 1000 < 10 * 100 + 1.6449 * 20 * math.sqrt(10)
+
+
+def test_blocks_heuristic_hand_computed():
+    # 60 blocks used by 6 sequences = 10 each; 100 * 0.95 / 10 = 9.5 -> 9
+    assert blocks_batch_limit(100, 40, 6, 0.95) == 9
+
+
+def test_blocks_mode_updates_only_with_waiting_and_running_and_clamps():
+    c = MemoryController("blocks", min_num_seqs=2, max_num_seqs=50)
+    assert c.limit(view(running=0, waiting=5)) == 50  # no running yet: keep the initial B_max
+    assert c.limit(view(running=6, waiting=3, free=40)) == 9
+    assert c.limit(view(running=6, waiting=0, free=10)) == 9  # nothing waiting: previous value kept
+    assert c.limit(view(running=12, waiting=1, free=0)) == 12  # 100*.95/8.33 = 11 -> never below running
+    assert c.limit(view(running=1, waiting=1, free=99)) == 50  # 95 -> clamped to B_max
+
+
+def test_clt_mode_uses_finished_requests_once_enough():
+    c = MemoryController("clt", epsilon=0.05, max_num_seqs=1000)
+    v = view(running=2, waiting=4, total=100, block_size=10, prompt_lens=(50, 50), output_lens=(0, 0))
+    assert c.limit(v) == 20  # prior: running lengths 50, 50 -> sigma 0 -> 1000 / 50
+    c.observe(stats(2, 0.01, finished=[100] * 16))
+    assert c.limit(v) == 10  # 16 finished at 100 tokens: the window takes over -> 1000 / 100
+
+
+@settings(max_examples=200, deadline=None)
+@given(mode=st.sampled_from(["blocks", "clt"]), total=st.integers(1, 5000), used_frac=st.floats(0, 1),
+       running=st.integers(0, 300), waiting=st.integers(0, 50), b_min=st.integers(1, 20),
+       span=st.integers(0, 300), lens=st.lists(st.integers(1, 4000), max_size=30))
+def test_memory_limit_is_an_integer_in_bounds_and_never_below_running(mode, total, used_frac, running, waiting,
+                                                                       b_min, span, lens):
+    b_max = b_min + span
+    running = min(running, b_max)
+    c = MemoryController(mode, min_num_seqs=b_min, max_num_seqs=b_max)
+    c.observe(stats(1, 0.01, finished=lens))
+    free = total - int(used_frac * total)
+    b = c.limit(view(running=running, waiting=waiting, free=free, total=total,
+                     prompt_lens=[10] * running, output_lens=[5] * running))
+    assert isinstance(b, int)
+    assert b_min <= b <= b_max and b >= running
+
+
+@settings(max_examples=200, deadline=None)
+@given(mu=st.floats(1, 2000), sigma=st.floats(0, 2000), eta=st.floats(1, 1e6), eps=st.floats(0.001, 0.5),
+       more=st.floats(0, 1e5), eps2=st.floats(0.001, 0.5))
+def test_clt_bound_is_monotone_in_capacity_and_epsilon(mu, sigma, eta, eps, more, eps2):
+    assert clt_batch_limit(mu, sigma, eta + more, eps) >= clt_batch_limit(mu, sigma, eta, eps)
+    lo, hi = sorted((eps, eps2))
+    assert clt_batch_limit(mu, sigma, eta, hi) >= clt_batch_limit(mu, sigma, eta, lo)
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.05, 0.2])
+def test_clt_bound_overflows_at_most_epsilon_in_monte_carlo(eps):
+    rng = np.random.default_rng(0)
+    low, high = 50, 950  # request lengths uniform on [50, 950]: mu 500, sigma 260
+    mu, sigma = (low + high) / 2, (high - low) / math.sqrt(12)
+    capacity = 40_000
+    b = clt_batch_limit(mu, sigma, capacity, eps)
+    trials = 20_000
+    totals = rng.integers(low, high + 1, size=(trials, b)).sum(axis=1)
+    overflow = float((totals > capacity).mean())
+    assert overflow <= eps + 3 * math.sqrt(eps * (1 - eps) / trials)
+    # and the bound is not trivially small: one more request would overflow more often than eps
+    totals_plus = rng.integers(low, high + 1, size=(trials, b + 3)).sum(axis=1)
+    assert float((totals_plus > capacity).mean()) > eps
+
+
+# ---- b_sla --------------------------------------------------------------------------------------
+
+def sla(**kw):
+    return SLAController(tpot_ms=kw.pop("tpot_ms", 50), tolerance_ms=kw.pop("tolerance_ms", 5), alpha=4, delta=2,
+                         min_num_seqs=1, max_num_seqs=kw.pop("max_num_seqs", 100), **kw)
+
+
+def test_sla_too_slow_moves_interval_down():
+    c = sla()
+    c.b_low, c.b_high = 20, 60
+    c.update(0.070, b_avg=50)  # 70 ms > 50 + 5
+    assert (c.b_low, c.b_high, c.b_sla) == (18, 50, 34)  # high = max(50, 20+4); low = max(20-2, 1)
+
+
+def test_sla_too_fast_moves_interval_up():
+    c = sla()
+    c.b_low, c.b_high = 20, 60
+    c.update(0.030, b_avg=50)  # 30 ms < 50 - 5
+    assert (c.b_low, c.b_high, c.b_sla) == (50, 62, 56)  # low = min(50, 60-4); high = min(60+2, 100)
+
+
+def test_sla_inside_band_tightens_around_the_batch():
+    c = sla()
+    c.b_low, c.b_high = 20, 60
+    c.update(0.052, b_avg=40)
+    assert (c.b_low, c.b_high, c.b_sla) == (38, 42, 40)
+
+
+def test_sla_respects_bounds_and_never_goes_below_decoding():
+    c = sla(max_num_seqs=30)
+    c.b_low, c.b_high = 28, 30
+    c.update(0.010, b_avg=29)
+    assert (c.b_low, c.b_high, c.b_sla) == (26, 30, 28)  # high = min(30 + 2, B_max 30)
+    assert c.limit(view(running=29, decoding=29)) == 29  # never below the decoding sequences
+    assert c.limit(view(running=35, decoding=35)) == 30  # ... nor above B_max
+    c.b_sla = 5
+    assert c.limit(view(running=12, decoding=12)) == 12
+
+
+def test_sla_ignores_steps_with_prefill():
+    c = sla()
+    before = (c.b_low, c.b_high)
+    c.observe(stats(10, 5.0, prefill=300))
+    assert (c.b_low, c.b_high) == before and not c.samples
+
+
+def closed_loop(controller, latency, steps, rng, out_len=30):
+    """Simulate decoding: admit up to the limit, each request runs ~out_len steps; returns (batch, ms) per step."""
+    running: list[int] = []
+    history = []
+    for t in range(steps):
+        limit = controller.limit(view(running=len(running), waiting=100, decoding=len(running)))
+        while len(running) < limit:
+            running.append(int(rng.integers(out_len // 2, out_len * 3 // 2)))
+        b = len(running)
+        step_s = latency(b, t)
+        controller.observe(stats(b, step_s))
+        history.append((b, step_s * 1000))
+        running = [r - 1 for r in running if r > 1]
+    return history
+
+
+def in_band_share(history, lo, hi):
+    return sum(lo <= ms <= hi for _, ms in history) / len(history)
+
+
+LINEAR = lambda b, t: (10 + 0.5 * b) / 1000  # noqa: E731  D(b): 40 ms at b = 60
+
+
+def nonconvex(b, t):
+    """A plateau and a cliff: flat 20 ms up to 32 (padding), then a jump, then a steeper slope."""
+    ms = 20 if b <= 32 else 28 + 0.4 * (b - 32)
+    return ms / 1000
+
+
+@pytest.mark.parametrize("curve,target", [(LINEAR, 40.0), (nonconvex, 40.0)])
+def test_sla_settles_inside_the_band_and_stays(curve, target):
+    rng = np.random.default_rng(1)
+    c = SLAController(tpot_ms=target, tolerance_ms=4, alpha=4, delta=2, window=4, max_num_seqs=256)
+    history = closed_loop(c, curve, 400, rng)
+    # Settles within 60 steps (about 30 measured); afterwards at least 90% of steps are inside the band.
+    settled = history[60:]
+    assert in_band_share(settled, target - 4, target + 4) >= 0.9
+    assert max(ms for _, ms in settled) <= target + 4 + 6  # brief excursions stay small
+
+
+def test_sla_resettles_when_the_curve_shifts():
+    rng = np.random.default_rng(2)
+    c = SLAController(tpot_ms=40, tolerance_ms=4, alpha=4, delta=2, window=4, max_num_seqs=256)
+    shifted = lambda b, t: LINEAR(b, t) if t < 400 else (10 + 1.0 * b) / 1000  # noqa: E731  load doubles cost
+    history = closed_loop(c, shifted, 800, rng)
+    assert in_band_share(history[60:400], 36, 44) >= 0.9
+    assert in_band_share(history[460:], 36, 44) >= 0.9  # re-settled within 60 steps of the shift
+    assert np.mean([b for b, _ in history[460:]]) < np.mean([b for b, _ in history[60:400]]) * 0.7
+
+
+# ---- combined and configuration -------------------------------------------------------------------
+
+def test_combined_takes_the_minimum_and_is_memory_only_without_sla():
+    mem = MemoryController("blocks", max_num_seqs=100)
+    c = CombinedController(mem, sla(max_num_seqs=100))
+    c.sla.b_sla = 7
+    assert c.limit(view(running=4, waiting=3, free=60)) == 7  # b_mem = 100*.95/10 = 9
+    c.sla.b_sla = 30
+    assert c.limit(view(running=4, waiting=3, free=60)) == 9
+    assert CombinedController(mem, None).limit(view(running=4, waiting=3, free=60)) == 9
+    cfg = make_controller(ControllerConfig())
+    assert isinstance(cfg, CombinedController) and cfg.sla is None
+
+
+@pytest.mark.parametrize("kwargs,flag", [
+    (dict(mem_epsilon=0), "--mem-epsilon"), (dict(mem_epsilon=1.5), "--mem-epsilon"),
+    (dict(sla_tpot_ms=-1), "--sla-tpot-ms"), (dict(min_num_seqs=10, max_num_seqs=5), "--min-num-seqs"),
+    (dict(name="magic"), "--batch-controller"), (dict(name="sla"), "--sla-tpot-ms"),
+    (dict(memory_mode="x"), "--memory-mode"), (dict(sla_tolerance_ms=-2, sla_tpot_ms=10), "--sla-tolerance-ms"),
+])
+def test_bad_configuration_names_the_flag(kwargs, flag):
+    with pytest.raises(ValueError, match=flag):
+        ControllerConfig(**kwargs)
