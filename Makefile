@@ -25,7 +25,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 install: $(VENV)/.installed
 
 serve: $(VENV)/.installed
-	$(BIN)/batchpilot generate --chat --max-tokens 32 "What is the capital of France?"
+	$(BIN)/batchpilot serve
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from batchpilot.config import CONTROLLERS, DTYPES, CacheConfig, ControllerConfig, EngineConfig, SchedulerConfig
@@ -71,6 +72,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from batchpilot.engine.async_engine import AsyncEngine
+    from batchpilot.llm import build_engine
+    from batchpilot.model.loader import DEFAULT_MODEL_NAME
+    from batchpilot.server.app import ServerConfig, build_app
+
+    if args.served_model_name:
+        names = [args.served_model_name]
+    elif args.model is None:
+        names = [DEFAULT_MODEL_NAME, f"HuggingFaceTB/{DEFAULT_MODEL_NAME}"]
+    else:
+        names = [args.model]
+    server_config = ServerConfig(model_names=names, api_key=args.api_key or os.environ.get("BATCHPILOT_API_KEY"),
+                                 protect_metrics=args.protect_metrics, max_queue=args.max_queue)
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be non-negative, got {args.shutdown_timeout}")
+    engine = build_engine(engine_config(args))
+    app = build_app(AsyncEngine(engine), server_config)
+    logging.getLogger("batchpilot").info("serving %s on http://%s:%d", names[0], args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False,
+                timeout_graceful_shutdown=args.shutdown_timeout)
+    return 0
+
+
 def cmd_plot_trace(args: argparse.Namespace) -> int:
     from batchpilot.bench.plots import plot_trace
 
@@ -81,7 +108,8 @@ def cmd_plot_trace(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchpilot", description=__doc__)
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        type=str.upper)
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="complete prompts offline and print the results")
@@ -95,6 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--sampling-seed", type=int, default=None)
     gen.set_defaults(func=cmd_generate)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None, help="model id clients use (default: the model)")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or BATCHPILOT_API_KEY)")
+    serve.add_argument("--protect-metrics", action="store_true", help="require the API key for /metrics too")
+    serve.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 503 + Retry-After")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds SIGTERM waits for in-flight requests before aborting them")
+    serve.set_defaults(func=cmd_serve)
 
     from batchpilot.bench.throughput import add_throughput_parser
 
@@ -111,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except ModelLoadError as e:

@@ -48,7 +48,8 @@ def build_engine(config: EngineConfig) -> LLMEngine:
         num_blocks * block_size, num_blocks * block_size * ckpt.args.kv_bytes_per_token * elem / 2**30,
     )
     trace = TraceWriter(config.controller.trace_path) if config.controller.trace_path else None
-    return LLMEngine(scheduler, runner, ckpt.tokenizer, trace=trace)
+    vocab = min(ckpt.args.vocab_size, ckpt.tokenizer.vocab_size)
+    return LLMEngine(scheduler, runner, ckpt.tokenizer, trace=trace, vocab_size=vocab)
 
 
 class LLM:

@@ -39,6 +39,11 @@ class AsyncEngine:
         self._error: BaseException | None = None
 
     @property
+    def error(self) -> BaseException | None:
+        """The exception that stopped the step loop, if any."""
+        return self._error
+
+    @property
     def num_unfinished(self) -> int:
         return len(self._streams)
 
@@ -70,7 +75,7 @@ class AsyncEngine:
             raise EngineDeadError(str(self._error))
         self.start()
         token_ids = self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self.engine.scheduler.check_prompt(len(token_ids))
+        self.engine.check_prompt(token_ids)
         rid = request_id if request_id is not None else f"areq-{next(self._ids)}"
         if rid in self._streams:
             raise RequestRejectedError(f"request id {rid!r} is already in use")

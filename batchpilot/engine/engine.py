@@ -17,7 +17,7 @@ from batchpilot.controllers.base import BatchController, StepStats
 from batchpilot.engine.output_processor import OutputProcessor, RequestOutput
 from batchpilot.engine.outputs import RunnerOutput, SchedulerOutput
 from batchpilot.engine.request import Request, RequestStatus
-from batchpilot.engine.scheduler import Scheduler
+from batchpilot.engine.scheduler import RequestRejectedError, Scheduler
 from batchpilot.engine.trace import TraceWriter
 from batchpilot.model.tokenizer import TextTokenizer
 from batchpilot.sampling_params import SamplingParams
@@ -44,8 +44,10 @@ class EngineCounters:
 
 class LLMEngine:
     def __init__(self, scheduler: Scheduler, executor: Executor, tokenizer: TextTokenizer,
-                 clock: Callable[[], float] = time.perf_counter, trace: TraceWriter | None = None):
+                 clock: Callable[[], float] = time.perf_counter, trace: TraceWriter | None = None,
+                 vocab_size: int | None = None):
         self.scheduler = scheduler
+        self.vocab_size = vocab_size if vocab_size is not None else tokenizer.vocab_size
         self.executor = executor
         self.tokenizer = tokenizer
         self.clock = clock
@@ -70,12 +72,20 @@ class LLMEngine:
         params = params or SamplingParams()
         text = prompt if isinstance(prompt, str) else None
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self.check_prompt(token_ids)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         req = Request(rid, token_ids, params, self.clock(), eos_token_id=self.tokenizer.eos_token_id)
         self.scheduler.add_request(req)
         self.output_processor.add(req, text)
         self.counters.num_requests_added += 1
         return rid
+
+    def check_prompt(self, token_ids: list[int]) -> None:
+        """Raise RequestRejectedError for a prompt that could never run. Safe from any thread."""
+        self.scheduler.check_prompt(len(token_ids))
+        bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise RequestRejectedError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
 
     def abort(self, request_id: str) -> None:
         """Stop a request wherever it is and free its blocks (no-op if unknown or finished)."""

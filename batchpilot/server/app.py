@@ -1,0 +1,146 @@
+"""The OpenAI-compatible HTTP API (FastAPI): routes, auth, errors, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import batchpilot
+from batchpilot.engine.async_engine import AsyncEngine
+from batchpilot.server.errors import (
+    APIError,
+    api_error_handler,
+    error_body,
+    http_error_handler,
+    validation_error_handler,
+)
+from batchpilot.server.metrics import ServerMetrics
+from batchpilot.server.protocol import ChatCompletionRequest, CompletionRequest
+from batchpilot.server.serving import Serving
+
+_OPEN_PATHS = {"/health", "/version", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+
+
+@dataclass
+class ServerConfig:
+    model_names: list[str]
+    api_key: str | None = None
+    protect_metrics: bool = False
+    max_queue: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.max_queue < 1:
+            raise ValueError(f"--max-queue must be at least 1, got {self.max_queue}")
+
+
+def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
+    metrics = ServerMetrics(engine.engine, config.model_names[0])
+    serving = Serving(engine, config.model_names, metrics, config.max_queue)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        engine.start()
+        yield
+        await engine.stop()
+
+    app = FastAPI(title="batchpilot", version=batchpilot.__version__, lifespan=lifespan,
+                  description="OpenAI-compatible API of the batchpilot engine (dynamic batch sizing).")
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.add_exception_handler(APIError, api_error_handler)
+    app.state.serving = serving
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        path = request.url.path
+        open_path = path in _OPEN_PATHS or (path == "/metrics" and not config.protect_metrics)
+        if config.api_key and not open_path and not _authorized(request, config.api_key):
+            return JSONResponse(error_body(401, "missing or invalid API key (Authorization: Bearer <key>)",
+                                           None, "invalid_api_key"), status_code=401)
+        return await call_next(request)
+
+    @app.get("/health", summary="200 while the engine loop is alive")
+    async def health() -> Response:
+        if engine.error is not None:
+            return JSONResponse(error_body(503, f"engine failed: {engine.error}"), status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": batchpilot.__version__}
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        created = int(time.time())
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": created, "owned_by": "batchpilot",
+             "max_model_len": serving.max_model_len} for name in config.model_names]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        serving.check_model(model_id)
+        return {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "batchpilot",
+                "max_model_len": serving.max_model_len}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        job = serving.completion_job(body)
+        if body.stream:
+            return _event_stream(serving.stream(body, job, chat=False))
+        return await _unless_disconnected(request, serving.completion(body, job))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        job = serving.chat_job(body)
+        if body.stream:
+            return _event_stream(serving.stream(body, job, chat=True))
+        return await _unless_disconnected(request, serving.chat(body, job))
+
+    return app
+
+
+def _authorized(request: Request, key: str) -> bool:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    # NOTE: constant-time comparison, so response timing does not reveal the key.
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+def _event_stream(chunks) -> StreamingResponse:
+    # Starlette cancels the generator when the client goes away; its cleanup aborts the requests.
+    return StreamingResponse(chunks, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Run a non-streamed generation, cancelling it (and freeing its blocks) if the client leaves."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                task.cancel()
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    finally:
+        watcher.cancel()
+

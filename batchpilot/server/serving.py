@@ -1,0 +1,340 @@
+"""From an OpenAI request to engine requests and back: validation, fan-out for n, responses.
+
+Every check that can fail runs before anything reaches the engine, so a bad request is a
+400 that names its field and costs the other requests nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from jinja2 import TemplateError
+
+from batchpilot.engine.async_engine import AsyncEngine, EngineDeadError
+from batchpilot.engine.output_processor import RequestOutput
+from batchpilot.engine.outputs import TokenLogprobs
+from batchpilot.engine.scheduler import RequestRejectedError
+from batchpilot.sampling_params import SamplingParams, SamplingParamsError
+from batchpilot.server.errors import APIError, error_body
+from batchpilot.server.metrics import ServerMetrics
+from batchpilot.server.protocol import ChatCompletionRequest, CompletionRequest
+
+access_log = logging.getLogger("batchpilot.access")
+
+
+@dataclass
+class Choice:
+    """One generated sequence as it accumulates."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class Job:
+    """A validated request: prompts as token ids and one SamplingParams per choice."""
+
+    request_id: str
+    prompts: list[list[int]]
+    params: SamplingParams
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.params.n
+
+
+class Serving:
+    def __init__(self, engine: AsyncEngine, model_names: list[str], metrics: ServerMetrics, max_queue: int):
+        self.engine = engine
+        self.model_names = model_names
+        self.metrics = metrics
+        self.max_queue = max_queue
+        self.tokenizer = engine.engine.tokenizer
+        self.max_model_len = engine.engine.scheduler.max_model_len
+
+    # ---- validation ---------------------------------------------------------------------------
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.model_names:
+            raise APIError(404, f"model {model!r} does not exist (served: {', '.join(self.model_names)})",
+                           "model", "model_not_found")
+
+    def completion_job(self, req: CompletionRequest) -> Job:
+        self.check_model(req.model)
+        for name, bad in (("echo", req.echo), ("suffix", req.suffix is not None), ("logit_bias", bool(req.logit_bias))):
+            if bad:
+                raise APIError(400, f"{name} is not supported", name, "unsupported_parameter")
+        if req.best_of is not None and req.best_of != (req.n or 1):
+            raise APIError(400, "best_of must equal n (beam search is not supported)", "best_of")
+        prompts = self._completion_prompts(req.prompt)
+        return self._job("cmpl", prompts, req, req.max_tokens, req.logprobs, "prompt")
+
+    def chat_job(self, req: ChatCompletionRequest) -> Job:
+        self.check_model(req.model)
+        if req.tools:
+            raise APIError(400, "tools are not supported", "tools", "unsupported_parameter")
+        if req.response_format and req.response_format.get("type") != "text":
+            raise APIError(400, "only response_format {'type': 'text'} is supported", "response_format")
+        if req.max_tokens is not None and req.max_completion_tokens is not None \
+                and req.max_tokens != req.max_completion_tokens:
+            raise APIError(400, "max_tokens and max_completion_tokens disagree", "max_completion_tokens")
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+        except (TemplateError, ValueError) as e:
+            raise APIError(400, f"messages: cannot render the chat template: {e}", "messages") from e
+        top = req.top_logprobs if req.logprobs else None
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        logprobs = (top or 0) if req.logprobs else None
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        return self._job("chatcmpl", [self.tokenizer.encode(text)], req, max_tokens, logprobs, "messages")
+
+    def _completion_prompts(self, prompt: Any) -> list[list[int]]:
+        if isinstance(prompt, str):
+            items: list[Any] = [prompt]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            items = [prompt]
+        else:
+            items = list(prompt)
+        if not items:
+            raise APIError(400, "prompt must not be empty", "prompt")
+        return [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in items]
+
+    def _job(self, kind: str, prompts: list[list[int]], req: Any, max_tokens: int | None,
+             logprobs: int | None, prompt_param: str) -> Job:
+        longest = max(len(p) for p in prompts)
+        for p in prompts:
+            try:
+                self.engine.engine.check_prompt(p)
+            except RequestRejectedError as e:
+                code = "context_length_exceeded" if len(p) else None
+                raise APIError(400, f"{prompt_param}: {e}", prompt_param, code) from e
+        room = self.max_model_len - longest
+        if max_tokens is not None and max_tokens > room:
+            raise APIError(400, f"max_tokens is {max_tokens}, but the context holds {self.max_model_len} tokens "
+                                f"and the prompt uses {longest}: at most {room} can be generated",
+                           "max_tokens", "context_length_exceeded")
+        try:
+            params = SamplingParams(
+                n=req.n or 1, temperature=_default(req.temperature, 1.0), top_p=_default(req.top_p, 1.0),
+                top_k=_default(req.top_k, 0), min_p=_default(req.min_p, 0.0), seed=req.seed,
+                presence_penalty=_default(req.presence_penalty, 0.0),
+                frequency_penalty=_default(req.frequency_penalty, 0.0), max_tokens=max_tokens or room,
+                stop=req.stop, stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos,
+                logprobs=logprobs, include_stop_str_in_output=req.include_stop_str_in_output,
+                skip_special_tokens=req.skip_special_tokens,
+            )
+        except SamplingParamsError as e:
+            raise APIError(400, str(e), e.param) from e
+        job = Job(f"{kind}-{uuid.uuid4().hex}", prompts, params)
+        queued = self.engine.num_unfinished - len(self.engine.engine.scheduler.running)
+        if queued + job.num_choices > self.max_queue:
+            self.metrics.rejected.labels(self.metrics.model_name, "503").inc()
+            raise APIError(503, f"server busy: {queued} requests already waiting (--max-queue {self.max_queue})",
+                           None, "queue_full", headers={"Retry-After": "1"})
+        return job
+
+    # ---- generation ---------------------------------------------------------------------------
+
+    async def run(self, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Deltas of every choice, interleaved, as (choice index, delta). Leaving early aborts all."""
+        streams = []
+        for i, prompt in enumerate(job.prompts):
+            for k in range(job.params.n):
+                p = job.params
+                if p.n > 1:
+                    p = replace(p, n=1, seed=None if p.seed is None else p.seed + k)
+                streams.append(self.engine.generate(prompt, p, request_id=f"{job.request_id}-{i * job.params.n + k}"))
+        start = time.perf_counter()
+        first: float | None = None
+        choices = [Choice() for _ in streams]
+        try:
+            async for index, delta in _merge(streams):
+                out = delta.outputs[0]
+                if first is None and out.token_ids:
+                    first = time.perf_counter() - start
+                c = choices[index]
+                c.token_ids += out.token_ids
+                if delta.finished:
+                    c.finish_reason = out.finish_reason
+                yield index, delta
+        finally:
+            e2e = time.perf_counter() - start
+            for c in choices:
+                self.metrics.observe_request(first, e2e, len(c.token_ids), c.finish_reason)
+            access_log.info(json.dumps({
+                "id": job.request_id, "prompt_tokens": sum(len(p) for p in job.prompts),
+                "completion_tokens": sum(len(c.token_ids) for c in choices),
+                "ttft_ms": None if first is None else round(first * 1000, 1), "e2e_ms": round(e2e * 1000, 1),
+                "finish_reasons": [c.finish_reason or "abort" for c in choices],
+            }))
+
+    async def collect(self, job: Job) -> list[Choice]:
+        choices = [Choice() for _ in range(job.num_choices)]
+        async for index, delta in self._guarded(job):
+            out, c = delta.outputs[0], choices[index]
+            c.text += out.text
+            c.token_ids += out.token_ids
+            c.logprobs += out.logprobs or []
+            if delta.finished:
+                c.finish_reason = out.finish_reason
+        return choices
+
+    async def _guarded(self, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
+        try:
+            async for item in self.run(job):
+                yield item
+        except EngineDeadError as e:
+            raise APIError(503, f"engine failed: {e}", None, "engine_dead") from e
+        except RequestRejectedError as e:
+            raise APIError(400, str(e), "prompt") from e
+
+    # ---- responses ----------------------------------------------------------------------------
+
+    def usage(self, job: Job, choices: list[Choice]) -> dict[str, int]:
+        prompt = sum(len(p) for p in job.prompts)
+        completion = sum(len(c.token_ids) for c in choices)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def completion_logprobs(self, lps: list[TokenLogprobs], token_ids: list[int]) -> dict[str, Any]:
+        tokens = [self.token_text(t) for t in token_ids[: len(lps)]]
+        offsets, pos = [], 0
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{self.token_text(t): v for t, v in lp.top} for lp in lps],
+            "text_offset": offsets,
+        }
+
+    def chat_logprobs(self, lps: list[TokenLogprobs], token_ids: list[int]) -> dict[str, Any]:
+        def entry(t: int, v: float) -> dict[str, Any]:
+            s = self.token_text(t)
+            return {"token": s, "logprob": v, "bytes": list(s.encode())}
+
+        return {"content": [
+            {**entry(t, lp.logprob), "top_logprobs": [entry(a, v) for a, v in lp.top]}
+            for t, lp in zip(token_ids, lps)
+        ]}
+
+    def model_name(self, requested: str | None) -> str:
+        return requested or self.model_names[0]
+
+    async def completion(self, req: CompletionRequest, job: Job) -> dict[str, Any]:
+        choices = await self.collect(job)
+        return {
+            "id": job.request_id, "object": "text_completion", "created": job.created,
+            "model": self.model_name(req.model),
+            "choices": [{
+                "index": i, "text": c.text, "finish_reason": c.finish_reason,
+                "logprobs": self.completion_logprobs(c.logprobs, c.token_ids) if job.params.logprobs is not None
+                else None,
+            } for i, c in enumerate(choices)],
+            "usage": self.usage(job, choices),
+        }
+
+    async def chat(self, req: ChatCompletionRequest, job: Job) -> dict[str, Any]:
+        choices = await self.collect(job)
+        return {
+            "id": job.request_id, "object": "chat.completion", "created": job.created,
+            "model": self.model_name(req.model),
+            "choices": [{
+                "index": i, "message": {"role": "assistant", "content": c.text},
+                "logprobs": self.chat_logprobs(c.logprobs, c.token_ids) if job.params.logprobs is not None else None,
+                "finish_reason": c.finish_reason,
+            } for i, c in enumerate(choices)],
+            "usage": self.usage(job, choices),
+        }
+
+    async def stream(self, req: CompletionRequest | ChatCompletionRequest, job: Job, chat: bool) -> AsyncIterator[str]:
+        """Server-sent events: one chunk per delta, a usage chunk if asked, then [DONE]."""
+        base = {"id": job.request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": job.created, "model": self.model_name(req.model)}
+        choices = [Choice() for _ in range(job.num_choices)]
+        if chat:
+            for i in range(job.num_choices):
+                yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}]})
+        try:
+            async for index, delta in self._guarded(job):
+                out, c = delta.outputs[0], choices[index]
+                c.token_ids += out.token_ids
+                reason = out.finish_reason if delta.finished else None
+                if not out.text and reason is None:
+                    continue
+                lps = None
+                if job.params.logprobs is not None and out.logprobs:
+                    builder = self.chat_logprobs if chat else self.completion_logprobs
+                    lps = builder(out.logprobs, out.token_ids)
+                if chat:
+                    choice = {"index": index, "delta": {"content": out.text} if out.text else {},
+                              "logprobs": lps, "finish_reason": reason}
+                else:
+                    choice = {"index": index, "text": out.text, "logprobs": lps, "finish_reason": reason}
+                yield _sse({**base, "choices": [choice]})
+        except APIError as e:
+            yield _sse(error_body(e.status, e.message, e.param, e.code))
+            yield "data: [DONE]\n\n"
+            return
+        if req.stream_options is not None and req.stream_options.include_usage:
+            yield _sse({**base, "choices": [], "usage": self.usage(job, choices)})
+        yield "data: [DONE]\n\n"
+
+
+def _default(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several request streams; cancelling the consumer cancels (and aborts) all of them."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((i, out))
+        except Exception as e:  # delivered to the consumer, which re-raises it
+            queue.put_nowait((i, e))
+        finally:
+            queue.put_nowait((i, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

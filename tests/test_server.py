@@ -1,0 +1,203 @@
+"""The HTTP API end to end, with the official `openai` client and raw HTTP (one shared server)."""
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.server_utils import metric, running_server
+
+pytestmark = pytest.mark.slow
+
+MODEL = "SmolLM2-135M-Instruct"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running_server("--max-model-len", "512", "--max-queue", "256") as (url, proc):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+
+
+def test_chat_answers_and_stream_equals_non_stream(client):
+    full = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=20)
+    text = full.choices[0].message.content
+    assert "Paris" in text and full.choices[0].finish_reason == "stop"
+    assert full.object == "chat.completion" and full.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=20,
+                                                 stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def test_completion_stream_equals_non_stream_and_usage_adds_up(client):
+    prompt = "The three primary colours are"
+    full = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=24)
+    u = full.usage
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens and u.completion_tokens == 24
+    assert full.choices[0].finish_reason == "length"
+    stream = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=24, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == full.choices[0].text
+
+
+def test_n_two_gives_two_choices(client):
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, n=2, temperature=1.0, seed=7, max_tokens=12)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert all(c.message.content for c in r.choices)
+    assert 2 <= r.usage.completion_tokens <= 24  # both choices counted, each at most max_tokens
+    chunks = list(client.completions.create(model=MODEL, prompt="Hello", n=2, max_tokens=5, stream=True,
+                                            temperature=0.8, seed=1))
+    assert {c.choices[0].index for c in chunks} == {0, 1}
+
+
+def test_stop_string_is_cut(client):
+    full = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", temperature=0, max_tokens=20).choices[0].text
+    assert " 6," in full
+    cut = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", temperature=0, max_tokens=20, stop=[" 6,"])
+    assert cut.choices[0].text == full[: full.index(" 6,")] and cut.choices[0].finish_reason == "stop"
+    stream = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", temperature=0, max_tokens=20,
+                                       stop=" 6,", stream=True)
+    assert "".join(c.choices[0].text for c in stream) == cut.choices[0].text
+
+
+def test_logprobs(client):
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=5, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens and len(content[0].top_logprobs) == 3
+    assert content[0].top_logprobs[0].logprob >= content[0].top_logprobs[1].logprob
+    assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob)  # greedy picks the top
+    c = client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, logprobs=2, temperature=0)
+    assert len(c.choices[0].logprobs.token_logprobs) == 3 and len(c.choices[0].logprobs.top_logprobs[0]) == 2
+
+
+def test_models_health_version_metrics(server, client):
+    assert [m.id for m in client.models.list().data][0] == MODEL
+    assert httpx.get(f"{server}/health").status_code == 200
+    assert "version" in httpx.get(f"{server}/version").json()
+    text = httpx.get(f"{server}/metrics").text
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "num_preemptions_total",
+                 "time_to_first_token_seconds_bucket", "time_per_output_token_seconds_bucket",
+                 "e2e_request_latency_seconds_bucket", "generation_tokens_total", "prompt_tokens_total",
+                 "batch_limit", "batch_limit_memory", "batch_size"):
+        assert f"batchpilot:{name}" in text, name
+
+
+LONG = "word " * 600
+BAD_INPUTS = [
+    # (path, body, status, param)
+    ("/v1/chat/completions", {"model": MODEL}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400,
+     "messages.0.role"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"content": "x"}]}, 400, "messages.0.role"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "temperature": "hot"}, 400, "temperature"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "temperature": 5}, 400, "temperature"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "top_p": 0}, 400, "top_p"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "top_p": 1.5}, 400, "top_p"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "top_k": -5}, 400, "top_k"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "min_p": 2}, 400, "min_p"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "n": 0}, 400, "n"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "n": 100}, 400, "n"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "max_tokens": 100000}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "max_completion_tokens": -1}, 400,
+     "max_completion_tokens"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "presence_penalty": 3}, 400, "presence_penalty"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "frequency_penalty": -3}, 400,
+     "frequency_penalty"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "stop": [""]}, 400, "stop"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "stop": 5}, 400, "stop"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "seed": "x"}, 400, "seed"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "top_logprobs": 50, "logprobs": True}, 400,
+     "top_logprobs"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "stream": "yes"}, 400, "stream"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "response_format": {"type": "json_object"}},
+     400, "response_format"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "gpt-4", "messages": QUESTION}, 404, "model"),
+    ("/v1/completions", {"model": MODEL}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": []}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": [1, 2, 999999]}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": [-1]}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": LONG}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 600}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 99}, 400, "logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "suffix": "x"}, 400, "suffix"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "best_of": 3}, 400, "best_of"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"5": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop_token_ids": [-4]}, 400, "stop_token_ids"),
+    ("/v1/completions", {"model": MODEL, "prompt": 12}, 400, "prompt"),
+    ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "model"),
+    ("/v1/completions", [1, 2], 400, None),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param", BAD_INPUTS, ids=[f"{i}-{b[3]}" for i, b in enumerate(BAD_INPUTS)])
+def test_bad_input_gets_an_openai_error_naming_the_field(server, path, body, status, param):
+    r = httpx.post(f"{server}{path}", json=body, timeout=60)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    if param:
+        assert param.split(".")[0] in error["message"]
+
+
+def test_malformed_json_and_unknown_routes(server):
+    r = httpx.post(f"{server}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = httpx.get(f"{server}/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    r = httpx.get(f"{server}/v1/models/unknown-model")
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+
+
+def test_concurrent_streams_with_disconnects_free_every_block(server):
+    async def one(client, i):
+        body = {"model": MODEL, "prompt": f"Story number {i}:", "max_tokens": 40, "temperature": 0.7, "seed": i,
+                "stream": True, "ignore_eos": True}
+        text, chunks = "", 0
+        async with client.stream("POST", f"{server}/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    return "done", text
+                chunk = json.loads(line[6:])
+                text += chunk["choices"][0]["text"]
+                chunks += 1
+                if i < 10 and chunks == 10:
+                    return "left", text  # leaving the context manager closes the connection mid-stream
+        return "truncated", text
+
+    async def main():
+        async with httpx.AsyncClient(timeout=300) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(64)))
+
+    results = asyncio.run(main())
+    assert [r[0] for r in results[:10]] == ["left"] * 10
+    assert [r[0] for r in results[10:]] == ["done"] * 54
+    assert all(len(r[1]) > 0 for r in results)
+    import time
+
+    deadline = time.monotonic() + 30
+    while metric(server, "batchpilot:num_requests_running") or metric(server, "batchpilot:kv_cache_usage_perc"):
+        assert time.monotonic() < deadline, "blocks were not freed"
+        time.sleep(0.2)
+    assert metric(server, "batchpilot:num_requests_waiting") == 0
