@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from batchpilot.config import CONTROLLERS, DTYPES, CacheConfig, ControllerConfig, EngineConfig, SchedulerConfig
@@ -93,6 +94,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = build_engine(engine_config(args))
     app = build_app(AsyncEngine(engine), server_config)
     logging.getLogger("batchpilot").info("serving %s on http://%s:%d", names[0], args.host, args.port)
+    # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the handler that was there
+    # before it; a no-op one makes a graceful shutdown end with exit status 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False,
                 timeout_graceful_shutdown=args.shutdown_timeout)
     return 0

@@ -11,7 +11,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -39,14 +40,19 @@ class Choice:
     finish_reason: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
-    """A validated request: prompts as token ids and one SamplingParams per choice."""
+    """A validated request: prompts as token ids and one SamplingParams per choice.
+
+    It holds `num_choices` places in the server's queue from creation until `release()`,
+    which runs when generation ends, or when the job is dropped without ever running.
+    """
 
     request_id: str
     prompts: list[list[int]]
     params: SamplingParams
     created: int = field(default_factory=lambda: int(time.time()))
+    release: Callable[[], Any] = field(default=lambda: None, repr=False)
 
     @property
     def num_choices(self) -> int:
@@ -61,6 +67,7 @@ class Serving:
         self.max_queue = max_queue
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.scheduler.max_model_len
+        self.num_reserved = 0  # choices accepted and not yet finished (running ones included)
 
     # ---- validation ---------------------------------------------------------------------------
 
@@ -138,12 +145,17 @@ class Serving:
         except SamplingParamsError as e:
             raise APIError(400, str(e), e.param) from e
         job = Job(f"{kind}-{uuid.uuid4().hex}", prompts, params)
-        queued = self.engine.num_unfinished - len(self.engine.engine.scheduler.running)
+        queued = self.num_reserved - len(self.engine.engine.scheduler.running)
         if queued + job.num_choices > self.max_queue:
             self.metrics.rejected.labels(self.metrics.model_name, "503").inc()
             raise APIError(503, f"server busy: {queued} requests already waiting (--max-queue {self.max_queue})",
                            None, "queue_full", headers={"Retry-After": "1"})
+        self.num_reserved += job.num_choices
+        job.release = weakref.finalize(job, self._release, job.num_choices)
         return job
+
+    def _release(self, n: int) -> None:
+        self.num_reserved -= n
 
     # ---- generation ---------------------------------------------------------------------------
 
@@ -170,6 +182,7 @@ class Serving:
                     c.finish_reason = out.finish_reason
                 yield index, delta
         finally:
+            job.release()
             e2e = time.perf_counter() - start
             for c in choices:
                 self.metrics.observe_request(first, e2e, len(c.token_ids), c.finish_reason)
