@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     add_throughput_parser(bench, add_engine_args, engine_config)
+    from batchpilot.bench.commands import add_bench_commands
+
+    add_bench_commands(bench)
 
     plot = sub.add_parser("plot-trace", help="draw a controller trace (JSONL) over time")
     plot.add_argument("trace", metavar="TRACE")

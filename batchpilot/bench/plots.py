@@ -1,4 +1,4 @@
-"""Plots (matplotlib, PNG): the controller timeline from a JSONL trace."""
+"""Plots (matplotlib, PNG): controller timelines, latency CDFs, capacity curves."""
 
 from __future__ import annotations
 
@@ -22,11 +22,7 @@ def read_trace(path: str | Path) -> list[dict]:
 
 def plot_trace(path: str | Path, out: str | Path) -> None:
     """Limits and batch, queue, KV usage and step time over time: what the controller did."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows = read_trace(path)
     t = [r["t"] for r in rows]
     fig, axes = plt.subplots(4, 1, figsize=(11, 10), sharex=True)
@@ -54,6 +50,53 @@ def plot_trace(path: str | Path, out: str | Path) -> None:
     axes[3].set_ylabel("ms")
     axes[3].set_xlabel("seconds")
     axes[3].legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_cdfs(results: dict[str, dict], out: str | Path) -> None:
+    """Latency CDFs (TTFT, TPOT, E2E) per configuration."""
+    plt = _pyplot()
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, key, title in zip(axes, ("ttft_ms", "tpot_ms", "e2el_ms"), ("TTFT", "TPOT", "E2E latency")):
+        for name, r in results.items():
+            values = np.sort(np.asarray(r.get("per_request", {}).get(key, []), dtype=float))
+            if values.size:
+                ax.plot(values, np.arange(1, values.size + 1) / values.size, label=name)
+        ax.set_xlabel(f"{title} (ms)")
+        ax.set_ylabel("fraction of requests")
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def plot_capacity(results: dict[str, dict], out: str | Path) -> None:
+    """SLA attainment versus request rate for each configuration's capacity search."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in results.items():
+        curve = sorted((p["rate"], p["sla_attainment"]) for p in r.get("capacity_curve", []))
+        if curve:
+            ax.plot(*zip(*curve), "o-", label=f"{name} (capacity {r.get('capacity', 0):.2f})")
+    ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel("SLA attainment")
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

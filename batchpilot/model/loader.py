@@ -163,3 +163,15 @@ def _load_folder(path: Path) -> Checkpoint:
     except Exception as e:  # tokenizers raises plain Exception subclasses for bad JSON
         raise ModelLoadError(path / "tokenizer.json", f"cannot read tokenizer: {e}") from e
     return Checkpoint(path, args, weights, tokenizer)
+
+
+def load_tokenizer(model: str | os.PathLike[str] | None = None) -> TextTokenizer:
+    """Only the tokenizer of a model (no weights): what a benchmark client needs."""
+    path = resolve_model_path(model)
+    try:
+        if path.is_file():
+            reader = gguf_file.open_gguf(path)
+            return TextTokenizer(gguf_file.read_tokenizer(reader), **_gguf_tokens(reader))
+        return TextTokenizer.from_folder(path)
+    except (ValueError, KeyError, OSError, Exception) as e:
+        raise ModelLoadError(path, f"cannot read tokenizer: {e}") from e

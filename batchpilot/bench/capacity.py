@@ -1,0 +1,57 @@
+"""Capacity: the highest Poisson request rate at which SLA attainment stays >= a target.
+
+Bracketing (doubling or halving the rate until one probe passes and one fails), then
+bisection in log space until the bracket is within the tolerance. `probe(rate)` runs a
+load long enough to reach steady state and returns its SLA attainment.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CapacityResult:
+    capacity: float  # highest rate that met the target (0.0: none did)
+    curve: list[tuple[float, float]] = field(default_factory=list)  # (rate, attainment) in probe order
+
+
+def search_capacity(probe: Callable[[float], float], target: float = 0.9, start_rate: float = 1.0,
+                    tolerance: float = 0.1, max_probes: int = 12, min_rate: float = 1e-3) -> CapacityResult:
+    """Find the capacity to within a relative `tolerance` (hi / lo <= 1 + tolerance)."""
+    if not 0 < target <= 1:
+        raise ValueError(f"--target must be in (0, 1], got {target}")
+    if start_rate <= 0 or tolerance <= 0:
+        raise ValueError("--start-rate and --tolerance must be positive")
+    result = CapacityResult(0.0)
+
+    def passes(rate: float) -> bool:
+        attainment = probe(rate)
+        result.curve.append((rate, attainment))
+        return attainment >= target
+
+    lo = hi = None
+    rate = start_rate
+    while len(result.curve) < max_probes:
+        if passes(rate):
+            lo = rate
+            if hi is not None:
+                break
+            rate *= 2
+        else:
+            hi = rate
+            if lo is not None:
+                break
+            rate /= 2
+            if rate < min_rate:
+                return result
+    while lo is not None and hi is not None and hi / lo > 1 + tolerance and len(result.curve) < max_probes:
+        mid = math.sqrt(lo * hi)
+        if passes(mid):
+            lo = mid
+        else:
+            hi = mid
+    result.capacity = lo or 0.0
+    return result

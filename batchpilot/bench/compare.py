@@ -1,0 +1,194 @@
+"""`batchpilot bench compare`: one workload against a fresh server per configuration, one table.
+
+Each configuration starts its own server (ours by default, or any command such as vLLM's via
+--server-cmd), waits for /health, runs the same seeded workload (and optionally the capacity
+search), stops the server, and the results land in one Markdown/JSON report with gains
+relative to a named baseline, plus latency CDFs, the capacity curves and controller traces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from batchpilot.bench import plots
+
+COLUMNS = [("output_throughput", "out tok/s"), ("request_throughput", "req/s"), ("goodput", "goodput"),
+           ("sla_attainment", "SLA %"), ("median_ttft_ms", "TTFT p50"), ("p90_ttft_ms", "TTFT p90"),
+           ("median_tpot_ms", "TPOT p50"), ("p90_tpot_ms", "TPOT p90"), ("p99_tpot_ms", "TPOT p99"),
+           ("num_preemptions", "preempt"), ("capacity", "capacity")]
+
+
+def add_compare_parser(sub, add_client_args) -> None:
+    p = sub.add_parser("compare", help="same workload against fresh servers of several configurations")
+    add_client_args(p)
+    p.set_defaults(base_url=None)
+    p.add_argument("--static", default="8,32,128", help="static max-num-seqs values ('' for none)")
+    p.add_argument("--controllers", default="combined", help="comma list of memory, sla, combined")
+    p.add_argument("--baseline", default=None, help="configuration the gains are relative to (default: first)")
+    p.add_argument("--request-rate", type=float, default=float("inf"))
+    p.add_argument("--capacity", action="store_true", help="also run the capacity search per configuration")
+    p.add_argument("--target", type=float, default=0.9)
+    p.add_argument("--start-rate", type=float, default=1.0)
+    p.add_argument("--tolerance", type=float, default=0.15)
+    p.add_argument("--probe-seconds", type=float, default=60)
+    p.add_argument("--max-probes", type=int, default=8)
+    p.add_argument("--server-cmd", default=f"{shlex.quote(sys.executable)} -m batchpilot.cli serve",
+                   help="command that starts a server; --port and the configuration's flags are appended")
+    p.add_argument("--server-args", default="", help="flags given to every server (model, KV size, threads)")
+    p.add_argument("--sla-tpot-ms-server", type=float, default=None,
+                   help="--sla-tpot-ms passed to sla/combined servers (default: the --sla tpot)")
+    p.add_argument("--report", default="bench-report", help="directory for report.md, compare.json and plots")
+    p.add_argument("--startup-timeout", type=float, default=600)
+    p.set_defaults(func=cmd_compare)
+
+
+def configurations(args: argparse.Namespace, sla_tpot: float | None) -> list[tuple[str, list[str]]]:
+    configs = [(f"static-{n}", ["--batch-controller", "static", "--max-num-seqs", n])
+               for n in filter(None, (x.strip() for x in args.static.split(",")))]
+    for name in filter(None, (x.strip() for x in args.controllers.split(","))):
+        if name not in ("memory", "sla", "combined"):
+            raise ValueError(f"--controllers: unknown controller {name!r} (memory, sla, combined)")
+        flags = ["--batch-controller", name]
+        if name in ("sla", "combined") and sla_tpot is not None:
+            flags += ["--sla-tpot-ms", str(sla_tpot)]
+        elif name == "sla":
+            raise ValueError("--controllers sla needs an SLA: --sla tpot:MS or --sla-tpot-ms-server")
+        configs.append((name, flags))
+    if not configs:
+        raise ValueError("nothing to compare: give --static and/or --controllers")
+    return configs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server(cmd: list[str], log: Path, timeout: float):
+    """Start a server, wait for /health, yield its base URL; SIGTERM (then SIGKILL) it afterwards."""
+    port = _free_port()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([*cmd, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with status {proc.returncode}; see {log}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server not healthy after {timeout:.0f}s; see {log}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _preemptions(url: str) -> float | None:
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(("batchpilot:num_preemptions_total", "vllm:num_preemptions_total")):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from batchpilot.bench.commands import _check, capacity, run_serve
+
+    sla = _check(args)
+    if args.capacity and sla is None:
+        raise ValueError("--capacity needs --sla")
+    sla_tpot = args.sla_tpot_ms_server or (sla.tpot_ms if sla else None)
+    configs = configurations(args, sla_tpot)
+    names = [n for n, _ in configs]
+    baseline = args.baseline or names[0]
+    if baseline not in names:
+        raise ValueError(f"--baseline {baseline!r} is not one of {names}")
+    report = Path(args.report)
+    report.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, Any]] = {}
+    for name, flags in configs:
+        trace = report / f"trace_{name}.jsonl"
+        cmd = shlex.split(args.server_cmd) + shlex.split(args.server_args) + flags
+        if "batchpilot" in args.server_cmd:
+            cmd += ["--controller-trace", str(trace)]
+        print(f"== {name}: {' '.join(cmd)}", flush=True)
+        with server(cmd, report / f"server_{name}.log", args.startup_timeout) as url:
+            args.base_url = url
+            result = run_serve(args, args.request_rate, args.num_prompts, sla)
+            result["num_preemptions"] = _preemptions(url)
+            if args.capacity:
+                found = capacity(args, sla)
+                result["capacity"] = found["capacity"]
+                result["capacity_curve"] = found["curve"]
+        results[name] = result
+        if trace.exists() and trace.stat().st_size:
+            plots.plot_trace(trace, report / f"trace_{name}.png")
+    table = markdown_table(results, baseline)
+    (report / "compare.json").write_text(json.dumps({"baseline": baseline, "results": results}, indent=2))
+    plots.plot_cdfs(results, report / "latency_cdf.png")
+    if args.capacity:
+        plots.plot_capacity(results, report / "capacity.png")
+    (report / "report.md").write_text(_report_md(args, table, report))
+    print(table)
+    print(f"report: {report / 'report.md'}")
+    return 0
+
+
+def markdown_table(results: dict[str, dict[str, Any]], baseline: str) -> str:
+    cols = [(k, label) for k, label in COLUMNS if any(r.get(k) is not None for r in results.values())]
+    lines = ["| config | " + " | ".join(label for _, label in cols) + " | out tok/s vs base | capacity vs base |",
+             "|---" * (len(cols) + 3) + "|"]
+    base = results[baseline]
+    for name, r in results.items():
+        cells = []
+        for key, _ in cols:
+            v = r.get(key)
+            cells.append("" if v is None else f"{100 * v:.1f}" if key == "sla_attainment" else f"{v:.2f}"
+                         if isinstance(v, float) else str(v))
+        gain = _gain(r.get("output_throughput"), base.get("output_throughput"))
+        cap_gain = _gain(r.get("capacity"), base.get("capacity"))
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {gain} | {cap_gain} |")
+    return "\n".join(lines)
+
+
+def _gain(value: float | None, base: float | None) -> str:
+    if value is None or not base:
+        return ""
+    return f"{100 * (value / base - 1):+.1f}%"
+
+
+def _report_md(args: argparse.Namespace, table: str, report: Path) -> str:
+    images = sorted(p.name for p in report.glob("*.png"))
+    return "\n".join([
+        "# batchpilot bench compare", "",
+        f"- workload: {args.dataset_name}, {args.num_prompts} requests, rate {args.request_rate}, seed {args.seed}",
+        f"- SLA: {args.sla or 'none'}; server flags: `{args.server_args}`", "",
+        table, "", *[f"![{name}]({name})" for name in images], "",
+    ])

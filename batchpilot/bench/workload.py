@@ -1,0 +1,49 @@
+"""Turn a dataset choice into HTTP payloads for the load generator (shared by serve/capacity/compare)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from batchpilot.bench.datasets import LengthDist, builtin_conversations, sharegpt_requests, synthetic_requests
+from batchpilot.bench.serve import Payload
+from batchpilot.model.tokenizer import TextTokenizer
+
+
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset-name", default="random", choices=["random", "sharegpt", "builtin"])
+    p.add_argument("--dataset-path", default=None, help="ShareGPT-format JSON (--dataset-name sharegpt)")
+    p.add_argument("--input-len", type=int, default=None, help="random: fixed prompt tokens (default 256)")
+    p.add_argument("--output-len", type=int, default=None, help="random: fixed output tokens (default 128); "
+                   "builtin: cap")
+    p.add_argument("--input-dist", default=None, help="random: uniform:LOW:HIGH or lognormal:MEDIAN:SIGMA")
+    p.add_argument("--output-dist", default=None, help="random: uniform:LOW:HIGH or lognormal:MEDIAN:SIGMA")
+    p.add_argument("--ignore-eos", action="store_true", help="always generate max_tokens (random, sharegpt)")
+    p.add_argument("--tokenizer", default=None, help="model folder or .gguf whose tokenizer builds prompts "
+                   "(default: the default model)")
+
+
+def _dist(fixed: int | None, spec: str | None, flag: str, default: int) -> LengthDist:
+    if fixed is not None and spec is not None:
+        raise ValueError(f"--{flag}-len and --{flag}-dist are exclusive")
+    return LengthDist.parse(spec if spec is not None else str(fixed or default), f"--{flag}-dist")
+
+
+def build_payloads(args: argparse.Namespace, tokenizer: TextTokenizer, model: str, n: int, seed: int) -> list[Payload]:
+    """n requests of the chosen dataset, deterministic for a seed; greedy, as vLLM's benchmark."""
+    common = {"model": model, "temperature": 0.0}
+    if args.dataset_name == "builtin":
+        cap = args.output_len or 512
+        return [Payload("/v1/chat/completions", {**common, "messages": m, "max_tokens": cap})
+                for m in builtin_conversations(n, seed)]
+    if args.dataset_name == "sharegpt":
+        if not args.dataset_path:
+            raise ValueError("--dataset-name sharegpt needs --dataset-path")
+        reqs = sharegpt_requests(Path(args.dataset_path), n, tokenizer.encode, seed)
+    else:
+        specials = len(tokenizer.tokenizer.get_added_tokens_decoder())
+        reqs = synthetic_requests(n, _dist(args.input_len, args.input_dist, "input", 256),
+                                  _dist(args.output_len, args.output_dist, "output", 128), tokenizer.vocab_size,
+                                  seed, specials)
+    return [Payload("/v1/completions", {**common, "prompt": r.prompt, "max_tokens": r.max_tokens,
+                                        "ignore_eos": args.ignore_eos}, r.prompt_len) for r in reqs]

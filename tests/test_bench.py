@@ -1,0 +1,163 @@
+"""Benchmark client: metric arithmetic, arrivals, capacity search, and an end-to-end run."""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+
+import numpy as np
+import pytest
+
+from batchpilot.bench.capacity import search_capacity
+from batchpilot.bench.metrics import SLA, RequestRecord, summarize
+from batchpilot.bench.serve import arrival_times
+from tests.server_utils import free_port, running_server
+
+
+def test_metrics_hand_computed():
+    records = [
+        RequestRecord(10, 5, ttft_s=0.1, e2el_s=0.5, itl_s=[0.1, 0.1, 0.1, 0.1]),  # tpot (0.5-0.1)/4 = 100 ms
+        RequestRecord(20, 3, ttft_s=0.3, e2el_s=0.7, itl_s=[0.2, 0.2]),  # tpot 200 ms
+        RequestRecord(30, 1, ttft_s=0.2, e2el_s=0.2),  # one token: no tpot
+        RequestRecord(40, 0, 0.0, 1.0, success=False, error="HTTP 500"),
+    ]
+    r = summarize(records, duration_s=2.0, sla=SLA(ttft_ms=250, tpot_ms=150))
+    assert (r["completed"], r["failed"]) == (3, 1)
+    assert r["total_input_tokens"] == 60 and r["total_output_tokens"] == 9
+    assert r["request_throughput"] == pytest.approx(1.5) and r["output_throughput"] == pytest.approx(4.5)
+    assert r["mean_tpot_ms"] == pytest.approx(150) and r["median_tpot_ms"] == pytest.approx(150)
+    assert r["mean_ttft_ms"] == pytest.approx(200)
+    assert r["mean_itl_ms"] == pytest.approx((4 * 100 + 2 * 200) / 6)
+    assert r["p90_ttft_ms"] == pytest.approx(np.percentile([100, 300, 200], 90))
+    # SLA met by: #1 (ttft 100, tpot 100) and #3 (ttft 200, no tpot); not #2 (both), not the failure.
+    assert r["sla_attainment"] == pytest.approx(2 / 4) and r["goodput"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("spec", ["tpot:x", "latency:5", "ttft:-1", ""])
+def test_sla_spec_errors_name_the_flag(spec):
+    with pytest.raises(ValueError, match="--sla"):
+        SLA.parse(spec)
+
+
+@pytest.mark.parametrize("rate,burstiness", [(5.0, 1.0), (20.0, 0.25), (2.0, 4.0)])
+def test_arrivals_match_rate_and_burstiness(rate, burstiness):
+    gaps = np.diff(arrival_times(20_001, rate, burstiness, seed=3))
+    assert gaps.mean() == pytest.approx(1 / rate, rel=0.05)
+    # gamma with shape k has coefficient of variation 1 / sqrt(k)
+    assert gaps.std() / gaps.mean() == pytest.approx(1 / np.sqrt(burstiness), rel=0.05)
+    assert not arrival_times(5, float("inf")).any()
+
+
+def test_capacity_search_recovers_a_known_threshold():
+    probes = []
+
+    def probe(rate):  # attainment falls off a cliff above 7.3 req/s
+        probes.append(rate)
+        return 0.97 if rate <= 7.3 else 0.6
+
+    found = search_capacity(probe, target=0.9, start_rate=1.0, tolerance=0.05, max_probes=20)
+    assert 7.3 / 1.05 <= found.capacity <= 7.3
+    assert [r for r, _ in found.curve] == probes
+    assert search_capacity(lambda r: 0.0, start_rate=1.0, min_rate=0.1).capacity == 0.0
+
+
+class RateLimitedEndpoint:
+    """A fake OpenAI endpoint whose token latency jumps when the arrival rate exceeds `capacity`."""
+
+    def __init__(self, capacity: float):
+        import uvicorn
+        from fastapi import FastAPI
+        from fastapi.responses import StreamingResponse
+
+        self.arrivals: deque[float] = deque(maxlen=10)
+        app = FastAPI()
+
+        @app.post("/v1/completions")
+        async def completions(body: dict):
+            import asyncio
+
+            self.arrivals.append(time.monotonic())
+            span = self.arrivals[-1] - self.arrivals[0]
+            rate = (len(self.arrivals) - 1) / span if len(self.arrivals) == 10 and span > 0 else 0.0
+            delay = 0.05 if rate > capacity else 0.002
+
+            async def stream():
+                for i in range(5):
+                    await asyncio.sleep(delay)
+                    yield f"data: {json.dumps({'choices': [{'index': 0, 'text': f't{i}'}]})}\n\n"
+                usage = {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+                yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n"
+
+            return StreamingResponse(stream(), media_type="text/event-stream")
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def test_capacity_command_on_a_fake_endpoint_whose_latency_depends_on_load(tmp_path):
+    out = tmp_path / "cap.json"
+    with RateLimitedEndpoint(capacity=8.0) as url:
+        r = subprocess.run(
+            [sys.executable, "-m", "batchpilot.cli", "bench", "capacity", "--base-url", url, "--sla", "tpot:20",
+             "--start-rate", "2", "--tolerance", "0.15", "--probe-seconds", "3", "--num-prompts", "12",
+             "--burstiness", "1000", "--input-len", "4", "--output-len", "5", "--no-progress",
+             "--output-json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert 8.0 / 1.15 * 0.95 <= result["capacity"] <= 8.0 * 1.03, result["curve"]
+    assert "capacity:" in r.stdout
+
+
+@pytest.mark.slow
+def test_bench_serve_end_to_end_against_batchpilot(tmp_path):
+    out = tmp_path / "serve.json"
+    with running_server("--max-model-len", "256") as (url, _):
+        r = subprocess.run(
+            [sys.executable, "-m", "batchpilot.cli", "bench", "serve", "--base-url", url, "--num-prompts", "6",
+             "--request-rate", "4", "--input-len", "16", "--output-len", "8", "--ignore-eos", "--sla",
+             "ttft:60000,tpot:60000", "--no-progress", "--output-json", str(out)],
+            capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        refused = subprocess.run(
+            [sys.executable, "-m", "batchpilot.cli", "bench", "serve", "--base-url", "http://127.0.0.1:9",
+             "--num-prompts", "2", "--input-len", "4", "--output-len", "2", "--no-progress"],
+            capture_output=True, text=True, timeout=120)
+    result = json.loads(out.read_text())
+    assert result["completed"] == 6 and result["failed"] == 0
+    assert result["total_output_tokens"] == 48 and result["total_input_tokens"] == 96
+    assert result["sla_attainment"] == 1.0 and result["mean_itl_ms"] > 0
+    for key in ("request_throughput", "output_throughput", "total_token_throughput", "p99_ttft_ms",
+                "median_tpot_ms", "std_itl_ms", "p90_e2el_ms", "goodput"):
+        assert key in result
+    assert refused.returncode == 1 and "ConnectError" in refused.stdout and "Traceback" not in refused.stderr
+
+
+@pytest.mark.slow
+def test_bench_compare_writes_a_report(tmp_path):
+    report = tmp_path / "report"
+    r = subprocess.run(
+        [sys.executable, "-m", "batchpilot.cli", "bench", "compare", "--static", "4", "--controllers", "combined",
+         "--baseline", "static-4", "--server-args", "--dtype float32 --threads 2 --kv-cache-gib 0.05",
+         "--num-prompts", "6", "--input-len", "16", "--output-len", "8", "--ignore-eos", "--sla", "tpot:60000",
+         "--no-progress", "--report", str(report)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr + r.stdout
+    data = json.loads((report / "compare.json").read_text())
+    assert data["baseline"] == "static-4" and set(data["results"]) == {"static-4", "combined"}
+    for result in data["results"].values():
+        assert result["completed"] == 6 and result["num_preemptions"] is not None
+    md = (report / "report.md").read_text()
+    assert "| static-4 |" in md and "| combined |" in md and "+0.0%" in md
+    assert (report / "latency_cdf.png").exists() and (report / "trace_combined.png").exists()
