@@ -23,6 +23,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    add_controller_args(p)
+
+
+def add_controller_args(p: argparse.ArgumentParser) -> None:
+    """The batch-controller flags (the engine's, the simulator's)."""
     c = p.add_argument_group("batch controller")
     c.add_argument("--batch-controller", default="combined", help=f"one of {', '.join(CONTROLLERS)}")
     c.add_argument("--max-num-seqs", type=int, default=256, help="B_max (the fixed limit of 'static')")
@@ -38,6 +43,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--controller-trace", default=None, metavar="PATH", help="JSONL trace, one line per step")
 
 
+def controller_config(args: argparse.Namespace) -> ControllerConfig:
+    """ControllerConfig from the flags; raises ValueError naming the bad flag."""
+    return ControllerConfig(
+        name=args.batch_controller, max_num_seqs=args.max_num_seqs, min_num_seqs=args.min_num_seqs,
+        memory_mode=args.memory_mode, memory_factor=args.memory_factor, mem_epsilon=args.mem_epsilon,
+        sla_tpot_ms=args.sla_tpot_ms, sla_tolerance_ms=args.sla_tolerance_ms, sla_alpha=args.sla_alpha,
+        sla_delta=args.sla_delta, sla_window=args.sla_window, trace_path=args.controller_trace,
+    )
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """EngineConfig from the flags; raises ValueError naming the bad flag."""
     return EngineConfig(
@@ -45,12 +60,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         cache=CacheConfig(block_size=args.block_size, kv_cache_gib=args.kv_cache_gib),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_model_len=args.max_model_len),
-        controller=ControllerConfig(
-            name=args.batch_controller, max_num_seqs=args.max_num_seqs, min_num_seqs=args.min_num_seqs,
-            memory_mode=args.memory_mode, memory_factor=args.memory_factor, mem_epsilon=args.mem_epsilon,
-            sla_tpot_ms=args.sla_tpot_ms, sla_tolerance_ms=args.sla_tolerance_ms, sla_alpha=args.sla_alpha,
-            sla_delta=args.sla_delta, sla_window=args.sla_window, trace_path=args.controller_trace,
-        ),
+        controller=controller_config(args),
     )
 
 
@@ -148,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     from batchpilot.bench.commands import add_bench_commands
 
     add_bench_commands(bench)
+
+    from batchpilot.sim.commands import add_simulate_parser
+
+    add_simulate_parser(sub, add_controller_args, controller_config)
 
     plot = sub.add_parser("plot-trace", help="draw a controller trace (JSONL) over time")
     plot.add_argument("trace", metavar="TRACE")

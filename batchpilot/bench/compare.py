@@ -71,18 +71,19 @@ def configurations(args: argparse.Namespace, sla_tpot: float | None) -> list[tup
     return configs
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 @contextmanager
-def server(cmd: list[str], log: Path, timeout: float):
-    """Start a server, wait for /health, yield its base URL; SIGTERM (then SIGKILL) it afterwards."""
-    port = _free_port()
+def server(cmd: list[str], log: Path, timeout: float, env: dict[str, str] | None = None):
+    """Start a server on a free port, wait for /health, yield (base URL, process); SIGTERM
+    (then SIGKILL) it afterwards."""
+    port = free_port()
     with open(log, "w") as out:
-        proc = subprocess.Popen([*cmd, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([*cmd, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
@@ -96,10 +97,11 @@ def server(cmd: list[str], log: Path, timeout: float):
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError(f"server not healthy after {timeout:.0f}s; see {log}")
-            time.sleep(0.5)
-        yield url
+            time.sleep(0.2)
+        yield url, proc
     finally:
-        proc.send_signal(signal.SIGTERM)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -139,7 +141,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if "batchpilot" in args.server_cmd:
             cmd += ["--controller-trace", str(trace)]
         print(f"== {name}: {' '.join(cmd)}", flush=True)
-        with server(cmd, report / f"server_{name}.log", args.startup_timeout) as url:
+        with server(cmd, report / f"server_{name}.log", args.startup_timeout) as (url, _):
             args.base_url = url
             result = run_serve(args, args.request_rate, args.num_prompts, sla)
             result["num_preemptions"] = _preemptions(url)

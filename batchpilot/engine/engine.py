@@ -43,11 +43,14 @@ class EngineCounters:
 
 
 class LLMEngine:
-    def __init__(self, scheduler: Scheduler, executor: Executor, tokenizer: TextTokenizer,
+    def __init__(self, scheduler: Scheduler, executor: Executor, tokenizer: TextTokenizer | None,
                  clock: Callable[[], float] = time.perf_counter, trace: TraceWriter | None = None,
                  vocab_size: int | None = None):
+        """`tokenizer=None` runs on token ids alone (the simulator): outputs carry no text."""
         self.scheduler = scheduler
-        self.vocab_size = vocab_size if vocab_size is not None else tokenizer.vocab_size
+        if vocab_size is None and tokenizer is not None:
+            vocab_size = tokenizer.vocab_size
+        self.vocab_size = vocab_size
         self.executor = executor
         self.tokenizer = tokenizer
         self.clock = clock
@@ -71,10 +74,13 @@ class LLMEngine:
         """
         params = params or SamplingParams()
         text = prompt if isinstance(prompt, str) else None
-        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if text is not None and self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer: give prompts as token ids")
+        token_ids = self.tokenizer.encode(prompt) if text is not None else list(prompt)
         self.check_prompt(token_ids)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        req = Request(rid, token_ids, params, self.clock(), eos_token_id=self.tokenizer.eos_token_id)
+        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+        req = Request(rid, token_ids, params, self.clock(), eos_token_id=eos)
         self.scheduler.add_request(req)
         self.output_processor.add(req, text)
         self.counters.num_requests_added += 1
@@ -83,6 +89,8 @@ class LLMEngine:
     def check_prompt(self, token_ids: list[int]) -> None:
         """Raise RequestRejectedError for a prompt that could never run. Safe from any thread."""
         self.scheduler.check_prompt(len(token_ids))
+        if self.vocab_size is None:
+            return
         bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise RequestRejectedError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tokenizers.decoders import DecodeStream
+
 from batchpilot.engine.outputs import RequestUpdate, TokenLogprobs
 from batchpilot.engine.request import Request
 from batchpilot.model.tokenizer import TextTokenizer
@@ -41,7 +43,7 @@ class RequestOutput:
 class _TextState:
     request: Request
     prompt: str | None
-    stream: object
+    stream: DecodeStream | None
     text: str = ""
     sent: int = 0  # characters already returned
     stop_hit: bool = False
@@ -51,12 +53,15 @@ class _TextState:
 class OutputProcessor:
     """Keeps each live request's decoded text and cuts it at stop strings."""
 
-    def __init__(self, tokenizer: TextTokenizer):
+    def __init__(self, tokenizer: TextTokenizer | None):
+        """Without a tokenizer, outputs carry token ids only (and stop strings cannot apply)."""
         self.tokenizer = tokenizer
         self._states: dict[str, _TextState] = {}
 
     def add(self, request: Request, prompt: str | None) -> None:
-        stream = self.tokenizer.decode_stream(request.sampling_params.skip_special_tokens)
+        if self.tokenizer is None and request.sampling_params.stop:
+            raise ValueError("stop strings need a tokenizer")
+        stream = self.tokenizer.decode_stream(request.sampling_params.skip_special_tokens) if self.tokenizer else None
         self._states[request.request_id] = _TextState(request, prompt, stream)
 
     def remove(self, request_id: str) -> None:
@@ -70,10 +75,11 @@ class OutputProcessor:
         new_ids = update.new_token_ids
         # A stop token's own text is never shown (vLLM behaviour); its id still is.
         text_ids = new_ids[:-1] if req.stopped_by_token and req.status.finished else new_ids
-        for tid in text_ids:
-            piece = st.stream.step(self.tokenizer.tokenizer, tid)
-            if piece:
-                st.text += piece
+        if st.stream is not None:
+            for tid in text_ids:
+                piece = st.stream.step(self.tokenizer.tokenizer, tid)
+                if piece:
+                    st.text += piece
         if params.stop and not st.stop_hit:
             self._cut_at_stop(st)
         return self._delta(st, new_ids, update.new_logprobs)
