@@ -39,7 +39,9 @@ def add_controller_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--sla-tolerance-ms", type=float, default=None, help="band eps_D (default 10%% of D_SLA)")
     c.add_argument("--sla-alpha", type=int, default=4)
     c.add_argument("--sla-delta", type=int, default=2)
-    c.add_argument("--sla-window", type=int, default=8)
+    c.add_argument("--sla-window", type=int, default=16, help="steps averaged for the latency signal")
+    c.add_argument("--sla-signal", default="tpot", choices=["tpot", "decode"],
+                   help="tpot: all decoding steps, token-weighted; decode: decode-only steps (the paper's D(b))")
     c.add_argument("--controller-trace", default=None, metavar="PATH", help="JSONL trace, one line per step")
 
 
@@ -49,7 +51,8 @@ def controller_config(args: argparse.Namespace) -> ControllerConfig:
         name=args.batch_controller, max_num_seqs=args.max_num_seqs, min_num_seqs=args.min_num_seqs,
         memory_mode=args.memory_mode, memory_factor=args.memory_factor, mem_epsilon=args.mem_epsilon,
         sla_tpot_ms=args.sla_tpot_ms, sla_tolerance_ms=args.sla_tolerance_ms, sla_alpha=args.sla_alpha,
-        sla_delta=args.sla_delta, sla_window=args.sla_window, trace_path=args.controller_trace,
+        sla_delta=args.sla_delta, sla_window=args.sla_window, sla_signal=args.sla_signal,
+        trace_path=args.controller_trace,
     )
 
 

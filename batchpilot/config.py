@@ -55,7 +55,8 @@ class ControllerConfig:
     sla_tolerance_ms: float | None = None  # eps_D; None: 10% of D_SLA
     sla_alpha: int = 4
     sla_delta: int = 2
-    sla_window: int = 8
+    sla_window: int = 16
+    sla_signal: str = "tpot"  # "tpot" (all steps that decode, token-weighted) or "decode" (decode-only steps)
     trace_path: str | None = None  # JSONL, one line per step
 
     def __post_init__(self) -> None:
@@ -85,6 +86,8 @@ class ControllerConfig:
             raise ValueError(f"--sla-delta must be non-negative, got {self.sla_delta}")
         if self.sla_window < 1:
             raise ValueError(f"--sla-window must be at least 1, got {self.sla_window}")
+        if self.sla_signal not in ("tpot", "decode"):
+            raise ValueError(f"--sla-signal must be 'tpot' or 'decode', got {self.sla_signal!r}")
 
 
 @dataclass

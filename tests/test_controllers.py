@@ -135,11 +135,22 @@ def test_sla_respects_bounds_and_never_goes_below_decoding():
     assert c.limit(view(running=12, decoding=12)) == 12
 
 
-def test_sla_ignores_steps_with_prefill():
-    c = sla()
+def test_sla_decode_signal_ignores_steps_with_prefill():
+    c = sla(signal="decode")
     before = (c.b_low, c.b_high)
     c.observe(stats(10, 5.0, prefill=300))
     assert (c.b_low, c.b_high) == before and not c.samples
+
+
+def test_sla_tpot_signal_is_the_token_weighted_step_time():
+    c = sla()  # signal "tpot": steps with prefill count, weighted by their decode tokens
+    c.b_low, c.b_high = 20, 60
+    c.observe(stats(10, 0.040))  # 40 ms < 45: too fast -> low = min(10, 60 - 4) = 10, high = 62
+    assert (c.b_low, c.b_high) == (10, 62)
+    c.observe(stats(30, 0.080, prefill=200))
+    # tau = (0.040 * 10 + 0.080 * 30) / 40 = 70 ms > 55: too slow; b_avg = 40 / 2 = 20
+    # -> high = max(20, 10 + 4) = 20, low = max(10 - 2, 1) = 8
+    assert (c.b_low, c.b_high, c.b_sla) == (8, 20, 14)
 
 
 def closed_loop(controller, latency, steps, rng, out_len=30):
