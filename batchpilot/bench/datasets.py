@@ -52,6 +52,13 @@ class LengthDist:
         return np.maximum(1, np.round(rng.lognormal(np.log(self.a), self.b, size=n))).astype(int)
 
 
+def length_dist(fixed: int | None, spec: str | None, flag: str, default: int) -> LengthDist:
+    """The distribution given by --{flag}-len N or --{flag}-dist SPEC (exclusive), else `default`."""
+    if fixed is not None and spec is not None:
+        raise ValueError(f"--{flag}-len and --{flag}-dist are exclusive")
+    return LengthDist.parse(spec if spec is not None else str(fixed or default), f"--{flag}-dist")
+
+
 def synthetic_requests(n: int, input_dist: LengthDist, output_dist: LengthDist, vocab_size: int,
                        seed: int, first_token: int = 0) -> list[BenchRequest]:
     """Prompts of random token ids (as vLLM's random dataset), lengths from the distributions."""

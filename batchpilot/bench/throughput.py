@@ -12,8 +12,8 @@ from tqdm import tqdm
 
 from batchpilot.bench.datasets import (
     BenchRequest,
-    LengthDist,
     builtin_conversations,
+    length_dist,
     sharegpt_requests,
     synthetic_requests,
 )
@@ -39,19 +39,13 @@ def add_throughput_parser(sub, add_engine_args, engine_config) -> None:
     p.set_defaults(func=lambda args: run_throughput(args, engine_config(args)))
 
 
-def _dist(fixed: int | None, spec: str | None, flag: str, default: int) -> LengthDist:
-    if fixed is not None and spec is not None:
-        raise ValueError(f"--{flag}-len and --{flag}-dist are exclusive")
-    return LengthDist.parse(spec if spec is not None else str(fixed or default), f"--{flag}-dist")
-
-
 def run_throughput(args: argparse.Namespace, config: EngineConfig) -> int:
     from batchpilot.llm import LLM
 
     if args.num_prompts < 1:
         raise ValueError(f"--num-prompts must be at least 1, got {args.num_prompts}")
-    in_dist = _dist(args.input_len, args.input_dist, "input", 256)
-    out_dist = _dist(args.output_len, args.output_dist, "output", 128)
+    in_dist = length_dist(args.input_len, args.input_dist, "input", 256)
+    out_dist = length_dist(args.output_len, args.output_dist, "output", 128)
     llm = LLM.from_config(config)
     engine = llm.engine
     if args.dataset or args.dataset_name == "sharegpt":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from batchpilot.bench.datasets import LengthDist, builtin_conversations, sharegpt_requests, synthetic_requests
+from batchpilot.bench.datasets import builtin_conversations, length_dist, sharegpt_requests, synthetic_requests
 from batchpilot.bench.serve import Payload
 from batchpilot.model.tokenizer import TextTokenizer
 
@@ -23,12 +23,6 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
                    "(default: the default model)")
 
 
-def _dist(fixed: int | None, spec: str | None, flag: str, default: int) -> LengthDist:
-    if fixed is not None and spec is not None:
-        raise ValueError(f"--{flag}-len and --{flag}-dist are exclusive")
-    return LengthDist.parse(spec if spec is not None else str(fixed or default), f"--{flag}-dist")
-
-
 def build_payloads(args: argparse.Namespace, tokenizer: TextTokenizer, model: str, n: int, seed: int) -> list[Payload]:
     """n requests of the chosen dataset, deterministic for a seed; greedy, as vLLM's benchmark."""
     common = {"model": model, "temperature": 0.0}
@@ -42,8 +36,8 @@ def build_payloads(args: argparse.Namespace, tokenizer: TextTokenizer, model: st
         reqs = sharegpt_requests(Path(args.dataset_path), n, tokenizer.encode, seed)
     else:
         specials = len(tokenizer.tokenizer.get_added_tokens_decoder())
-        reqs = synthetic_requests(n, _dist(args.input_len, args.input_dist, "input", 256),
-                                  _dist(args.output_len, args.output_dist, "output", 128), tokenizer.vocab_size,
+        reqs = synthetic_requests(n, length_dist(args.input_len, args.input_dist, "input", 256),
+                                  length_dist(args.output_len, args.output_dist, "output", 128), tokenizer.vocab_size,
                                   seed, specials)
     return [Payload("/v1/completions", {**common, "prompt": r.prompt, "max_tokens": r.max_tokens,
                                         "ignore_eos": args.ignore_eos}, r.prompt_len) for r in reqs]
