@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: serve test lint install bench clean
+.PHONY: serve test lint install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

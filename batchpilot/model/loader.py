@@ -173,5 +173,5 @@ def load_tokenizer(model: str | os.PathLike[str] | None = None) -> TextTokenizer
             reader = gguf_file.open_gguf(path)
             return TextTokenizer(gguf_file.read_tokenizer(reader), **_gguf_tokens(reader))
         return TextTokenizer.from_folder(path)
-    except (ValueError, KeyError, OSError, Exception) as e:
+    except Exception as e:  # tokenizers and gguf raise plain Exception subclasses for bad files
         raise ModelLoadError(path, f"cannot read tokenizer: {e}") from e
