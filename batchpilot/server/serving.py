@@ -100,10 +100,9 @@ class Serving:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
         except (TemplateError, ValueError) as e:
             raise APIError(400, f"messages: cannot render the chat template: {e}", "messages") from e
-        top = req.top_logprobs if req.logprobs else None
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-        logprobs = (top or 0) if req.logprobs else None
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         return self._job("chatcmpl", [self.tokenizer.encode(text)], req, max_tokens, logprobs, "messages")
 
@@ -125,7 +124,7 @@ class Serving:
             try:
                 self.engine.engine.check_prompt(p)
             except RequestRejectedError as e:
-                code = "context_length_exceeded" if len(p) else None
+                code = "context_length_exceeded" if len(p) >= self.max_model_len else None
                 raise APIError(400, f"{prompt_param}: {e}", prompt_param, code) from e
         room = self.max_model_len - longest
         if max_tokens is not None and max_tokens > room:
