@@ -49,7 +49,8 @@ def build_engine(config: EngineConfig) -> LLMEngine:
     )
     trace = TraceWriter(config.controller.trace_path) if config.controller.trace_path else None
     vocab = min(ckpt.args.vocab_size, ckpt.tokenizer.vocab_size)
-    return LLMEngine(scheduler, runner, ckpt.tokenizer, trace=trace, vocab_size=vocab)
+    return LLMEngine(scheduler, runner, ckpt.tokenizer, trace=trace, vocab_size=vocab,
+                     sampling_defaults=ckpt.generation_defaults)
 
 
 class LLM:
@@ -95,12 +96,16 @@ class LLM:
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)  # type: ignore[arg-type]
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params or SamplingParams()] * len(prompts)
+            params_list = [sampling_params or self.default_sampling_params()] * len(prompts)
         else:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError("sampling_params: need one per prompt, or a single one")
         return self._run(prompts, params_list, use_tqdm)
+
+    def default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation_config.json defaults (vLLM's behaviour)."""
+        return SamplingParams(**self.engine.sampling_defaults)
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | None = None, use_tqdm: bool = False) -> list[RequestOutput]:

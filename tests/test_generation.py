@@ -60,3 +60,9 @@ def test_n_returns_distinct_samples(llm_fp32):
 def test_top_k_one_equals_greedy_on_the_model(llm_fp32):
     params = SamplingParams(temperature=0.9, top_k=1, max_tokens=24, seed=3, ignore_eos=True)
     assert llm_fp32.generate(PROMPT, params)[0].outputs[0].token_ids == greedy(llm_fp32).token_ids
+
+
+def test_defaults_come_from_the_models_generation_config(llm_fp32):
+    params = llm_fp32.default_sampling_params()  # SmolLM2-Instruct's recommended sampling
+    assert (params.temperature, params.top_p) == (0.2, 0.9)
+    assert llm_fp32.engine.sampling_defaults == {"temperature": 0.2, "top_p": 0.9}

