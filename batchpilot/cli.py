@@ -1,4 +1,4 @@
-"""`batchpilot generate | bench` command line."""
+"""`batchpilot serve | generate | bench | simulate | plot-trace` command line."""
 
 from __future__ import annotations
 
