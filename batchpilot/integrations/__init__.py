@@ -1,0 +1,1 @@
+"""Adapters that bring batchpilot's controllers into other engines."""
