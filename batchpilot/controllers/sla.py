@@ -11,7 +11,7 @@ Signal (our choice, `--sla-signal`):
   see them; the window (16 steps) smooths the spike one long chunk causes.
 - `decode`: the paper's D(b), measured on decode-only steps; steps with any prefill tokens
   are dropped. It identifies the latency curve cleanly but cannot keep a TPOT SLA when
-  admissions are frequent: measured on our CPU, P90 TPOT ran 40% over the target because
+  admissions are frequent: measured on our CPU, P90 TPOT ran 44% over the target because
   mixed steps (3x a decode step) never entered the signal.
 """
 
