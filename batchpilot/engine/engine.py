@@ -38,7 +38,6 @@ class EngineCounters:
     num_steps: int = 0
     busy_time_s: float = 0.0  # time inside step()
     schedule_time_s: float = 0.0  # of which: scheduler + controller
-    num_preemptions: int = 0
     batch_limit: int = 0  # b_t of the last step
 
 
@@ -135,7 +134,6 @@ class LLMEngine:
         c.busy_time_s += step_time
         c.schedule_time_s += schedule_time
         c.num_requests_finished += len(finished_lens)
-        c.num_preemptions += len(sched_out.preempted_ids)
         c.batch_limit = self.scheduler.last_limit
         c.num_generation_tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
         c.num_prompt_tokens += sum(

@@ -43,7 +43,7 @@ class EngineCollector:
                 g.add_metric(list(self.labels.values()), float(value))
                 yield g
         counters = {
-            "num_preemptions": ("Preemptions (recompute) since start.", c.num_preemptions),
+            "num_preemptions": ("Preemptions (recompute) since start.", s.num_preemptions_total),
             "prompt_tokens": ("Prompt tokens prefilled.", c.num_prompt_tokens),
             "generation_tokens": ("Tokens generated.", c.num_generation_tokens),
         }

@@ -160,8 +160,9 @@ class Serving:
 
     # ---- generation ---------------------------------------------------------------------------
 
-    async def run(self, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Deltas of every choice, interleaved, as (choice index, delta). Leaving early aborts all."""
+    async def run(self, job: Job, choices: list[Choice]) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Deltas of every choice, interleaved, as (choice index, delta), each also accumulated into
+        `choices` (one per choice). Leaving early aborts all."""
         streams = []
         for i, prompt in enumerate(job.prompts):
             for k in range(job.params.n):
@@ -171,14 +172,15 @@ class Serving:
                 streams.append(self.engine.generate(prompt, p, request_id=f"{job.request_id}-{i * job.params.n + k}"))
         start = time.perf_counter()
         first: float | None = None
-        choices = [Choice() for _ in streams]
         try:
             async for index, delta in _merge(streams):
                 out = delta.outputs[0]
                 if first is None and out.token_ids:
                     first = time.perf_counter() - start
                 c = choices[index]
+                c.text += out.text
                 c.token_ids += out.token_ids
+                c.logprobs += out.logprobs or []
                 if delta.finished:
                     c.finish_reason = out.finish_reason
                 yield index, delta
@@ -196,18 +198,13 @@ class Serving:
 
     async def collect(self, job: Job) -> list[Choice]:
         choices = [Choice() for _ in range(job.num_choices)]
-        async for index, delta in self._guarded(job):
-            out, c = delta.outputs[0], choices[index]
-            c.text += out.text
-            c.token_ids += out.token_ids
-            c.logprobs += out.logprobs or []
-            if delta.finished:
-                c.finish_reason = out.finish_reason
+        async for _ in self._guarded(job, choices):
+            pass
         return choices
 
-    async def _guarded(self, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def _guarded(self, job: Job, choices: list[Choice]) -> AsyncIterator[tuple[int, RequestOutput]]:
         try:
-            async for item in self.run(job):
+            async for item in self.run(job, choices):
                 yield item
         except EngineDeadError as e:
             raise APIError(503, f"engine failed: {e}", None, "engine_dead") from e
@@ -286,9 +283,8 @@ class Serving:
                 yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                  "logprobs": None, "finish_reason": None}]})
         try:
-            async for index, delta in self._guarded(job):
-                out, c = delta.outputs[0], choices[index]
-                c.token_ids += out.token_ids
+            async for index, delta in self._guarded(job, choices):
+                out = delta.outputs[0]
                 reason = out.finish_reason if delta.finished else None
                 if not out.text and reason is None:
                     continue

@@ -95,4 +95,4 @@ def simulate(workload: list[SimRequest], step_time: Callable[[StepShape], float]
         trace.close()
     ordered = [records[k] for k in sorted(records, key=int)]
     start = workload[0].arrival_s if workload else 0.0
-    return SimResult(ordered, clock.t - start, engine.counters.num_preemptions, engine.counters.num_steps, rejected)
+    return SimResult(ordered, clock.t - start, sched.num_preemptions_total, engine.counters.num_steps, rejected)
