@@ -1,4 +1,4 @@
-"""`batchpilot serve | generate | bench | simulate | plot-trace` command line."""
+"""`batchpilot serve | generate | bench | simulate | profile | plot-trace` command line."""
 
 from __future__ import annotations
 
@@ -8,8 +8,16 @@ import os
 import signal
 import sys
 
-from batchpilot.config import CONTROLLERS, DTYPES, CacheConfig, ControllerConfig, EngineConfig, SchedulerConfig
-from batchpilot.model.loader import ModelLoadError
+from batchpilot.config import (
+    CONTROLLERS,
+    DEFAULT_MODEL_NAME,
+    DTYPES,
+    CacheConfig,
+    ControllerConfig,
+    EngineConfig,
+    SchedulerConfig,
+)
+from batchpilot.model.args import ModelLoadError
 from batchpilot.sampling_params import SamplingParams
 
 
@@ -91,7 +99,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from batchpilot.engine.async_engine import AsyncEngine
     from batchpilot.llm import build_engine
-    from batchpilot.model.loader import DEFAULT_MODEL_NAME
     from batchpilot.server.app import ServerConfig, build_app
 
     if args.served_model_name:
@@ -162,9 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_commands(bench)
 
-    from batchpilot.sim.commands import add_simulate_parser
+    from batchpilot.sim.commands import add_profile_parser, add_simulate_parser
 
     add_simulate_parser(sub, add_controller_args, controller_config)
+    add_profile_parser(sub)
 
     plot = sub.add_parser("plot-trace", help="draw a controller trace (JSONL) over time")
     plot.add_argument("trace", metavar="TRACE")

@@ -62,3 +62,18 @@ def test_plot_trace_rejects_a_missing_or_bad_file(tmp_path):
     assert r.returncode == 2 and "t.jsonl:1" in r.stderr
     r = cli("plot-trace", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x.png"), timeout=120)
     assert r.returncode == 1 and "missing.jsonl" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_throughput_adds_requests_at_their_arrival_times(tmp_path):
+    from batchpilot.bench.serve import arrival_times
+
+    out = tmp_path / "r.json"
+    r = cli("bench", "throughput", "--num-prompts", "6", "--input-dist", "uniform:8:40", "--output-len", "4",
+            "--ignore-eos", "--kv-cache-gib", "0.01", "--threads", "1", "--no-progress", "--request-rate", "4",
+            "--seed", "3", "--output-json", str(out))
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    last_arrival = arrival_times(6, 4.0, 1.0, 3)[-1]
+    assert result["completed"] == 6 and result["request_rate"] == 4.0
+    assert result["duration_s"] >= last_arrival > 0.5  # the run waited for the last arrival
+    assert result["mean_ttft_ms"] < 1000 * last_arrival  # TTFT counts from each arrival, not from the start

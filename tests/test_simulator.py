@@ -21,10 +21,10 @@ def test_roofline_hand_computed():
     # one sequence, 3 new tokens at context 3, one sampled row:
     # linear 2*2*144*3 = 1728, head 2*10*4*1 = 80, attention 4*2*2*2*3*(3 - 1.5) = 144 -> 1952 FLOP -> 1.952 ms
     # memory: weights 368*2 = 736 B + KV 3*16 = 48 B = 784 B -> 0.784 ms; compute-bound
-    assert m.step_time(StepShape((3,), (3,), 1)) == pytest.approx(1952e-6)
+    assert m.step_time(StepShape(0, 0, ((3, 3),), 1)) == pytest.approx(1952e-6)
     # decode of 4 sequences at context 100: flops 2*2*144*4 + 2*10*4*4 + 4*(4*2*2*2*1*99.5) = 2304 + 320 + 12736
     # = 15360 -> 15.36 ms; memory 736 + 4*100*16 = 7136 B -> 7.136 ms: compute-bound
-    decode = StepShape((1,) * 4, (100,) * 4, 4)
+    decode = StepShape(4, 400, (), 4)
     assert m.step_time(decode) == pytest.approx(15360e-6)
     # at 100 kB/s the same step is memory-bound: 7136 B -> 71.36 ms
     slow = RooflineModel(TINY, Hardware(**{**HW.__dict__, "mem_bw_gbs": 1e-4}))
@@ -33,7 +33,7 @@ def test_roofline_hand_computed():
     assert m.kv_capacity_tokens() == int((2**30 * 0.9 - 736) // 16)
     two = RooflineModel(TINY, HW, tp=2)
     # halves compute and memory, adds 2 all-reduces per layer of 2*(1/2)*3*4*2 = 24 B at 1 MB/s -> 4 * 24 us
-    assert two.step_time(StepShape((3,), (3,), 1)) == pytest.approx(1952e-6 / 2 + 4 * 24e-6)
+    assert two.step_time(StepShape(0, 0, ((3, 3),), 1)) == pytest.approx(1952e-6 / 2 + 4 * 24e-6)
 
 
 def test_presets_load_and_kv_capacity_follows_memory():
@@ -113,3 +113,74 @@ def test_simulator_replays_the_real_engines_scheduling_decisions(tmp_path, defau
     keys += tuple(k for k in ("b_mem", "b_sla", "b_low", "b_high") if k in real[0])
     assert len(sim) == len(real)
     assert [tuple(r[k] for k in keys) for r in sim] == [tuple(r[k] for k in keys) for r in real]
+
+
+GRID = {"batch_sizes": [0, 2, 4], "context_lens": [100, 300], "prefill_tokens": [0, 10]}
+
+
+def affine_profile():
+    """step time = 1 ms per decode + 1 us per decode per context token + 0.1 ms per prefill token + 5 ms
+    (zero for the empty step): linear in each axis, so interpolation must reproduce it exactly."""
+    def t(b, c, p):
+        return 0.0 if b == p == 0 else 1e-3 * b + 1e-6 * b * c + 1e-4 * p + 5e-3
+    times = [[[t(b, c, p) for p in GRID["prefill_tokens"]] for c in GRID["context_lens"]] for b in GRID["batch_sizes"]]
+    return {"version": 1, "grid": GRID, "kv_bytes_per_token": 1000, "max_model_len": 512, "step_time_s": times}, t
+
+
+def test_profile_model_interpolates_and_extrapolates_linearly():
+    from batchpilot.sim.profile import ProfileModel
+
+    data, t = affine_profile()
+    m = ProfileModel(data)
+    assert m.step_time(StepShape(2, 200, (), 2)) == pytest.approx(t(2, 100, 0))  # a grid point
+    assert m.step_time(StepShape(3, 3 * 200, ((6, 6),), 4)) == pytest.approx(t(3, 200, 6))  # inside: bilinear terms
+    # past every edge, from the outermost segment (b*c is bilinear: exact along one axis at a time)
+    assert m.step_time(StepShape(8, 8 * 300, ((40, 40),), 9)) == pytest.approx(t(8, 300, 40))
+    assert m.step_time(StepShape(4, 4 * 1000, (), 4)) == pytest.approx(t(4, 1000, 0))
+    assert m.step_time(StepShape(0, 0, ((10, 10),), 1)) == pytest.approx(t(0, 100, 10))
+    assert m.step_time(StepShape(0, 0, (), 0)) == 0.0
+    assert m.kv_capacity_tokens(1.0) == 2**30 // 1000
+
+
+def test_profile_errors_name_the_flag(tmp_path):
+    from batchpilot.sim.profile import ProfileGrid, ProfileModel
+
+    with pytest.raises(ValueError, match="--context-lens"):
+        ProfileGrid((0, 1), (64,), (0, 16))
+    with pytest.raises(ValueError, match="start at 0"):
+        ProfileGrid((1, 2), (64, 128), (0, 16))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"version": 1, "grid": {}}')
+    with pytest.raises(ValueError, match="--profile .*not a batchpilot profile"):
+        ProfileModel.load(bad)
+    data, _ = affine_profile()
+    data["step_time_s"] = data["step_time_s"][:2]
+    with pytest.raises(ValueError, match="shape"):
+        ProfileModel(data)
+
+
+@pytest.mark.slow
+def test_profile_command_measures_the_real_runner_and_feeds_the_simulator(tmp_path, default_model_dir):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "profile.json"
+    cmd = [sys.executable, "-m", "batchpilot.cli"]
+    r = subprocess.run([*cmd, "profile", "--model", str(default_model_dir), "--threads", "1", "--batch-sizes", "0,1,8",
+                        "--context-lens", "32,256", "--prefill-tokens", "0,64", "--reps", "1", "--output", str(out),
+                        "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    times = data["step_time_s"]
+    assert times[0][0][0] == 0.0
+    assert all(times[i][j][k] > 0 for i in range(3) for j in range(2) for k in range(2) if (i, k) != (0, 0))
+    assert data["host"]["threads"] == 1 and data["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 2  # SmolLM2, bf16
+    r = subprocess.run([*cmd, "simulate", "--profile", str(out), "--kv-cache-gib", "0.01", "--num-prompts", "30",
+                        "--input-dist", "uniform:10:60", "--output-dist", "uniform:5:40", "--max-num-batched-tokens",
+                        "64", "--output-json", str(tmp_path / "sim.json")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    sim = json.loads((tmp_path / "sim.json").read_text())
+    assert sim["completed"] == 30 and sim["kv_capacity_tokens"] == int(0.01 * 2**30 // data["kv_bytes_per_token"])
+    r = subprocess.run([*cmd, "simulate", "--profile", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--kv-cache-gib" in r.stderr

@@ -12,7 +12,7 @@ from batchpilot.bench.capacity import search_capacity
 from batchpilot.bench.metrics import SLA
 from batchpilot.bench.serve import benchmark
 from batchpilot.bench.workload import add_workload_args, build_payloads
-from batchpilot.model.loader import DEFAULT_MODEL_NAME, load_tokenizer
+from batchpilot.config import DEFAULT_MODEL_NAME
 
 TABLE_KEYS = ["completed", "failed", "duration_s", "request_throughput", "output_throughput", "total_token_throughput",
               "mean_ttft_ms", "median_ttft_ms", "p90_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms",
@@ -78,6 +78,8 @@ def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_serve(args: argparse.Namespace, rate: float, num_prompts: int, sla: SLA | None) -> dict[str, Any]:
+    from batchpilot.model.loader import load_tokenizer  # torch: only when a tokenizer is needed
+
     tokenizer = load_tokenizer(args.tokenizer)
     payloads = build_payloads(args, tokenizer, args.model, num_prompts, args.seed)
     return benchmark(args.base_url.rstrip("/"), payloads, rate, sla, **load_kwargs(args))

@@ -1,4 +1,8 @@
-"""`batchpilot bench throughput`: every request at t=0 through the offline engine."""
+"""`batchpilot bench throughput`: requests through the offline engine, all at t=0 or at arrival times.
+
+With `--request-rate` requests are added when their (seeded, gamma) arrival time has come,
+the same arrivals `bench serve` and `simulate` draw: latency under load without HTTP in the way.
+"""
 
 from __future__ import annotations
 
@@ -18,12 +22,13 @@ from batchpilot.bench.datasets import (
     synthetic_requests,
 )
 from batchpilot.bench.metrics import RequestRecord, summarize
+from batchpilot.bench.serve import arrival_times
 from batchpilot.config import EngineConfig
 from batchpilot.sampling_params import SamplingParams
 
 
 def add_throughput_parser(sub, add_engine_args, engine_config) -> None:
-    p = sub.add_parser("throughput", help="offline throughput: all requests at t=0")
+    p = sub.add_parser("throughput", help="offline throughput: all requests at t=0 (or at --request-rate)")
     add_engine_args(p)
     p.add_argument("--num-prompts", type=int, default=200)
     p.add_argument("--input-len", type=int, default=None)
@@ -33,6 +38,8 @@ def add_throughput_parser(sub, add_engine_args, engine_config) -> None:
     p.add_argument("--dataset-name", default="random", choices=["random", "sharegpt", "builtin"],
                    help="random token ids, a ShareGPT file (--dataset), or the bundled real-text prompts")
     p.add_argument("--dataset", default=None, help="ShareGPT-format JSON file (implies --dataset-name sharegpt)")
+    p.add_argument("--request-rate", type=float, default=float("inf"), help="arrivals per second (default: all at 0)")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of inter-arrival times (1: Poisson)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate the full output length")
     p.add_argument("--output-json", default=None)
     p.add_argument("--no-progress", action="store_true")
@@ -46,6 +53,7 @@ def run_throughput(args: argparse.Namespace, config: EngineConfig) -> int:
         raise ValueError(f"--num-prompts must be at least 1, got {args.num_prompts}")
     in_dist = length_dist(args.input_len, args.input_dist, "input", 256)
     out_dist = length_dist(args.output_len, args.output_dist, "output", 128)
+    arrivals = arrival_times(args.num_prompts, args.request_rate, args.burstiness, args.seed).tolist()
     llm = LLM.from_config(config)
     engine = llm.engine
     if args.dataset or args.dataset_name == "sharegpt":
@@ -66,23 +74,30 @@ def run_throughput(args: argparse.Namespace, config: EngineConfig) -> int:
     start = time.perf_counter()
     first: dict[str, float] = {}
     records: dict[str, RequestRecord] = {}
-    meta = {}
-    for i, r in enumerate(requests):
-        params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=r.max_tokens,
-                                ignore_eos=args.ignore_eos, seed=args.seed + i)
-        rid = engine.add_request(r.prompt, params)
-        meta[rid] = r.prompt_len
+    meta: dict[str, tuple[int, float]] = {}
     bar = tqdm(total=len(requests), disable=args.no_progress, desc="requests")
     n_out: dict[str, int] = {}
-    while engine.has_unfinished_requests():
+    i = 0
+    while i < len(requests) or engine.has_unfinished_requests():
+        now = time.perf_counter() - start
+        while i < len(requests) and arrivals[i] <= now:
+            r = requests[i]
+            params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=r.max_tokens,
+                                    ignore_eos=args.ignore_eos, seed=args.seed + i)
+            meta[engine.add_request(r.prompt, params)] = (r.prompt_len, arrivals[i])
+            i += 1
+        if not engine.has_unfinished_requests():
+            time.sleep(max(0.0, arrivals[i] - now))
+            continue
         outputs = engine.step()
         now = time.perf_counter() - start
         for o in outputs:
             n_out[o.request_id] = n_out.get(o.request_id, 0) + len(o.outputs[0].token_ids)
             first.setdefault(o.request_id, now)
             if o.finished:
-                records[o.request_id] = RequestRecord(meta[o.request_id], n_out[o.request_id],
-                                                      first[o.request_id], now)
+                prompt_len, arrival = meta[o.request_id]
+                records[o.request_id] = RequestRecord(prompt_len, n_out[o.request_id],
+                                                      first[o.request_id] - arrival, now - arrival)
                 bar.update(1)
     bar.close()
     duration = time.perf_counter() - start
@@ -96,6 +111,7 @@ def run_throughput(args: argparse.Namespace, config: EngineConfig) -> int:
         "max_num_seqs": args.max_num_seqs,
         "dtype": args.dtype,
         "threads": args.threads,
+        "request_rate": args.request_rate,
     }
     print_table(result)
     if args.output_json:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterable
 from statistics import NormalDist
 
 from batchpilot.controllers.base import SchedulerView, StepStats
@@ -51,20 +52,29 @@ class TokenStats:
     def __init__(self, window: int = 256, min_finished: int = 16):
         self.finished: deque[int] = deque(maxlen=window)
         self.min_finished = min_finished
+        self._window_estimate: tuple[float, float] | None = None  # of `finished`, until it changes
 
     def add_finished(self, lengths: tuple[int, ...]) -> None:
-        self.finished.extend(lengths)
+        if lengths:
+            self.finished.extend(lengths)
+            self._window_estimate = None
 
     def estimate(self, view: SchedulerView) -> tuple[float, float] | None:
         """(mu, sigma) in tokens, or None with no data at all."""
-        samples = list(self.finished)
-        if len(samples) < self.min_finished:
-            samples += [p + o for p, o in zip(view.prompt_lens, view.output_lens)]
-        if not samples:
-            return None
-        mu = sum(samples) / len(samples)
-        var = sum((s - mu) ** 2 for s in samples) / max(1, len(samples) - 1)
-        return mu, math.sqrt(var)
+        if len(self.finished) >= self.min_finished:
+            if self._window_estimate is None:
+                self._window_estimate = _mean_std(self.finished)
+            return self._window_estimate
+        samples = list(self.finished) + [p + o for p, o in zip(view.prompt_lens, view.output_lens)]
+        return _mean_std(samples) if samples else None
+
+
+def _mean_std(samples: Iterable[int]) -> tuple[float, float]:
+    """Mean and sample standard deviation."""
+    samples = list(samples)
+    mu = sum(samples) / len(samples)
+    var = sum((s - mu) ** 2 for s in samples) / max(1, len(samples) - 1)
+    return mu, math.sqrt(var)
 
 
 class MemoryController:

@@ -56,7 +56,11 @@ class KVCacheManager:
 
     def allocate_slots(self, request_id: str, num_tokens: int) -> bool:
         """Grow the request's table to hold `num_tokens` tokens; False (nothing taken) if no room."""
-        table = self.block_tables.setdefault(request_id, [])
+        table = self.block_tables.get(request_id)
+        if table is None:
+            table = self.block_tables[request_id] = []
+        elif num_tokens <= len(table) * self.block_size:  # the common case: room in the last block
+            return True
         missing = self.blocks_for(num_tokens) - len(table)
         if missing <= 0:
             return True

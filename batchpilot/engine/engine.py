@@ -135,11 +135,8 @@ class LLMEngine:
         c.schedule_time_s += schedule_time
         c.num_requests_finished += len(finished_lens)
         c.batch_limit = self.scheduler.last_limit
-        c.num_generation_tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
-        c.num_prompt_tokens += sum(
-            s.request.num_prompt_tokens for s in sched_out.scheduled
-            if s.start == 0 and s.request.num_preemptions == 0
-        )
+        c.num_generation_tokens += len(outputs)  # one sampled token per output
+        c.num_prompt_tokens += sched_out.num_new_prompt_tokens
         pool = self.scheduler.kv.pool
         stats = StepStats(
             batch_size=len(sched_out.scheduled),

@@ -16,7 +16,7 @@ from batchpilot.engine.request import Request
 from batchpilot.model.tokenizer import TextTokenizer
 
 
-@dataclass
+@dataclass(slots=True)
 class CompletionOutput:
     """One generated sequence (cumulative in LLM results, a delta in engine step results)."""
 
@@ -27,7 +27,7 @@ class CompletionOutput:
     finish_reason: str | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """vLLM-shaped result of a request; `engine.step()` returns the step's delta."""
 
@@ -71,18 +71,18 @@ class OutputProcessor:
         """Detokenize a step's new tokens. Sets `stop_hit` when a stop string ended the text."""
         st = self._states[update.request.request_id]
         req = st.request
-        params = req.sampling_params
-        new_ids = update.new_token_ids
-        # A stop token's own text is never shown (vLLM behaviour); its id still is.
-        text_ids = new_ids[:-1] if req.stopped_by_token and req.status.finished else new_ids
         if st.stream is not None:
+            # A stop token's own text is never shown (vLLM behaviour); its id still is.
+            text_ids = update.new_token_ids
+            if req.stopped_by_token and req.status.finished:
+                text_ids = text_ids[:-1]
             for tid in text_ids:
                 piece = st.stream.step(self.tokenizer.tokenizer, tid)
                 if piece:
                     st.text += piece
-        if params.stop and not st.stop_hit:
-            self._cut_at_stop(st)
-        return self._delta(st, new_ids, update.new_logprobs)
+            if req.sampling_params.stop and not st.stop_hit:
+                self._cut_at_stop(st)
+        return self._delta(st, update)
 
     def _cut_at_stop(self, st: _TextState) -> None:
         params = st.request.sampling_params
@@ -95,20 +95,21 @@ class OutputProcessor:
             st.text = st.text[: i + len(s)] if params.include_stop_str_in_output else st.text[:i]
             st.stop_hit = True
 
-    def _delta(self, st: _TextState, new_ids: list[int], new_logprobs: list[TokenLogprobs]) -> RequestOutput:
+    def _delta(self, st: _TextState, update: RequestUpdate) -> RequestOutput:
+        """The step's output; update's token lists are fresh each step, so they are passed on, not copied."""
         req = st.request
         done = req.status.finished or st.stop_hit
-        visible = len(st.text)
-        stops = req.sampling_params.stop
-        if stops and not done:
-            visible = max(st.sent, visible - (max(len(s) for s in stops) - 1))
-        delta, st.sent = st.text[st.sent : visible], visible
+        delta = ""
+        if st.stream is not None:
+            visible = len(st.text)
+            stops = req.sampling_params.stop
+            if stops and not done:
+                visible = max(st.sent, visible - (max(len(s) for s in stops) - 1))
+            delta, st.sent = st.text[st.sent : visible], visible
         reason = "stop" if st.stop_hit else req.status.finish_reason
-        completion = CompletionOutput(
-            0, delta, list(new_ids),
-            list(new_logprobs) if req.sampling_params.logprobs is not None else None, reason,
-        )
+        logprobs = update.new_logprobs if req.sampling_params.logprobs is not None else None
         if done:
-            self.remove(req.request_id)
-        return RequestOutput(req.request_id, st.prompt, req.prompt_token_ids, [completion], done,
+            del self._states[req.request_id]
+        return RequestOutput(req.request_id, st.prompt, req.prompt_token_ids,
+                             [CompletionOutput(0, delta, update.new_token_ids, logprobs, reason)], done,
                              req.num_preemptions)

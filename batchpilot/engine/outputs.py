@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from batchpilot.engine.request import Request
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     """One request's share of a step. Executors read it and never change the request."""
 
@@ -23,6 +23,7 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest]
     num_prefill_tokens: int
     num_decode_tokens: int
+    num_new_prompt_tokens: int = 0  # prompts of requests that start their first prefill (not a recompute)
     preempted_ids: list[str] = field(default_factory=list)
     # Requests finished since the previous step, so executors can drop per-request state.
     finished_ids: list[str] = field(default_factory=list)
@@ -32,7 +33,7 @@ class SchedulerOutput:
         return self.num_prefill_tokens + self.num_decode_tokens
 
 
-@dataclass
+@dataclass(slots=True)
 class TokenLogprobs:
     """Log-probability of the sampled token and of the most likely alternatives."""
 
@@ -48,7 +49,7 @@ class RunnerOutput:
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestUpdate:
     """The scheduler's account of one request after a step."""
 

@@ -9,6 +9,10 @@ from batchpilot.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
+    # Plain attributes set on each member below (a property here cost 7% of a simulation).
+    finished: bool
+    finish_reason: str | None  # OpenAI's finish_reason for a finished request: 'stop', 'length' or 'abort'
+
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"  # waiting again, its KV cache freed; it recomputes on return
@@ -16,17 +20,10 @@ class RequestStatus(enum.Enum):
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
 
-    @property
-    def finished(self) -> bool:
-        return self in _FINISHED
 
-    @property
-    def finish_reason(self) -> str | None:
-        """OpenAI's finish_reason for a finished request: 'stop', 'length' or 'abort'."""
-        return self.value if self.finished else None
-
-
-_FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED})
+for _status in RequestStatus:
+    _status.finished = _status.name.startswith("FINISHED_")
+    _status.finish_reason = _status.value if _status.finished else None
 
 
 @dataclass(eq=False)
@@ -50,13 +47,12 @@ class Request:
     # Set when the last sampled token was a stop token (EOS or stop_token_ids); its text is hidden.
     stopped_by_token: bool = False
 
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
+    def __post_init__(self) -> None:
+        self.num_prompt_tokens = len(self.prompt_token_ids)  # the prompt never changes
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return self.num_prompt_tokens + len(self.output_token_ids)
 
     @property
     def is_decoding(self) -> bool:

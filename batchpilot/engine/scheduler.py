@@ -103,7 +103,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = req.num_prompt_tokens + len(req.output_token_ids) - req.num_computed_tokens  # hot: no property
+            if n > budget:
+                n = budget
             while not self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
                 victim = self.running.pop()  # the most recently admitted
                 self._preempt(victim)
@@ -123,17 +125,18 @@ class Scheduler:
             if not self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
                 break
             self.waiting.popleft()
+            if req.num_computed_tokens == 0 and req.num_preemptions == 0:
+                out.num_new_prompt_tokens += req.num_prompt_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             self._add(out, req, n)
             budget -= n
 
     def _add(self, out: SchedulerOutput, req: Request, n: int) -> None:
-        sample = req.num_computed_tokens + n == req.num_tokens
-        out.scheduled.append(
-            ScheduledRequest(req, req.num_computed_tokens, n, self.kv.block_tables[req.request_id], sample)
-        )
-        if req.is_decoding:
+        start = req.num_computed_tokens
+        sample = start + n == req.num_tokens
+        out.scheduled.append(ScheduledRequest(req, start, n, self.kv.block_tables[req.request_id], sample))
+        if start >= req.num_prompt_tokens:  # decoding
             out.num_decode_tokens += n
         else:
             out.num_prefill_tokens += n

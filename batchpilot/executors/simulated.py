@@ -35,10 +35,16 @@ class SimulatedExecutor:
         self.clock = clock
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        shape = StepShape(
-            new_tokens=tuple(s.num_new_tokens for s in sched.scheduled),
-            context_lens=tuple(s.start + s.num_new_tokens for s in sched.scheduled),
-            num_sampled=sum(s.sample for s in sched.scheduled),
-        )
-        self.clock.advance(self.step_time(shape))
-        return RunnerOutput({s.request.request_id: PLACEHOLDER_TOKEN for s in sched.scheduled if s.sample})
+        num_decodes = decode_context = 0
+        prefills = []
+        sampled = {}
+        for s in sched.scheduled:
+            if s.num_new_tokens == 1:
+                num_decodes += 1
+                decode_context += s.start + 1
+            else:
+                prefills.append((s.num_new_tokens, s.start + s.num_new_tokens))
+            if s.sample:
+                sampled[s.request.request_id] = PLACEHOLDER_TOKEN
+        self.clock.advance(self.step_time(StepShape(num_decodes, decode_context, tuple(prefills), len(sampled))))
+        return RunnerOutput(sampled)

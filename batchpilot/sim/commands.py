@@ -1,4 +1,4 @@
-"""`batchpilot simulate [sweep | paper]`: the engine's scheduler on modelled hardware."""
+"""`batchpilot simulate [sweep | paper]` and `batchpilot profile`: the engine's scheduler on modelled hardware."""
 
 from __future__ import annotations
 
@@ -12,8 +12,16 @@ from typing import Any
 from batchpilot.bench.capacity import search_capacity
 from batchpilot.bench.datasets import LengthDist
 from batchpilot.bench.metrics import SLA, summarize
-from batchpilot.config import ControllerConfig, SchedulerConfig
+from batchpilot.config import DTYPES, CacheConfig, ControllerConfig, EngineConfig, SchedulerConfig
 from batchpilot.sim.driver import SimRequest, make_workload, simulate
+from batchpilot.sim.profile import (
+    DEFAULT_BATCH_SIZES,
+    DEFAULT_CONTEXT_LENS,
+    DEFAULT_PREFILL_TOKENS,
+    ProfileGrid,
+    ProfileModel,
+    measure_profile,
+)
 from batchpilot.sim.roofline import Hardware, ModelShape, RooflineModel
 
 # ShareGPT-like lengths (our assumption, fitted by eye to vLLM's filtered ShareGPT: prompt
@@ -22,10 +30,15 @@ SHAREGPT_LIKE = {"input": "lognormal:170:1.0", "output": "lognormal:150:1.0", "m
 
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--hardware", default="A100-80GB", help="preset in batchpilot/sim/hardware.json")
-    p.add_argument("--model", default="Llama-2-7B", help="preset in batchpilot/sim/models.json")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
-    p.add_argument("--mem-util", type=float, default=0.9, help="share of device memory for weights + KV cache")
+    p.add_argument("--hardware", default="A100-80GB", help="roofline: preset in batchpilot/sim/hardware.json")
+    p.add_argument("--model", default="Llama-2-7B", help="roofline: preset in batchpilot/sim/models.json")
+    p.add_argument("--tp", type=int, default=1, help="roofline: tensor-parallel degree")
+    p.add_argument("--mem-util", type=float, default=0.9,
+                   help="roofline: share of device memory for weights + KV cache")
+    p.add_argument("--profile", default=None, metavar="JSON",
+                   help="cost model measured by `batchpilot profile` instead of the roofline")
+    p.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="KV pool size (needed with --profile; with the roofline it overrides --mem-util)")
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--request-rate", type=float, default=float("inf"))
     p.add_argument("--burstiness", type=float, default=1.0)
@@ -61,14 +74,67 @@ def add_simulate_parser(sub, add_controller_args, controller_config) -> None:
     paper.set_defaults(func=cmd_paper)
 
 
+def add_profile_parser(sub) -> None:
+    p = sub.add_parser("profile", help="measure the real engine's step times for `simulate --profile`")
+    p.add_argument("--model", default=None, help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--batch-sizes", default=_csv(DEFAULT_BATCH_SIZES), help="decodes per step (grid axis)")
+    p.add_argument("--context-lens", default=_csv(DEFAULT_CONTEXT_LENS), help="decode context (grid axis)")
+    p.add_argument("--prefill-tokens", default=_csv(DEFAULT_PREFILL_TOKENS), help="prefill chunk (grid axis)")
+    p.add_argument("--reps", type=int, default=3, help="timed runs per point (the median is kept)")
+    p.add_argument("--output", required=True, metavar="JSON")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_profile)
+
+
+def _csv(values: tuple[int, ...]) -> str:
+    return ",".join(map(str, values))
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as e:
+        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from e
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    grid = ProfileGrid(_ints(args.batch_sizes, "--batch-sizes"), _ints(args.context_lens, "--context-lens"),
+                       _ints(args.prefill_tokens, "--prefill-tokens"))
+    cache = CacheConfig(block_size=args.block_size, num_blocks=-(-grid.max_tokens_held // args.block_size) + 1)
+    config = EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads, cache=cache)
+    profile = measure_profile(config, grid, args.reps, progress=not args.no_progress)
+    Path(args.output).write_text(json.dumps(profile, indent=1))
+    times = profile["step_time_s"]
+    print(f"profile of {profile['model']} on {profile['host']['cpu']} ({args.threads or 'all'} threads) "
+          f"-> {args.output}")
+    for i, b in enumerate(grid.batch_sizes):
+        row = "  ".join(f"{times[i][0][k] * 1000:8.1f}" for k in range(len(grid.prefill_tokens)))
+        print(f"  decodes {b:>4} @ ctx {grid.context_lens[0]}, prefill {list(grid.prefill_tokens)}: {row} ms")
+    return 0
+
+
 class Setup:
     """Everything a simulation needs besides the controller: cost model, capacity, workload."""
 
     def __init__(self, args: argparse.Namespace):
-        model, hw = ModelShape.preset(args.model), Hardware.preset(args.hardware)
-        self.cost = RooflineModel(model, hw, args.tp, args.mem_util)
-        self.capacity = self.cost.kv_capacity_tokens()
-        self.max_model_len = model.max_context
+        kv_gib = getattr(args, "kv_cache_gib", None)
+        if kv_gib is not None and kv_gib <= 0:
+            raise ValueError(f"--kv-cache-gib must be positive, got {kv_gib}")
+        self.cost: RooflineModel | ProfileModel
+        if getattr(args, "profile", None):
+            if kv_gib is None:
+                raise ValueError("--profile needs --kv-cache-gib (the pool size of the engine to model)")
+            self.cost = ProfileModel.load(args.profile)
+            self.capacity = self.cost.kv_capacity_tokens(kv_gib)
+            self.max_model_len = self.cost.max_model_len
+        else:
+            model, hw = ModelShape.preset(args.model), Hardware.preset(args.hardware)
+            self.cost = RooflineModel(model, hw, args.tp, args.mem_util)
+            self.capacity = self.cost.kv_capacity_tokens(kv_gib)
+            self.max_model_len = model.max_context
         self.args = args
         self.sla = SLA.parse(args.sla) if getattr(args, "sla", None) else None
         self.input_dist = LengthDist.parse(args.input_dist, "--input-dist")
@@ -109,7 +175,10 @@ def cmd_simulate(args: argparse.Namespace, controller: ControllerConfig) -> int:
     start = time.perf_counter()
     result = setup.run(controller, args.request_rate, trace=controller.trace_path)
     result["wall_s"] = time.perf_counter() - start
-    result |= {"hardware": args.hardware, "model": args.model, "tp": args.tp, "controller": controller.name}
+    if args.profile:
+        result |= {"profile": args.profile, "controller": controller.name}
+    else:
+        result |= {"hardware": args.hardware, "model": args.model, "tp": args.tp, "controller": controller.name}
     _print(result)
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(result, indent=2))
@@ -142,7 +211,7 @@ def cmd_sweep(args: argparse.Namespace, base: ControllerConfig) -> int:
 
 
 def _print(result: dict[str, Any]) -> None:
-    for key in ("hardware", "model", "tp", "controller", "kv_capacity_tokens", "completed", "duration_s",
+    for key in ("profile", "hardware", "model", "tp", "controller", "kv_capacity_tokens", "completed", "duration_s",
                 "output_throughput", "request_throughput", "mean_ttft_ms", "p90_ttft_ms", "mean_tpot_ms",
                 "p90_tpot_ms", "num_preemptions", "sla_attainment", "goodput", "wall_s"):
         if key in result:

@@ -75,11 +75,20 @@ class Hardware:
 
 @dataclass(frozen=True)
 class StepShape:
-    """What a step computes: tokens per scheduled sequence and each one's context after the step."""
+    """What a step computes, in the terms cost models need.
 
-    new_tokens: tuple[int, ...]
-    context_lens: tuple[int, ...]
+    Decodes (one new token each) are summed, since a step has hundreds of them and their
+    cost depends on their number and total context only; prefill chunks are few and listed.
+    """
+
+    num_decodes: int
+    decode_context: int  # sum over decodes of the context after the step
+    prefills: tuple[tuple[int, int], ...]  # (new tokens, context after the step) per chunk
     num_sampled: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_decodes + sum(n for n, _ in self.prefills)
 
 
 class RooflineModel:
@@ -88,8 +97,11 @@ class RooflineModel:
             raise ValueError(f"--tp must be at least 1, got {tp}")
         self.model, self.hw, self.tp, self.mem_util = model, hardware, tp, mem_util
 
-    def kv_capacity_tokens(self) -> int:
-        """Tokens of KV cache that fit in the memory the weights leave (over all tp devices)."""
+    def kv_capacity_tokens(self, kv_cache_gib: float | None = None) -> int:
+        """Tokens of KV cache that fit in the memory the weights leave (over all tp devices),
+        or in `kv_cache_gib` when given."""
+        if kv_cache_gib is not None:
+            return int(kv_cache_gib * GIB // self.model.kv_bytes_per_token)
         free = self.hw.mem_gib * GIB * self.mem_util * self.tp - self.model.params * BYTES
         if free <= 0:
             raise ValueError(f"{self.model.name} does not fit on {self.tp} x {self.hw.name}")
@@ -98,15 +110,14 @@ class RooflineModel:
     def step_time(self, step: StepShape) -> float:
         """Seconds for one step."""
         m = self.model
-        tokens = sum(step.new_tokens)
+        tokens = step.num_tokens
         if tokens == 0:
             return 0.0
-        flops = 2 * m.layers * m.layer_params * tokens + 2 * m.vocab * m.hidden * step.num_sampled
-        kv_read = 0
-        for n, ctx in zip(step.new_tokens, step.context_lens):
-            # QK^T and PV over the context (causal within the chunk: about half of the new-token block)
-            flops += 4 * m.layers * m.heads * m.head_dim * n * (ctx - n / 2)
-            kv_read += ctx * m.kv_bytes_per_token
+        # QK^T and PV over each context (causal within the chunk: about half of the new-token block)
+        attended = step.decode_context - step.num_decodes / 2 + sum(n * (ctx - n / 2) for n, ctx in step.prefills)
+        flops = (2 * m.layers * m.layer_params * tokens + 2 * m.vocab * m.hidden * step.num_sampled
+                 + 4 * m.layers * m.heads * m.head_dim * attended)
+        kv_read = (step.decode_context + sum(ctx for _, ctx in step.prefills)) * m.kv_bytes_per_token
         weight_bytes = m.params * BYTES
         compute = flops / (self.hw.peak_tflops * 1e12 * self.hw.compute_eff * self.tp)
         memory = (weight_bytes + kv_read) / (self.hw.mem_bw_gbs * 1e9 * self.hw.mem_eff * self.tp)
