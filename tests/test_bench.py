@@ -161,3 +161,29 @@ def test_bench_compare_writes_a_report(tmp_path):
     md = (report / "report.md").read_text()
     assert "| static-4 |" in md and "| combined |" in md and "+0.0%" in md
     assert (report / "latency_cdf.png").exists() and (report / "trace_combined.png").exists()
+
+
+def test_compare_configurations_for_both_engines(tmp_path):
+    import argparse
+
+    from batchpilot.bench.compare import VLLM_SCHEDULER, configurations
+
+    args = argparse.Namespace(static="8,default", controllers="combined", engines="batchpilot,vllm",
+                              server_cmd="bp serve", server_args="--threads 2", vllm_cmd="py -m vllm.api",
+                              vllm_args="--dtype float32")
+    configs = {c.name: c for c in configurations(args, 80.0, tmp_path)}
+    assert list(configs) == ["batchpilot static-8", "batchpilot static-default", "batchpilot combined",
+                             "vllm static-8", "vllm static-default", "vllm combined"]
+    assert configs["batchpilot static-8"].cmd == ["bp", "serve", "--threads", "2", "--batch-controller", "static",
+                                                  "--max-num-seqs", "8"]
+    assert configs["vllm static-default"].cmd == ["py", "-m", "vllm.api", "--dtype", "float32"]
+    assert configs["vllm static-8"].cmd[-2:] == ["--max-num-seqs", "8"] and configs["vllm static-8"].env is None
+    vllm_combined = configs["vllm combined"]
+    assert vllm_combined.cmd[-2:] == ["--scheduler-cls", VLLM_SCHEDULER]
+    assert json.loads(vllm_combined.env["BATCHPILOT_VLLM_CONFIG"]) == {
+        "name": "combined", "sla_tpot_ms": 80.0, "trace_path": str(tmp_path / "trace_vllm_combined.jsonl")}
+    assert "--sla-tpot-ms" in configs["batchpilot combined"].cmd
+    for bad, field in (({"engines": "tgi"}, "--engines"), ({"static": "x"}, "--static"),
+                       ({"controllers": "magic"}, "--controllers")):
+        with pytest.raises(ValueError, match=field):
+            configurations(argparse.Namespace(**{**vars(args), **bad}), 80.0, tmp_path)

@@ -140,6 +140,8 @@ def test_profile_model_interpolates_and_extrapolates_linearly():
     assert m.step_time(StepShape(0, 0, ((10, 10),), 1)) == pytest.approx(t(0, 100, 10))
     assert m.step_time(StepShape(0, 0, (), 0)) == 0.0
     assert m.kv_capacity_tokens(1.0) == 2**30 // 1000
+    scaled = ProfileModel({**data, "scale": 1.25})  # the calibration run's ratio multiplies every step
+    assert scaled.step_time(StepShape(3, 600, ((6, 6),), 4)) == pytest.approx(1.25 * t(3, 200, 6))
 
 
 def test_profile_errors_name_the_flag(tmp_path):
@@ -169,13 +171,15 @@ def test_profile_command_measures_the_real_runner_and_feeds_the_simulator(tmp_pa
     cmd = [sys.executable, "-m", "batchpilot.cli"]
     r = subprocess.run([*cmd, "profile", "--model", str(default_model_dir), "--threads", "1", "--batch-sizes", "0,1,8",
                         "--context-lens", "32,256", "--prefill-tokens", "0,64", "--reps", "1", "--output", str(out),
-                        "--no-progress"], capture_output=True, text=True, timeout=600)
+                        "--calibration-prompts", "4", "--no-progress"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
     times = data["step_time_s"]
     assert times[0][0][0] == 0.0
     assert all(times[i][j][k] > 0 for i in range(3) for j in range(2) for k in range(2) if (i, k) != (0, 0))
     assert data["host"]["threads"] == 1 and data["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 2  # SmolLM2, bf16
+    cal = data["calibration"]
+    assert cal["steps"] > 4 and cal["real_s"] > 0 and data["scale"] == pytest.approx(cal["real_s"] / cal["predicted_s"])
     r = subprocess.run([*cmd, "simulate", "--profile", str(out), "--kv-cache-gib", "0.01", "--num-prompts", "30",
                         "--input-dist", "uniform:10:60", "--output-dist", "uniform:5:40", "--max-num-batched-tokens",
                         "64", "--output-json", str(tmp_path / "sim.json")], capture_output=True, text=True, timeout=300)

@@ -1,15 +1,17 @@
 """`batchpilot bench compare`: one workload against a fresh server per configuration, one table.
 
-Each configuration starts its own server (ours by default, or any command such as vLLM's via
---server-cmd), waits for /health, runs the same seeded workload (and optionally the capacity
-search), stops the server, and the results land in one Markdown/JSON report with gains
-relative to a named baseline, plus latency CDFs, the capacity curves and controller traces.
+Each configuration starts its own server (ours, and with --engines vllm also vLLM's: stock at
+static limits, and with our controllers inside its scheduler), waits for /health, runs the
+same seeded workload (and optionally the capacity search), stops the server, and the results
+land in one Markdown/JSON report with gains relative to a named baseline, plus latency CDFs,
+the capacity curves and controller traces.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import signal
 import socket
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +37,8 @@ def add_compare_parser(sub, add_client_args) -> None:
     p = sub.add_parser("compare", help="same workload against fresh servers of several configurations")
     add_client_args(p)
     p.set_defaults(base_url=None)
-    p.add_argument("--static", default="8,32,128", help="static max-num-seqs values ('' for none)")
+    p.add_argument("--static", default="8,32,128",
+                   help="static max-num-seqs values, 'default' for the engine's own ('' for none)")
     p.add_argument("--controllers", default="combined", help="comma list of memory, sla, combined")
     p.add_argument("--baseline", default=None, help="configuration the gains are relative to (default: first)")
     p.add_argument("--request-rate", type=float, default=float("inf"))
@@ -47,6 +51,12 @@ def add_compare_parser(sub, add_client_args) -> None:
     p.add_argument("--server-cmd", default=f"{shlex.quote(sys.executable)} -m batchpilot.cli serve",
                    help="command that starts a server; --port and the configuration's flags are appended")
     p.add_argument("--server-args", default="", help="flags given to every server (model, KV size, threads)")
+    p.add_argument("--engines", default="batchpilot",
+                   help="comma list of batchpilot, vllm: every configuration runs on each (vLLM's controllers "
+                        "through batchpilot.integrations.vllm)")
+    p.add_argument("--vllm-cmd", default="python -m vllm.entrypoints.openai.api_server",
+                   help="command that starts vLLM's server (e.g. from .venv-vllm)")
+    p.add_argument("--vllm-args", default="", help="flags given to every vLLM server (model, dtype)")
     p.add_argument("--sla-tpot-ms-server", type=float, default=None,
                    help="--sla-tpot-ms passed to sla/combined servers (default: the --sla tpot)")
     p.add_argument("--report", default="bench-report", help="directory for report.md, compare.json and plots")
@@ -54,18 +64,59 @@ def add_compare_parser(sub, add_client_args) -> None:
     p.set_defaults(func=cmd_compare)
 
 
-def configurations(args: argparse.Namespace, sla_tpot: float | None) -> list[tuple[str, list[str]]]:
-    configs = [(f"static-{n}", ["--batch-controller", "static", "--max-num-seqs", n])
-               for n in filter(None, (x.strip() for x in args.static.split(",")))]
-    for name in filter(None, (x.strip() for x in args.controllers.split(","))):
+@dataclass
+class Configuration:
+    name: str
+    cmd: list[str]
+    env: dict[str, str] | None = None  # extra environment for the server
+    trace: Path | None = None  # where the server writes its controller trace
+
+
+VLLM_SCHEDULER = "batchpilot.integrations.vllm.DynamicBatchScheduler"
+
+
+def configurations(args: argparse.Namespace, sla_tpot: float | None, report: Path) -> list[Configuration]:
+    """Every engine of --engines with every static limit and controller, as server commands."""
+    statics = [x.strip() for x in args.static.split(",") if x.strip()]
+    controllers = [x.strip() for x in args.controllers.split(",") if x.strip()]
+    for name in controllers:
         if name not in ("memory", "sla", "combined"):
             raise ValueError(f"--controllers: unknown controller {name!r} (memory, sla, combined)")
-        flags = ["--batch-controller", name]
-        if name in ("sla", "combined") and sla_tpot is not None:
-            flags += ["--sla-tpot-ms", str(sla_tpot)]
-        elif name == "sla":
+        if name == "sla" and sla_tpot is None:
             raise ValueError("--controllers sla needs an SLA: --sla tpot:MS or --sla-tpot-ms-server")
-        configs.append((name, flags))
+    for n in statics:
+        if n != "default" and not n.isdigit():
+            raise ValueError(f"--static: {n!r} is neither a number nor 'default'")
+    engines = [x.strip() for x in args.engines.split(",") if x.strip()]
+    unknown = set(engines) - {"batchpilot", "vllm"}
+    if unknown or not engines:
+        raise ValueError(f"--engines: unknown {sorted(unknown)} (batchpilot, vllm)")
+    configs = []
+    for engine in engines:
+        prefix = f"{engine} " if len(engines) > 1 else ""
+        if engine == "batchpilot":
+            base = shlex.split(args.server_cmd) + shlex.split(args.server_args)
+        else:
+            base = shlex.split(args.vllm_cmd) + shlex.split(args.vllm_args)
+        for n in statics:
+            name = f"{prefix}static-{n}"
+            if engine == "batchpilot":
+                flags = ["--batch-controller", "static"] + ([] if n == "default" else ["--max-num-seqs", n])
+            else:
+                flags = [] if n == "default" else ["--max-num-seqs", n]
+            configs.append(Configuration(name, base + flags))
+        for c in controllers:
+            name = f"{prefix}{c}"
+            trace = report / f"trace_{name.replace(' ', '_')}.jsonl"
+            tpot = sla_tpot if c in ("sla", "combined") else None
+            if engine == "batchpilot":
+                flags = ["--batch-controller", c, "--controller-trace", str(trace)]
+                flags += ["--sla-tpot-ms", str(tpot)] if tpot is not None else []
+                configs.append(Configuration(name, base + flags, trace=trace))
+            else:
+                config = {"name": c, "trace_path": str(trace)} | ({"sla_tpot_ms": tpot} if tpot is not None else {})
+                configs.append(Configuration(name, base + ["--scheduler-cls", VLLM_SCHEDULER],
+                                             env={"BATCHPILOT_VLLM_CONFIG": json.dumps(config)}, trace=trace))
     if not configs:
         raise ValueError("nothing to compare: give --static and/or --controllers")
     return configs
@@ -127,21 +178,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.capacity and sla is None:
         raise ValueError("--capacity needs --sla")
     sla_tpot = args.sla_tpot_ms_server or (sla.tpot_ms if sla else None)
-    configs = configurations(args, sla_tpot)
-    names = [n for n, _ in configs]
+    report = Path(args.report)
+    report.mkdir(parents=True, exist_ok=True)
+    configs = configurations(args, sla_tpot, report)
+    names = [c.name for c in configs]
     baseline = args.baseline or names[0]
     if baseline not in names:
         raise ValueError(f"--baseline {baseline!r} is not one of {names}")
-    report = Path(args.report)
-    report.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
-    for name, flags in configs:
-        trace = report / f"trace_{name}.jsonl"
-        cmd = shlex.split(args.server_cmd) + shlex.split(args.server_args) + flags
-        if "batchpilot" in args.server_cmd:
-            cmd += ["--controller-trace", str(trace)]
-        print(f"== {name}: {' '.join(cmd)}", flush=True)
-        with server(cmd, report / f"server_{name}.log", args.startup_timeout) as (url, _):
+    for config in configs:
+        print(f"== {config.name}: {' '.join(config.cmd)}", flush=True)
+        env = os.environ | config.env if config.env else None
+        log = report / f"server_{config.name.replace(' ', '_')}.log"
+        with server(config.cmd, log, args.startup_timeout, env) as (url, _):
             args.base_url = url
             result = run_serve(args, args.request_rate, args.num_prompts, sla)
             result["num_preemptions"] = _preemptions(url)
@@ -149,9 +198,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 found = capacity(args, sla)
                 result["capacity"] = found["capacity"]
                 result["capacity_curve"] = found["curve"]
-        results[name] = result
-        if trace.exists() and trace.stat().st_size:
-            plots.plot_trace(trace, report / f"trace_{name}.png")
+        results[config.name] = result
+        if config.trace is not None and config.trace.exists() and config.trace.stat().st_size:
+            plots.plot_trace(config.trace, config.trace.with_suffix(".png"))
     table = markdown_table(results, baseline)
     (report / "compare.json").write_text(json.dumps({"baseline": baseline, "results": results}, indent=2))
     plots.plot_cdfs(results, report / "latency_cdf.png")

@@ -35,16 +35,20 @@ class SimulatedExecutor:
         self.clock = clock
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        num_decodes = decode_context = 0
-        prefills = []
-        sampled = {}
-        for s in sched.scheduled:
-            if s.num_new_tokens == 1:
-                num_decodes += 1
-                decode_context += s.start + 1
-            else:
-                prefills.append((s.num_new_tokens, s.start + s.num_new_tokens))
-            if s.sample:
-                sampled[s.request.request_id] = PLACEHOLDER_TOKEN
-        self.clock.advance(self.step_time(StepShape(num_decodes, decode_context, tuple(prefills), len(sampled))))
+        sampled = {s.request.request_id: PLACEHOLDER_TOKEN for s in sched.scheduled if s.sample}
+        self.clock.advance(self.step_time(step_shape(sched)))
         return RunnerOutput(sampled)
+
+
+def step_shape(sched: SchedulerOutput) -> StepShape:
+    """What a cost model needs to know of a scheduled step."""
+    num_decodes = decode_context = num_sampled = 0
+    prefills = []
+    for s in sched.scheduled:
+        if s.num_new_tokens == 1:
+            num_decodes += 1
+            decode_context += s.start + 1
+        else:
+            prefills.append((s.num_new_tokens, s.start + s.num_new_tokens))
+        num_sampled += s.sample
+    return StepShape(num_decodes, decode_context, tuple(prefills), num_sampled)

@@ -3,9 +3,13 @@
 Use: `python -m vllm.entrypoints.openai.api_server --model M --max-num-seqs B_MAX
 --scheduler-cls batchpilot.integrations.vllm.DynamicBatchScheduler`, configured by
 `BATCHPILOT_VLLM_CONFIG` (a JSON file, or inline JSON, with ControllerConfig fields such as
-{"name": "combined", "sla_tpot_ms": 80}). vLLM keeps its own block pool and preemption; before
-each `schedule()` we set its admission gate (`max_num_active_reqs`) to the controller's
-limit, and after each step feed `observe()` with the measured step time and batch makeup.
+{"name": "combined", "sla_tpot_ms": 80, "trace_path": "/tmp/trace.jsonl"}) and
+`BATCHPILOT_VLLM_METRICS_PORT` (serve the limits as Prometheus gauges on that port).
+
+vLLM keeps its own block pool, preemption and async scheduling; before each `schedule()` we
+set its admission gate (`max_num_active_reqs`) to the controller's limit, and after each step
+feed `observe()` with the step time and batch makeup. The limits go to the controller trace,
+the gauges, and a log line when they change (at most one per 5 s).
 """
 
 from __future__ import annotations
@@ -14,18 +18,25 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import fields
 
+import vllm
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from batchpilot.config import ControllerConfig
 from batchpilot.controllers import make_controller
 from batchpilot.controllers.base import SchedulerView, StepStats
+from batchpilot.engine.trace import TraceWriter
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_VLLM = "0.32"
-_NEEDED = ("max_num_active_reqs", "max_num_running_reqs", "running", "waiting", "kv_cache_manager", "block_size")
+SUPPORTED_VLLM = ("0.32",)
+# vLLM internals this module reads or sets; checked at start so a vLLM that moved them fails loudly.
+_NEEDED = ("max_num_active_reqs", "max_num_running_reqs", "running", "waiting", "kv_cache_manager", "block_size",
+           "_free_request")
+_LOG_INTERVAL_S = 5.0  # at most one "limit changed" line per interval
 
 
 def load_config() -> ControllerConfig:
@@ -33,11 +44,11 @@ def load_config() -> ControllerConfig:
     raw = os.environ.get("BATCHPILOT_VLLM_CONFIG", "").strip()
     if not raw:
         return ControllerConfig()
-    text = raw if raw.startswith("{") else open(raw).read()
     try:
+        text = raw if raw.startswith("{") else open(raw).read()
         data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"BATCHPILOT_VLLM_CONFIG: not valid JSON: {e}") from e
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"BATCHPILOT_VLLM_CONFIG: {e}") from e
     known = {f.name for f in fields(ControllerConfig)}
     unknown = set(data) - known
     if unknown:
@@ -45,28 +56,72 @@ def load_config() -> ControllerConfig:
     return ControllerConfig(**data)
 
 
+def check_vllm(scheduler: Scheduler) -> None:
+    """Raise a clear error when this vLLM lacks what the integration touches (never a silent no-op)."""
+    missing = [name for name in _NEEDED if not hasattr(scheduler, name)]
+    pool = getattr(getattr(scheduler, "kv_cache_manager", None), "block_pool", None)
+    if not hasattr(pool, "get_num_free_blocks") or not hasattr(pool, "num_gpu_blocks"):
+        missing.append("kv_cache_manager.block_pool.get_num_free_blocks/num_gpu_blocks")
+    if missing or not vllm.__version__.startswith(SUPPORTED_VLLM):
+        raise RuntimeError(f"batchpilot.integrations.vllm supports vLLM {', '.join(SUPPORTED_VLLM)}.x; this is vLLM "
+                           f"{vllm.__version__}" + (f", which lacks {missing}" if missing else ""))
+
+
+class _LimitGauges:
+    """b_t and the controller's parts as Prometheus gauges on their own port (the engine core is
+    a separate process from vLLM's API server, so vLLM's /metrics cannot carry them)."""
+
+    def __init__(self, port: int):
+        from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+        registry = CollectorRegistry()
+        self.limit = Gauge("batchpilot:batch_limit", "Running-request limit b_t set by the controller",
+                           registry=registry)
+        self.parts = Gauge("batchpilot:batch_limit_part", "The controller's parts of b_t (b_mem, b_sla, ...)",
+                           ["part"], registry=registry)
+        self.running = Gauge("batchpilot:num_requests_running", "Requests running in vLLM", registry=registry)
+        start_http_server(port, registry=registry)
+
+    def set(self, limit: int, parts: dict[str, int | float], running: int) -> None:
+        self.limit.set(limit)
+        for name, value in parts.items():
+            self.parts.labels(name).set(value)
+        self.running.set(running)
+
+
 class DynamicBatchScheduler(Scheduler):
-    """vLLM's scheduler with its admission limit set by a batchpilot controller every step."""
+    """vLLM's scheduler with its admission limit set by a batchpilot controller every step.
+
+    Constructed under async scheduling (vLLM's default when the executor supports it), it
+    becomes `DynamicBatchAsyncScheduler`, so passing this one class never turns async off.
+    """
+
+    def __new__(cls, *args, **kwargs):
+        vllm_config = kwargs.get("vllm_config", args[0] if args else None)
+        if cls is DynamicBatchScheduler and getattr(vllm_config.scheduler_config, "async_scheduling", False):
+            cls = DynamicBatchAsyncScheduler
+        return super().__new__(cls)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        missing = [name for name in _NEEDED if not hasattr(self, name)]
-        pool = getattr(getattr(self, "kv_cache_manager", None), "block_pool", None)
-        if missing or not hasattr(pool, "get_num_free_blocks"):
-            import vllm
-
-            raise RuntimeError(
-                f"batchpilot.integrations.vllm supports vLLM {SUPPORTED_VLLM}.x; vLLM {vllm.__version__} lacks "
-                f"{missing or ['kv_cache_manager.block_pool.get_num_free_blocks']}"
-            )
+        check_vllm(self)
         config = load_config()
         config.max_num_seqs = min(config.max_num_seqs, self.max_num_running_reqs)
         config.min_num_seqs = min(config.min_num_seqs, config.max_num_seqs)
         self.controller = make_controller(config)
+        self.trace = TraceWriter(config.trace_path) if config.trace_path else None
+        port = os.environ.get("BATCHPILOT_VLLM_METRICS_PORT")
+        self.gauges = _LimitGauges(int(port)) if port else None
         self.batch_limit = self.max_num_running_reqs
-        self._step_start: float | None = None
+        self._logged_limit = 0
+        self._last_log = 0.0
+        self._schedule_times: deque[float] = deque()  # one per step scheduled and not yet updated
+        self._last_update = 0.0
+        self._start = time.perf_counter()
+        self._num_steps = 0
         self._finished_lens: list[int] = []
-        logger.info("batchpilot %s controller steering vLLM admissions (B_max %d)", config.name, config.max_num_seqs)
+        logger.info("batchpilot %s controller steering vLLM %s admissions (B_max %d, %s)", config.name,
+                    vllm.__version__, config.max_num_seqs, type(self).__name__)
 
     def _view(self) -> SchedulerView:
         pool = self.kv_cache_manager.block_pool
@@ -85,7 +140,7 @@ class DynamicBatchScheduler(Scheduler):
     def schedule(self, *args, **kwargs):
         self.batch_limit = max(1, min(self.controller.limit(self._view()), self.max_num_running_reqs))
         self.max_num_active_reqs = self.batch_limit
-        self._step_start = time.perf_counter()
+        self._schedule_times.append(time.perf_counter())
         return super().schedule(*args, **kwargs)
 
     def _free_request(self, request, *args, **kwargs):
@@ -94,9 +149,17 @@ class DynamicBatchScheduler(Scheduler):
 
     def update_from_output(self, scheduler_output, model_runner_output):
         result = super().update_from_output(scheduler_output, model_runner_output)
-        if self._step_start is None:
-            return result
-        step_time = time.perf_counter() - self._step_start
+        now = time.perf_counter()
+        scheduled_at = self._schedule_times.popleft() if self._schedule_times else now
+        # Under async scheduling the next step is scheduled before this one's output arrives, so
+        # a step's time is the gap since the previous output; when the engine idled in between,
+        # it is the time since this step was scheduled.
+        step_time = now - max(scheduled_at, self._last_update)
+        self._last_update = now
+        self._observe(scheduler_output, step_time)
+        return result
+
+    def _observe(self, scheduler_output, step_time: float) -> None:
         new_ids = {r.req_id for r in scheduler_output.scheduled_new_reqs}
         prefill = decode = 0
         for req_id, n in scheduler_output.num_scheduled_tokens.items():
@@ -105,7 +168,7 @@ class DynamicBatchScheduler(Scheduler):
             else:
                 prefill += n
         pool = self.kv_cache_manager.block_pool
-        self.controller.observe(StepStats(
+        stats = StepStats(
             batch_size=len(scheduler_output.num_scheduled_tokens),
             num_prefill_tokens=prefill,
             num_decode_tokens=decode,
@@ -115,6 +178,22 @@ class DynamicBatchScheduler(Scheduler):
             num_running=len(self.running),
             num_waiting=len(self.waiting),
             finished_lens=tuple(self._finished_lens),
-        ))
+        )
         self._finished_lens.clear()
-        return result
+        self._num_steps += 1
+        if self.trace is not None:  # before observe: the trace shows the limits this step ran under
+            self.trace.write(time.perf_counter() - self._start, self._num_steps, self.batch_limit,
+                             self.controller.trace, stats)
+        if self.gauges is not None:
+            self.gauges.set(self.batch_limit, self.controller.trace, stats.num_running)
+        now = time.perf_counter()
+        if self.batch_limit != self._logged_limit and now - self._last_log >= _LOG_INTERVAL_S:
+            self._last_log = now
+            logger.info("batchpilot: batch limit %d (%s), running %d, waiting %d, KV %.0f%%", self.batch_limit,
+                        self.controller.trace, stats.num_running, stats.num_waiting, 100 * stats.kv_usage)
+            self._logged_limit = self.batch_limit
+        self.controller.observe(stats)
+
+
+class DynamicBatchAsyncScheduler(DynamicBatchScheduler, AsyncScheduler):
+    """The same, over vLLM's AsyncScheduler (chosen by DynamicBatchScheduler under async scheduling)."""

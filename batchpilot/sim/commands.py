@@ -45,6 +45,8 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-dist", default=SHAREGPT_LIKE["input"])
     p.add_argument("--output-dist", default=SHAREGPT_LIKE["output"])
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--replicas", type=int, default=1, help="engine replicas behind one router (each a whole engine)")
+    p.add_argument("--routing", default="load-aware", help="load-aware (power of two choices) or round-robin")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sla", default=None, help="ttft:MS,tpot:MS for attainment and goodput")
@@ -83,7 +85,9 @@ def add_profile_parser(sub) -> None:
     p.add_argument("--batch-sizes", default=_csv(DEFAULT_BATCH_SIZES), help="decodes per step (grid axis)")
     p.add_argument("--context-lens", default=_csv(DEFAULT_CONTEXT_LENS), help="decode context (grid axis)")
     p.add_argument("--prefill-tokens", default=_csv(DEFAULT_PREFILL_TOKENS), help="prefill chunk (grid axis)")
-    p.add_argument("--reps", type=int, default=3, help="timed runs per point (the median is kept)")
+    p.add_argument("--reps", type=int, default=5, help="timed runs per point (the median is kept)")
+    p.add_argument("--calibration-prompts", type=int, default=96,
+                   help="requests of the real calibration run that sets the profile's scale (0: none)")
     p.add_argument("--output", required=True, metavar="JSON")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_profile)
@@ -103,13 +107,17 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 def cmd_profile(args: argparse.Namespace) -> int:
     grid = ProfileGrid(_ints(args.batch_sizes, "--batch-sizes"), _ints(args.context_lens, "--context-lens"),
                        _ints(args.prefill_tokens, "--prefill-tokens"))
-    cache = CacheConfig(block_size=args.block_size, num_blocks=-(-grid.max_tokens_held // args.block_size) + 1)
+    cache = CacheConfig(block_size=args.block_size, num_blocks=grid.max_blocks(args.block_size))
     config = EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads, cache=cache)
-    profile = measure_profile(config, grid, args.reps, progress=not args.no_progress)
+    profile = measure_profile(config, grid, args.reps, args.calibration_prompts, progress=not args.no_progress)
     Path(args.output).write_text(json.dumps(profile, indent=1))
     times = profile["step_time_s"]
     print(f"profile of {profile['model']} on {profile['host']['cpu']} ({args.threads or 'all'} threads) "
           f"-> {args.output}")
+    if "calibration" in profile:
+        cal = profile["calibration"]
+        print(f"  calibration: {cal['steps']} steps, {cal['real_s']:.1f} s real vs {cal['predicted_s']:.1f} s "
+              f"from the grid -> scale {cal['scale']:.3f}")
     for i, b in enumerate(grid.batch_sizes):
         row = "  ".join(f"{times[i][0][k] * 1000:8.1f}" for k in range(len(grid.prefill_tokens)))
         print(f"  decodes {b:>4} @ ctx {grid.context_lens[0]}, prefill {list(grid.prefill_tokens)}: {row} ms")
@@ -150,11 +158,15 @@ class Setup:
     def run(self, controller: ControllerConfig, rate: float, n: int | None = None, trace: str | None = None
             ) -> dict[str, Any]:
         sched = SchedulerConfig(max_num_batched_tokens=self.args.max_num_batched_tokens)
+        a = self.args
+        replicas, routing = getattr(a, "replicas", 1), getattr(a, "routing", "load-aware")
         res = simulate(self.workload(rate, n), self.cost.step_time, self.capacity, controller, sched,
-                       self.max_model_len, self.args.block_size, trace)
+                       self.max_model_len, a.block_size, trace, replicas, routing, a.seed)
         out = summarize(res.records, res.duration_s, self.sla)
         out.update(num_preemptions=res.num_preemptions, num_steps=res.num_steps, rejected=res.rejected,
                    request_rate=rate, kv_capacity_tokens=self.capacity)
+        if replicas > 1:
+            out.update(replicas=replicas, routing=routing, requests_per_replica=res.requests_per_replica)
         return out
 
     def capacity_search(self, controller: ControllerConfig, target: float, start: float) -> dict[str, Any]:
@@ -213,7 +225,8 @@ def cmd_sweep(args: argparse.Namespace, base: ControllerConfig) -> int:
 def _print(result: dict[str, Any]) -> None:
     for key in ("profile", "hardware", "model", "tp", "controller", "kv_capacity_tokens", "completed", "duration_s",
                 "output_throughput", "request_throughput", "mean_ttft_ms", "p90_ttft_ms", "mean_tpot_ms",
-                "p90_tpot_ms", "num_preemptions", "sla_attainment", "goodput", "wall_s"):
+                "p90_tpot_ms", "num_preemptions", "sla_attainment", "goodput", "replicas", "routing",
+                "requests_per_replica", "wall_s"):
         if key in result:
             v = result[key]
             print(f"{key:<22}{v:>14.2f}" if isinstance(v, float) else f"{key:<22}{v!s:>14}")

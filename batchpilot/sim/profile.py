@@ -2,7 +2,8 @@
 
 `batchpilot profile` runs the real model runner on synthetic steps — `b` decodes at context
 `c` plus a prefill chunk of `p` tokens — and saves the median time of each grid point with
-the machine it was taken on. `ProfileModel` answers a simulated step by multilinear
+the machine it was taken on; a short real workload then sets one `scale` for the whole grid
+(steps inside a run are slower than the same steps timed alone). `ProfileModel` answers a simulated step by multilinear
 interpolation over (b, mean decode context, prefill tokens), extrapolating linearly past the
 grid's edges. Like Vidur's operator profiles, but per step: our runner does one forward
 for the whole mixed batch, so the step is the unit that was measured.
@@ -32,6 +33,8 @@ PROFILE_VERSION = 1
 DEFAULT_BATCH_SIZES = (0, 1, 2, 4, 8, 16, 32, 64, 128)
 DEFAULT_CONTEXT_LENS = (64, 256, 1024)
 DEFAULT_PREFILL_TOKENS = (0, 32, 128, 512)
+CALIBRATION_KV_TOKENS = 12_288  # the calibration run's pool: small enough to fill and preempt
+CALIBRATION_BUDGET = 512  # its token budget per step (the engine's default)
 
 
 @dataclass(frozen=True)
@@ -48,10 +51,10 @@ class ProfileGrid:
         if self.batch_sizes[0] != 0 or self.prefill_tokens[0] != 0:
             raise ValueError("--batch-sizes and --prefill-tokens must start at 0 (steps without decodes / prefill)")
 
-    @property
-    def max_tokens_held(self) -> int:
-        """KV slots the largest grid point needs."""
-        return self.batch_sizes[-1] * self.context_lens[-1] + self.prefill_tokens[-1]
+    def max_blocks(self, block_size: int) -> int:
+        """KV blocks the largest grid point holds."""
+        per_decode = -(-self.context_lens[-1] // block_size)
+        return self.batch_sizes[-1] * per_decode + -(-self.prefill_tokens[-1] // block_size)
 
 
 def host_description(threads: int | None) -> dict[str, Any]:
@@ -65,7 +68,8 @@ def host_description(threads: int | None) -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "platform": platform.platform()}
 
 
-def measure_profile(engine_config, grid: ProfileGrid, reps: int = 3, progress: bool = True) -> dict[str, Any]:
+def measure_profile(engine_config, grid: ProfileGrid, reps: int = 5, calibration_prompts: int = 96,
+                    progress: bool = True) -> dict[str, Any]:
     """Time the real runner on every grid point; returns the profile as a JSON-ready dict."""
     import torch
     from tqdm import tqdm
@@ -80,6 +84,7 @@ def measure_profile(engine_config, grid: ProfileGrid, reps: int = 3, progress: b
     engine = build_engine(engine_config)
     runner = engine.executor
     block_size = engine_config.cache.block_size
+    axes = (grid.batch_sizes, grid.context_lens, grid.prefill_tokens)
     args = runner.model.args
     max_len = engine.scheduler.max_model_len
     if grid.context_lens[-1] + 1 > max_len or grid.prefill_tokens[-1] > max_len:
@@ -87,46 +92,46 @@ def measure_profile(engine_config, grid: ProfileGrid, reps: int = 3, progress: b
     # Sampling as the benchmarks sample (temperature 1, seeded), so its cost is in the profile.
     params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=1, seed=0)
     vocab = engine.vocab_size or args.vocab_size
-    next_block = 0
-
-    def request(tag: str, length: int) -> tuple[Request, list[int]]:
-        nonlocal next_block
-        n_blocks = -(-length // block_size)
-        table = list(range(next_block, next_block + n_blocks))
-        next_block += n_blocks
-        prompt = [(7 * i + 3) % vocab for i in range(length)]
-        return Request(tag, prompt, params, arrival_time=0.0), table
+    rng = np.random.default_rng(0)
 
     def step(b: int, c: int, p: int) -> SchedulerOutput:
-        nonlocal next_block
-        next_block = 0
+        """b decodes at context c (the last token new, c - 1 cached) and a p-token prefill chunk.
+
+        Their blocks are the first blocks of the pool, shuffled: a busy engine's pool is full and
+        its free list interleaves requests. (Contiguous tables timed up to 2x faster at long
+        contexts; tables scattered over a pool much larger than the step's data, 1.5x slower.)
+        """
+        seqs = [(f"d{i}", c, c - 1) for i in range(b)] + ([("p", p, 0)] if p else [])
+        blocks = iter(rng.permutation(sum(-(-length // block_size) for _, length, _ in seqs)).tolist())
         scheduled = []
-        for i in range(b):  # a decode: the last of c tokens is new, c - 1 are in the cache
-            req, table = request(f"d{i}", c)
-            scheduled.append(ScheduledRequest(req, c - 1, 1, table, True))
-        if p:
-            req, table = request("p", p)
-            scheduled.append(ScheduledRequest(req, 0, p, table, True))
+        for tag, length, start in seqs:
+            table = [next(blocks) for _ in range(-(-length // block_size))]
+            req = Request(tag, [(7 * t + 3) % vocab for t in range(length)], params, arrival_time=0.0)
+            scheduled.append(ScheduledRequest(req, start, length - start, table, True))
         return SchedulerOutput(scheduled, p, b)
 
-    times = np.zeros((len(grid.batch_sizes), len(grid.context_lens), len(grid.prefill_tokens)))
     points = [(i, j, k) for i in range(len(grid.batch_sizes)) for j in range(len(grid.context_lens))
-              for k in range(len(grid.prefill_tokens))]
-    for i, j, k in tqdm(points, desc="profile", disable=not progress):
-        b, c, p = grid.batch_sizes[i], grid.context_lens[j], grid.prefill_tokens[k]
-        if b == 0 and (p == 0 or j > 0):  # nothing to run, or the same step as at the first context
-            times[i, j, k] = times[i, 0, k]
-            continue
-        sched = step(b, c, p)
-        runner.execute(sched)  # warm-up: allocator, generators, kernel caches
-        samples = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            runner.execute(sched)
-            samples.append(time.perf_counter() - t0)
-        times[i, j, k] = statistics.median(samples)
+              for k in range(len(grid.prefill_tokens)) if grid.batch_sizes[i] or (j == 0 and k > 0)]
+    steps = {point: step(*(axis[x] for axis, x in zip(axes, point))) for point in points}
+    samples: dict[tuple[int, int, int], list[float]] = {point: [] for point in points}
+    # Each pass visits every point once, in a new shuffled order: like a running engine, no step
+    # follows a step of its own shape (back-to-back repeats of one shape find warm caches), and
+    # a drift of the host spreads over the grid as noise. The first pass is a warm-up.
+    with tqdm(total=(reps + 1) * len(points), desc="profile", disable=not progress) as bar:
+        for rep in range(reps + 1):
+            for n in rng.permutation(len(points)):
+                point = points[n]
+                t0 = time.perf_counter()
+                runner.execute(steps[point])
+                if rep:
+                    samples[point].append(time.perf_counter() - t0)
+                bar.update()
+    times = np.zeros(tuple(len(axis) for axis in axes))
+    for point, values in samples.items():
+        times[point] = statistics.median(values)
+    times[0, 1:, :] = times[0, 0, :]  # without decodes the context axis does not apply
     elem = torch.finfo(runner.model.dtype).bits // 8
-    return {
+    profile = {
         "version": PROFILE_VERSION,
         "model": str(engine_config.model or "default"),
         "dtype": engine_config.dtype,
@@ -139,6 +144,60 @@ def measure_profile(engine_config, grid: ProfileGrid, reps: int = 3, progress: b
                  "prefill_tokens": list(grid.prefill_tokens)},
         "step_time_s": times.tolist(),
     }
+    if calibration_prompts:
+        profile["calibration"] = calibrate(runner, ProfileModel(profile), vocab, block_size, max_len,
+                                           calibration_prompts, progress)
+        profile["scale"] = profile["calibration"]["scale"]
+    return profile
+
+
+def calibrate(runner, grid_model: ProfileModel, vocab: int, block_size: int, max_len: int, num_prompts: int,
+              progress: bool) -> dict[str, Any]:
+    """Run a short real workload and compare its step times with the grid's predictions.
+
+    The grid times steps in isolation; inside a run, steps are slower (measured: 10-20% here),
+    as the free list scatters block tables and the host's caches hold other steps' data. The
+    ratio of the sums is the profile's `scale`. The workload is fixed and is none of
+    benchmarks/sim_fidelity.py's.
+    """
+    from tqdm import tqdm
+
+    from batchpilot.config import ControllerConfig, SchedulerConfig
+    from batchpilot.controllers import make_controller
+    from batchpilot.engine.block_pool import BlockPool, KVCacheManager
+    from batchpilot.engine.engine import LLMEngine
+    from batchpilot.engine.scheduler import Scheduler
+    from batchpilot.executors.simulated import step_shape
+    from batchpilot.sampling_params import SamplingParams
+
+    real: list[float] = []
+    predicted: list[float] = []
+
+    class TimedRunner:
+        def execute(self, sched):
+            shape = step_shape(sched)
+            t0 = time.perf_counter()
+            out = runner.execute(sched)
+            real.append(time.perf_counter() - t0)
+            predicted.append(grid_model.step_time(shape))
+            return out
+
+    pool = BlockPool(min(runner.num_blocks, CALIBRATION_KV_TOKENS // block_size), block_size)
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=CALIBRATION_BUDGET), KVCacheManager(pool),
+                          make_controller(ControllerConfig(name="static", max_num_seqs=64)), max_len)
+    engine = LLMEngine(scheduler, TimedRunner(), tokenizer=None, vocab_size=vocab)
+    rng = np.random.default_rng(1)
+    for i in range(num_prompts):
+        prompt = rng.integers(0, vocab, size=int(rng.integers(32, 513))).tolist()
+        engine.add_request(prompt, SamplingParams(temperature=1.0, top_p=1.0, max_tokens=int(rng.integers(16, 193)),
+                                                  ignore_eos=True, seed=i))
+    with tqdm(total=num_prompts, desc="calibration", disable=not progress) as bar:
+        while engine.has_unfinished_requests():
+            bar.update(sum(out.finished for out in engine.step()))
+    scale = sum(real) / sum(predicted)
+    return {"workload": f"{num_prompts} requests at t=0, prompts uniform 32-512, outputs uniform 16-192, "
+                        f"static 64, {pool.num_blocks * block_size} KV tokens, budget {CALIBRATION_BUDGET}",
+            "steps": len(real), "real_s": sum(real), "predicted_s": sum(predicted), "scale": scale}
 
 
 class ProfileModel:
@@ -150,6 +209,7 @@ class ProfileModel:
         self.kv_bytes_per_token = int(profile["kv_bytes_per_token"])
         self.max_model_len = int(profile["max_model_len"])
         self.host = profile.get("host", {})
+        self.scale = float(profile.get("scale", 1.0))  # from the calibration run (see `calibrate`)
         values = np.asarray(profile["step_time_s"], dtype=float)
         self.axes = (self.grid.batch_sizes, self.grid.context_lens, self.grid.prefill_tokens)
         if values.shape != tuple(len(a) for a in self.axes):
@@ -175,7 +235,7 @@ class ProfileModel:
         if step.num_decodes == 0 and prefill == 0:
             return 0.0
         context = step.decode_context / step.num_decodes if step.num_decodes else self.grid.context_lens[0]
-        return max(0.0, self.interpolate((step.num_decodes, context, prefill)))
+        return max(0.0, self.scale * self.interpolate((step.num_decodes, context, prefill)))
 
     def interpolate(self, point: tuple[float, float, float]) -> float:
         """Multilinear in (b, c, p), linear past the edges from the outermost segment.

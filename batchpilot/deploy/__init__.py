@@ -1,0 +1,1 @@
+"""Running many engine replicas behind one endpoint: routing (and, with Ray Serve, deployment)."""

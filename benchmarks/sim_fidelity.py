@@ -1,0 +1,89 @@
+"""How well does the simulator, calibrated by `batchpilot profile`, predict the real engine?
+
+For each workload and controller: the real engine (`batchpilot bench throughput`, a fresh
+process) and the simulator (`--profile`) run the same seeded requests; the table shows
+output throughput and mean / P90 TPOT of both and the relative error. The workloads are
+not the profile's grid points: the profile times synthetic steps, never a workload.
+
+    python benchmarks/sim_fidelity.py --profile docs/results/profile_cpu.json --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from batchpilot.bench.datasets import LengthDist
+from batchpilot.bench.metrics import summarize
+from batchpilot.config import ControllerConfig, SchedulerConfig
+from batchpilot.sim.driver import make_workload, simulate
+from batchpilot.sim.profile import ProfileModel
+
+WORKLOADS = {
+    "offline-uniform": dict(num_prompts=200, input_dist="uniform:50:400", output_dist="uniform:32:256",
+                            rate=float("inf"), kv_cache_gib=0.25),
+    "poisson-lognormal": dict(num_prompts=250, input_dist="lognormal:150:0.8", output_dist="lognormal:100:0.8",
+                              rate=2.5, kv_cache_gib=0.25),
+    "offline-long-outputs-tight-kv": dict(num_prompts=100, input_dist="uniform:20:100",
+                                          output_dist="uniform:200:500", rate=float("inf"), kv_cache_gib=0.1),
+}
+CONTROLLERS = {"static-32": ControllerConfig(name="static", max_num_seqs=32), "combined": ControllerConfig()}
+METRICS = ("output_throughput", "mean_tpot_ms", "p90_tpot_ms")
+BUDGET = 512  # the engine's default max_num_batched_tokens
+
+
+def run_real(w: dict, name: str, cfg: ControllerConfig, threads: int, seed: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "r.json"
+        cmd = [sys.executable, "-m", "batchpilot.cli", "bench", "throughput", "--num-prompts", str(w["num_prompts"]),
+               "--input-dist", w["input_dist"], "--output-dist", w["output_dist"], "--ignore-eos",
+               "--request-rate", str(w["rate"]), "--kv-cache-gib", str(w["kv_cache_gib"]), "--threads", str(threads),
+               "--batch-controller", cfg.name, "--max-num-seqs", str(cfg.max_num_seqs), "--seed", str(seed),
+               "--max-num-batched-tokens", str(BUDGET), "--no-progress", "--output-json", str(out)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        return json.loads(out.read_text())
+
+
+def run_sim(w: dict, cfg: ControllerConfig, model: ProfileModel, seed: int) -> dict:
+    work = make_workload(w["num_prompts"], w["rate"], LengthDist.parse(w["input_dist"], "input"),
+                         LengthDist.parse(w["output_dist"], "output"), seed)
+    res = simulate(work, model.step_time, model.kv_capacity_tokens(w["kv_cache_gib"]), cfg,
+                   SchedulerConfig(max_num_batched_tokens=BUDGET), model.max_model_len)
+    return summarize(res.records, res.duration_s) | {"num_preemptions": res.num_preemptions}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--output-json", default=None)
+    args = ap.parse_args()
+    model = ProfileModel.load(args.profile)
+    rows = []
+    print("| workload | controller | metric | real | simulated | error |\n|---|---|---|---|---|---|")
+    for wname in args.workloads.split(","):
+        w = WORKLOADS[wname]
+        for cname, cfg in CONTROLLERS.items():
+            real = run_real(w, cname, cfg, args.threads, args.seed)
+            sim = run_sim(w, cfg, model, args.seed)
+            for m in METRICS + ("num_preemptions",):
+                err = sim[m] / real[m] - 1 if real[m] else float("nan")
+                rows.append({"workload": wname, "controller": cname, "metric": m, "real": real[m], "sim": sim[m],
+                             "error": err})
+                print(f"| {wname} | {cname} | {m} | {real[m]:.1f} | {sim[m]:.1f} | {err:+.1%} |", flush=True)
+    worst = max(abs(r["error"]) for r in rows if r["metric"] in METRICS)
+    print(f"worst error over {', '.join(METRICS)}: {worst:.1%}")
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps({"profile": args.profile, "workloads": WORKLOADS, "rows": rows},
+                                                     indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
