@@ -94,12 +94,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from batchpilot.engine.async_engine import AsyncEngine
-    from batchpilot.llm import build_engine
-    from batchpilot.server.app import ServerConfig, build_app
+def server_config(args: argparse.Namespace):
+    """ServerConfig from the `serve` flags (model names, key, queue)."""
+    from batchpilot.server.app import ServerConfig
 
     if args.served_model_name:
         names = [args.served_model_name]
@@ -107,13 +104,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
         names = [DEFAULT_MODEL_NAME, f"HuggingFaceTB/{DEFAULT_MODEL_NAME}"]
     else:
         names = [args.model]
-    server_config = ServerConfig(model_names=names, api_key=args.api_key or os.environ.get("BATCHPILOT_API_KEY"),
-                                 protect_metrics=args.protect_metrics, max_queue=args.max_queue)
+    return ServerConfig(model_names=names, api_key=args.api_key or os.environ.get("BATCHPILOT_API_KEY"),
+                        protect_metrics=args.protect_metrics, max_queue=args.max_queue)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = server_config(args)
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be non-negative, got {args.shutdown_timeout}")
+    if args.replicas != 1:
+        if args.replicas < 1:
+            raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
+        try:
+            from batchpilot.deploy import ray as ray_deploy  # Ray only when asked for
+        except ImportError as e:
+            raise ValueError(f"--replicas needs Ray Serve: pip install 'ray[serve]' ({e})") from e
+
+        ray_deploy.run(engine_config(args), config, args.replicas, args.threads or 1, args.host, args.port)
+        return 0
+    import uvicorn
+
+    from batchpilot.engine.async_engine import AsyncEngine
+    from batchpilot.llm import build_engine
+    from batchpilot.server.app import build_app
+
     engine = build_engine(engine_config(args))
-    app = build_app(AsyncEngine(engine), server_config)
-    logging.getLogger("batchpilot").info("serving %s on http://%s:%d", names[0], args.host, args.port)
+    app = build_app(AsyncEngine(engine), config)
+    logging.getLogger("batchpilot").info("serving %s on http://%s:%d", config.model_names[0], args.host, args.port)
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the handler that was there
     # before it; a no-op one makes a graceful shutdown end with exit status 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -157,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or BATCHPILOT_API_KEY)")
     serve.add_argument("--protect-metrics", action="store_true", help="require the API key for /metrics too")
     serve.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 503 + Retry-After")
+    serve.add_argument("--replicas", type=int, default=1,
+                       help="engine replicas behind one endpoint, on Ray Serve, routed by load (--threads each)")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds SIGTERM waits for in-flight requests before aborting them")
     serve.set_defaults(func=cmd_serve)

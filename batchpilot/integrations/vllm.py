@@ -30,7 +30,8 @@ from batchpilot.controllers import make_controller
 from batchpilot.controllers.base import SchedulerView, StepStats
 from batchpilot.engine.trace import TraceWriter
 
-logger = logging.getLogger(__name__)
+# Under vLLM's logger, so its handlers (configured for "vllm" only) print our lines in the engine process.
+logger = logging.getLogger("vllm.batchpilot")
 
 SUPPORTED_VLLM = ("0.32",)
 # vLLM internals this module reads or sets; checked at start so a vLLM that moved them fails loudly.

@@ -44,7 +44,10 @@ class ServerConfig:
             raise ValueError(f"--max-queue must be at least 1, got {self.max_queue}")
 
 
-def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
+def build_app(engine: AsyncEngine, config: ServerConfig,
+              metrics_text: Callable[[], Awaitable[str]] | None = None) -> FastAPI:
+    """The app over one engine. `metrics_text` replaces this engine's /metrics exposition (a
+    deployment of several replicas serves all of theirs); `app.state.metrics` holds the registry."""
     metrics = ServerMetrics(engine.engine, config.model_names[0])
     serving = Serving(engine, config.model_names, metrics, config.max_queue)
 
@@ -80,9 +83,12 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     async def version() -> dict[str, str]:
         return {"version": batchpilot.__version__}
 
+    app.state.metrics = metrics
+
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        text = await metrics_text() if metrics_text is not None else generate_latest(metrics.registry)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -15,12 +15,14 @@ from batchpilot.bench.metrics import SLA, summarize
 from batchpilot.config import DTYPES, CacheConfig, ControllerConfig, EngineConfig, SchedulerConfig
 from batchpilot.sim.driver import SimRequest, make_workload, simulate
 from batchpilot.sim.profile import (
+    CALIBRATION_KV_TOKENS,
     DEFAULT_BATCH_SIZES,
     DEFAULT_CONTEXT_LENS,
     DEFAULT_PREFILL_TOKENS,
     ProfileGrid,
     ProfileModel,
     measure_profile,
+    recalibrate,
 )
 from batchpilot.sim.roofline import Hardware, ModelShape, RooflineModel
 
@@ -88,6 +90,8 @@ def add_profile_parser(sub) -> None:
     p.add_argument("--reps", type=int, default=5, help="timed runs per point (the median is kept)")
     p.add_argument("--calibration-prompts", type=int, default=96,
                    help="requests of the real calibration run that sets the profile's scale (0: none)")
+    p.add_argument("--recalibrate", default=None, metavar="JSON",
+                   help="keep this profile's grid and measure only its scale again, on this host, now")
     p.add_argument("--output", required=True, metavar="JSON")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_profile)
@@ -105,6 +109,17 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
+    if args.recalibrate:
+        if args.calibration_prompts < 1:
+            raise ValueError("--recalibrate needs --calibration-prompts of at least 1")
+        ProfileModel.load(args.recalibrate, "--recalibrate")  # a clear error for a file that is not a profile
+        old = json.loads(Path(args.recalibrate).read_text())
+        cache = CacheConfig(block_size=args.block_size, num_blocks=CALIBRATION_KV_TOKENS // args.block_size)
+        config = EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads, cache=cache)
+        profile = recalibrate(config, old, args.calibration_prompts, progress=not args.no_progress)
+        Path(args.output).write_text(json.dumps(profile, indent=1))
+        print(f"scale {old.get('scale', 1.0):.3f} -> {profile['scale']:.3f} -> {args.output}")
+        return 0
     grid = ProfileGrid(_ints(args.batch_sizes, "--batch-sizes"), _ints(args.context_lens, "--context-lens"),
                        _ints(args.prefill_tokens, "--prefill-tokens"))
     cache = CacheConfig(block_size=args.block_size, num_blocks=grid.max_blocks(args.block_size))

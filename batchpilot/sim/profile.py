@@ -151,6 +151,21 @@ def measure_profile(engine_config, grid: ProfileGrid, reps: int = 5, calibration
     return profile
 
 
+def recalibrate(engine_config, profile: dict[str, Any], num_prompts: int, progress: bool = True) -> dict[str, Any]:
+    """The profile with its scale measured again on this host, now (the grid is kept).
+
+    The host's speed drifts (the same benchmark here: 303 and 335 tok/s eight minutes apart);
+    a fresh scale (about 40 s) before a comparison with real runs takes that drift out.
+    """
+    from batchpilot.llm import build_engine
+
+    engine = build_engine(engine_config)
+    grid = ProfileModel({**profile, "scale": 1.0})
+    calibration = calibrate(engine.executor, grid, engine.vocab_size or engine.executor.model.args.vocab_size,
+                            engine_config.cache.block_size, engine.scheduler.max_model_len, num_prompts, progress)
+    return {**profile, "calibration": calibration, "scale": calibration["scale"]}
+
+
 def calibrate(runner, grid_model: ProfileModel, vocab: int, block_size: int, max_len: int, num_prompts: int,
               progress: bool) -> dict[str, Any]:
     """Run a short real workload and compare its step times with the grid's predictions.
@@ -218,14 +233,14 @@ class ProfileModel:
         self.values = values.tolist()
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> ProfileModel:
+    def load(cls, path: str | os.PathLike, flag: str = "--profile") -> ProfileModel:
         try:
             data = json.loads(Path(path).read_text())
             if data.get("version") != PROFILE_VERSION:
                 raise ValueError(f"version {data.get('version')!r}, expected {PROFILE_VERSION}")
             return cls(data)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"--profile {path}: not a batchpilot profile ({e})") from e
+            raise ValueError(f"{flag} {path}: not a batchpilot profile ({e})") from e
 
     def kv_capacity_tokens(self, kv_cache_gib: float) -> int:
         return int(kv_cache_gib * 2**30 // self.kv_bytes_per_token)
