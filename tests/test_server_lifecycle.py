@@ -43,7 +43,9 @@ def test_queue_overflow_gives_503_with_retry_after():
 
         responses = asyncio.run(main())
         codes = sorted(r.status_code for r in responses)
-        assert codes.count(200) >= 3 and codes.count(503) >= 1 and set(codes) == {200, 503}
+        # at least the 2 queue places are served (3 when the first request has left the queue for
+        # the running batch before the others arrive: a race, seen both ways on a busy machine)
+        assert codes.count(200) >= 2 and codes.count(503) >= 1 and set(codes) == {200, 503}
         busy = next(r for r in responses if r.status_code == 503)
         assert busy.headers["Retry-After"] == "1" and busy.json()["error"]["code"] == "queue_full"
         # once drained, the server takes requests again
