@@ -28,13 +28,13 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from batchpilot.config import EngineConfig
-from batchpilot.deploy.routing import ReplicaLoad, replica_load
+from batchpilot.deploy.routing import ReplicaLoad, replica_load, two_choices
 from batchpilot.server.app import ServerConfig
 
 METRICS_ACTOR = "batchpilot-metrics"
 STATS_PERIOD_S = 0.5
 _STALE_S = 10.0  # a replica silent this long (dead, or replaced) leaves /metrics
-_replica: dict[str, Any] = {}  # this replica process's engine and name, set when its app is built
+_replica: dict[str, Any] = {}  # this replica process's engine and B_max, set when its app is built
 
 
 class LoadAwareRequestRouter(RequestRouter):
@@ -46,12 +46,11 @@ class LoadAwareRequestRouter(RequestRouter):
 
     def initialize_state(self, **kwargs) -> None:
         self._sent: dict[str, list[float]] = {}  # replica id -> times of requests routed to it lately
+        self._rng = random.Random()
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        pair = random.sample(candidate_replicas, 2) if len(candidate_replicas) > 1 else list(candidate_replicas)
-        pair.sort(key=lambda r: self._load(r).rank())
-        return [[r] for r in pair]
+        return [[r] for r in two_choices(candidate_replicas, self._rng, lambda r: self._load(r).rank())]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id, result) -> None:
         self._sent.setdefault(replica_id.unique_id, []).append(time.monotonic())
@@ -66,21 +65,9 @@ class LoadAwareRequestRouter(RequestRouter):
         return replace(load, num_waiting=load.num_waiting + len(recent))
 
 
-def _load(self, replica: RunningReplica) -> ReplicaLoad:
-        key, stats = replica.replica_id.unique_id, replica.routing_stats
-        if self._report.get(key) != id(stats):  # a fresh report already counts what was sent before it
-            self._report[key] = id(stats)
-            self._sent[key] = 0
-        load = _load(stats)
-        return replace(load, num_waiting=load.num_waiting + self._sent.get(key, 0))
-
-
 def _load(stats: dict[str, Any] | None) -> ReplicaLoad:
-    """A replica's last report; one that has not reported yet counts as idle."""
-    if not stats:
-        return ReplicaLoad(0, 0, 0.0, 1)
-    return ReplicaLoad(int(stats["num_waiting"]), int(stats["num_running"]), float(stats["kv_usage"]),
-                       int(stats["batch_limit"]))
+    """A replica's last report (`routing_stats`); one that has not reported yet counts as idle."""
+    return ReplicaLoad(**stats) if stats else ReplicaLoad.idle()
 
 
 @ray.remote(num_cpus=0)
@@ -132,7 +119,7 @@ def _build_replica_app(engine_config: EngineConfig, server_config: ServerConfig)
 
     name = serve.get_replica_context().replica_id.unique_id
     engine = AsyncEngine(build_engine(engine_config))
-    _replica.update(engine=engine, name=name, max_num_seqs=engine_config.controller.max_num_seqs)
+    _replica.update(engine=engine, max_num_seqs=engine_config.controller.max_num_seqs)
     hub = MetricsHub.options(name=METRICS_ACTOR, get_if_exists=True, lifetime="detached").remote()
 
     async def merged_metrics() -> str:

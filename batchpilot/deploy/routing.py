@@ -17,12 +17,14 @@ simulator (one of four served 3 of 600 requests).
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from batchpilot.engine.scheduler import Scheduler
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -32,10 +34,24 @@ class ReplicaLoad:
     kv_usage: float  # in [0, 1]
     batch_limit: int
 
+    @classmethod
+    def idle(cls) -> ReplicaLoad:
+        """What is assumed of a replica that has not reported yet."""
+        return cls(0, 0, 0.0, 1)
+
     def rank(self) -> tuple[int, int, float]:
         """Smaller is better: (would queue, requests in the replica, KV usage)."""
         requests = self.num_running + self.num_waiting
         return (requests >= self.batch_limit, requests, self.kv_usage)
+
+
+def two_choices(candidates: Sequence[T], rng: random.Random, rank: Callable[[T], Any]) -> list[T]:
+    """Power of two choices: two candidates drawn at random (one if only one), best rank first.
+
+    Shared by the simulator's router and the Ray Serve request router.
+    """
+    pair = rng.sample(list(candidates), 2) if len(candidates) > 1 else list(candidates)
+    return sorted(pair, key=rank)
 
 
 def replica_load(scheduler: Scheduler, max_num_seqs: int) -> ReplicaLoad:
@@ -50,7 +66,7 @@ class Router:
     def __init__(self, num_replicas: int):
         if num_replicas < 1:
             raise ValueError(f"--replicas must be at least 1, got {num_replicas}")
-        self.loads = [ReplicaLoad(0, 0, 0.0, 1)] * num_replicas
+        self.loads = [ReplicaLoad.idle()] * num_replicas
 
     def report(self, replica: int, load: ReplicaLoad) -> None:
         """A replica's fresh load (replaces what the router assumed since its last report)."""
@@ -78,8 +94,7 @@ class LoadAwareRouter(Router):
         self._rng = random.Random(seed)
 
     def _pick(self, candidates: list[int]) -> int:
-        pair = self._rng.sample(candidates, 2) if len(candidates) > 1 else candidates
-        return min(pair, key=lambda i: self.loads[i].rank())
+        return two_choices(candidates, self._rng, lambda i: self.loads[i].rank())[0]
 
 
 class RoundRobinRouter(Router):

@@ -112,8 +112,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.recalibrate:
         if args.calibration_prompts < 1:
             raise ValueError("--recalibrate needs --calibration-prompts of at least 1")
-        ProfileModel.load(args.recalibrate, "--recalibrate")  # a clear error for a file that is not a profile
-        old = json.loads(Path(args.recalibrate).read_text())
+        old = ProfileModel.load(args.recalibrate, "--recalibrate").profile
         cache = CacheConfig(block_size=args.block_size, num_blocks=CALIBRATION_KV_TOKENS // args.block_size)
         config = EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads, cache=cache)
         profile = recalibrate(config, old, args.calibration_prompts, progress=not args.no_progress)

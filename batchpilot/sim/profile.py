@@ -145,9 +145,7 @@ def measure_profile(engine_config, grid: ProfileGrid, reps: int = 5, calibration
         "step_time_s": times.tolist(),
     }
     if calibration_prompts:
-        profile["calibration"] = calibrate(runner, ProfileModel(profile), vocab, block_size, max_len,
-                                           calibration_prompts, progress)
-        profile["scale"] = profile["calibration"]["scale"]
+        return calibrate(runner, profile, vocab, block_size, max_len, calibration_prompts, progress)
     return profile
 
 
@@ -160,21 +158,21 @@ def recalibrate(engine_config, profile: dict[str, Any], num_prompts: int, progre
     from batchpilot.llm import build_engine
 
     engine = build_engine(engine_config)
-    grid = ProfileModel({**profile, "scale": 1.0})
-    calibration = calibrate(engine.executor, grid, engine.vocab_size or engine.executor.model.args.vocab_size,
-                            engine_config.cache.block_size, engine.scheduler.max_model_len, num_prompts, progress)
-    return {**profile, "calibration": calibration, "scale": calibration["scale"]}
+    return calibrate(engine.executor, profile, engine.vocab_size or engine.executor.model.args.vocab_size,
+                     engine_config.cache.block_size, engine.scheduler.max_model_len, num_prompts, progress)
 
 
-def calibrate(runner, grid_model: ProfileModel, vocab: int, block_size: int, max_len: int, num_prompts: int,
+def calibrate(runner, profile: dict[str, Any], vocab: int, block_size: int, max_len: int, num_prompts: int,
               progress: bool) -> dict[str, Any]:
-    """Run a short real workload and compare its step times with the grid's predictions.
+    """The profile with `calibration` and `scale` from a short real workload on `runner`.
 
-    The grid times steps in isolation; inside a run, steps are slower (measured: 10-20% here),
-    as the free list scatters block tables and the host's caches hold other steps' data. The
-    ratio of the sums is the profile's `scale`. The workload is fixed and is none of
+    The grid times steps in isolation; inside a run the block tables, the caches and the mix of
+    steps differ (measured here: 0.95 when the profile was taken; 10-20% slower in longer
+    benchmark runs, see docs/reproduction.md). The scale is the ratio of the summed real step
+    times to the grid's predictions. The workload is fixed and is none of
     benchmarks/sim_fidelity.py's.
     """
+    grid_model = ProfileModel({**profile, "scale": 1.0})
     from tqdm import tqdm
 
     from batchpilot.config import ControllerConfig, SchedulerConfig
@@ -210,9 +208,10 @@ def calibrate(runner, grid_model: ProfileModel, vocab: int, block_size: int, max
         while engine.has_unfinished_requests():
             bar.update(sum(out.finished for out in engine.step()))
     scale = sum(real) / sum(predicted)
-    return {"workload": f"{num_prompts} requests at t=0, prompts uniform 32-512, outputs uniform 16-192, "
-                        f"static 64, {pool.num_blocks * block_size} KV tokens, budget {CALIBRATION_BUDGET}",
-            "steps": len(real), "real_s": sum(real), "predicted_s": sum(predicted), "scale": scale}
+    calibration = {"workload": f"{num_prompts} requests at t=0, prompts uniform 32-512, outputs uniform 16-192, "
+                               f"static 64, {pool.num_blocks * block_size} KV tokens, budget {CALIBRATION_BUDGET}",
+                   "steps": len(real), "real_s": sum(real), "predicted_s": sum(predicted), "scale": scale}
+    return {**profile, "calibration": calibration, "scale": scale}
 
 
 class ProfileModel:
@@ -223,7 +222,7 @@ class ProfileModel:
         self.grid = ProfileGrid(tuple(g["batch_sizes"]), tuple(g["context_lens"]), tuple(g["prefill_tokens"]))
         self.kv_bytes_per_token = int(profile["kv_bytes_per_token"])
         self.max_model_len = int(profile["max_model_len"])
-        self.host = profile.get("host", {})
+        self.profile = profile  # as loaded (recalibration rewrites it with a new scale)
         self.scale = float(profile.get("scale", 1.0))  # from the calibration run (see `calibrate`)
         values = np.asarray(profile["step_time_s"], dtype=float)
         self.axes = (self.grid.batch_sizes, self.grid.context_lens, self.grid.prefill_tokens)
