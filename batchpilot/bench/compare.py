@@ -72,13 +72,22 @@ class Configuration:
     trace: Path | None = None  # where the server writes its controller trace
 
 
+def _slug(name: str) -> str:
+    """A configuration's name as used in file names."""
+    return name.replace(" ", "_")
+
+
+def _names(text: str) -> list[str]:
+    """The items of a comma list flag, blanks dropped."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 VLLM_SCHEDULER = "batchpilot.integrations.vllm.DynamicBatchScheduler"
 
 
 def configurations(args: argparse.Namespace, sla_tpot: float | None, report: Path) -> list[Configuration]:
     """Every engine of --engines with every static limit and controller, as server commands."""
-    statics = [x.strip() for x in args.static.split(",") if x.strip()]
-    controllers = [x.strip() for x in args.controllers.split(",") if x.strip()]
+    statics, controllers, engines = _names(args.static), _names(args.controllers), _names(args.engines)
     for name in controllers:
         if name not in ("memory", "sla", "combined"):
             raise ValueError(f"--controllers: unknown controller {name!r} (memory, sla, combined)")
@@ -87,7 +96,6 @@ def configurations(args: argparse.Namespace, sla_tpot: float | None, report: Pat
     for n in statics:
         if n != "default" and not n.isdigit():
             raise ValueError(f"--static: {n!r} is neither a number nor 'default'")
-    engines = [x.strip() for x in args.engines.split(",") if x.strip()]
     unknown = set(engines) - {"batchpilot", "vllm"}
     if unknown or not engines:
         raise ValueError(f"--engines: unknown {sorted(unknown)} (batchpilot, vllm)")
@@ -107,7 +115,7 @@ def configurations(args: argparse.Namespace, sla_tpot: float | None, report: Pat
             configs.append(Configuration(name, base + flags))
         for c in controllers:
             name = f"{prefix}{c}"
-            trace = report / f"trace_{name.replace(' ', '_')}.jsonl"
+            trace = report / f"trace_{_slug(name)}.jsonl"
             tpot = sla_tpot if c in ("sla", "combined") else None
             if engine == "batchpilot":
                 flags = ["--batch-controller", c, "--controller-trace", str(trace)]
@@ -189,7 +197,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for config in configs:
         print(f"== {config.name}: {' '.join(config.cmd)}", flush=True)
         env = os.environ | config.env if config.env else None
-        log = report / f"server_{config.name.replace(' ', '_')}.log"
+        log = report / f"server_{_slug(config.name)}.log"
         with server(config.cmd, log, args.startup_timeout, env) as (url, _):
             args.base_url = url
             result = run_serve(args, args.request_rate, args.num_prompts, sla)
