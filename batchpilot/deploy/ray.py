@@ -9,11 +9,14 @@ replica's metrics with a `replica` label: replicas publish theirs to a small nam
 Ray Serve replaces a replica that dies; requests that were on it fail, the others go on.
 
 From a Ray Serve config file: `import_path: batchpilot.deploy.ray:app_from_env` with the
-`batchpilot serve` flags in BATCHPILOT_SERVE_ARGS; or `batchpilot serve --replicas N`.
+`batchpilot serve` flags in BATCHPILOT_SERVE_ARGS (and, for OpenAI-shaped errors from a dead
+replica, RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=batchpilot.deploy.ray:proxy_middlewares in
+the environment Ray starts with); or `batchpilot serve --replicas N`, which does both.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shlex
@@ -31,6 +34,7 @@ from batchpilot.config import EngineConfig
 from batchpilot.deploy.routing import ReplicaLoad, replica_load, two_choices
 from batchpilot.server.app import ServerConfig
 
+logger = logging.getLogger(__name__)
 METRICS_ACTOR = "batchpilot-metrics"
 STATS_PERIOD_S = 0.5
 _STALE_S = 10.0  # a replica silent this long (dead, or replaced) leaves /metrics
@@ -41,7 +45,9 @@ class LoadAwareRequestRouter(RequestRouter):
     """Power of two choices over the replicas' reported load (batchpilot.deploy.routing).
 
     Reports are periodic, so requests routed to a replica lately count as waiting there;
-    without this a burst arriving between two reports lands on one replica.
+    without this a burst arriving between two reports lands on one replica. A request counts
+    from the moment it is chosen, not from `on_request_routed`: Serve runs several routing
+    tasks at once, so a burst's requests are all chosen before the first is acknowledged.
     """
 
     def initialize_state(self, **kwargs) -> None:
@@ -50,10 +56,10 @@ class LoadAwareRequestRouter(RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        return [[r] for r in two_choices(candidate_replicas, self._rng, lambda r: self._load(r).rank())]
-
-    def on_request_routed(self, pending_request: PendingRequest, replica_id, result) -> None:
-        self._sent.setdefault(replica_id.unique_id, []).append(time.monotonic())
+        ranked = two_choices(candidate_replicas, self._rng, lambda r: self._load(r).rank())
+        if ranked:
+            self._sent.setdefault(ranked[0].replica_id.unique_id, []).append(time.monotonic())
+        return [[r] for r in ranked]
 
     def _load(self, replica: RunningReplica) -> ReplicaLoad:
         # NOTE: requests routed within the last two report periods may be missing from the report
@@ -107,6 +113,66 @@ def merge_metrics(texts: dict[str, str]) -> str:
 
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class ReplicaFailureMiddleware:
+    """Proxy side: a request whose replica dies ends in an OpenAI-shaped error, not a cut connection.
+
+    Ray Serve's proxy sends nothing when a replica fails after the response started (the client
+    sees a truncated chunked body) and an empty 500 when it fails before. This pure ASGI
+    middleware sees the response end unfinished and completes it: an SSE stream gets an error
+    event and `[DONE]`, the shape our server uses for errors mid-stream; an unstarted response
+    gets a 503 with an OpenAI error body. Installed in the proxy by `proxy_middlewares`.
+    """
+
+    MESSAGE = "the replica serving this request failed (Ray Serve replaces it); retry the request"
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = {"started": False, "sse": False, "done": False}
+
+        async def watched_send(message) -> None:
+            if message["type"] == "http.response.start":
+                content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+                state.update(started=True, sse=content_type.startswith(b"text/event-stream"))
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["done"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except Exception:  # noqa: BLE001 - answered below; the client must not get a cut connection
+            logger.exception("request failed in the proxy")
+        if not state["done"]:
+            await self._finish(send, state["started"], state["sse"])
+
+    async def _finish(self, send, started: bool, sse: bool) -> None:
+        import json
+
+        from batchpilot.server.errors import error_body
+
+        body = error_body(503, self.MESSAGE, code="replica_failed")
+        try:
+            if not started:
+                await send({"type": "http.response.start", "status": 503,
+                            "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+            elif sse:
+                event = f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"
+                await send({"type": "http.response.body", "body": event.encode()})
+        except Exception:  # noqa: BLE001 - the client is gone: nobody to tell
+            pass
+
+
+def proxy_middlewares() -> list:
+    """Ray Serve's proxy calls this (RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH) for its middlewares."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(ReplicaFailureMiddleware)]
 
 
 def _build_replica_app(engine_config: EngineConfig, server_config: ServerConfig):
@@ -198,6 +264,8 @@ def run(engine_config: EngineConfig, server_config: ServerConfig, replicas: int,
     """`batchpilot serve --replicas N`: start Ray and Serve here, deploy, serve until a signal."""
     import signal
 
+    # NOTE: read by the proxy process at import; Ray's processes inherit this process's environment.
+    os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = f"{__name__}:proxy_middlewares"
     ray.init(num_cpus=max(os.cpu_count() or 1, replicas * threads), include_dashboard=False, namespace="batchpilot")
     serve.start(http_options={"host": host, "port": port})
     serve.run(deployment(engine_config, server_config, replicas, threads), name="batchpilot", route_prefix="/")
