@@ -43,7 +43,7 @@ class RequestOutput:
 class _TextState:
     request: Request
     prompt: str | None
-    stream: DecodeStream | None
+    stream: DecodeStream
     text: str = ""
     sent: int = 0  # characters already returned
     stop_hit: bool = False
@@ -59,9 +59,11 @@ class OutputProcessor:
         self._states: dict[str, _TextState] = {}
 
     def add(self, request: Request, prompt: str | None) -> None:
-        if self.tokenizer is None and request.sampling_params.stop:
-            raise ValueError("stop strings need a tokenizer")
-        stream = self.tokenizer.decode_stream(request.sampling_params.skip_special_tokens) if self.tokenizer else None
+        if self.tokenizer is None:  # token ids only: no text state to keep
+            if request.sampling_params.stop:
+                raise ValueError("stop strings need a tokenizer")
+            return
+        stream = self.tokenizer.decode_stream(request.sampling_params.skip_special_tokens)
         self._states[request.request_id] = _TextState(request, prompt, stream)
 
     def remove(self, request_id: str) -> None:
@@ -69,19 +71,20 @@ class OutputProcessor:
 
     def process(self, update: RequestUpdate) -> RequestOutput:
         """Detokenize a step's new tokens. Sets `stop_hit` when a stop string ended the text."""
+        if self.tokenizer is None:
+            return _token_output(update)
         st = self._states[update.request.request_id]
         req = st.request
-        if st.stream is not None:
-            # A stop token's own text is never shown (vLLM behaviour); its id still is.
-            text_ids = update.new_token_ids
-            if req.stopped_by_token and req.status.finished:
-                text_ids = text_ids[:-1]
-            for tid in text_ids:
-                piece = st.stream.step(self.tokenizer.tokenizer, tid)
-                if piece:
-                    st.text += piece
-            if req.sampling_params.stop and not st.stop_hit:
-                self._cut_at_stop(st)
+        # A stop token's own text is never shown (vLLM behaviour); its id still is.
+        text_ids = update.new_token_ids
+        if req.stopped_by_token and req.status.finished:
+            text_ids = text_ids[:-1]
+        for tid in text_ids:
+            piece = st.stream.step(self.tokenizer.tokenizer, tid)
+            if piece:
+                st.text += piece
+        if req.sampling_params.stop and not st.stop_hit:
+            self._cut_at_stop(st)
         return self._delta(st, update)
 
     def _cut_at_stop(self, st: _TextState) -> None:
@@ -99,13 +102,11 @@ class OutputProcessor:
         """The step's output; update's token lists are fresh each step, so they are passed on, not copied."""
         req = st.request
         done = req.status.finished or st.stop_hit
-        delta = ""
-        if st.stream is not None:
-            visible = len(st.text)
-            stops = req.sampling_params.stop
-            if stops and not done:
-                visible = max(st.sent, visible - (max(len(s) for s in stops) - 1))
-            delta, st.sent = st.text[st.sent : visible], visible
+        visible = len(st.text)
+        stops = req.sampling_params.stop
+        if stops and not done:
+            visible = max(st.sent, visible - (max(len(s) for s in stops) - 1))
+        delta, st.sent = st.text[st.sent : visible], visible
         reason = "stop" if st.stop_hit else req.status.finish_reason
         logprobs = update.new_logprobs if req.sampling_params.logprobs is not None else None
         if done:
@@ -113,3 +114,13 @@ class OutputProcessor:
         return RequestOutput(req.request_id, st.prompt, req.prompt_token_ids,
                              [CompletionOutput(0, delta, update.new_token_ids, logprobs, reason)], done,
                              req.num_preemptions)
+
+
+def _token_output(update: RequestUpdate) -> RequestOutput:
+    """A token-only engine's output (no tokenizer: no text, no stop strings)."""
+    req = update.request
+    status = req.status
+    logprobs = update.new_logprobs if req.sampling_params.logprobs is not None else None
+    return RequestOutput(req.request_id, None, req.prompt_token_ids,
+                         [CompletionOutput(0, "", update.new_token_ids, logprobs, status.finish_reason)],
+                         status.finished, req.num_preemptions)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 from batchpilot.sampling_params import SamplingParams
@@ -48,7 +49,15 @@ class Request:
     stopped_by_token: bool = False
 
     def __post_init__(self) -> None:
-        self.num_prompt_tokens = len(self.prompt_token_ids)  # the prompt never changes
+        # Derived once (the prompt and the parameters never change): the scheduler reads them
+        # for every request at every step.
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+        params = self.sampling_params
+        stops = set(params.stop_token_ids)
+        if self.eos_token_id is not None and not params.ignore_eos:
+            stops.add(self.eos_token_id)
+        self.stop_token_set = frozenset(stops)  # a sampled token here finishes the request ('stop')
+        self.max_output_tokens = params.max_tokens if params.max_tokens is not None else math.inf
 
     @property
     def num_tokens(self) -> int:

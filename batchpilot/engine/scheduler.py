@@ -78,15 +78,16 @@ class Scheduler:
 
     def view(self) -> SchedulerView:
         pool = self.kv.pool
-        return SchedulerView(
-            num_running=len(self.running),
+        running = self.running
+        return SchedulerView(  # list comprehensions, not generators: this runs every step
+            num_running=len(running),
             num_waiting=len(self.waiting),
-            num_decoding=sum(r.is_decoding for r in self.running),
+            num_decoding=sum([r.is_decoding for r in running]),
             num_free_blocks=pool.num_free_blocks,
             num_total_blocks=pool.num_blocks,
             block_size=pool.block_size,
-            prompt_lens=tuple(r.num_prompt_tokens for r in self.running),
-            output_lens=tuple(len(r.output_token_ids) for r in self.running),
+            prompt_lens=tuple([r.num_prompt_tokens for r in running]),
+            output_lens=tuple([len(r.output_token_ids) for r in running]),
         )
 
     def schedule(self) -> SchedulerOutput:
@@ -103,9 +104,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = req.num_prompt_tokens + len(req.output_token_ids) - req.num_computed_tokens  # hot: no property
-            if n > budget:
-                n = budget
+            todo = req.num_prompt_tokens + len(req.output_token_ids) - req.num_computed_tokens  # hot: no property
+            n = todo if todo <= budget else budget
             while not self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
                 victim = self.running.pop()  # the most recently admitted
                 self._preempt(victim)
@@ -113,7 +113,7 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                self._add(out, req, n)
+                self._add(out, req, n, n == todo)
                 budget -= n
                 i += 1
         return budget
@@ -121,7 +121,8 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.last_limit:
             req = self.waiting[0]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            todo = req.num_tokens - req.num_computed_tokens
+            n = min(todo, budget)
             if not self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
                 break
             self.waiting.popleft()
@@ -129,12 +130,12 @@ class Scheduler:
                 out.num_new_prompt_tokens += req.num_prompt_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            self._add(out, req, n)
+            self._add(out, req, n, n == todo)
             budget -= n
 
-    def _add(self, out: SchedulerOutput, req: Request, n: int) -> None:
+    def _add(self, out: SchedulerOutput, req: Request, n: int, sample: bool) -> None:
+        """Schedule n tokens of req; `sample`: they reach its last token, so a next one is sampled."""
         start = req.num_computed_tokens
-        sample = start + n == req.num_tokens
         out.scheduled.append(ScheduledRequest(req, start, n, self.kv.block_tables[req.request_id], sample))
         if start >= req.num_prompt_tokens:  # decoding
             out.num_decode_tokens += n
@@ -151,32 +152,31 @@ class Scheduler:
 
     def update_from_output(self, out: SchedulerOutput, result: RunnerOutput) -> list[RequestUpdate]:
         """Advance each scheduled request by its computed tokens, append samples, finish stops."""
+        # NOTE: the hottest loop of a simulation (every running request, every step): the stop
+        # checks are inlined and read the request's precomputed stop set and output cap.
         updates = []
+        sampled, logprobs = result.sampled_token_ids, result.logprobs
+        max_model_len = self.max_model_len
         for s in out.scheduled:
             req = s.request
             req.num_computed_tokens += s.num_new_tokens
-            token = result.sampled_token_ids.get(req.request_id)
+            token = sampled.get(req.request_id)
             if token is None:
                 continue
-            req.output_token_ids.append(token)
-            logprobs = result.logprobs.get(req.request_id)
-            updates.append(RequestUpdate(req, [token], [logprobs] if logprobs else []))
-            status = self._stop_status(req, token)
-            if status is not None:
-                self.running.remove(req)
-                self._finish(req, status)
+            output = req.output_token_ids
+            output.append(token)
+            lp = logprobs.get(req.request_id) if logprobs else None
+            updates.append(RequestUpdate(req, [token], [lp] if lp else []))
+            if token in req.stop_token_set:
+                req.stopped_by_token = True
+                status = RequestStatus.FINISHED_STOPPED
+            elif len(output) >= req.max_output_tokens or req.num_prompt_tokens + len(output) >= max_model_len:
+                status = RequestStatus.FINISHED_LENGTH
+            else:
+                continue
+            self.running.remove(req)
+            self._finish(req, status)
         return updates
-
-    def _stop_status(self, req: Request, token: int) -> RequestStatus | None:
-        params = req.sampling_params
-        if token in params.stop_token_ids or (token == req.eos_token_id and not params.ignore_eos):
-            req.stopped_by_token = True
-            return RequestStatus.FINISHED_STOPPED
-        if params.max_tokens is not None and len(req.output_token_ids) >= params.max_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        if req.num_tokens >= self.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
