@@ -54,23 +54,24 @@ class KVCacheManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def allocate_slots(self, request_id: str, num_tokens: int) -> bool:
-        """Grow the request's table to hold `num_tokens` tokens; False (nothing taken) if no room."""
+    def allocate_slots(self, request_id: str, num_tokens: int) -> list[int] | None:
+        """Grow the request's table to hold `num_tokens` tokens and return it; None (nothing
+        taken) if the pool has no room."""
         table = self.block_tables.get(request_id)
         if table is None:
             table = self.block_tables[request_id] = []
         elif num_tokens <= len(table) * self.block_size:  # the common case: room in the last block
-            return True
+            return table
         missing = self.blocks_for(num_tokens) - len(table)
         if missing <= 0:
-            return True
+            return table
         new = self.pool.allocate(missing)
         if new is None:
             if not table:
                 del self.block_tables[request_id]
-            return False
+            return None
         table.extend(new)
-        return True
+        return table
 
     def free(self, request_id: str) -> None:
         """Return all of the request's blocks (no-op when it holds none)."""

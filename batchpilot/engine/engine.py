@@ -15,7 +15,7 @@ from typing import Protocol
 
 from batchpilot.controllers.base import BatchController, StepStats
 from batchpilot.engine.output_processor import OutputProcessor, RequestOutput
-from batchpilot.engine.outputs import RunnerOutput, SchedulerOutput
+from batchpilot.engine.outputs import RequestUpdate, RunnerOutput, SchedulerOutput
 from batchpilot.engine.request import Request, RequestStatus
 from batchpilot.engine.scheduler import RequestRejectedError, Scheduler
 from batchpilot.engine.trace import TraceWriter
@@ -108,34 +108,51 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one iteration; returns the delta of every request that advanced or finished."""
         t0 = self.clock()
-        sched_out = self.scheduler.schedule()
-        t1 = self.clock()
-        result = self.executor.execute(sched_out)
-        t2 = self.clock()
-        updates = self.scheduler.update_from_output(sched_out, result)
+        sched_out, updates, schedule_time = self._schedule_execute_update()
         outputs = []
-        finished_lens = []
         for update in updates:
             out = self.output_processor.process(update)
             req = update.request
             if out.finished and not req.status.finished:  # a stop string ended it
                 self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
-            if out.finished:
-                finished_lens.append(req.num_tokens)
             outputs.append(out)
-        t3 = self.clock()
-        self._account(sched_out, outputs, finished_lens, t3 - t0, (t1 - t0) + (t3 - t2))
+        self._account(sched_out, updates, self.clock() - t0, schedule_time)
         return outputs
 
-    def _account(self, sched_out: SchedulerOutput, outputs: list[RequestOutput],
-                 finished_lens: list[int], step_time: float, schedule_time: float) -> None:
+    def step_tokens(self) -> list[RequestUpdate]:
+        """One iteration without outputs: each advanced request and its new tokens.
+
+        For drivers that need no RequestOutput (the simulator); it skips building an output
+        object per running request per step. Token-only engines alone: text and stop strings
+        live in the output processor, which this skips.
+        """
+        if self.tokenizer is not None:
+            raise ValueError("step_tokens() is for engines without a tokenizer; use step()")
+        t0 = self.clock()
+        sched_out, updates, schedule_time = self._schedule_execute_update()
+        self._account(sched_out, updates, self.clock() - t0, schedule_time)
+        return updates
+
+    def _schedule_execute_update(self) -> tuple[SchedulerOutput, list[RequestUpdate], float]:
+        """The step both drivers share; returns the time spent outside the executor as well."""
+        t0 = self.clock()
+        sched_out = self.scheduler.schedule()
+        t1 = self.clock()
+        result = self.executor.execute(sched_out)
+        t2 = self.clock()
+        updates = self.scheduler.update_from_output(sched_out, result)
+        return sched_out, updates, (t1 - t0) + (self.clock() - t2)
+
+    def _account(self, sched_out: SchedulerOutput, updates: list[RequestUpdate], step_time: float,
+                 schedule_time: float) -> None:
+        finished_lens = [u.request.num_tokens for u in updates if u.request.status.finished]
         c = self.counters
         c.num_steps += 1
         c.busy_time_s += step_time
         c.schedule_time_s += schedule_time
         c.num_requests_finished += len(finished_lens)
         c.batch_limit = self.scheduler.last_limit
-        c.num_generation_tokens += len(outputs)  # one sampled token per output
+        c.num_generation_tokens += len(updates)  # one sampled token per update
         c.num_prompt_tokens += sched_out.num_new_prompt_tokens
         pool = self.scheduler.kv.pool
         stats = StepStats(

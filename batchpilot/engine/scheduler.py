@@ -106,14 +106,14 @@ class Scheduler:
             req = self.running[i]
             todo = req.num_prompt_tokens + len(req.output_token_ids) - req.num_computed_tokens  # hot: no property
             n = todo if todo <= budget else budget
-            while not self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
+            while (table := self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n)) is None:
                 victim = self.running.pop()  # the most recently admitted
                 self._preempt(victim)
                 out.preempted_ids.append(victim.request_id)
                 if victim is req:
                     break
             else:
-                self._add(out, req, n, n == todo)
+                self._add(out, req, n, table, n == todo)
                 budget -= n
                 i += 1
         return budget
@@ -123,20 +123,21 @@ class Scheduler:
             req = self.waiting[0]
             todo = req.num_tokens - req.num_computed_tokens
             n = min(todo, budget)
-            if not self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
+            table = self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n)
+            if table is None:
                 break
             self.waiting.popleft()
             if req.num_computed_tokens == 0 and req.num_preemptions == 0:
                 out.num_new_prompt_tokens += req.num_prompt_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            self._add(out, req, n, n == todo)
+            self._add(out, req, n, table, n == todo)
             budget -= n
 
-    def _add(self, out: SchedulerOutput, req: Request, n: int, sample: bool) -> None:
+    def _add(self, out: SchedulerOutput, req: Request, n: int, block_table: list[int], sample: bool) -> None:
         """Schedule n tokens of req; `sample`: they reach its last token, so a next one is sampled."""
         start = req.num_computed_tokens
-        out.scheduled.append(ScheduledRequest(req, start, n, self.kv.block_tables[req.request_id], sample))
+        out.scheduled.append(ScheduledRequest(req, start, n, block_table, sample))
         if start >= req.num_prompt_tokens:  # decoding
             out.num_decode_tokens += n
         else:
