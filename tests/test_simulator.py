@@ -62,6 +62,42 @@ def test_simulation_is_deterministic():
     assert run_sim(cfg, seed=2).records != a.records
 
 
+def _token_engine(controller: ControllerConfig):
+    """A token-only engine on a tight pool (so it preempts), stepping on a roofline clock."""
+    from batchpilot.controllers import make_controller
+    from batchpilot.engine.block_pool import BlockPool, KVCacheManager
+    from batchpilot.engine.engine import LLMEngine
+    from batchpilot.engine.scheduler import Scheduler
+    from batchpilot.executors.simulated import SimulatedExecutor, VirtualClock
+    from batchpilot.sampling_params import SamplingParams
+
+    clock = VirtualClock()
+    cost = RooflineModel(ModelShape.preset("Llama-2-7B"), Hardware.preset("A100-80GB"))
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=256), KVCacheManager(BlockPool(64, 16)),
+                      make_controller(controller), 1024)
+    engine = LLMEngine(sched, SimulatedExecutor(cost.step_time, clock), tokenizer=None, clock=clock)
+    for i in range(40):
+        engine.add_request([1] * (20 + 7 * i % 90), SamplingParams(max_tokens=5 + 11 * i % 60, ignore_eos=True))
+    return engine
+
+
+def test_step_tokens_is_step_without_the_output_objects():
+    cfg = ControllerConfig(name="combined", sla_tpot_ms=40)
+    a, b = _token_engine(cfg), _token_engine(cfg)
+    while a.has_unfinished_requests():
+        outs, updates = a.step(), b.step_tokens()
+        assert [(o.request_id, o.outputs[0].token_ids, o.finished) for o in outs] == \
+            [(u.request.request_id, u.new_token_ids, u.request.status.finished) for u in updates]
+    assert not b.has_unfinished_requests()
+    assert a.counters == b.counters and a.scheduler.num_preemptions_total == b.scheduler.num_preemptions_total > 0
+    assert a.scheduler.kv.pool.num_free_blocks == b.scheduler.kv.pool.num_free_blocks == 64
+
+
+def test_step_tokens_refuses_an_engine_with_a_tokenizer(llm_fp32):
+    with pytest.raises(ValueError, match="step_tokens"):
+        llm_fp32.engine.step_tokens()
+
+
 def test_dynamic_batching_preempts_less_than_an_oversized_static_limit():
     static = run_sim(ControllerConfig(name="static", max_num_seqs=512), rate=float("inf"))
     combined = run_sim(ControllerConfig(name="combined"), rate=float("inf"))
