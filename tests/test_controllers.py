@@ -15,7 +15,7 @@ from batchpilot.controllers.memory import blocks_batch_limit, clt_batch_limit
 
 def view(running=0, waiting=0, decoding=None, free=100, total=100, block_size=16, prompt_lens=(), output_lens=()):
     return SchedulerView(running, waiting, running if decoding is None else decoding, free, total, block_size,
-                         tuple(prompt_lens), tuple(output_lens))
+                         lambda: [p + o for p, o in zip(prompt_lens, output_lens)])
 
 
 def stats(batch, step_s, prefill=0, finished=()):

@@ -8,6 +8,7 @@ simulator and the vLLM adapter.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,8 +23,9 @@ class SchedulerView:
     num_free_blocks: int
     num_total_blocks: int
     block_size: int
-    prompt_lens: tuple[int, ...]
-    output_lens: tuple[int, ...]
+    # Tokens (prompt + output so far) of each running request, computed on demand: O(running),
+    # and only the memory controller's cold start reads them. Valid during the limit() call.
+    seq_lens: Callable[[], list[int]]
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ class TokenStats:
             if self._window_estimate is None:
                 self._window_estimate = _mean_std(self.finished)
             return self._window_estimate
-        samples = list(self.finished) + [p + o for p, o in zip(view.prompt_lens, view.output_lens)]
+        samples = list(self.finished) + view.seq_lens()
         return _mean_std(samples) if samples else None
 
 

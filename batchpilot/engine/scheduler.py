@@ -86,8 +86,7 @@ class Scheduler:
             num_free_blocks=pool.num_free_blocks,
             num_total_blocks=pool.num_blocks,
             block_size=pool.block_size,
-            prompt_lens=tuple([r.num_prompt_tokens for r in running]),
-            output_lens=tuple([len(r.output_token_ids) for r in running]),
+            seq_lens=lambda: [r.num_tokens for r in running],
         )
 
     def schedule(self) -> SchedulerOutput:
@@ -168,10 +167,11 @@ class Scheduler:
             output.append(token)
             lp = logprobs.get(req.request_id) if logprobs else None
             updates.append(RequestUpdate(req, [token], [lp] if lp else []))
+            num_output = len(output)
             if token in req.stop_token_set:
                 req.stopped_by_token = True
                 status = RequestStatus.FINISHED_STOPPED
-            elif len(output) >= req.max_output_tokens or req.num_prompt_tokens + len(output) >= max_model_len:
+            elif num_output >= req.max_output_tokens or req.num_prompt_tokens + num_output >= max_model_len:
                 status = RequestStatus.FINISHED_LENGTH
             else:
                 continue

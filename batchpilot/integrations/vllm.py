@@ -134,8 +134,7 @@ class DynamicBatchScheduler(Scheduler):
             num_free_blocks=pool.get_num_free_blocks(),
             num_total_blocks=pool.num_gpu_blocks - 1,  # vLLM reserves one null block
             block_size=self.block_size,
-            prompt_lens=tuple(r.num_prompt_tokens for r in running),
-            output_lens=tuple(r.num_output_tokens for r in running),
+            seq_lens=lambda: [r.num_tokens for r in running],
         )
 
     def schedule(self, *args, **kwargs):
