@@ -8,14 +8,17 @@ not the profile's grid points: the profile times synthetic steps, never a worklo
     python benchmarks/sim_fidelity.py --profile docs/results/profile_cpu.json --threads 2 --recalibrate
 
 With --recalibrate the profile's scale is measured again (`batchpilot profile --recalibrate`,
-its own fixed workload, ~40 s) right before each real run: this shared host's speed drifts
-by 10% within minutes, which would otherwise swamp the simulator's own error.
+its own fixed workload, ~40 s) right before and right after each real run, and the simulator
+uses their mean: this shared host's speed drifts by 10-30% within minutes (the same real
+run: mean TPOT 39.2 ms one day, 30.4 ms the next), which would otherwise swamp the
+simulator's own error.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,11 +56,12 @@ def run_real(w: dict, name: str, cfg: ControllerConfig, threads: int, seed: int)
         return json.loads(out.read_text())
 
 
-def recalibrated(profile: str, threads: int, tmp: Path) -> ProfileModel:
-    out = tmp / "profile.json"
-    subprocess.run([sys.executable, "-m", "batchpilot.cli", "profile", "--recalibrate", profile, "--threads",
-                    str(threads), "--no-progress", "--output", str(out)], check=True, stdout=subprocess.DEVNULL)
-    return ProfileModel.load(out)
+def recalibrated(profile: str, threads: int) -> ProfileModel:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "profile.json"
+        subprocess.run([sys.executable, "-m", "batchpilot.cli", "profile", "--recalibrate", profile, "--threads",
+                        str(threads), "--no-progress", "--output", str(out)], check=True, stdout=subprocess.DEVNULL)
+        return ProfileModel.load(out)
 
 
 def run_sim(w: dict, cfg: ControllerConfig, model: ProfileModel, seed: int) -> dict:
@@ -83,14 +87,18 @@ def main() -> int:
     for wname in args.workloads.split(","):
         w = WORKLOADS[wname]
         for cname, cfg in CONTROLLERS.items():
-            with tempfile.TemporaryDirectory() as tmp:
-                used = recalibrated(args.profile, args.threads, Path(tmp)) if args.recalibrate else model
+            scales = [model.scale]
+            if args.recalibrate:
+                scales = [recalibrated(args.profile, args.threads).scale]
             real = run_real(w, cname, cfg, args.threads, args.seed)
+            if args.recalibrate:
+                scales.append(recalibrated(args.profile, args.threads).scale)
+            used = ProfileModel({**model.profile, "scale": statistics.mean(scales)})
             sim = run_sim(w, cfg, used, args.seed)
             for m in METRICS + ("num_preemptions",):
                 err = sim[m] / real[m] - 1 if real[m] else float("nan")
                 rows.append({"workload": wname, "controller": cname, "metric": m, "real": real[m], "sim": sim[m],
-                             "error": err, "scale": used.scale})
+                             "error": err, "scale": used.scale, "scales_before_after": scales})
                 print(f"| {wname} | {cname} | {m} | {real[m]:.1f} | {sim[m]:.1f} | {err:+.1%} |", flush=True)
     worst = max(abs(r["error"]) for r in rows if r["metric"] in METRICS)
     print(f"worst error over {', '.join(METRICS)}: {worst:.1%}")
