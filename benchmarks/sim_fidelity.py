@@ -78,28 +78,38 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
-    ap.add_argument("--recalibrate", action="store_true", help="measure the scale again before each real run")
+    ap.add_argument("--controllers", default=",".join(CONTROLLERS))
+    ap.add_argument("--repeats", type=int, default=1, help="real runs per case (their mean is compared; "
+                    "the table shows their spread, the host's own noise)")
+    ap.add_argument("--recalibrate", action="store_true", help="measure the scale again around each real run")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args()
     model = ProfileModel.load(args.profile)
     rows = []
-    print("| workload | controller | metric | real | simulated | error |\n|---|---|---|---|---|---|")
+    print("| workload | controller | metric | real (mean) | real spread | simulated | error |")
+    print("|---|---|---|---|---|---|---|")
     for wname in args.workloads.split(","):
         w = WORKLOADS[wname]
-        for cname, cfg in CONTROLLERS.items():
-            scales = [model.scale]
-            if args.recalibrate:
-                scales = [recalibrated(args.profile, args.threads).scale]
-            real = run_real(w, cname, cfg, args.threads, args.seed)
-            if args.recalibrate:
-                scales.append(recalibrated(args.profile, args.threads).scale)
+        for cname in args.controllers.split(","):
+            cfg = CONTROLLERS[cname]
+            # calibration, real, calibration, real, ..., calibration: the runs are bracketed by the scale
+            scales = [recalibrated(args.profile, args.threads).scale] if args.recalibrate else [model.scale]
+            reals = []
+            for _ in range(args.repeats):
+                reals.append(run_real(w, cname, cfg, args.threads, args.seed))
+                if args.recalibrate:
+                    scales.append(recalibrated(args.profile, args.threads).scale)
             used = ProfileModel({**model.profile, "scale": statistics.mean(scales)})
             sim = run_sim(w, cfg, used, args.seed)
             for m in METRICS + ("num_preemptions",):
-                err = sim[m] / real[m] - 1 if real[m] else float("nan")
-                rows.append({"workload": wname, "controller": cname, "metric": m, "real": real[m], "sim": sim[m],
-                             "error": err, "scale": used.scale, "scales_before_after": scales})
-                print(f"| {wname} | {cname} | {m} | {real[m]:.1f} | {sim[m]:.1f} | {err:+.1%} |", flush=True)
+                values = [r[m] for r in reals]
+                real = statistics.mean(values)
+                spread = (max(values) - min(values)) / real if real else 0.0
+                err = sim[m] / real - 1 if real else float("nan")
+                rows.append({"workload": wname, "controller": cname, "metric": m, "real": real, "real_runs": values,
+                             "sim": sim[m], "error": err, "scale": used.scale, "scales": scales})
+                print(f"| {wname} | {cname} | {m} | {real:.1f} | {spread:.1%} | {sim[m]:.1f} | {err:+.1%} |",
+                      flush=True)
     worst = max(abs(r["error"]) for r in rows if r["metric"] in METRICS)
     print(f"worst error over {', '.join(METRICS)}: {worst:.1%}")
     if args.output_json:
