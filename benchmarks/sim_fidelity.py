@@ -11,7 +11,11 @@ With --recalibrate the profile's scale is measured again (`batchpilot profile --
 its own fixed workload, ~40 s) right before and right after each real run, and the simulator
 uses their mean: this shared host's speed drifts by 10-30% within minutes (the same real
 run: mean TPOT 39.2 ms one day, 30.4 ms the next), which would otherwise swamp the
-simulator's own error.
+simulator's own error. Each real and calibration run starts after --cooldown idle seconds:
+measured here, the same Poisson run gave a mean TPOT of 30.1 and 30.7 ms when it followed
+another light run, 35.3 ms right after a calibration, and 37.7-42.9 ms in a series that
+alternated them without pause: this host runs slower after sustained load, and more so for
+small, bandwidth-bound steps than for the calibration's large ones.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from batchpilot.bench.datasets import LengthDist
@@ -56,7 +61,8 @@ def run_real(w: dict, name: str, cfg: ControllerConfig, threads: int, seed: int)
         return json.loads(out.read_text())
 
 
-def recalibrated(profile: str, threads: int) -> ProfileModel:
+def recalibrated(profile: str, threads: int, cooldown: float) -> ProfileModel:
+    time.sleep(cooldown)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "profile.json"
         subprocess.run([sys.executable, "-m", "batchpilot.cli", "profile", "--recalibrate", profile, "--threads",
@@ -82,6 +88,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1, help="real runs per case (their mean is compared; "
                     "the table shows their spread, the host's own noise)")
     ap.add_argument("--recalibrate", action="store_true", help="measure the scale again around each real run")
+    ap.add_argument("--cooldown", type=float, default=60, help="idle seconds before each real or calibration run")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args()
     model = ProfileModel.load(args.profile)
@@ -92,13 +99,16 @@ def main() -> int:
         w = WORKLOADS[wname]
         for cname in args.controllers.split(","):
             cfg = CONTROLLERS[cname]
-            # calibration, real, calibration, real, ..., calibration: the runs are bracketed by the scale
-            scales = [recalibrated(args.profile, args.threads).scale] if args.recalibrate else [model.scale]
+            # calibration, real, calibration, real, ..., calibration: the runs are bracketed by the
+            # scale, each after the same rest (see the module's docstring)
+            scales = [recalibrated(args.profile, args.threads, args.cooldown).scale] if args.recalibrate \
+                else [model.scale]
             reals = []
             for _ in range(args.repeats):
+                time.sleep(args.cooldown)
                 reals.append(run_real(w, cname, cfg, args.threads, args.seed))
                 if args.recalibrate:
-                    scales.append(recalibrated(args.profile, args.threads).scale)
+                    scales.append(recalibrated(args.profile, args.threads, args.cooldown).scale)
             used = ProfileModel({**model.profile, "scale": statistics.mean(scales)})
             sim = run_sim(w, cfg, used, args.seed)
             for m in METRICS + ("num_preemptions",):
