@@ -16,6 +16,7 @@ the environment Ray starts with); or `batchpilot serve --replicas N`, which does
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -150,10 +151,9 @@ class ReplicaFailureMiddleware:
         if not state["done"]:
             await self._finish(send, state["started"], state["sse"])
 
-    async def _finish(self, send, started: bool, sse: bool) -> None:
-        import json
-
+    async def _finish(self, send, started: bool, is_sse: bool) -> None:
         from batchpilot.server.errors import error_body
+        from batchpilot.server.protocol import SSE_DONE, sse
 
         body = error_body(503, self.MESSAGE, code="replica_failed")
         try:
@@ -161,9 +161,8 @@ class ReplicaFailureMiddleware:
                 await send({"type": "http.response.start", "status": 503,
                             "headers": [(b"content-type", b"application/json")]})
                 await send({"type": "http.response.body", "body": json.dumps(body).encode()})
-            elif sse:
-                event = f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"
-                await send({"type": "http.response.body", "body": event.encode()})
+            elif is_sse:
+                await send({"type": "http.response.body", "body": (sse(body) + SSE_DONE).encode()})
         except Exception:  # noqa: BLE001 - the client is gone: nobody to tell
             pass
 

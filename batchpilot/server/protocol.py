@@ -8,12 +8,19 @@ rejected with a 400 that names them, never silently ignored.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_N = 16
 MAX_LOGPROBS = 20
+SSE_DONE = "data: [DONE]\n\n"  # the last event of every stream
+
+
+def sse(payload: dict[str, Any]) -> str:
+    """One server-sent event carrying a JSON payload."""
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
 class StreamOptions(BaseModel):

@@ -25,7 +25,7 @@ from batchpilot.engine.scheduler import RequestRejectedError
 from batchpilot.sampling_params import SamplingParams, SamplingParamsError
 from batchpilot.server.errors import APIError, error_body
 from batchpilot.server.metrics import ServerMetrics
-from batchpilot.server.protocol import ChatCompletionRequest, CompletionRequest
+from batchpilot.server.protocol import SSE_DONE, ChatCompletionRequest, CompletionRequest, sse
 
 access_log = logging.getLogger("batchpilot.access")
 
@@ -280,7 +280,7 @@ class Serving:
         choices = [Choice() for _ in range(job.num_choices)]
         if chat:
             for i in range(job.num_choices):
-                yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                  "logprobs": None, "finish_reason": None}]})
         try:
             async for index, delta in self._guarded(job, choices):
@@ -297,22 +297,18 @@ class Serving:
                               "logprobs": lps, "finish_reason": reason}
                 else:
                     choice = {"index": index, "text": out.text, "logprobs": lps, "finish_reason": reason}
-                yield _sse({**base, "choices": [choice]})
+                yield sse({**base, "choices": [choice]})
         except APIError as e:
-            yield _sse(error_body(e.status, e.message, e.param, e.code))
-            yield "data: [DONE]\n\n"
+            yield sse(error_body(e.status, e.message, e.param, e.code))
+            yield SSE_DONE
             return
         if req.stream_options is not None and req.stream_options.include_usage:
-            yield _sse({**base, "choices": [], "usage": self.usage(job, choices)})
-        yield "data: [DONE]\n\n"
+            yield sse({**base, "choices": [], "usage": self.usage(job, choices)})
+        yield SSE_DONE
 
 
 def _default(value: Any, default: Any) -> Any:
     return default if value is None else value
-
-
-def _sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
 async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
