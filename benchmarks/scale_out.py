@@ -18,30 +18,18 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
-
-from batchpilot.bench.compare import server
+from batchpilot.bench.compare import server, wait_for_replicas
 
 CONFIGS = {"1x2": ["--threads", "2"], "2x1": ["--replicas", "2", "--threads", "1"]}
-
-
-def wait_for_replicas(url: str, replicas: int, timeout: float = 600) -> None:
-    """/health answers once one replica is up; wait until every replica reports its batch limit."""
-    deadline = time.monotonic() + timeout
-    while httpx.get(f"{url}/metrics", timeout=30).text.count("batchpilot:batch_limit{") < replicas:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{replicas} replicas not up after {timeout:.0f}s")
-        time.sleep(1)
 
 
 def measure(name: str, serve_args: list[str], client_args: list[str], logs: Path) -> dict:
     cmd = [sys.executable, "-m", "batchpilot.cli", "--log-level", "WARNING", "serve", *serve_args]
     replicas = int(serve_args[serve_args.index("--replicas") + 1]) if "--replicas" in serve_args else 1
     with server(cmd, logs / f"{name}.log", timeout=900) as (url, _):
-        wait_for_replicas(url, replicas)
+        wait_for_replicas(url, replicas, timeout=600)
         out = logs / f"{name}.json"
         subprocess.run([sys.executable, "-m", "batchpilot.cli", "bench", "capacity", "--base-url", url,
                         "--no-progress", "--output-json", str(out), *client_args], check=True)

@@ -9,6 +9,7 @@ import time
 import httpx
 import pytest
 
+from batchpilot.bench.compare import wait_for_replicas
 from batchpilot.deploy.ray import ReplicaFailureMiddleware, merge_metrics
 from tests.server_utils import running_server
 
@@ -114,10 +115,7 @@ def _replica_pids() -> list[int]:
 @pytest.mark.slow
 def test_two_replicas_share_the_load_and_a_dead_one_loses_only_its_own_requests():
     with running_server("--replicas", "2", "--threads", "1", startup_timeout=600) as (url, _):
-        deadline = time.monotonic() + 300  # /health answers once one replica is up; wait for both
-        while httpx.get(f"{url}/metrics", timeout=30).text.count('batchpilot:batch_limit{') < 2:
-            assert time.monotonic() < deadline, "the second replica never came up"
-            time.sleep(1)
+        wait_for_replicas(url, 2, timeout=300)
         async def wave(n: int, max_tokens: int) -> list[dict]:
             async with httpx.AsyncClient(timeout=300) as client:
                 return await asyncio.gather(*(_stream(client, url, i, max_tokens) for i in range(n)))

@@ -136,6 +136,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_replicas(url: str, replicas: int, timeout: float) -> None:
+    """A `serve --replicas` endpoint answers /health once one replica is up; wait until every
+    replica reports on /metrics (each publishes its batch limit there)."""
+    deadline = time.monotonic() + timeout
+    while httpx.get(f"{url}/metrics", timeout=30).text.count("batchpilot:batch_limit{") < replicas:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{replicas} replicas not up after {timeout:.0f}s")
+        time.sleep(1)
+
+
 @contextmanager
 def server(cmd: list[str], log: Path, timeout: float, env: dict[str, str] | None = None):
     """Start a server on a free port, wait for /health, yield (base URL, process); SIGTERM
