@@ -108,21 +108,25 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
         raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from e
 
 
+def _profile_engine_config(args: argparse.Namespace, num_blocks: int) -> EngineConfig:
+    """The engine `profile` times: the flags' model, dtype and threads, a pool of num_blocks."""
+    cache = CacheConfig(block_size=args.block_size, num_blocks=num_blocks)
+    return EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads, cache=cache)
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     if args.recalibrate:
         if args.calibration_prompts < 1:
             raise ValueError("--recalibrate needs --calibration-prompts of at least 1")
         old = ProfileModel.load(args.recalibrate, "--recalibrate").profile
-        cache = CacheConfig(block_size=args.block_size, num_blocks=CALIBRATION_KV_TOKENS // args.block_size)
-        config = EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads, cache=cache)
+        config = _profile_engine_config(args, CALIBRATION_KV_TOKENS // args.block_size)
         profile = recalibrate(config, old, args.calibration_prompts, progress=not args.no_progress)
         Path(args.output).write_text(json.dumps(profile, indent=1))
         print(f"scale {old.get('scale', 1.0):.3f} -> {profile['scale']:.3f} -> {args.output}")
         return 0
     grid = ProfileGrid(_ints(args.batch_sizes, "--batch-sizes"), _ints(args.context_lens, "--context-lens"),
                        _ints(args.prefill_tokens, "--prefill-tokens"))
-    cache = CacheConfig(block_size=args.block_size, num_blocks=grid.max_blocks(args.block_size))
-    config = EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads, cache=cache)
+    config = _profile_engine_config(args, grid.max_blocks(args.block_size))
     profile = measure_profile(config, grid, args.reps, args.calibration_prompts, progress=not args.no_progress)
     Path(args.output).write_text(json.dumps(profile, indent=1))
     times = profile["step_time_s"]
