@@ -11,9 +11,8 @@ import pytest
 
 from batchpilot.bench.compare import wait_for_replicas
 from batchpilot.deploy.ray import ReplicaFailureMiddleware, merge_metrics
+from batchpilot.deploy.routing import REPLICA_HEADER
 from tests.server_utils import running_server
-
-REPLICA_HEADER = "x-batchpilot-replica"
 
 
 def test_merge_metrics_labels_every_sample_with_its_replica():

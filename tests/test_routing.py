@@ -41,6 +41,14 @@ def test_ties_go_to_lower_kv_usage_and_sent_requests_count_until_the_next_report
     assert router.choose() == 1
 
 
+def test_a_replica_that_has_not_reported_competes_on_the_requests_sent_to_it():
+    # a new replica is routable before its first report: its unknown limit must not count as full
+    router = LoadAwareRouter(2)
+    router.report(0, ReplicaLoad(0, 0, 0.0, 256))
+    picks = [router.choose() for _ in range(16)]
+    assert picks.count(0) == picks.count(1) == 8
+
+
 def test_power_of_two_choices_never_picks_the_worst_of_many():
     router = LoadAwareRouter(8, seed=3)
     picks = []

@@ -138,12 +138,20 @@ def free_port() -> int:
 
 def wait_for_replicas(url: str, replicas: int, timeout: float) -> None:
     """A `serve --replicas` endpoint answers /health once one replica is up; wait until every
-    replica reports on /metrics (each publishes its batch limit there)."""
+    replica reports on /metrics (each publishes its batch limit there) and the proxy routes to
+    each of them (it learns of a new replica a moment after the replica reports: a burst sent
+    in between lands on the replicas it already knew)."""
+    from batchpilot.deploy.routing import REPLICA_HEADER
+
     deadline = time.monotonic() + timeout
-    while httpx.get(f"{url}/metrics", timeout=30).text.count("batchpilot:batch_limit{") < replicas:
+    answered: set[str] = set()
+    while (httpx.get(f"{url}/metrics", timeout=30).text.count("batchpilot:batch_limit{") < replicas
+           or len(answered) < replicas):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{replicas} replicas not up after {timeout:.0f}s")
-        time.sleep(1)
+            raise TimeoutError(f"{replicas} replicas not up after {timeout:.0f}s (routed to {len(answered)})")
+        answered.add(httpx.get(f"{url}/health", timeout=30).headers.get(REPLICA_HEADER, ""))
+        answered.discard("")
+        time.sleep(0.2)
 
 
 @contextmanager

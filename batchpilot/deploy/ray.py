@@ -32,7 +32,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from batchpilot.config import EngineConfig
-from batchpilot.deploy.routing import ReplicaLoad, replica_load, two_choices
+from batchpilot.deploy.routing import REPLICA_HEADER, ReplicaLoad, replica_load, two_choices
 from batchpilot.server.app import ServerConfig
 
 logger = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ def _build_replica_app(engine_config: EngineConfig, server_config: ServerConfig)
     @app.middleware("http")
     async def name_the_replica(request: Request, call_next):
         response = await call_next(request)
-        response.headers["x-batchpilot-replica"] = name
+        response.headers[REPLICA_HEADER] = name
         return response
 
     def publish() -> None:

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from batchpilot.engine.scheduler import Scheduler
 
 T = TypeVar("T")
+REPLICA_HEADER = "x-batchpilot-replica"  # names the replica that answered, on every response
+UNKNOWN_LIMIT = 2**31 - 1  # the batch limit assumed of a replica that has not reported
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,13 @@ class ReplicaLoad:
 
     @classmethod
     def idle(cls) -> ReplicaLoad:
-        """What is assumed of a replica that has not reported yet."""
-        return cls(0, 0, 0.0, 1)
+        """What is assumed of a replica that has not reported yet: empty, its limit unknown.
+
+        NOTE: the unknown limit must not look small. A Ray router learns of a new replica before
+        its first report; with a limit of 1 it sent that replica one request of a burst, then
+        ranked it "would queue" below a reported replica holding the other fifteen.
+        """
+        return cls(0, 0, 0.0, UNKNOWN_LIMIT)
 
     def rank(self) -> tuple[int, int, float]:
         """Smaller is better: (would queue, requests in the replica, KV usage)."""
