@@ -7,15 +7,15 @@ not the profile's grid points: the profile times synthetic steps, never a worklo
 
     python benchmarks/sim_fidelity.py --profile docs/results/profile_cpu.json --threads 2 --recalibrate
 
-With --recalibrate the profile's scale is measured again (`batchpilot profile --recalibrate`,
-its own fixed workload, ~40 s) right before and right after each real run, and the simulator
-uses their mean: this shared host's speed drifts by 10-30% within minutes (the same real
-run: mean TPOT 39.2 ms one day, 30.4 ms the next), which would otherwise swamp the
-simulator's own error. Each real and calibration run starts after --cooldown idle seconds:
-measured here, the same Poisson run gave a mean TPOT of 30.1 and 30.7 ms when it followed
-another light run, 35.3 ms right after a calibration, and 37.7-42.9 ms in a series that
-alternated them without pause: this host runs slower after sustained load, and more so for
-small, bandwidth-bound steps than for the calibration's large ones.
+With --recalibrate the profile's calibration workload is timed again (`batchpilot profile
+--recalibrate`, ~40 s) right before and right after each real run, and the simulator scales
+the grid by the mean of how much faster or slower the host ran it than when the grid was
+taken (by step size, see batchpilot.sim.profile): this shared host's speed drifts by 10-30%
+within minutes (the same real run: mean TPOT 39.2 ms one day, 30.4 ms the next), which would
+otherwise swamp the simulator's own error. Each real and calibration run starts after
+--cooldown idle seconds: measured here, the same Poisson run gave a mean TPOT of 30.1 and
+30.7 ms when it followed another light run, 35.3 ms right after a calibration, and 37.7-42.9
+ms in a series that alternated them without pause: this host runs slower after sustained load.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def main() -> int:
     ap.add_argument("--controllers", default=",".join(CONTROLLERS))
     ap.add_argument("--repeats", type=int, default=1, help="real runs per case (their mean is compared; "
                     "the table shows their spread, the host's own noise)")
-    ap.add_argument("--recalibrate", action="store_true", help="measure the scale again around each real run")
+    ap.add_argument("--recalibrate", action="store_true", help="measure the drift again around each real run")
     ap.add_argument("--cooldown", type=float, default=60, help="idle seconds before each real or calibration run")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args()
@@ -100,16 +100,17 @@ def main() -> int:
         for cname in args.controllers.split(","):
             cfg = CONTROLLERS[cname]
             # calibration, real, calibration, real, ..., calibration: the runs are bracketed by the
-            # scale, each after the same rest (see the module's docstring)
-            scales = [recalibrated(args.profile, args.threads, args.cooldown).scale] if args.recalibrate \
-                else [model.scale]
+            # drift, each after the same rest (see the module's docstring)
+            drifts = [recalibrated(args.profile, args.threads, args.cooldown)] if args.recalibrate else [model]
             reals = []
             for _ in range(args.repeats):
                 time.sleep(args.cooldown)
                 reals.append(run_real(w, cname, cfg, args.threads, args.seed))
                 if args.recalibrate:
-                    scales.append(recalibrated(args.profile, args.threads, args.cooldown).scale)
-            used = ProfileModel({**model.profile, "scale": statistics.mean(scales)})
+                    drifts.append(recalibrated(args.profile, args.threads, args.cooldown))
+            drift = {"step_s": drifts[0].drift_step_s,
+                     "scale": [statistics.mean(k) for k in zip(*(d.drift_scale for d in drifts))]}
+            used = ProfileModel({**model.profile, "drift": drift})
             sim = run_sim(w, cfg, used, args.seed)
             for m in METRICS + ("num_preemptions",):
                 values = [r[m] for r in reals]
@@ -117,7 +118,8 @@ def main() -> int:
                 spread = (max(values) - min(values)) / real if real else 0.0
                 err = sim[m] / real - 1 if real else float("nan")
                 rows.append({"workload": wname, "controller": cname, "metric": m, "real": real, "real_runs": values,
-                             "sim": sim[m], "error": err, "scale": used.scale, "scales": scales})
+                             "sim": sim[m], "error": err, "drift": drift,
+                             "drifts": [d.drift_scale for d in drifts]})
                 print(f"| {wname} | {cname} | {m} | {real:.1f} | {spread:.1%} | {sim[m]:.1f} | {err:+.1%} |",
                       flush=True)
     worst = max(abs(r["error"]) for r in rows if r["metric"] in METRICS)

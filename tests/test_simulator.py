@@ -5,6 +5,7 @@ import pytest
 from batchpilot.bench.datasets import LengthDist
 from batchpilot.config import ControllerConfig, SchedulerConfig
 from batchpilot.sim.driver import SimRequest, make_workload, simulate
+from batchpilot.sim.profile import PROFILE_VERSION
 from batchpilot.sim.roofline import Hardware, ModelShape, RooflineModel, StepShape
 
 TINY = ModelShape("tiny", layers=2, hidden=4, heads=2, kv_heads=1, head_dim=2, intermediate=8, vocab=10,
@@ -160,7 +161,8 @@ def affine_profile():
     def t(b, c, p):
         return 0.0 if b == p == 0 else 1e-3 * b + 1e-6 * b * c + 1e-4 * p + 5e-3
     times = [[[t(b, c, p) for p in GRID["prefill_tokens"]] for c in GRID["context_lens"]] for b in GRID["batch_sizes"]]
-    return {"version": 1, "grid": GRID, "kv_bytes_per_token": 1000, "max_model_len": 512, "step_time_s": times}, t
+    return {"version": PROFILE_VERSION, "grid": GRID, "kv_bytes_per_token": 1000, "max_model_len": 512,
+            "step_time_s": times}, t
 
 
 def test_profile_model_interpolates_and_extrapolates_linearly():
@@ -176,8 +178,14 @@ def test_profile_model_interpolates_and_extrapolates_linearly():
     assert m.step_time(StepShape(0, 0, ((10, 10),), 1)) == pytest.approx(t(0, 100, 10))
     assert m.step_time(StepShape(0, 0, (), 0)) == 0.0
     assert m.kv_capacity_tokens(1.0) == 2**30 // 1000
-    scaled = ProfileModel({**data, "scale": 1.25})  # the calibration run's ratio multiplies every step
+    # the host's drift since the grid multiplies every step; with knots, by the step's grid time
+    scaled = ProfileModel({**data, "drift": {"step_s": [0.01], "scale": [1.25]}})
     assert scaled.step_time(StepShape(3, 600, ((6, 6),), 4)) == pytest.approx(1.25 * t(3, 200, 6))
+    by_size = ProfileModel({**data, "drift": {"step_s": [0.006, 0.024], "scale": [1.2, 1.0]}})
+    assert by_size.drift(0.003) == 1.2 and by_size.drift(0.012) == pytest.approx(1.1) and by_size.drift(1.0) == 1.0
+    assert by_size.step_time(StepShape(2, 200, (), 2)) == pytest.approx(t(2, 100, 0) * by_size.drift(t(2, 100, 0)))
+    with pytest.raises(ValueError, match="drift"):
+        ProfileModel({**data, "drift": {"step_s": [0.02, 0.01], "scale": [1.0, 1.0]}})
 
 
 def test_profile_errors_name_the_flag(tmp_path):
@@ -214,8 +222,19 @@ def test_profile_command_measures_the_real_runner_and_feeds_the_simulator(tmp_pa
     assert times[0][0][0] == 0.0
     assert all(times[i][j][k] > 0 for i in range(3) for j in range(2) for k in range(2) if (i, k) != (0, 0))
     assert data["host"]["threads"] == 1 and data["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 2  # SmolLM2, bf16
-    cal = data["calibration"]
-    assert cal["steps"] > 4 and cal["real_s"] > 0 and data["scale"] == pytest.approx(cal["real_s"] / cal["predicted_s"])
+    ref = data["reference"]  # the calibration workload's real / grid time, the median of its runs
+    assert ref["steps"] > 4 and ref["ratio"] == sorted(ref["ratios"])[1] and "drift" not in data
+    assert sum(b["steps"] for b in ref["bins"]) == ref["steps"]
+    r = subprocess.run([*cmd, "profile", "--recalibrate", str(out), "--model", str(default_model_dir), "--threads", "1",
+                        "--output", str(tmp_path / "again.json"), "--no-progress"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["step_time_s"] == times and again["reference"] == ref  # the grid and its reference are kept
+    cal = again["calibration"]
+    assert cal["num_prompts"] == ref["num_prompts"] and cal["steps"] == ref["steps"]  # the same workload
+    assert again["drift"] == {"step_s": [b["mean_step_s"] for b in ref["bins"]],
+                              "scale": [now["ratio"] / then["ratio"] for now, then in zip(cal["bins"], ref["bins"])]}
     r = subprocess.run([*cmd, "simulate", "--profile", str(out), "--kv-cache-gib", "0.01", "--num-prompts", "30",
                         "--input-dist", "uniform:10:60", "--output-dist", "uniform:5:40", "--max-num-batched-tokens",
                         "64", "--output-json", str(tmp_path / "sim.json")], capture_output=True, text=True, timeout=300)

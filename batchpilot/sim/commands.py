@@ -19,6 +19,7 @@ from batchpilot.sim.profile import (
     DEFAULT_BATCH_SIZES,
     DEFAULT_CONTEXT_LENS,
     DEFAULT_PREFILL_TOKENS,
+    REFERENCE_RUNS,
     ProfileGrid,
     ProfileModel,
     measure_profile,
@@ -89,9 +90,10 @@ def add_profile_parser(sub) -> None:
     p.add_argument("--prefill-tokens", default=_csv(DEFAULT_PREFILL_TOKENS), help="prefill chunk (grid axis)")
     p.add_argument("--reps", type=int, default=5, help="timed runs per point (the median is kept)")
     p.add_argument("--calibration-prompts", type=int, default=96,
-                   help="requests of the real calibration run that sets the profile's scale (0: none)")
+                   help="requests of the real calibration workload timed beside the grid (0: none)")
     p.add_argument("--recalibrate", default=None, metavar="JSON",
-                   help="keep this profile's grid and measure only its scale again, on this host, now")
+                   help="keep this profile's grid; time its calibration workload again and set the drift "
+                        "(how the host's speed moved since the grid was taken)")
     p.add_argument("--output", required=True, metavar="JSON")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_profile)
@@ -116,13 +118,14 @@ def _profile_engine_config(args: argparse.Namespace, num_blocks: int) -> EngineC
 
 def cmd_profile(args: argparse.Namespace) -> int:
     if args.recalibrate:
-        if args.calibration_prompts < 1:
-            raise ValueError("--recalibrate needs --calibration-prompts of at least 1")
         old = ProfileModel.load(args.recalibrate, "--recalibrate").profile
         config = _profile_engine_config(args, CALIBRATION_KV_TOKENS // args.block_size)
-        profile = recalibrate(config, old, args.calibration_prompts, progress=not args.no_progress)
+        profile = recalibrate(config, old, progress=not args.no_progress)
         Path(args.output).write_text(json.dumps(profile, indent=1))
-        print(f"scale {old.get('scale', 1.0):.3f} -> {profile['scale']:.3f} -> {args.output}")
+        drift = profile["drift"]
+        print("drift since the grid: " + ", ".join(f"x{k:.3f} for {t * 1000:.0f} ms steps"
+                                                    for t, k in zip(drift["step_s"], drift["scale"]))
+              + f" -> {args.output}")
         return 0
     grid = ProfileGrid(_ints(args.batch_sizes, "--batch-sizes"), _ints(args.context_lens, "--context-lens"),
                        _ints(args.prefill_tokens, "--prefill-tokens"))
@@ -132,10 +135,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     times = profile["step_time_s"]
     print(f"profile of {profile['model']} on {profile['host']['cpu']} ({args.threads or 'all'} threads) "
           f"-> {args.output}")
-    if "calibration" in profile:
-        cal = profile["calibration"]
-        print(f"  calibration: {cal['steps']} steps, {cal['real_s']:.1f} s real vs {cal['predicted_s']:.1f} s "
-              f"from the grid -> scale {cal['scale']:.3f}")
+    if "reference" in profile:
+        ref = profile["reference"]
+        print(f"  calibration workload, {REFERENCE_RUNS} runs: {ref['steps']} steps, real / grid "
+              f"{', '.join(f'{r:.3f}' for r in ref['ratios'])} (reference {ref['ratio']:.3f})")
     for i, b in enumerate(grid.batch_sizes):
         row = "  ".join(f"{times[i][0][k] * 1000:8.1f}" for k in range(len(grid.prefill_tokens)))
         print(f"  decodes {b:>4} @ ctx {grid.context_lens[0]}, prefill {list(grid.prefill_tokens)}: {row} ms")
