@@ -24,6 +24,7 @@ import os
 import platform
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,9 +62,10 @@ class ProfileGrid:
             raise ValueError("--batch-sizes and --prefill-tokens must start at 0 (steps without decodes / prefill)")
 
     def max_blocks(self, block_size: int) -> int:
-        """KV blocks the largest grid point holds."""
+        """KV blocks the largest grid point holds, and at least the calibration workload's pool."""
         per_decode = -(-self.context_lens[-1] // block_size)
-        return self.batch_sizes[-1] * per_decode + -(-self.prefill_tokens[-1] // block_size)
+        largest = self.batch_sizes[-1] * per_decode + -(-self.prefill_tokens[-1] // block_size)
+        return max(largest, CALIBRATION_KV_TOKENS // block_size)
 
 
 def host_description(threads: int | None) -> dict[str, Any]:
@@ -127,7 +129,12 @@ def measure_profile(engine_config, grid: ProfileGrid, reps: int = 5, calibration
     samples: dict[tuple[int, int, int], list[float]] = {point: [] for point in points}
     # Each pass visits every point once, in a new shuffled order: like a running engine, no step
     # follows a step of its own shape (back-to-back repeats of one shape find warm caches), and
-    # a drift of the host spreads over the grid as noise. The first pass is a warm-up.
+    # a drift of the host spreads over the grid as noise. The first pass is a warm-up. The
+    # reference calibration runs are spread between the passes: they stand for the host in the
+    # same minutes as the grid (taken after it, their ratio moved 0.87 -> 1.03 between two
+    # profiles of the same host whose grids agreed within 5%).
+    calibrations_after = Counter(max(1, round((k + 1) * reps / REFERENCE_RUNS)) for k in range(REFERENCE_RUNS))
+    calibration_runs: list[list[tuple[StepShape, float]]] = []
     with tqdm(total=(reps + 1) * len(points), desc="profile", disable=not progress) as bar:
         for rep in range(reps + 1):
             for n in rng.permutation(len(points)):
@@ -137,6 +144,8 @@ def measure_profile(engine_config, grid: ProfileGrid, reps: int = 5, calibration
                 if rep:
                     samples[point].append(time.perf_counter() - t0)
                 bar.update()
+            for _ in range(calibrations_after[rep] if calibration_prompts else 0):
+                calibration_runs.append(run_calibration(runner, vocab, block_size, max_len, calibration_prompts))
     times = np.zeros(tuple(len(axis) for axis in axes))
     for point, values in samples.items():
         times[point] = statistics.median(values)
@@ -156,8 +165,7 @@ def measure_profile(engine_config, grid: ProfileGrid, reps: int = 5, calibration
         "step_time_s": times.tolist(),
     }
     if calibration_prompts:
-        runs = [calibrate(runner, profile, vocab, block_size, max_len, calibration_prompts, progress)
-                for _ in range(REFERENCE_RUNS)]
+        runs = [summarize_calibration(profile, run, calibration_prompts) for run in calibration_runs]
         bins = [{**b, "ratio": statistics.median(run["bins"][i]["ratio"] for run in runs)}
                 for i, b in enumerate(runs[0]["bins"])]
         profile["reference"] = {**runs[0], "ratio": statistics.median(run["ratio"] for run in runs),
@@ -178,27 +186,27 @@ def recalibrate(engine_config, profile: dict[str, Any], progress: bool = True) -
     if "reference" not in profile:
         raise ValueError("--recalibrate: the profile has no reference calibration (made with --calibration-prompts 0)")
     engine = build_engine(engine_config)
-    cal = calibrate(engine.executor, profile, engine.vocab_size or engine.executor.model.args.vocab_size,
-                    engine_config.cache.block_size, engine.scheduler.max_model_len, profile["reference"]["num_prompts"],
-                    progress)
+    num_prompts = profile["reference"]["num_prompts"]
+    run = run_calibration(engine.executor, engine.vocab_size or engine.executor.model.args.vocab_size,
+                          engine_config.cache.block_size, engine.scheduler.max_model_len, num_prompts, progress)
+    cal = summarize_calibration(profile, run, num_prompts)
     ref = profile["reference"]["bins"]
     drift = {"step_s": [b["mean_step_s"] for b in ref], "scale": [now["ratio"] / then["ratio"]
                                                                    for now, then in zip(cal["bins"], ref)]}
     return {**profile, "calibration": cal, "drift": drift}
 
 
-def calibrate(runner, profile: dict[str, Any], vocab: int, block_size: int, max_len: int, num_prompts: int,
-              progress: bool) -> dict[str, Any]:
-    """A fixed real workload on `runner`: its summed step times over the grid's (`ratio`).
+def run_calibration(runner, vocab: int, block_size: int, max_len: int, num_prompts: int,
+                    progress: bool = False) -> list[tuple[StepShape, float]]:
+    """A fixed, seeded real workload through the engine on `runner`: each step's shape and time.
 
-    NOTE: the ratio itself is not a correction of the grid. Steps of this workload (up to 64
-    decodes, 512-token prefill chunks back to back) ran 10-15% faster than the grid says,
-    while the grid's sum was within -4..+11% of the real one in the five benchmark runs of
-    docs/reproduction.md; scaling the grid by this ratio made the simulator optimistic on
-    nearly every workload. What the ratio tracks well is the host: how it moves between the
-    reference and now. The workload is none of benchmarks/sim_fidelity.py's.
+    NOTE: its real / grid ratio (`summarize_calibration`) is not a correction of the grid.
+    Steps of this workload (up to 64 decodes, 512-token prefill chunks back to back) ran
+    0.86-1.03x the grid's time, while the fidelity workloads ran 0.96-1.11x; scaling the grid
+    by this ratio made the simulator optimistic on nearly every workload. What the ratio
+    tracks is the host: how it moves between the reference and now. The workload is none of
+    benchmarks/sim_fidelity.py's.
     """
-    grid_model = ProfileModel({**profile, "drift": NO_DRIFT})
     from tqdm import tqdm
 
     from batchpilot.config import ControllerConfig, SchedulerConfig
@@ -209,19 +217,18 @@ def calibrate(runner, profile: dict[str, Any], vocab: int, block_size: int, max_
     from batchpilot.executors.simulated import step_shape
     from batchpilot.sampling_params import SamplingParams
 
-    real: list[float] = []
-    predicted: list[float] = []
+    steps: list[tuple[StepShape, float]] = []
 
     class TimedRunner:
         def execute(self, sched):
-            shape = step_shape(sched)
             t0 = time.perf_counter()
             out = runner.execute(sched)
-            real.append(time.perf_counter() - t0)
-            predicted.append(grid_model.step_time(shape))
+            steps.append((step_shape(sched), time.perf_counter() - t0))
             return out
 
-    pool = BlockPool(min(runner.num_blocks, CALIBRATION_KV_TOKENS // block_size), block_size)
+    # NOTE: always this pool, so that every run of the workload schedules the same steps
+    pool = BlockPool(CALIBRATION_KV_TOKENS // block_size, block_size)
+    assert runner.num_blocks >= pool.num_blocks, "the runner's KV cache is smaller than the calibration's pool"
     scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=CALIBRATION_BUDGET), KVCacheManager(pool),
                           make_controller(ControllerConfig(name="static", max_num_seqs=64)), max_len)
     engine = LLMEngine(scheduler, TimedRunner(), tokenizer=None, vocab_size=vocab)
@@ -233,8 +240,17 @@ def calibrate(runner, profile: dict[str, Any], vocab: int, block_size: int, max_
     with tqdm(total=num_prompts, desc="calibration", disable=not progress) as bar:
         while engine.has_unfinished_requests():
             bar.update(sum(out.finished for out in engine.step()))
+    return steps
+
+
+def summarize_calibration(profile: dict[str, Any], run: list[tuple[StepShape, float]],
+                          num_prompts: int) -> dict[str, Any]:
+    """A calibration run against the grid: real and grid time, their ratio, overall and by step size."""
+    grid_model = ProfileModel({**profile, "drift": NO_DRIFT})
+    real = [t for _, t in run]
+    predicted = [grid_model.step_time(shape) for shape, _ in run]
     return {"workload": f"{num_prompts} requests at t=0, prompts uniform 32-512, outputs uniform 16-192, "
-                        f"static 64, {pool.num_blocks * block_size} KV tokens, budget {CALIBRATION_BUDGET}",
+                        f"static 64, {CALIBRATION_KV_TOKENS} KV tokens, budget {CALIBRATION_BUDGET}",
             "num_prompts": num_prompts, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "steps": len(real), "real_s": sum(real), "predicted_s": sum(predicted), "ratio": sum(real) / sum(predicted),
             "bins": _bins(real, predicted)}
