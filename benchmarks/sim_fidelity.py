@@ -78,6 +78,25 @@ def run_sim(w: dict, cfg: ControllerConfig, model: ProfileModel, seed: int) -> d
     return summarize(res.records, res.duration_s) | {"num_preemptions": res.num_preemptions}
 
 
+def measure(w: dict, cname: str, cfg: ControllerConfig, model: ProfileModel, args: argparse.Namespace
+            ) -> tuple[list[dict], dict, list[list[float]]]:
+    """The real runs of one case, and the host's drift around them (mean, and each measurement).
+
+    Calibration, real, calibration, real, ..., calibration: the runs are bracketed by the
+    drift, each after the same rest (see the module's docstring).
+    """
+    drifts = [recalibrated(args.profile, args.threads, args.cooldown)] if args.recalibrate else [model]
+    reals = []
+    for _ in range(args.repeats):
+        time.sleep(args.cooldown)
+        reals.append(run_real(w, cname, cfg, args.threads, args.seed))
+        if args.recalibrate:
+            drifts.append(recalibrated(args.profile, args.threads, args.cooldown))
+    drift = {"step_s": drifts[0].correction_step_s,
+             "scale": [statistics.mean(k) for k in zip(*(d.correction_scale for d in drifts))]}
+    return reals, drift, [d.correction_scale for d in drifts]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", required=True)
@@ -89,9 +108,16 @@ def main() -> int:
                     "the table shows their spread, the host's own noise)")
     ap.add_argument("--recalibrate", action="store_true", help="measure the drift again around each real run")
     ap.add_argument("--cooldown", type=float, default=60, help="idle seconds before each real or calibration run")
+    ap.add_argument("--real-runs", default=None, metavar="JSON",
+                    help="take the real runs and drifts from an earlier --output-json of the same profile and "
+                         "simulate again (for a change of the simulator alone)")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args()
     model = ProfileModel.load(args.profile)
+    earlier = {}
+    if args.real_runs:
+        earlier = {(r["workload"], r["controller"], r["metric"]): r
+                   for r in json.loads(Path(args.real_runs).read_text())["rows"]}
     rows = []
     print("| workload | controller | metric | real (mean) | real spread | simulated | error |")
     print("|---|---|---|---|---|---|---|")
@@ -99,18 +125,13 @@ def main() -> int:
         w = WORKLOADS[wname]
         for cname in args.controllers.split(","):
             cfg = CONTROLLERS[cname]
-            # calibration, real, calibration, real, ..., calibration: the runs are bracketed by the
-            # drift, each after the same rest (see the module's docstring)
-            drifts = [recalibrated(args.profile, args.threads, args.cooldown)] if args.recalibrate else [model]
-            reals = []
-            for _ in range(args.repeats):
-                time.sleep(args.cooldown)
-                reals.append(run_real(w, cname, cfg, args.threads, args.seed))
-                if args.recalibrate:
-                    drifts.append(recalibrated(args.profile, args.threads, args.cooldown))
-            drift = {"step_s": drifts[0].drift_step_s,
-                     "scale": [statistics.mean(k) for k in zip(*(d.drift_scale for d in drifts))]}
-            used = ProfileModel({**model.profile, "drift": drift})
+            if earlier:
+                old = {m: earlier[wname, cname, m] for m in METRICS + ("num_preemptions",)}
+                reals = [dict(zip(old, values)) for values in zip(*(r["real_runs"] for r in old.values()))]
+                drift, drift_runs = old[METRICS[0]]["correction"], old[METRICS[0]]["drifts"]
+            else:
+                reals, drift, drift_runs = measure(w, cname, cfg, model, args)
+            used = ProfileModel({**model.profile, "correction": drift})
             sim = run_sim(w, cfg, used, args.seed)
             for m in METRICS + ("num_preemptions",):
                 values = [r[m] for r in reals]
@@ -118,8 +139,8 @@ def main() -> int:
                 spread = (max(values) - min(values)) / real if real else 0.0
                 err = sim[m] / real - 1 if real else float("nan")
                 rows.append({"workload": wname, "controller": cname, "metric": m, "real": real, "real_runs": values,
-                             "sim": sim[m], "error": err, "drift": drift,
-                             "drifts": [d.drift_scale for d in drifts]})
+                             "sim": sim[m], "error": err, "correction": drift,
+                             "drifts": drift_runs})
                 print(f"| {wname} | {cname} | {m} | {real:.1f} | {spread:.1%} | {sim[m]:.1f} | {err:+.1%} |",
                       flush=True)
     worst = max(abs(r["error"]) for r in rows if r["metric"] in METRICS)

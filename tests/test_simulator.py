@@ -178,14 +178,38 @@ def test_profile_model_interpolates_and_extrapolates_linearly():
     assert m.step_time(StepShape(0, 0, ((10, 10),), 1)) == pytest.approx(t(0, 100, 10))
     assert m.step_time(StepShape(0, 0, (), 0)) == 0.0
     assert m.kv_capacity_tokens(1.0) == 2**30 // 1000
-    # the host's drift since the grid multiplies every step; with knots, by the step's grid time
-    scaled = ProfileModel({**data, "drift": {"step_s": [0.01], "scale": [1.25]}})
+    # the calibration's in-run / grid ratio multiplies every step; with knots, by the step's grid time
+    scaled = ProfileModel({**data, "correction": {"step_s": [0.01], "scale": [1.25]}})
     assert scaled.step_time(StepShape(3, 600, ((6, 6),), 4)) == pytest.approx(1.25 * t(3, 200, 6))
-    by_size = ProfileModel({**data, "drift": {"step_s": [0.006, 0.024], "scale": [1.2, 1.0]}})
-    assert by_size.drift(0.003) == 1.2 and by_size.drift(0.012) == pytest.approx(1.1) and by_size.drift(1.0) == 1.0
-    assert by_size.step_time(StepShape(2, 200, (), 2)) == pytest.approx(t(2, 100, 0) * by_size.drift(t(2, 100, 0)))
-    with pytest.raises(ValueError, match="drift"):
-        ProfileModel({**data, "drift": {"step_s": [0.02, 0.01], "scale": [1.0, 1.0]}})
+    by_size = ProfileModel({**data, "correction": {"step_s": [0.006, 0.024], "scale": [1.2, 1.0]}})
+    assert by_size.correction(0.003) == 1.2 and by_size.correction(0.012) == pytest.approx(1.1)
+    assert by_size.correction(1.0) == 1.0
+    small = t(2, 100, 0)
+    assert by_size.step_time(StepShape(2, 200, (), 2)) == pytest.approx(small * by_size.correction(small))
+    with pytest.raises(ValueError, match="correction"):
+        ProfileModel({**data, "correction": {"step_s": [0.02, 0.01], "scale": [1.0, 1.0]}})
+
+
+def test_profile_model_costs_each_prefill_chunk_by_its_own_attention():
+    from batchpilot.sim.profile import ProfileModel
+
+    # prefill time 10 ms + 0.1 ms per token + 1 us per token^2 (attention of one prompt from position 0)
+    grid = {"batch_sizes": [0, 4], "context_lens": [100, 300], "prefill_tokens": [0, 100, 200, 400]}
+
+    def t(b, p):
+        return 0.0 if b == p == 0 else 1e-2 + 1e-3 * b + 1e-4 * p + 1e-6 * p * p
+    times = [[[t(b, p) for p in grid["prefill_tokens"]] for _ in grid["context_lens"]] for b in grid["batch_sizes"]]
+    m = ProfileModel({"version": PROFILE_VERSION, "grid": grid, "kv_bytes_per_token": 1000, "max_model_len": 4096,
+                      "step_time_s": times})
+    assert m.prefill_square_s == pytest.approx(1e-6)
+    whole = m.step_time(StepShape(0, 0, ((400, 400),), 1))  # one prompt from 0: the grid point itself
+    assert whole == pytest.approx(t(0, 400))
+    # four prompts of 100 in the same budget: the linear cost of 400 tokens, the square of 100 four times
+    four = m.step_time(StepShape(0, 0, ((100, 100),) * 4, 4))
+    assert four == pytest.approx(1e-2 + 1e-4 * 400 + 4 * 1e-6 * 100 * 100)
+    # the last 100 tokens of a 400-token prompt attend to all 400: cost (100 x 350 average context) x 2
+    tail = m.step_time(StepShape(4, 4 * 100, ((100, 400),), 5))
+    assert tail == pytest.approx(t(4, 100) + 1e-6 * 2 * 100 * 300)
 
 
 def test_profile_errors_name_the_flag(tmp_path):
@@ -222,19 +246,21 @@ def test_profile_command_measures_the_real_runner_and_feeds_the_simulator(tmp_pa
     assert times[0][0][0] == 0.0
     assert all(times[i][j][k] > 0 for i in range(3) for j in range(2) for k in range(2) if (i, k) != (0, 0))
     assert data["host"]["threads"] == 1 and data["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 2  # SmolLM2, bf16
-    ref = data["reference"]  # the calibration workload's real / grid time, the median of its runs
-    assert ref["steps"] > 4 and ref["ratio"] == sorted(ref["ratios"])[1] and "drift" not in data
-    assert sum(b["steps"] for b in ref["bins"]) == ref["steps"]
+    cal = data["calibration"]  # the calibration workload's real / grid time, the median of its runs
+    assert cal["steps"] > 4 and cal["ratio"] == sorted(cal["ratios"])[1]
+    assert sum(b["steps"] for b in cal["bins"]) == cal["steps"]
+    assert data["correction"] == {"step_s": [b["mean_step_s"] for b in cal["bins"]],
+                                  "scale": [b["ratio"] for b in cal["bins"]]}
     r = subprocess.run([*cmd, "profile", "--recalibrate", str(out), "--model", str(default_model_dir), "--threads", "1",
                         "--output", str(tmp_path / "again.json"), "--no-progress"], capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr
     again = json.loads((tmp_path / "again.json").read_text())
-    assert again["step_time_s"] == times and again["reference"] == ref  # the grid and its reference are kept
-    cal = again["calibration"]
-    assert cal["num_prompts"] == ref["num_prompts"] and cal["steps"] == ref["steps"]  # the same workload
-    assert again["drift"] == {"step_s": [b["mean_step_s"] for b in ref["bins"]],
-                              "scale": [now["ratio"] / then["ratio"] for now, then in zip(cal["bins"], ref["bins"])]}
+    assert again["step_time_s"] == times  # the grid is kept
+    now = again["calibration"]
+    assert now["num_prompts"] == cal["num_prompts"] and now["steps"] == cal["steps"]  # the same workload
+    assert again["correction"] == {"step_s": [b["mean_step_s"] for b in now["bins"]],
+                                   "scale": [b["ratio"] for b in now["bins"]]}
     r = subprocess.run([*cmd, "simulate", "--profile", str(out), "--kv-cache-gib", "0.01", "--num-prompts", "30",
                         "--input-dist", "uniform:10:60", "--output-dist", "uniform:5:40", "--max-num-batched-tokens",
                         "64", "--output-json", str(tmp_path / "sim.json")], capture_output=True, text=True, timeout=300)

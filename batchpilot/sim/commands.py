@@ -92,8 +92,8 @@ def add_profile_parser(sub) -> None:
     p.add_argument("--calibration-prompts", type=int, default=96,
                    help="requests of the real calibration workload timed beside the grid (0: none)")
     p.add_argument("--recalibrate", default=None, metavar="JSON",
-                   help="keep this profile's grid; time its calibration workload again and set the drift "
-                        "(how the host's speed moved since the grid was taken)")
+                   help="keep this profile's grid; run its calibration workload again and replace "
+                        "its correction (the host now)")
     p.add_argument("--output", required=True, metavar="JSON")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_profile)
@@ -122,9 +122,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
         config = _profile_engine_config(args, CALIBRATION_KV_TOKENS // args.block_size)
         profile = recalibrate(config, old, progress=not args.no_progress)
         Path(args.output).write_text(json.dumps(profile, indent=1))
-        drift = profile["drift"]
-        print("drift since the grid: " + ", ".join(f"x{k:.3f} for {t * 1000:.0f} ms steps"
-                                                    for t, k in zip(drift["step_s"], drift["scale"]))
+        knots = profile["correction"]
+        print("correction of the grid: " + ", ".join(f"x{k:.3f} for {t * 1000:.0f} ms steps"
+                                                      for t, k in zip(knots["step_s"], knots["scale"]))
               + f" -> {args.output}")
         return 0
     grid = ProfileGrid(_ints(args.batch_sizes, "--batch-sizes"), _ints(args.context_lens, "--context-lens"),
@@ -135,10 +135,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     times = profile["step_time_s"]
     print(f"profile of {profile['model']} on {profile['host']['cpu']} ({args.threads or 'all'} threads) "
           f"-> {args.output}")
-    if "reference" in profile:
-        ref = profile["reference"]
-        print(f"  calibration workload, {REFERENCE_RUNS} runs: {ref['steps']} steps, real / grid "
-              f"{', '.join(f'{r:.3f}' for r in ref['ratios'])} (reference {ref['ratio']:.3f})")
+    if "calibration" in profile:
+        cal = profile["calibration"]
+        print(f"  calibration workload, {REFERENCE_RUNS} runs: {cal['steps']} steps, real / grid "
+              f"{', '.join(f'{r:.3f}' for r in cal['ratios'])} (median {cal['ratio']:.3f})")
     for i, b in enumerate(grid.batch_sizes):
         row = "  ".join(f"{times[i][0][k] * 1000:8.1f}" for k in range(len(grid.prefill_tokens)))
         print(f"  decodes {b:>4} @ ctx {grid.context_lens[0]}, prefill {list(grid.prefill_tokens)}: {row} ms")

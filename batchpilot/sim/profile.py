@@ -2,16 +2,23 @@
 
 `batchpilot profile` runs the real model runner on synthetic steps — `b` decodes at context
 `c` plus a prefill chunk of `p` tokens — and saves the median time of each grid point with
-the machine it was taken on, and times a fixed real workload beside it (the reference).
-Later, `profile --recalibrate` times that workload again: the grid, scaled by how much slower
-or faster the host runs it now (`drift`, by step size: small steps slow down more), stands
-for this moment. `ProfileModel` answers a simulated step by multilinear interpolation over
-(b, mean decode context, prefill tokens), extrapolating linearly past the grid's edges. Like
-Vidur's operator profiles, but per step: our runner does one forward for the whole mixed
-batch, so the step is the unit that was measured.
+the machine it was taken on; between the grid's passes it runs a fixed real workload and
+keeps its real / grid time ratio by step size as the grid's `correction` (small steps and
+large ones drift apart on this host). `profile --recalibrate` runs that workload again and
+replaces the correction: the grid then stands for the host as it is now. `ProfileModel`
+answers a simulated step by multilinear interpolation over (b, mean decode context, prefill
+tokens), extrapolating linearly past the grid's edges. Like Vidur's operator profiles, but
+per step: our runner does one forward for the whole mixed batch, so the step is the unit
+that was measured.
 
-Not modelled: a prefill chunk's attention over context computed in earlier steps (chunks
-are costed as if they started the prompt), and host noise (the profile holds medians).
+The grid times one prefill chunk that starts its prompt; a step's chunks are often several
+short prompts, or later parts of a long one. Prefill time grows with the square of the chunk
+(attention: T(512) - T(256) is 1.5x T(256) - T(0) here), so the model takes that square
+term q p^2, fitted on the grid's prefill-only row, and replaces the grid's one-prompt share
+of it by the step's own attention work: sum over chunks of new tokens x context. Without
+this the grid overpredicted steps with 512-token chunks by 10-20% inside runs.
+
+Not modelled: host noise (the profile holds medians).
 """
 
 from __future__ import annotations
@@ -33,18 +40,18 @@ import numpy as np
 
 from batchpilot.sim.roofline import StepShape
 
-PROFILE_VERSION = 2  # 2: `drift` relative to the reference calibration (1: one `scale`, calibration / grid)
+PROFILE_VERSION = 2  # 2: `correction` by step size, chunk-aware prefill (1: one `scale`)
 DEFAULT_BATCH_SIZES = (0, 1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 DEFAULT_CONTEXT_LENS = (64, 128, 256, 512, 1024)
 DEFAULT_PREFILL_TOKENS = (0, 32, 128, 256, 512)
 CALIBRATION_KV_TOKENS = 12_288  # the calibration run's pool: small enough to fill and preempt
 CALIBRATION_BUDGET = 512  # its token budget per step (the engine's default)
-REFERENCE_RUNS = 3  # calibration runs at profile time; their median ratios are the reference
-# Grid step times that split the calibration's steps for the drift: small decode batches
+REFERENCE_RUNS = 3  # calibration runs at profile time; their median ratios are the correction
+# Grid step times that split the calibration's steps for the correction: small decode batches
 # (bandwidth-bound), large ones, and steps with prefill chunks. Measured here, a slower host
 # state took 18-25% longer on steps under 45 ms but 5-14% on steps over 100 ms.
-DRIFT_BIN_EDGES_S = (0.045, 0.1)
-NO_DRIFT = {"step_s": [1.0], "scale": [1.0]}  # the grid as measured
+CALIBRATION_BIN_EDGES_S = (0.045, 0.1)
+NO_CORRECTION = {"step_s": [1.0], "scale": [1.0]}  # the grid as measured
 
 
 @dataclass(frozen=True)
@@ -130,9 +137,7 @@ def measure_profile(engine_config, grid: ProfileGrid, reps: int = 5, calibration
     # Each pass visits every point once, in a new shuffled order: like a running engine, no step
     # follows a step of its own shape (back-to-back repeats of one shape find warm caches), and
     # a drift of the host spreads over the grid as noise. The first pass is a warm-up. The
-    # reference calibration runs are spread between the passes: they stand for the host in the
-    # same minutes as the grid (taken after it, their ratio moved 0.87 -> 1.03 between two
-    # profiles of the same host whose grids agreed within 5%).
+    # calibration runs are spread between the passes, to see the host in the same minutes.
     calibrations_after = Counter(max(1, round((k + 1) * reps / REFERENCE_RUNS)) for k in range(REFERENCE_RUNS))
     calibration_runs: list[list[tuple[StepShape, float]]] = []
     with tqdm(total=(reps + 1) * len(points), desc="profile", disable=not progress) as bar:
@@ -168,44 +173,45 @@ def measure_profile(engine_config, grid: ProfileGrid, reps: int = 5, calibration
         runs = [summarize_calibration(profile, run, calibration_prompts) for run in calibration_runs]
         bins = [{**b, "ratio": statistics.median(run["bins"][i]["ratio"] for run in runs)}
                 for i, b in enumerate(runs[0]["bins"])]
-        profile["reference"] = {**runs[0], "ratio": statistics.median(run["ratio"] for run in runs),
-                                "ratios": [run["ratio"] for run in runs], "bins": bins}
+        profile["calibration"] = {**runs[0], "ratio": statistics.median(run["ratio"] for run in runs),
+                                  "ratios": [run["ratio"] for run in runs], "bins": bins}
+        profile["correction"] = correction(bins)
     return profile
 
 
 def recalibrate(engine_config, profile: dict[str, Any], progress: bool = True) -> dict[str, Any]:
-    """The profile with its `drift` measured on this host, now (the grid is kept).
+    """The profile with its `correction` measured again on this host, now (the grid is kept).
 
-    The host's speed drifts (the same benchmark here: 303 and 335 tok/s eight minutes apart);
-    the calibration workload, timed again (about 40 s), tells by how much since the grid was
-    taken: per size of step, its real / grid ratio now over the ratio then (the reference).
-    The steps are the same as the reference's (a fixed, seeded workload), so are the bins.
+    The host's speed drifts (the same benchmark here: 303 and 335 tok/s eight minutes apart;
+    the grid itself, taken 25 minutes apart, 18-25% slower on small steps and 5-14% on large
+    ones); the calibration workload, run again (about 40 s), tells the grid's ratio to now.
     """
     from batchpilot.llm import build_engine
 
-    if "reference" not in profile:
-        raise ValueError("--recalibrate: the profile has no reference calibration (made with --calibration-prompts 0)")
+    if "calibration" not in profile:
+        raise ValueError("--recalibrate: the profile has no calibration (made with --calibration-prompts 0)")
     engine = build_engine(engine_config)
-    num_prompts = profile["reference"]["num_prompts"]
+    num_prompts = profile["calibration"]["num_prompts"]
     run = run_calibration(engine.executor, engine.vocab_size or engine.executor.model.args.vocab_size,
                           engine_config.cache.block_size, engine.scheduler.max_model_len, num_prompts, progress)
     cal = summarize_calibration(profile, run, num_prompts)
-    ref = profile["reference"]["bins"]
-    drift = {"step_s": [b["mean_step_s"] for b in ref], "scale": [now["ratio"] / then["ratio"]
-                                                                   for now, then in zip(cal["bins"], ref)]}
-    return {**profile, "calibration": cal, "drift": drift}
+    return {**profile, "calibration": cal, "correction": correction(cal["bins"])}
+
+
+def correction(bins: list[dict[str, float]]) -> dict[str, list[float]]:
+    """The grid's correction from a calibration's bins: their real / grid ratio at their mean step time."""
+    return {"step_s": [b["mean_step_s"] for b in bins], "scale": [b["ratio"] for b in bins]}
 
 
 def run_calibration(runner, vocab: int, block_size: int, max_len: int, num_prompts: int,
                     progress: bool = False) -> list[tuple[StepShape, float]]:
     """A fixed, seeded real workload through the engine on `runner`: each step's shape and time.
 
-    NOTE: its real / grid ratio (`summarize_calibration`) is not a correction of the grid.
-    Steps of this workload (up to 64 decodes, 512-token prefill chunks back to back) ran
-    0.86-1.03x the grid's time, while the fidelity workloads ran 0.96-1.11x; scaling the grid
-    by this ratio made the simulator optimistic on nearly every workload. What the ratio
-    tracks is the host: how it moves between the reference and now. The workload is none of
-    benchmarks/sim_fidelity.py's.
+    Its real / grid ratio stands for other workloads only since prefill chunks are costed by
+    their own attention (see the module's docstring): before, its 512-token chunks of several
+    prompts ran 10-20% under the grid, its ratio was 0.86-0.91 beside 0.96-1.11 for the
+    fidelity workloads, and the simulator came out optimistic on nearly all of them. The
+    workload is none of benchmarks/sim_fidelity.py's.
     """
     from tqdm import tqdm
 
@@ -246,7 +252,7 @@ def run_calibration(runner, vocab: int, block_size: int, max_len: int, num_promp
 def summarize_calibration(profile: dict[str, Any], run: list[tuple[StepShape, float]],
                           num_prompts: int) -> dict[str, Any]:
     """A calibration run against the grid: real and grid time, their ratio, overall and by step size."""
-    grid_model = ProfileModel({**profile, "drift": NO_DRIFT})
+    grid_model = ProfileModel({**profile, "correction": NO_CORRECTION})
     real = [t for _, t in run]
     predicted = [grid_model.step_time(shape) for shape, _ in run]
     return {"workload": f"{num_prompts} requests at t=0, prompts uniform 32-512, outputs uniform 16-192, "
@@ -257,9 +263,9 @@ def summarize_calibration(profile: dict[str, Any], run: list[tuple[StepShape, fl
 
 
 def _bins(real: list[float], predicted: list[float]) -> list[dict[str, float]]:
-    """The steps split by their grid time at DRIFT_BIN_EDGES_S: count, sums, real / grid ratio (empty bins left out)."""
+    """Steps split by grid time at CALIBRATION_BIN_EDGES_S: count, sums, real / grid ratio (empty bins left out)."""
     out = []
-    edges = (0.0, *DRIFT_BIN_EDGES_S, float("inf"))
+    edges = (0.0, *CALIBRATION_BIN_EDGES_S, float("inf"))
     for low, high in zip(edges, edges[1:]):
         pairs = [(r, p) for r, p in zip(real, predicted) if low <= p < high]
         if pairs:
@@ -277,18 +283,28 @@ class ProfileModel:
         self.grid = ProfileGrid(tuple(g["batch_sizes"]), tuple(g["context_lens"]), tuple(g["prefill_tokens"]))
         self.kv_bytes_per_token = int(profile["kv_bytes_per_token"])
         self.max_model_len = int(profile["max_model_len"])
-        self.profile = profile  # as loaded (recalibration rewrites it with a new drift)
-        drift = profile.get("drift", NO_DRIFT)  # the host's since the grid, by step size (see `recalibrate`)
-        self.drift_step_s, self.drift_scale = list(map(float, drift["step_s"])), list(map(float, drift["scale"]))
-        if not self.drift_step_s or len(self.drift_step_s) != len(self.drift_scale) \
-                or self.drift_step_s != sorted(self.drift_step_s) or min(self.drift_step_s) <= 0:
-            raise ValueError(f"profile drift needs increasing positive step_s, one scale each, got {drift}")
+        self.profile = profile  # as loaded (recalibration rewrites its correction)
+        knots = profile.get("correction", NO_CORRECTION)  # in-run / grid time by step size (see `recalibrate`)
+        self.correction_step_s = [float(t) for t in knots["step_s"]]
+        self.correction_scale = [float(k) for k in knots["scale"]]
+        if not self.correction_step_s or len(self.correction_step_s) != len(self.correction_scale) \
+                or self.correction_step_s != sorted(self.correction_step_s) or min(self.correction_step_s) <= 0:
+            raise ValueError(f"profile correction needs increasing positive step_s, one scale each, got {knots}")
         values = np.asarray(profile["step_time_s"], dtype=float)
         self.axes = (self.grid.batch_sizes, self.grid.context_lens, self.grid.prefill_tokens)
         if values.shape != tuple(len(a) for a in self.axes):
             raise ValueError(f"profile step_time_s has shape {values.shape}, the grid needs "
                              f"{tuple(len(a) for a in self.axes)}")
         self.values = values.tolist()
+        self.prefill_square_s = self._fit_prefill_square(values[0, 0, 1:])
+
+    def _fit_prefill_square(self, prefill_only_s: np.ndarray) -> float:
+        """q in T(p) = a + l p + q p^2 over the grid's prefill-only steps (0 without 3 points to fit)."""
+        p = np.asarray(self.grid.prefill_tokens[1:], dtype=float)
+        if len(p) < 3:
+            return 0.0
+        (_, _, q), *_ = np.linalg.lstsq(np.stack([np.ones_like(p), p, p * p], 1), prefill_only_s, rcond=None)
+        return max(0.0, float(q))
 
     @classmethod
     def load(cls, path: str | os.PathLike, flag: str = "--profile") -> ProfileModel:
@@ -308,12 +324,16 @@ class ProfileModel:
         if step.num_decodes == 0 and prefill == 0:
             return 0.0
         context = step.decode_context / step.num_decodes if step.num_decodes else self.grid.context_lens[0]
-        t = max(0.0, self.interpolate((step.num_decodes, context, prefill)))
-        return t * self.drift(t)
+        t = self.interpolate((step.num_decodes, context, prefill))
+        if prefill:  # the grid's one chunk of `prefill` tokens from position 0 -> the step's chunks
+            attention = sum(n * end - n * n / 2 for n, end in step.prefills)  # new tokens x context
+            t -= self.prefill_square_s * (prefill * prefill - 2 * attention)
+        t = max(0.0, t)
+        return t * self.correction(t)
 
-    def drift(self, t: float) -> float:
-        """The host's drift for a step of grid time t: linear in log t between the knots, flat outside."""
-        ts, scales = self.drift_step_s, self.drift_scale
+    def correction(self, t: float) -> float:
+        """The correction of a step of grid time t: linear in log t between the knots, flat outside."""
+        ts, scales = self.correction_step_s, self.correction_scale
         if t <= ts[0]:
             return scales[0]
         if t >= ts[-1]:
