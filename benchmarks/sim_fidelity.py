@@ -8,14 +8,14 @@ not the profile's grid points: the profile times synthetic steps, never a worklo
     python benchmarks/sim_fidelity.py --profile docs/results/profile_cpu.json --threads 2 --recalibrate
 
 With --recalibrate the profile's calibration workload is timed again (`batchpilot profile
---recalibrate`, ~40 s) right before and right after each real run, and the simulator scales
-the grid by the mean of how much faster or slower the host ran it than when the grid was
-taken (by step size, see batchpilot.sim.profile): this shared host's speed drifts by 10-30%
-within minutes (the same real run: mean TPOT 39.2 ms one day, 30.4 ms the next), which would
-otherwise swamp the simulator's own error. Each real and calibration run starts after
---cooldown idle seconds: measured here, the same Poisson run gave a mean TPOT of 30.1 and
-30.7 ms when it followed another light run, 35.3 ms right after a calibration, and 37.7-42.9
-ms in a series that alternated them without pause: this host runs slower after sustained load.
+--recalibrate`, ~40 s) right before and right after each real run, and the simulator uses
+the mean of the two corrections (its real / grid time by step size, see
+batchpilot.sim.profile): this shared host's speed drifts by 10-30% within minutes (the same
+real run: mean TPOT 39.2 ms one day, 30.4 ms the next), which would otherwise swamp the
+simulator's own error. Each real and calibration run starts after --cooldown idle seconds:
+measured here, the same Poisson run gave a mean TPOT of 30.1 and 30.7 ms when it followed
+another light run, 35.3 ms right after a calibration, and 37.7-42.9 ms in a series that
+alternated them without pause: this host runs slower after sustained load.
 """
 
 from __future__ import annotations
@@ -80,21 +80,21 @@ def run_sim(w: dict, cfg: ControllerConfig, model: ProfileModel, seed: int) -> d
 
 def measure(w: dict, cname: str, cfg: ControllerConfig, model: ProfileModel, args: argparse.Namespace
             ) -> tuple[list[dict], dict, list[list[float]]]:
-    """The real runs of one case, and the host's drift around them (mean, and each measurement).
+    """The real runs of one case, and the grid's correction around them (mean, and each measurement).
 
     Calibration, real, calibration, real, ..., calibration: the runs are bracketed by the
-    drift, each after the same rest (see the module's docstring).
+    corrections, each after the same rest (see the module's docstring).
     """
-    drifts = [recalibrated(args.profile, args.threads, args.cooldown)] if args.recalibrate else [model]
+    models = [recalibrated(args.profile, args.threads, args.cooldown)] if args.recalibrate else [model]
     reals = []
     for _ in range(args.repeats):
         time.sleep(args.cooldown)
         reals.append(run_real(w, cname, cfg, args.threads, args.seed))
         if args.recalibrate:
-            drifts.append(recalibrated(args.profile, args.threads, args.cooldown))
-    drift = {"step_s": drifts[0].correction_step_s,
-             "scale": [statistics.mean(k) for k in zip(*(d.correction_scale for d in drifts))]}
-    return reals, drift, [d.correction_scale for d in drifts]
+            models.append(recalibrated(args.profile, args.threads, args.cooldown))
+    correction = {"step_s": models[0].correction_step_s,
+                  "scale": [statistics.mean(k) for k in zip(*(m.correction_scale for m in models))]}
+    return reals, correction, [m.correction_scale for m in models]
 
 
 def main() -> int:
@@ -106,10 +106,10 @@ def main() -> int:
     ap.add_argument("--controllers", default=",".join(CONTROLLERS))
     ap.add_argument("--repeats", type=int, default=1, help="real runs per case (their mean is compared; "
                     "the table shows their spread, the host's own noise)")
-    ap.add_argument("--recalibrate", action="store_true", help="measure the drift again around each real run")
+    ap.add_argument("--recalibrate", action="store_true", help="measure the correction again around each real run")
     ap.add_argument("--cooldown", type=float, default=60, help="idle seconds before each real or calibration run")
     ap.add_argument("--real-runs", default=None, metavar="JSON",
-                    help="take the real runs and drifts from an earlier --output-json of the same profile and "
+                    help="take the real runs and corrections from an earlier --output-json of the same profile and "
                          "simulate again (for a change of the simulator alone)")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args()
@@ -128,10 +128,10 @@ def main() -> int:
             if earlier:
                 old = {m: earlier[wname, cname, m] for m in METRICS + ("num_preemptions",)}
                 reals = [dict(zip(old, values)) for values in zip(*(r["real_runs"] for r in old.values()))]
-                drift, drift_runs = old[METRICS[0]]["correction"], old[METRICS[0]]["drifts"]
+                correction, measured = old[METRICS[0]]["correction"], old[METRICS[0]]["corrections"]
             else:
-                reals, drift, drift_runs = measure(w, cname, cfg, model, args)
-            used = ProfileModel({**model.profile, "correction": drift})
+                reals, correction, measured = measure(w, cname, cfg, model, args)
+            used = ProfileModel({**model.profile, "correction": correction})
             sim = run_sim(w, cfg, used, args.seed)
             for m in METRICS + ("num_preemptions",):
                 values = [r[m] for r in reals]
@@ -139,8 +139,8 @@ def main() -> int:
                 spread = (max(values) - min(values)) / real if real else 0.0
                 err = sim[m] / real - 1 if real else float("nan")
                 rows.append({"workload": wname, "controller": cname, "metric": m, "real": real, "real_runs": values,
-                             "sim": sim[m], "error": err, "correction": drift,
-                             "drifts": drift_runs})
+                             "sim": sim[m], "error": err, "correction": correction,
+                             "corrections": measured})
                 print(f"| {wname} | {cname} | {m} | {real:.1f} | {spread:.1%} | {sim[m]:.1f} | {err:+.1%} |",
                       flush=True)
     worst = max(abs(r["error"]) for r in rows if r["metric"] in METRICS)
