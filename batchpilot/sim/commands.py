@@ -16,10 +16,10 @@ from batchpilot.config import DTYPES, CacheConfig, ControllerConfig, EngineConfi
 from batchpilot.sim.driver import SimRequest, make_workload, simulate
 from batchpilot.sim.profile import (
     CALIBRATION_KV_TOKENS,
+    CALIBRATION_RUNS,
     DEFAULT_BATCH_SIZES,
     DEFAULT_CONTEXT_LENS,
     DEFAULT_PREFILL_TOKENS,
-    REFERENCE_RUNS,
     ProfileGrid,
     ProfileModel,
     measure_profile,
@@ -137,7 +137,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
           f"-> {args.output}")
     if "calibration" in profile:
         cal = profile["calibration"]
-        print(f"  calibration workload, {REFERENCE_RUNS} runs: {cal['steps']} steps, real / grid "
+        print(f"  calibration workload, {CALIBRATION_RUNS} runs: {cal['steps']} steps, real / grid "
               f"{', '.join(f'{r:.3f}' for r in cal['ratios'])} (median {cal['ratio']:.3f})")
     for i, b in enumerate(grid.batch_sizes):
         row = "  ".join(f"{times[i][0][k] * 1000:8.1f}" for k in range(len(grid.prefill_tokens)))

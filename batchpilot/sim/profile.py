@@ -46,7 +46,7 @@ DEFAULT_CONTEXT_LENS = (64, 128, 256, 512, 1024)
 DEFAULT_PREFILL_TOKENS = (0, 32, 128, 256, 512)
 CALIBRATION_KV_TOKENS = 12_288  # the calibration run's pool: small enough to fill and preempt
 CALIBRATION_BUDGET = 512  # its token budget per step (the engine's default)
-REFERENCE_RUNS = 3  # calibration runs at profile time; their median ratios are the correction
+CALIBRATION_RUNS = 3  # calibration runs at profile time; their median ratios are the correction
 # Grid step times that split the calibration's steps for the correction: small decode batches
 # (bandwidth-bound), large ones, and steps with prefill chunks. Measured here, a slower host
 # state took 18-25% longer on steps under 45 ms but 5-14% on steps over 100 ms.
@@ -138,7 +138,7 @@ def measure_profile(engine_config, grid: ProfileGrid, reps: int = 5, calibration
     # follows a step of its own shape (back-to-back repeats of one shape find warm caches), and
     # a drift of the host spreads over the grid as noise. The first pass is a warm-up. The
     # calibration runs are spread between the passes, to see the host in the same minutes.
-    calibrations_after = Counter(max(1, round((k + 1) * reps / REFERENCE_RUNS)) for k in range(REFERENCE_RUNS))
+    calibrations_after = Counter(max(1, round((k + 1) * reps / CALIBRATION_RUNS)) for k in range(CALIBRATION_RUNS))
     calibration_runs: list[list[tuple[StepShape, float]]] = []
     with tqdm(total=(reps + 1) * len(points), desc="profile", disable=not progress) as bar:
         for rep in range(reps + 1):
