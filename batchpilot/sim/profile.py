@@ -170,13 +170,20 @@ def measure_profile(engine_config, grid: ProfileGrid, reps: int = 5, calibration
         "step_time_s": times.tolist(),
     }
     if calibration_prompts:
+        # The runs schedule the same steps, so their grid times are equal: the median real time
+        # over that is the median ratio, overall and per bin.
         runs = [summarize_calibration(profile, run, calibration_prompts) for run in calibration_runs]
-        bins = [{**b, "ratio": statistics.median(run["bins"][i]["ratio"] for run in runs)}
-                for i, b in enumerate(runs[0]["bins"])]
-        profile["calibration"] = {**runs[0], "ratio": statistics.median(run["ratio"] for run in runs),
-                                  "ratios": [run["ratio"] for run in runs], "bins": bins}
+        bins = [_median_real(b, [run["bins"][i] for run in runs]) for i, b in enumerate(runs[0]["bins"])]
+        profile["calibration"] = {**_median_real(runs[0], runs), "ratios": [run["ratio"] for run in runs],
+                                  "bins": bins}
         profile["correction"] = correction(bins)
     return profile
+
+
+def _median_real(first: dict[str, Any], same: list[dict[str, Any]]) -> dict[str, Any]:
+    """`first` with the median real time of runs of the same steps, and the ratio that makes."""
+    real = statistics.median(run["real_s"] for run in same)
+    return {**first, "real_s": real, "ratio": real / first["predicted_s"]}
 
 
 def recalibrate(engine_config, profile: dict[str, Any], progress: bool = True) -> dict[str, Any]:
