@@ -86,9 +86,9 @@ def test_step_tokens_is_step_without_the_output_objects():
     cfg = ControllerConfig(name="combined", sla_tpot_ms=40)
     a, b = _token_engine(cfg), _token_engine(cfg)
     while a.has_unfinished_requests():
-        outs, updates = a.step(), b.step_tokens()
+        outs, advanced = a.step(), b.step_tokens()
         assert [(o.request_id, o.outputs[0].token_ids, o.finished) for o in outs] == \
-            [(u.request.request_id, u.new_token_ids, u.request.status.finished) for u in updates]
+            [(r.request_id, [r.output_token_ids[-1]], r.status.finished) for r in advanced]
     assert not b.has_unfinished_requests()
     assert a.counters == b.counters and a.scheduler.num_preemptions_total == b.scheduler.num_preemptions_total > 0
     assert a.scheduler.kv.pool.num_free_blocks == b.scheduler.kv.pool.num_free_blocks == 64

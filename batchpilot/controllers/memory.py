@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable
+from functools import lru_cache
 from statistics import NormalDist
 
 from batchpilot.controllers.base import SchedulerView, StepStats
@@ -28,9 +28,15 @@ def clt_batch_limit(mu: float, sigma: float, capacity_tokens: float, epsilon: fl
     """Largest b with b mu + z sigma sqrt(b) <= capacity, z = Phi^-1(1 - epsilon)."""
     if mu <= 0:
         raise ValueError(f"mean tokens per request must be positive, got {mu}")
-    z = NormalDist().inv_cdf(1 - epsilon)
+    z = _normal_quantile(1 - epsilon)
     x = (-z * sigma + math.sqrt(z * z * sigma * sigma + 4 * mu * capacity_tokens)) / (2 * mu)
     return math.floor(x * x + 1e-9)
+
+
+@lru_cache(maxsize=16)
+def _normal_quantile(p: float) -> float:
+    """Phi^-1(p); cached, since the limit is computed every step with the same epsilon."""
+    return NormalDist().inv_cdf(p)
 
 
 def blocks_batch_limit(total_blocks: int, free_blocks: int, num_running: int, memory_factor: float) -> int:
@@ -52,29 +58,33 @@ class TokenStats:
     def __init__(self, window: int = 256, min_finished: int = 16):
         self.finished: deque[int] = deque(maxlen=window)
         self.min_finished = min_finished
-        self._window_estimate: tuple[float, float] | None = None  # of `finished`, until it changes
+        # NOTE: integer sums of the window, kept as it slides: the estimate is read every step
+        # and its window changes at nearly every step, so it is not recomputed from the window.
+        self._sum = self._sum_sq = 0
 
     def add_finished(self, lengths: tuple[int, ...]) -> None:
-        if lengths:
-            self.finished.extend(lengths)
-            self._window_estimate = None
+        window = self.finished
+        for n in lengths:
+            if len(window) == window.maxlen:
+                old = window[0]
+                self._sum -= old
+                self._sum_sq -= old * old
+            window.append(n)
+            self._sum += n
+            self._sum_sq += n * n
 
     def estimate(self, view: SchedulerView) -> tuple[float, float] | None:
         """(mu, sigma) in tokens, or None with no data at all."""
         if len(self.finished) >= self.min_finished:
-            if self._window_estimate is None:
-                self._window_estimate = _mean_std(self.finished)
-            return self._window_estimate
+            return _mean_std(len(self.finished), self._sum, self._sum_sq)
         samples = list(self.finished) + view.seq_lens()
-        return _mean_std(samples) if samples else None
+        return _mean_std(len(samples), sum(samples), sum(s * s for s in samples)) if samples else None
 
 
-def _mean_std(samples: Iterable[int]) -> tuple[float, float]:
-    """Mean and sample standard deviation."""
-    samples = list(samples)
-    mu = sum(samples) / len(samples)
-    var = sum((s - mu) ** 2 for s in samples) / max(1, len(samples) - 1)
-    return mu, math.sqrt(var)
+def _mean_std(n: int, total: int, total_sq: int) -> tuple[float, float]:
+    """Mean and sample standard deviation of n integers from their sum and sum of squares (exact)."""
+    var = (n * total_sq - total * total) / (n * max(1, n - 1))
+    return total / n, math.sqrt(var)
 
 
 class MemoryController:

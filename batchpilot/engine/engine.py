@@ -108,19 +108,21 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one iteration; returns the delta of every request that advanced or finished."""
         t0 = self.clock()
-        sched_out, updates, schedule_time = self._schedule_execute_update()
+        sched_out, result, advanced, schedule_time = self._schedule_execute_update()
         outputs = []
-        for update in updates:
-            out = self.output_processor.process(update)
-            req = update.request
+        logprobs = result.logprobs
+        for req in advanced:
+            lp = logprobs.get(req.request_id)
+            out = self.output_processor.process(RequestUpdate(req, [req.output_token_ids[-1]], [lp] if lp else []))
             if out.finished and not req.status.finished:  # a stop string ended it
                 self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
             outputs.append(out)
-        self._account(sched_out, updates, self.clock() - t0, schedule_time)
+        self._account(sched_out, advanced, self.clock() - t0, schedule_time)
         return outputs
 
-    def step_tokens(self) -> list[RequestUpdate]:
-        """One iteration without outputs: each advanced request and its new tokens.
+    def step_tokens(self) -> list[Request]:
+        """One iteration without outputs: the requests that sampled a token (the last of their
+        output_token_ids), in schedule order.
 
         For drivers that need no RequestOutput (the simulator); it skips building an output
         object per running request per step. Token-only engines alone: text and stop strings
@@ -129,30 +131,31 @@ class LLMEngine:
         if self.tokenizer is not None:
             raise ValueError("step_tokens() is for engines without a tokenizer; use step()")
         t0 = self.clock()
-        sched_out, updates, schedule_time = self._schedule_execute_update()
-        self._account(sched_out, updates, self.clock() - t0, schedule_time)
-        return updates
+        sched_out, _, advanced, schedule_time = self._schedule_execute_update()
+        self._account(sched_out, advanced, self.clock() - t0, schedule_time)
+        return advanced
 
-    def _schedule_execute_update(self) -> tuple[SchedulerOutput, list[RequestUpdate], float]:
-        """The step both drivers share; returns the time spent outside the executor as well."""
+    def _schedule_execute_update(self) -> tuple[SchedulerOutput, RunnerOutput, list[Request], float]:
+        """The step both drivers share: its schedule, the executor's result, the requests that
+        sampled, and the time spent outside the executor."""
         t0 = self.clock()
         sched_out = self.scheduler.schedule()
         t1 = self.clock()
         result = self.executor.execute(sched_out)
         t2 = self.clock()
-        updates = self.scheduler.update_from_output(sched_out, result)
-        return sched_out, updates, (t1 - t0) + (self.clock() - t2)
+        advanced = self.scheduler.update_from_output(sched_out, result)
+        return sched_out, result, advanced, (t1 - t0) + (self.clock() - t2)
 
-    def _account(self, sched_out: SchedulerOutput, updates: list[RequestUpdate], step_time: float,
+    def _account(self, sched_out: SchedulerOutput, advanced: list[Request], step_time: float,
                  schedule_time: float) -> None:
-        finished_lens = [u.request.num_tokens for u in updates if u.request.status.finished]
+        finished_lens = [r.num_tokens for r in advanced if r.status.finished]
         c = self.counters
         c.num_steps += 1
         c.busy_time_s += step_time
         c.schedule_time_s += schedule_time
         c.num_requests_finished += len(finished_lens)
         c.batch_limit = self.scheduler.last_limit
-        c.num_generation_tokens += len(updates)  # one sampled token per update
+        c.num_generation_tokens += len(advanced)  # one sampled token each
         c.num_prompt_tokens += sched_out.num_new_prompt_tokens
         pool = self.scheduler.kv.pool
         stats = StepStats(

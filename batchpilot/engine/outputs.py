@@ -51,7 +51,7 @@ class RunnerOutput:
 
 @dataclass(slots=True)
 class RequestUpdate:
-    """The scheduler's account of one request after a step."""
+    """One request's new token(s) of a step, as the output processor takes them (built by `LLMEngine.step`)."""
 
     request: Request
     new_token_ids: list[int]

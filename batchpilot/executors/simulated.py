@@ -35,20 +35,27 @@ class SimulatedExecutor:
         self.clock = clock
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        sampled = {s.request.request_id: PLACEHOLDER_TOKEN for s in sched.scheduled if s.sample}
-        self.clock.advance(self.step_time(step_shape(sched)))
-        return RunnerOutput(sampled)
+        shape, sampled_ids = _shape_and_samples(sched)
+        self.clock.advance(self.step_time(shape))
+        return RunnerOutput(dict.fromkeys(sampled_ids, PLACEHOLDER_TOKEN))
 
 
 def step_shape(sched: SchedulerOutput) -> StepShape:
     """What a cost model needs to know of a scheduled step."""
-    num_decodes = decode_context = num_sampled = 0
+    return _shape_and_samples(sched)[0]
+
+
+def _shape_and_samples(sched: SchedulerOutput) -> tuple[StepShape, list[str]]:
+    """The step's shape and the ids of the requests it samples, in one pass (once per simulated step)."""
+    num_decodes = decode_context = 0
     prefills = []
+    sampled_ids = []
     for s in sched.scheduled:
         if s.num_new_tokens == 1:
             num_decodes += 1
             decode_context += s.start + 1
         else:
             prefills.append((s.num_new_tokens, s.start + s.num_new_tokens))
-        num_sampled += s.sample
-    return StepShape(num_decodes, decode_context, tuple(prefills), num_sampled)
+        if s.sample:
+            sampled_ids.append(s.request.request_id)
+    return StepShape(num_decodes, decode_context, tuple(prefills), len(sampled_ids)), sampled_ids

@@ -124,11 +124,11 @@ def _simulate(workload: list[SimRequest], step_time: Callable[[StepShape], float
         if next_step is None:
             break
         clock.t = free_at[next_step]
-        for update in engines[next_step].step_tokens():
-            rid = update.request.request_id
+        for req in engines[next_step].step_tokens():
+            rid = req.request_id
             if rid not in first:
                 first[rid] = clock.t
-            if update.request.status.finished:
+            if req.status.finished:
                 w = workload[int(rid)]
                 records[rid] = RequestRecord(w.prompt_len, w.output_len, first[rid] - w.arrival_s,
                                              clock.t - w.arrival_s)
