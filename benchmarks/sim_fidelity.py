@@ -137,7 +137,7 @@ def main() -> int:
                 values = [r[m] for r in reals]
                 real = statistics.mean(values)
                 spread = (max(values) - min(values)) / real if real else 0.0
-                err = sim[m] / real - 1 if real else float("nan")
+                err = sim[m] / real - 1 if real else (0.0 if sim[m] == 0 else float("inf"))
                 rows.append({"workload": wname, "controller": cname, "metric": m, "real": real, "real_runs": values,
                              "sim": sim[m], "error": err, "correction": correction,
                              "corrections": measured})

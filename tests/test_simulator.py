@@ -251,12 +251,16 @@ def test_profile_command_measures_the_real_runner_and_feeds_the_simulator(tmp_pa
     assert sum(b["steps"] for b in cal["bins"]) == cal["steps"]
     assert data["correction"] == {"step_s": [b["mean_step_s"] for b in cal["bins"]],
                                   "scale": [b["ratio"] for b in cal["bins"]]}
-    r = subprocess.run([*cmd, "profile", "--recalibrate", str(out), "--model", str(default_model_dir), "--threads", "1",
-                        "--output", str(tmp_path / "again.json"), "--no-progress"], capture_output=True, text=True,
-                       timeout=600)
+    elsewhere = tmp_path / "elsewhere.json"  # the same profile, as if measured on another CPU
+    elsewhere.write_text(json.dumps({**data, "host": {**data["host"], "cpu": "another CPU"}}))
+    r = subprocess.run([*cmd, "profile", "--recalibrate", str(elsewhere), "--model", str(default_model_dir),
+                        "--threads", "1", "--output", str(tmp_path / "again.json"), "--no-progress"],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
+    assert "measured on another CPU, this machine is" in r.stderr
     again = json.loads((tmp_path / "again.json").read_text())
     assert again["step_time_s"] == times  # the grid is kept
+    assert again["calibration"]["host"]["cpu"] == data["host"]["cpu"]  # where the correction was measured
     now = again["calibration"]
     assert now["num_prompts"] == cal["num_prompts"] and now["steps"] == cal["steps"]  # the same workload
     assert again["correction"] == {"step_s": [b["mean_step_s"] for b in now["bins"]],

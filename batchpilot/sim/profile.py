@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import json
+import logging
 import math
 import os
 import platform
@@ -52,6 +53,8 @@ CALIBRATION_RUNS = 3  # calibration runs at profile time; their median ratios ar
 # state took 18-25% longer on steps under 45 ms but 5-14% on steps over 100 ms.
 CALIBRATION_BIN_EDGES_S = (0.045, 0.1)
 NO_CORRECTION = {"step_s": [1.0], "scale": [1.0]}  # the grid as measured
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -197,11 +200,20 @@ def recalibrate(engine_config, profile: dict[str, Any], progress: bool = True) -
 
     if "calibration" not in profile:
         raise ValueError("--recalibrate: the profile has no calibration (made with --calibration-prompts 0)")
+    here = host_description(engine_config.threads)
+    measured_on = profile.get("host", {}).get("cpu")
+    if measured_on != here["cpu"]:
+        # Measured here: a grid of an AMD EPYC host recalibrated on an Intel Xeon one needed
+        # x1.4-1.8 on decode steps and x0.7-0.8 on prefill steps; steps of one duration then
+        # differ by 2x in their true correction, which one correction by step time cannot follow.
+        logger.warning("the profile's grid was measured on %s, this machine is %s: the recalibration can "
+                       "only rescale it; take a profile of this machine (`batchpilot profile`)",
+                       measured_on, here["cpu"])
     engine = build_engine(engine_config)
     num_prompts = profile["calibration"]["num_prompts"]
     run = run_calibration(engine.executor, engine.vocab_size or engine.executor.model.args.vocab_size,
                           engine_config.cache.block_size, engine.scheduler.max_model_len, num_prompts, progress)
-    cal = summarize_calibration(profile, run, num_prompts)
+    cal = summarize_calibration(profile, run, num_prompts) | {"host": here}
     return {**profile, "calibration": cal, "correction": correction(cal["bins"])}
 
 
