@@ -5,7 +5,10 @@ process) and the simulator (`--profile`) run the same seeded requests; the table
 output throughput and mean / P90 TPOT of both and the relative error. The workloads are
 not the profile's grid points: the profile times synthetic steps, never a workload.
 
-    python benchmarks/sim_fidelity.py --profile docs/results/profile_cpu.json --threads 2 --recalibrate
+    python benchmarks/sim_fidelity.py --profile docs/results/profile_cpu_xeon.json --threads 2 --recalibrate
+
+The profile must be of this machine's CPU (`batchpilot profile`; docs/results holds one of an
+Intel Xeon and one of an AMD EPYC host, see docs/reproduction.md).
 
 With --recalibrate the profile's calibration workload is timed again (`batchpilot profile
 --recalibrate`, ~40 s) right before and right after each real run, and the simulator uses
