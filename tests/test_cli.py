@@ -77,3 +77,20 @@ def test_bench_throughput_adds_requests_at_their_arrival_times(tmp_path):
     assert result["completed"] == 6 and result["request_rate"] == 4.0
     assert result["duration_s"] >= last_arrival > 0.5  # the run waited for the last arrival
     assert result["mean_ttft_ms"] < 1000 * last_arrival  # TTFT counts from each arrival, not from the start
+
+
+def test_simulate_sweep_writes_table_json_and_plot(tmp_path):
+    out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    r = cli("simulate", "sweep", "--hardware", "L40S", "--model", "Llama-2-7B", "--kv-cache-gib", "8",
+            "--num-prompts", "100", "--static", "8,256", "--controllers", "combined", "--sla-tpot-ms", "40",
+            "--sla", "ttft:2000,tpot:40", "--output-json", str(out), "--plot", str(png))
+    assert r.returncode == 0, r.stderr
+    results = json.loads(out.read_text())
+    assert list(results) == ["static-8", "static-256", "combined"]
+    for name, row in results.items():
+        assert row["capacity"] > 0 and row["capacity_curve"], name
+        assert all(set(p) == {"rate", "sla_attainment"} for p in row["capacity_curve"])
+        assert f"| {name} | {row['output_throughput']:.1f} |" in r.stdout  # the human table
+    # 256 sequences on 8 GiB of KV (16k tokens) preempt; 8 (at most 8 x 2048 tokens) cannot
+    assert results["static-256"]["num_preemptions"] > results["static-8"]["num_preemptions"] == 0
+    assert png.stat().st_size > 10_000

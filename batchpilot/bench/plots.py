@@ -89,6 +89,32 @@ def plot_capacity(results: dict[str, dict], out: str | Path) -> None:
     """SLA attainment versus request rate for each configuration's capacity search."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    _attainment_curves(ax, results)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(results: dict[str, dict], out: str | Path) -> None:
+    """`simulate sweep`: offline throughput per configuration, and SLA attainment over rate when searched."""
+    plt = _pyplot()
+    searched = any(r.get("capacity_curve") for r in results.values())
+    fig, axes = plt.subplots(1, 2 if searched else 1, figsize=(14 if searched else 7, 4.5), squeeze=False)
+    ax = axes[0][0]
+    names = list(results)
+    ax.bar(names, [results[n]["output_throughput"] for n in names])
+    ax.set_ylabel("output tokens/s (all requests at t=0)")
+    ax.tick_params(axis="x", rotation=30)
+    ax.grid(alpha=0.3, axis="y")
+    if searched:
+        _attainment_curves(axes[0][1], results)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _attainment_curves(ax, results: dict[str, dict]) -> None:
+    """Each configuration's capacity search: SLA attainment at the rates it probed."""
     for name, r in results.items():
         curve = sorted((p["rate"], p["sla_attainment"]) for p in r.get("capacity_curve", []))
         if curve:
@@ -97,6 +123,3 @@ def plot_capacity(results: dict[str, dict], out: str | Path) -> None:
     ax.set_ylabel("SLA attainment")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)

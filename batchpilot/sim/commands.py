@@ -68,6 +68,8 @@ def add_simulate_parser(sub, add_controller_args, controller_config) -> None:
     sweep.add_argument("--static", default="8,32,64,128,256,512")
     sweep.add_argument("--controllers", default="memory,combined")
     sweep.add_argument("--target", type=float, default=0.9)
+    sweep.add_argument("--plot", default=None, metavar="PNG",
+                       help="throughput per configuration, and SLA attainment over request rate (with --sla)")
     sweep.set_defaults(func=lambda a: cmd_sweep(a, controller_config(a)))
     paper = modes.add_parser("paper", help="the paper's comparison (Llama-2-7B/13B on A100-80GB)")
     paper.add_argument("--num-prompts", type=int, default=2000)
@@ -200,7 +202,9 @@ class Setup:
             return self.run(controller, rate, n)["sla_attainment"]
 
         found = search_capacity(probe, target, start, tolerance=0.05, max_probes=12)
-        return {"capacity": found.capacity, "curve": found.curve}
+        # the shape bench capacity and bench compare write (and plots.plot_capacity reads)
+        return {"capacity": found.capacity,
+                "capacity_curve": [{"rate": r, "sla_attainment": a} for r, a in found.curve]}
 
 
 def cmd_simulate(args: argparse.Namespace, controller: ControllerConfig) -> int:
@@ -237,10 +241,28 @@ def cmd_sweep(args: argparse.Namespace, base: ControllerConfig) -> int:
             start = max(0.1, offline["request_throughput"] / 4)
             row |= setup.capacity_search(cfg, args.target, start)
         results[name] = row
-        print(f"{name:>12}: {json.dumps({k: v for k, v in row.items() if k != 'curve'})}", flush=True)
+        print(f"{name:>12}: {json.dumps({k: v for k, v in row.items() if k != 'capacity_curve'})}", flush=True)
+    print(_sweep_table(results))
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(results, indent=2))
+    if args.plot:
+        from batchpilot.bench.plots import plot_sweep
+
+        plot_sweep(results, args.plot)
     return 0
+
+
+def _sweep_table(results: dict[str, dict[str, Any]]) -> str:
+    """The sweep as a Markdown table: offline throughput, preemptions and P90 TPOT, capacity when searched."""
+    with_capacity = any("capacity" in r for r in results.values())
+    head = "| config | out tok/s | preemptions | P90 TPOT ms |" + (" capacity req/s |" if with_capacity else "")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, r in results.items():
+        line = f"| {name} | {r['output_throughput']:.1f} | {r['num_preemptions']} | {r['p90_tpot_ms']:.1f} |"
+        if with_capacity:
+            line += f" {r['capacity']:.2f} |"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def _print(result: dict[str, Any]) -> None:
