@@ -52,14 +52,19 @@ METRICS = ("output_throughput", "mean_tpot_ms", "p90_tpot_ms")
 BUDGET = 512  # the engine's default max_num_batched_tokens
 
 
+def bench_args(w: dict, cfg: ControllerConfig, threads: int, seed: int) -> list[str]:
+    """The `batchpilot` arguments of a workload's real run (`bench throughput`)."""
+    return ["bench", "throughput", "--num-prompts", str(w["num_prompts"]), "--input-dist", w["input_dist"],
+            "--output-dist", w["output_dist"], "--ignore-eos", "--request-rate", str(w["rate"]),
+            "--kv-cache-gib", str(w["kv_cache_gib"]), "--threads", str(threads), "--batch-controller", cfg.name,
+            "--max-num-seqs", str(cfg.max_num_seqs), "--seed", str(seed), "--max-num-batched-tokens", str(BUDGET),
+            "--no-progress"]
+
+
 def run_real(w: dict, name: str, cfg: ControllerConfig, threads: int, seed: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
-        cmd = [sys.executable, "-m", "batchpilot.cli", "bench", "throughput", "--num-prompts", str(w["num_prompts"]),
-               "--input-dist", w["input_dist"], "--output-dist", w["output_dist"], "--ignore-eos",
-               "--request-rate", str(w["rate"]), "--kv-cache-gib", str(w["kv_cache_gib"]), "--threads", str(threads),
-               "--batch-controller", cfg.name, "--max-num-seqs", str(cfg.max_num_seqs), "--seed", str(seed),
-               "--max-num-batched-tokens", str(BUDGET), "--no-progress", "--output-json", str(out)]
+        cmd = [sys.executable, "-m", "batchpilot.cli", *bench_args(w, cfg, threads, seed), "--output-json", str(out)]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         return json.loads(out.read_text())
 

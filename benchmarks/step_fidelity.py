@@ -1,13 +1,13 @@
 """Where does the profile's step time differ from the real engine's? One run, step by step.
 
-Runs one of benchmarks/sim_fidelity.py's workloads through `bench throughput` in this
-process, records every step's shape, the runner's time and the whole step's time
-(scheduler, runner, output processing), and sets them beside the profile's prediction for
-the same shape, grouped by decode batch, mean decode context and prefill tokens. The
-profile's correction is measured again right before the run (`--recalibrate`), so both
-see the host in the same minutes.
+Runs one of benchmarks/sim_fidelity.py's workloads through `bench throughput` (the same
+arguments as its real runs) in this process, records every step's shape, the runner's time
+and the whole step's time (scheduler, runner, output processing), and sets them beside the
+profile's prediction for the same shape, grouped by decode batch, mean decode context and
+prefill tokens. The profile's correction is measured again right before the run (`profile
+--recalibrate`), so both see the host in the same minutes. The profile must be of this CPU.
 
-    python benchmarks/step_fidelity.py --profile docs/results/profile_cpu.json \
+    python benchmarks/step_fidelity.py --profile docs/results/profile_cpu_xeon.json \
         --workload offline-uniform --controller combined --threads 2
 """
 
@@ -20,42 +20,35 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import batchpilot.cli
 import batchpilot.llm
-from batchpilot.bench.throughput import run_throughput
-from batchpilot.config import CacheConfig, EngineConfig, SchedulerConfig
-from batchpilot.executors.simulated import step_shape
-from batchpilot.sim.profile import CALIBRATION_KV_TOKENS, NO_CORRECTION, ProfileModel, recalibrate
+from batchpilot.sim.profile import NO_CORRECTION, ProfileModel, TimedRunner
 from batchpilot.sim.roofline import StepShape
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sim_fidelity import BUDGET, CONTROLLERS, WORKLOADS  # noqa: E402
+from sim_fidelity import CONTROLLERS, WORKLOADS, bench_args, recalibrated  # noqa: E402
 
 DECODE_BINS = (0, 1, 8, 24, 48, 96, 10**9)
 CONTEXT_BINS = (0, 128, 256, 512, 10**9)
 
 
-def timed_engine(steps: list[dict]):
-    """build_engine, with every step's shape, runner time and whole-step time appended to `steps`."""
+def timed_engine(runners: list[TimedRunner], step_times: list[float]):
+    """build_engine, with the engine's runner wrapped in a TimedRunner (appended to `runners`)
+    and each whole step's time appended to `step_times`."""
     build = batchpilot.llm.build_engine
 
     def build_timed(config):
         engine = build(config)
-        runner, engine_step = engine.executor, engine.step
-
-        class TimedRunner:
-            def execute(self, sched):
-                t0 = time.perf_counter()
-                out = runner.execute(sched)
-                steps.append({"shape": step_shape(sched), "runner_s": time.perf_counter() - t0})
-                return out
+        engine_step = engine.step
 
         def step():
             t0 = time.perf_counter()
             out = engine_step()
-            steps[-1]["step_s"] = time.perf_counter() - t0
+            step_times.append(time.perf_counter() - t0)
             return out
 
-        engine.executor, engine.step = TimedRunner(), step
+        runners.append(TimedRunner(engine.executor))
+        engine.executor, engine.step = runners[-1], step
         return engine
 
     return build_timed
@@ -84,33 +77,24 @@ def main() -> int:
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args()
     w, controller = WORKLOADS[args.workload], CONTROLLERS[args.controller]
-    profile = ProfileModel.load(args.profile).profile
-    if not args.no_recalibrate:
-        config = EngineConfig(dtype=profile["dtype"], threads=args.threads,
-                              cache=CacheConfig(num_blocks=CALIBRATION_KV_TOKENS // 16))
-        profile = recalibrate(config, profile, progress=False)
-    model, grid = ProfileModel(profile), ProfileModel({**profile, "correction": NO_CORRECTION})
+    model = ProfileModel.load(args.profile) if args.no_recalibrate else recalibrated(args.profile, args.threads, 0)
+    profile = model.profile
+    grid = ProfileModel({**profile, "correction": NO_CORRECTION})
 
-    steps: list[dict] = []
-    batchpilot.llm.build_engine = timed_engine(steps)
-    config = EngineConfig(dtype=profile["dtype"], threads=args.threads, seed=args.seed,
-                          cache=CacheConfig(kv_cache_gib=w["kv_cache_gib"]),
-                          scheduler=SchedulerConfig(max_num_batched_tokens=BUDGET), controller=controller)
-    bench_args = argparse.Namespace(
-        num_prompts=w["num_prompts"], input_len=None, output_len=None, input_dist=w["input_dist"],
-        output_dist=w["output_dist"], dataset_name="random", dataset=None, request_rate=w["rate"], burstiness=1.0,
-        ignore_eos=True, output_json=None, no_progress=True, seed=args.seed, batch_controller=controller.name,
-        max_num_seqs=controller.max_num_seqs, dtype=profile["dtype"], threads=args.threads)
-    run_throughput(bench_args, config)
+    runners: list[TimedRunner] = []
+    step_times: list[float] = []
+    batchpilot.llm.build_engine = timed_engine(runners, step_times)
+    if batchpilot.cli.main(bench_args(w, controller, args.threads, args.seed)):
+        return 1
 
     groups: dict[tuple[str, str, str], list[float]] = defaultdict(lambda: [0, 0.0, 0.0, 0.0, 0.0])
-    for s in steps:
-        g = groups[key(s["shape"])]
+    for (shape, runner_s), step_s in zip(runners[0].steps, step_times, strict=True):
+        g = groups[key(shape)]
         g[0] += 1
-        g[1] += s["runner_s"]
-        g[2] += s["step_s"]
-        g[3] += grid.step_time(s["shape"])
-        g[4] += model.step_time(s["shape"])
+        g[1] += runner_s
+        g[2] += step_s
+        g[3] += grid.step_time(shape)
+        g[4] += model.step_time(shape)
     total = [sum(g[i] for g in groups.values()) for i in range(5)]
     print(f"correction now: {profile['correction']}")
     print("| decodes | context | prefill | steps | real step ms | runner / grid | step / grid | step / model |")

@@ -90,7 +90,7 @@ def test_simulate_sweep_writes_table_json_and_plot(tmp_path):
     for name, row in results.items():
         assert row["capacity"] > 0 and row["capacity_curve"], name
         assert all(set(p) == {"rate", "sla_attainment"} for p in row["capacity_curve"])
-        assert f"| {name} | {row['output_throughput']:.1f} |" in r.stdout  # the human table
+        assert f"| {name} | {row['output_throughput']:.2f} |" in r.stdout  # the human table
     # 256 sequences on 8 GiB of KV (16k tokens) preempt; 8 (at most 8 x 2048 tokens) cannot
     assert results["static-256"]["num_preemptions"] > results["static-8"]["num_preemptions"] == 0
     assert png.stat().st_size > 10_000

@@ -242,7 +242,9 @@ def cmd_sweep(args: argparse.Namespace, base: ControllerConfig) -> int:
             row |= setup.capacity_search(cfg, args.target, start)
         results[name] = row
         print(f"{name:>12}: {json.dumps({k: v for k, v in row.items() if k != 'capacity_curve'})}", flush=True)
-    print(_sweep_table(results))
+    from batchpilot.bench.compare import markdown_table
+
+    print(markdown_table(results, baseline=next(iter(results))))
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(results, indent=2))
     if args.plot:
@@ -250,19 +252,6 @@ def cmd_sweep(args: argparse.Namespace, base: ControllerConfig) -> int:
 
         plot_sweep(results, args.plot)
     return 0
-
-
-def _sweep_table(results: dict[str, dict[str, Any]]) -> str:
-    """The sweep as a Markdown table: offline throughput, preemptions and P90 TPOT, capacity when searched."""
-    with_capacity = any("capacity" in r for r in results.values())
-    head = "| config | out tok/s | preemptions | P90 TPOT ms |" + (" capacity req/s |" if with_capacity else "")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for name, r in results.items():
-        line = f"| {name} | {r['output_throughput']:.1f} | {r['num_preemptions']} | {r['p90_tpot_ms']:.1f} |"
-        if with_capacity:
-            line += f" {r['capacity']:.2f} |"
-        lines.append(line)
-    return "\n".join(lines)
 
 
 def _print(result: dict[str, Any]) -> None:

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from batchpilot.executors.simulated import step_shape
 from batchpilot.sim.roofline import StepShape
 
 PROFILE_VERSION = 2  # 2: `correction` by step size, chunk-aware prefill (1: one `scale`)
@@ -239,24 +240,15 @@ def run_calibration(runner, vocab: int, block_size: int, max_len: int, num_promp
     from batchpilot.engine.block_pool import BlockPool, KVCacheManager
     from batchpilot.engine.engine import LLMEngine
     from batchpilot.engine.scheduler import Scheduler
-    from batchpilot.executors.simulated import step_shape
     from batchpilot.sampling_params import SamplingParams
-
-    steps: list[tuple[StepShape, float]] = []
-
-    class TimedRunner:
-        def execute(self, sched):
-            t0 = time.perf_counter()
-            out = runner.execute(sched)
-            steps.append((step_shape(sched), time.perf_counter() - t0))
-            return out
 
     # NOTE: always this pool, so that every run of the workload schedules the same steps
     pool = BlockPool(CALIBRATION_KV_TOKENS // block_size, block_size)
     assert runner.num_blocks >= pool.num_blocks, "the runner's KV cache is smaller than the calibration's pool"
     scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=CALIBRATION_BUDGET), KVCacheManager(pool),
                           make_controller(ControllerConfig(name="static", max_num_seqs=64)), max_len)
-    engine = LLMEngine(scheduler, TimedRunner(), tokenizer=None, vocab_size=vocab)
+    timed = TimedRunner(runner)
+    engine = LLMEngine(scheduler, timed, tokenizer=None, vocab_size=vocab)
     rng = np.random.default_rng(1)
     for i in range(num_prompts):
         prompt = rng.integers(0, vocab, size=int(rng.integers(32, 513))).tolist()
@@ -265,7 +257,21 @@ def run_calibration(runner, vocab: int, block_size: int, max_len: int, num_promp
     with tqdm(total=num_prompts, desc="calibration", disable=not progress) as bar:
         while engine.has_unfinished_requests():
             bar.update(sum(out.finished for out in engine.step()))
-    return steps
+    return timed.steps
+
+
+class TimedRunner:
+    """Wraps a runner: each executed step's shape and wall time (the runner's alone) in `steps`."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.steps: list[tuple[StepShape, float]] = []
+
+    def execute(self, sched):
+        t0 = time.perf_counter()
+        out = self.runner.execute(sched)
+        self.steps.append((step_shape(sched), time.perf_counter() - t0))
+        return out
 
 
 def summarize_calibration(profile: dict[str, Any], run: list[tuple[StepShape, float]],
