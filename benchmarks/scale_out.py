@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from batchpilot.bench.compare import server, wait_for_replicas
+from batchpilot.bench.metrics import PER_REQUEST_KEYS
 
 CONFIGS = {"1x2": ["--threads", "2"], "2x1": ["--replicas", "2", "--threads", "1"]}
 
@@ -35,7 +36,8 @@ def measure(name: str, serve_args: list[str], client_args: list[str], logs: Path
                         "--no-progress", "--output-json", str(out), *client_args], check=True)
         result = json.loads(out.read_text())
     for probe in result["probes"]:
-        probe.pop("per_request", None)  # the report keeps the summaries
+        for key in PER_REQUEST_KEYS:  # the report keeps the summaries
+            probe.pop(key, None)
     return result
 
 

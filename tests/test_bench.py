@@ -32,7 +32,7 @@ def test_metrics_hand_computed():
     assert r["mean_itl_ms"] == pytest.approx((4 * 100 + 2 * 200) / 6)
     assert r["p90_ttft_ms"] == pytest.approx(np.percentile([100, 300, 200], 90))
     # SLA met by: #1 (ttft 100, tpot 100) and #3 (ttft 200, no tpot); not #2 (both), not the failure.
-    assert r["sla_attainment"] == pytest.approx(2 / 4) and r["goodput"] == pytest.approx(1.0)
+    assert r["sla_attainment"] == pytest.approx(2 / 4) and r["request_goodput"] == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("spec", ["tpot:x", "latency:5", "ttft:-1", ""])
@@ -121,6 +121,48 @@ def test_capacity_command_on_a_fake_endpoint_whose_latency_depends_on_load(tmp_p
     assert "capacity:" in r.stdout
 
 
+def _strict_json(text: str):
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_bench_serve_speaks_vllms_flags_and_result_format(tmp_path):
+    with RateLimitedEndpoint(capacity=1000.0) as url:
+        r = subprocess.run(
+            [sys.executable, "-m", "batchpilot.cli", "bench", "serve", "--base-url", url, "--num-prompts", "6",
+             "--random-input-len", "4", "--random-output-len", "5", "--goodput", "ttft:60000", "tpot:60000",
+             "--metric-percentiles", "50,75", "--percentile-metrics", "ttft,tpot,itl,e2el", "--disable-tqdm",
+             "--save-result", "--result-dir", str(tmp_path), "--result-filename", "r.json"],
+            capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = _strict_json((tmp_path / "r.json").read_text())  # no Infinity: the rate is the string "inf"
+    assert result["request_rate"] == "inf" and result["max_concurrency"] is None
+    assert result["backend"] == "openai" and result["num_prompts"] == 6 and result["burstiness"] == 1.0
+    assert result["model_id"] == "SmolLM2-135M-Instruct" and len(result["date"]) == len("20261202-010203")
+    assert result["completed"] == 6 and result["duration"] > 0
+    assert result["request_goodput"] == pytest.approx(6 / result["duration"]) and result["sla_attainment"] == 1.0
+    assert result["input_lens"] == [3] * 6 and result["output_lens"] == [5] * 6 and result["errors"] == [""] * 6
+    assert len(result["ttfts"]) == 6 and all(len(gaps) == 4 for gaps in result["itls"])
+    assert sorted(result["start_times"]) == result["start_times"] and result["start_times"][-1] < 5
+    for key in ("p50_ttft_ms", "p75_tpot_ms", "p90_itl_ms", "p99_e2el_ms"):
+        assert key in result, key
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--goodput", "ttft:x"], "--goodput"),
+    (["--goodput", "tpot:5", "--sla", "tpot:5"], "--sla and --goodput"),
+    (["--metric-percentiles", "150"], "--metric-percentiles"),
+    (["--percentile-metrics", "ttft,speed"], "--percentile-metrics"),
+    (["--random-range-ratio", "1.5"], "--random-range-ratio"),
+])
+def test_bench_serve_rejects_bad_vllm_flags_naming_them(flags, message):
+    r = subprocess.run([sys.executable, "-m", "batchpilot.cli", "bench", "serve", "--base-url", "http://127.0.0.1:9",
+                        "--num-prompts", "2", *flags], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
 @pytest.mark.slow
 def test_bench_serve_end_to_end_against_batchpilot(tmp_path):
     out = tmp_path / "serve.json"
@@ -140,7 +182,7 @@ def test_bench_serve_end_to_end_against_batchpilot(tmp_path):
     assert result["total_output_tokens"] == 48 and result["total_input_tokens"] == 96
     assert result["sla_attainment"] == 1.0 and result["mean_itl_ms"] > 0
     for key in ("request_throughput", "output_throughput", "total_token_throughput", "p99_ttft_ms",
-                "median_tpot_ms", "std_itl_ms", "p90_e2el_ms", "goodput"):
+                "median_tpot_ms", "std_itl_ms", "p90_e2el_ms", "request_goodput"):
         assert key in result
     assert refused.returncode == 1 and "ConnectError" in refused.stdout and "Traceback" not in refused.stderr
 

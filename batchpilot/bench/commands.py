@@ -5,19 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from batchpilot.bench.capacity import search_capacity
-from batchpilot.bench.metrics import SLA
+from batchpilot.bench.metrics import DEFAULT_PERCENTILES, SLA
+from batchpilot.bench.results import write_json
 from batchpilot.bench.serve import benchmark
 from batchpilot.bench.workload import add_workload_args, build_payloads
 from batchpilot.config import DEFAULT_MODEL_NAME
 
-TABLE_KEYS = ["completed", "failed", "duration_s", "request_throughput", "output_throughput", "total_token_throughput",
+TABLE_KEYS = ["completed", "failed", "duration", "request_throughput", "output_throughput", "total_token_throughput",
               "mean_ttft_ms", "median_ttft_ms", "p90_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms",
               "p90_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "p99_itl_ms", "mean_e2el_ms", "p99_e2el_ms",
-              "sla_attainment", "goodput"]
+              "sla_attainment", "request_goodput"]
 
 
 def _rate(text: str) -> float:
@@ -35,10 +37,19 @@ def add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of inter-arrivals (1 = Poisson)")
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sla", default=None, help="ttft:MS,tpot:MS for SLA attainment and goodput")
+    p.add_argument("--sla", default=None, help="ttft:MS,tpot:MS,e2el:MS for SLA attainment and goodput")
+    p.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS",
+                   help="vLLM's spelling of --sla: ttft:MS tpot:MS e2el:MS")
     p.add_argument("--timeout", type=float, default=600, help="seconds per request")
     p.add_argument("--output-json", default=None)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--save-result", action="store_true", help="vLLM's: write the result to --result-dir")
+    p.add_argument("--result-dir", default=None, help="with --save-result (default: the current directory)")
+    p.add_argument("--result-filename", default=None, help="with --save-result (default: vLLM's naming)")
+    p.add_argument("--no-progress", "--disable-tqdm", action="store_true", dest="no_progress")
+    p.add_argument("--percentile-metrics", default="ttft,tpot,itl",
+                   help="vLLM's: metrics whose percentiles are reported (any of ttft, tpot, itl, e2el; "
+                        "all four always get mean, median, std, p90, p99)")
+    p.add_argument("--metric-percentiles", default="99", help="vLLM's: extra percentiles, e.g. 25,50,75")
     add_workload_args(p)
 
 
@@ -62,6 +73,26 @@ def add_bench_commands(sub) -> None:
     add_compare_parser(sub, add_client_args)
 
 
+PERCENTILE_METRICS = ("ttft", "tpot", "itl", "e2el")
+
+
+def percentiles(args: argparse.Namespace) -> tuple[float, ...]:
+    """Our p90 and p99 plus --metric-percentiles, after checking both vLLM flags."""
+    for name in args.percentile_metrics.split(","):
+        if name.strip() not in PERCENTILE_METRICS:
+            raise ValueError(f"--percentile-metrics: unknown metric {name!r} (any of {', '.join(PERCENTILE_METRICS)})")
+    extra = []
+    for text in args.metric_percentiles.split(","):
+        try:
+            p = float(text)
+        except ValueError:
+            p = -1.0
+        if not 0 < p < 100:
+            raise ValueError(f"--metric-percentiles: {text!r} is not a percentile between 0 and 100")
+        extra.append(p)
+    return tuple(sorted(set(DEFAULT_PERCENTILES) | set(extra)))
+
+
 def _check(args: argparse.Namespace) -> SLA | None:
     if args.num_prompts < 1:
         raise ValueError(f"--num-prompts must be at least 1, got {args.num_prompts}")
@@ -69,12 +100,17 @@ def _check(args: argparse.Namespace) -> SLA | None:
         raise ValueError(f"--burstiness must be positive, got {args.burstiness}")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise ValueError(f"--max-concurrency must be at least 1, got {args.max_concurrency}")
+    if args.sla and args.goodput:
+        raise ValueError("--sla and --goodput are two spellings of the same targets: give one")
+    if args.goodput:
+        return SLA.parse(" ".join(args.goodput), "--goodput")
     return SLA.parse(args.sla) if args.sla else None
 
 
 def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(burstiness=args.burstiness, max_concurrency=args.max_concurrency, seed=args.seed,
-                api_key=args.api_key, timeout_s=args.timeout, progress=not args.no_progress)
+                api_key=args.api_key, timeout_s=args.timeout, progress=not args.no_progress,
+                percentiles=percentiles(args))
 
 
 def run_serve(args: argparse.Namespace, rate: float, num_prompts: int, sla: SLA | None) -> dict[str, Any]:
@@ -82,15 +118,29 @@ def run_serve(args: argparse.Namespace, rate: float, num_prompts: int, sla: SLA 
 
     tokenizer = load_tokenizer(args.tokenizer)
     payloads = build_payloads(args, tokenizer, args.model, num_prompts, args.seed)
-    return benchmark(args.base_url.rstrip("/"), payloads, rate, sla, **load_kwargs(args))
+    result = benchmark(args.base_url.rstrip("/"), payloads, rate, sla, **load_kwargs(args))
+    chat = any(p.path.endswith("/chat/completions") for p in payloads)
+    return {"date": datetime.now().strftime("%Y%m%d-%H%M%S"), "backend": "openai-chat" if chat else "openai",
+            "model_id": args.model, "tokenizer_id": args.tokenizer or args.model, "num_prompts": num_prompts,
+            "burstiness": args.burstiness, "max_concurrency": args.max_concurrency} | result
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     sla = _check(args)
+    percentiles(args)  # a bad percentile flag fails before the load, not after
     result = run_serve(args, args.request_rate, args.num_prompts, sla)
     print_table(result, f"bench serve: {args.base_url} ({args.dataset_name}, rate {args.request_rate})")
     _write(args.output_json, result)
+    if args.save_result:
+        _write(str(Path(args.result_dir or ".") / (args.result_filename or _vllm_result_name(result))), result)
     return 1 if result["completed"] == 0 else 0
+
+
+def _vllm_result_name(result: dict[str, Any]) -> str:
+    """vLLM's default file name: backend, concurrency, rate, model and date."""
+    concurrency = f"concurrency{result['max_concurrency']}-" if result["max_concurrency"] else ""
+    model = str(result["model_id"]).split("/")[-1]
+    return f"{result['backend']}-{concurrency}{result['request_rate']}qps-{model}-{result['date']}.json"
 
 
 def capacity(args: argparse.Namespace, sla: SLA) -> dict[str, Any]:
@@ -127,12 +177,12 @@ def print_table(result: dict[str, Any], title: str) -> None:
         if key in result:
             value = result[key]
             print(f"{key:<26}{value:>14.2f}" if isinstance(value, float) else f"{key:<26}{value:>14}")
-    if result.get("errors"):
-        print(f"{'errors':<26}{json.dumps(result['errors'])}")
+    if result.get("error_counts"):
+        print(f"{'errors':<26}{json.dumps(result['error_counts'])}")
     if result.get("interrupted"):
         print("(interrupted: partial result)")
 
 
 def _write(path: str | None, result: dict[str, Any]) -> None:
     if path:
-        Path(path).write_text(json.dumps(result, indent=2))
+        write_json(path, result)

@@ -26,8 +26,9 @@ from typing import Any
 import httpx
 
 from batchpilot.bench import plots
+from batchpilot.bench.results import write_json
 
-COLUMNS = [("output_throughput", "out tok/s"), ("request_throughput", "req/s"), ("goodput", "goodput"),
+COLUMNS = [("output_throughput", "out tok/s"), ("request_throughput", "req/s"), ("request_goodput", "goodput"),
            ("sla_attainment", "SLA %"), ("median_ttft_ms", "TTFT p50"), ("p90_ttft_ms", "TTFT p90"),
            ("median_tpot_ms", "TPOT p50"), ("p90_tpot_ms", "TPOT p90"), ("p99_tpot_ms", "TPOT p99"),
            ("num_preemptions", "preempt"), ("capacity", "capacity")]
@@ -228,7 +229,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if config.trace is not None and config.trace.exists() and config.trace.stat().st_size:
             plots.plot_trace(config.trace, config.trace.with_suffix(".png"))
     table = markdown_table(results, baseline)
-    (report / "compare.json").write_text(json.dumps({"baseline": baseline, "results": results}, indent=2))
+    write_json(report / "compare.json", {"baseline": baseline, "results": results})
     plots.plot_cdfs(results, report / "latency_cdf.png")
     if args.capacity:
         plots.plot_capacity(results, report / "capacity.png")

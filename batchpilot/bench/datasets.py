@@ -44,6 +44,12 @@ class LengthDist:
             raise ValueError(f"{flag}: lengths must be positive and LOW <= HIGH, got {spec!r}")
         return dist
 
+    def widened(self, ratio: float) -> LengthDist:
+        """A fixed length N as uniform:N*(1-ratio):N*(1+ratio) (vLLM's --random-range-ratio)."""
+        if self.kind != "fixed" or ratio == 0:
+            return self
+        return LengthDist("uniform", float(max(1, int(self.a * (1 - ratio)))), float(int(self.a * (1 + ratio))))
+
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         if self.kind == "fixed":
             return np.full(n, int(self.a))

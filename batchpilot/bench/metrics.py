@@ -20,6 +20,7 @@ class RequestRecord:
     itl_s: list[float] = field(default_factory=list)
     success: bool = True
     error: str | None = None
+    start_s: float = 0.0  # when the request was sent, from the start of the run
 
     @property
     def tpot_s(self) -> float | None:
@@ -35,22 +36,25 @@ class SLA:
 
     ttft_ms: float | None = None
     tpot_ms: float | None = None
+    e2el_ms: float | None = None
 
     @classmethod
-    def parse(cls, spec: str) -> SLA:
-        """`ttft:MS,tpot:MS` (either part optional)."""
+    def parse(cls, spec: str, flag: str = "--sla") -> SLA:
+        """`ttft:MS,tpot:MS,e2el:MS` (any part optional; parts split by commas or spaces, so
+        vLLM's `--goodput ttft:MS tpot:MS` reads the same)."""
         values: dict[str, float] = {}
-        for part in spec.split(","):
+        for part in spec.replace(",", " ").split():
             key, _, value = part.partition(":")
-            key = key.strip()
-            if key not in ("ttft", "tpot") or not value:
-                raise ValueError(f"--sla: expected ttft:MS,tpot:MS, got {spec!r}")
+            if key not in ("ttft", "tpot", "e2el") or not value:
+                raise ValueError(f"{flag}: expected ttft:MS,tpot:MS,e2el:MS, got {spec!r}")
             try:
                 values[f"{key}_ms"] = float(value)
             except ValueError:
-                raise ValueError(f"--sla: {value!r} is not a number of milliseconds") from None
-            if values[f"{key}_ms"] <= 0:
-                raise ValueError(f"--sla: {key} must be positive, got {value}")
+                raise ValueError(f"{flag}: {value!r} is not a number of milliseconds") from None
+            if not values[f"{key}_ms"] > 0:
+                raise ValueError(f"{flag}: {key} must be positive, got {value}")
+        if not values:
+            raise ValueError(f"{flag}: expected ttft:MS,tpot:MS,e2el:MS, got {spec!r}")
         return cls(**values)
 
     def met(self, r: RequestRecord) -> bool:
@@ -58,24 +62,27 @@ class SLA:
             return False
         if self.ttft_ms is not None and r.ttft_s * 1000 > self.ttft_ms:
             return False
+        if self.e2el_ms is not None and r.e2el_s * 1000 > self.e2el_ms:
+            return False
         tpot = r.tpot_s
         return not (self.tpot_ms is not None and tpot is not None and tpot * 1000 > self.tpot_ms)
 
 
-def _summary(name: str, values_s: list[float]) -> dict[str, float]:
+DEFAULT_PERCENTILES = (90.0, 99.0)
+
+
+def _summary(name: str, values_s: list[float], percentiles: tuple[float, ...]) -> dict[str, float]:
     ms = np.asarray(values_s, dtype=float) * 1000 if values_s else np.zeros(1)
-    return {
-        f"mean_{name}": float(ms.mean()),
-        f"median_{name}": float(np.median(ms)),
-        f"std_{name}": float(ms.std()),
-        f"p90_{name}": float(np.percentile(ms, 90)),
-        f"p99_{name}": float(np.percentile(ms, 99)),
-    }
+    out = {f"mean_{name}": float(ms.mean()), f"median_{name}": float(np.median(ms)), f"std_{name}": float(ms.std())}
+    for p in percentiles:
+        out[f"p{p:g}_{name}"] = float(np.percentile(ms, p))
+    return out
 
 
-def summarize(records: list[RequestRecord], duration_s: float, sla: SLA | None = None) -> dict[str, float]:
+def summarize(records: list[RequestRecord], duration_s: float, sla: SLA | None = None,
+              percentiles: tuple[float, ...] = DEFAULT_PERCENTILES) -> dict[str, float]:
     """vLLM's benchmark keys: throughputs and latency percentiles in milliseconds (successes only),
-    plus SLA attainment and goodput when an SLA is given."""
+    plus SLA attainment and goodput (`request_goodput`, requests/s within the SLA) when an SLA is given."""
     ok = [r for r in records if r.success]
     inp = sum(r.prompt_len for r in ok)
     outp = sum(r.output_len for r in ok)
@@ -83,19 +90,42 @@ def summarize(records: list[RequestRecord], duration_s: float, sla: SLA | None =
     result: dict[str, float] = {
         "completed": len(ok),
         "failed": len(records) - len(ok),
-        "duration_s": duration_s,
+        "duration": duration_s,
         "total_input_tokens": inp,
         "total_output_tokens": outp,
         "request_throughput": len(ok) / duration_s,
         "output_throughput": outp / duration_s,
         "total_token_throughput": (inp + outp) / duration_s,
     }
-    result |= _summary("ttft_ms", [r.ttft_s for r in ok])
-    result |= _summary("tpot_ms", [t for r in ok if (t := r.tpot_s) is not None])
-    result |= _summary("itl_ms", [gap for r in ok for gap in r.itl_s])
-    result |= _summary("e2el_ms", [r.e2el_s for r in ok])
+    result |= _summary("ttft_ms", [r.ttft_s for r in ok], percentiles)
+    result |= _summary("tpot_ms", [t for r in ok if (t := r.tpot_s) is not None], percentiles)
+    result |= _summary("itl_ms", [gap for r in ok for gap in r.itl_s], percentiles)
+    result |= _summary("e2el_ms", [r.e2el_s for r in ok], percentiles)
     if sla is not None:
         good = sum(sla.met(r) for r in records)
         result["sla_attainment"] = good / len(records) if records else 0.0
-        result["goodput"] = good / duration_s
+        result["request_goodput"] = good / duration_s
     return result
+
+
+PER_REQUEST_KEYS = ("input_lens", "output_lens", "ttfts", "itls", "e2els", "start_times", "errors")
+
+
+def per_request_lists(records: list[RequestRecord]) -> dict[str, list]:
+    """vLLM's per-request lists, in request order, times in seconds (`errors`: "" for a success);
+    `e2els` is ours (vLLM keeps none), so TPOT per request can be derived from a saved result."""
+    return {
+        "input_lens": [r.prompt_len for r in records],
+        "output_lens": [r.output_len for r in records],
+        "ttfts": [r.ttft_s for r in records],
+        "itls": [r.itl_s for r in records],
+        "e2els": [r.e2el_s for r in records],
+        "start_times": [r.start_s for r in records],
+        "errors": [r.error or "" for r in records],
+    }
+
+
+def tpot_ms_per_request(result: dict) -> list[float]:
+    """Each successful request's TPOT in ms, from the per-request lists of a result."""
+    return [(e2el - ttft) * 1000 / (n - 1) for ttft, e2el, n, err in
+            zip(result["ttfts"], result["e2els"], result["output_lens"], result["errors"]) if n > 1 and not err]

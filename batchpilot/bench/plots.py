@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from batchpilot.bench.metrics import tpot_ms_per_request
+
 
 def read_trace(path: str | Path) -> list[dict]:
     rows = []
@@ -72,7 +74,7 @@ def plot_cdfs(results: dict[str, dict], out: str | Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, key, title in zip(axes, ("ttft_ms", "tpot_ms", "e2el_ms"), ("TTFT", "TPOT", "E2E latency")):
         for name, r in results.items():
-            values = np.sort(np.asarray(r.get("per_request", {}).get(key, []), dtype=float))
+            values = np.sort(np.asarray(_per_request_ms(r, key), dtype=float))
             if values.size:
                 ax.plot(values, np.arange(1, values.size + 1) / values.size, label=name)
         ax.set_xlabel(f"{title} (ms)")
@@ -83,6 +85,16 @@ def plot_cdfs(results: dict[str, dict], out: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def _per_request_ms(result: dict, key: str) -> list[float]:
+    """One latency per successful request (ms) from a bench serve result's per-request lists."""
+    if "ttfts" not in result:
+        return []
+    if key == "tpot_ms":
+        return tpot_ms_per_request(result)
+    seconds = result["ttfts"] if key == "ttft_ms" else result["e2els"]
+    return [s * 1000 for s, err in zip(seconds, result["errors"]) if not err]
 
 
 def plot_capacity(results: dict[str, dict], out: str | Path) -> None:

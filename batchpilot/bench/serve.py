@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from batchpilot.bench.metrics import SLA, RequestRecord, summarize
+from batchpilot.bench.metrics import DEFAULT_PERCENTILES, SLA, RequestRecord, per_request_lists, summarize
 
 
 @dataclass
@@ -51,17 +51,20 @@ async def _sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]
         yield json.loads(data)
 
 
-async def send(client: httpx.AsyncClient, base_url: str, payload: Payload, headers: dict[str, str]) -> RequestRecord:
-    """Stream one request; any failure becomes a record with success=False and the error text."""
+async def send(client: httpx.AsyncClient, base_url: str, payload: Payload, headers: dict[str, str],
+               run_start: float = 0.0) -> RequestRecord:
+    """Stream one request; any failure becomes a record with success=False and the error text.
+    The record's `start_s` counts from `run_start` (a perf_counter reading)."""
     body = {**payload.body, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
+    sent = start - run_start
     ttft, last, gaps, chunks, usage = None, start, [], 0, None
     try:
         async with client.stream("POST", base_url + payload.path, json=body, headers=headers) as response:
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")[:300]
                 return RequestRecord(payload.prompt_len or 0, 0, 0.0, time.perf_counter() - start, success=False,
-                                     error=f"HTTP {response.status_code}: {text}")
+                                     error=f"HTTP {response.status_code}: {text}", start_s=sent)
             async for event in _sse_events(response):
                 if "error" in event:
                     raise RuntimeError(event["error"].get("message", "stream error"))
@@ -80,13 +83,13 @@ async def send(client: httpx.AsyncClient, base_url: str, payload: Payload, heade
                     chunks += 1
     except (httpx.HTTPError, RuntimeError, json.JSONDecodeError) as e:
         return RequestRecord(payload.prompt_len or 0, 0, 0.0, time.perf_counter() - start, success=False,
-                             error=f"{type(e).__name__}: {e}")
+                             error=f"{type(e).__name__}: {e}", start_s=sent)
     e2e = time.perf_counter() - start
     output_len = usage["completion_tokens"] if usage else chunks
     prompt_len = usage["prompt_tokens"] if usage else (payload.prompt_len or 0)
     if ttft is None:  # nothing streamed: count it as done at the end
         ttft = e2e
-    return RequestRecord(prompt_len, output_len, ttft, e2e, gaps)
+    return RequestRecord(prompt_len, output_len, ttft, e2e, gaps, start_s=sent)
 
 
 async def run_load(base_url: str, payloads: list[Payload], rate: float, burstiness: float = 1.0,
@@ -107,10 +110,10 @@ async def run_load(base_url: str, payloads: list[Payload], rate: float, burstine
     async def one(i: int, client: httpx.AsyncClient) -> None:
         await asyncio.sleep(max(0.0, start + offsets[i] - time.perf_counter()))
         if limit is None:
-            records[i] = await send(client, base_url, payloads[i], headers)
+            records[i] = await send(client, base_url, payloads[i], headers, start)
         else:
             async with limit:
-                records[i] = await send(client, base_url, payloads[i], headers)
+                records[i] = await send(client, base_url, payloads[i], headers, start)
         bar.update(1)
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=10), limits=limits) as client:
@@ -137,20 +140,17 @@ def error_summary(records: Iterable[RequestRecord]) -> dict[str, int]:
 
 
 def benchmark(base_url: str, payloads: list[Payload], rate: float, sla: SLA | None = None,
-              **kwargs: Any) -> dict[str, Any]:
-    """Run a load and summarise it (vLLM's keys, plus SLA attainment and goodput)."""
+              percentiles: tuple[float, ...] = DEFAULT_PERCENTILES, **kwargs: Any) -> dict[str, Any]:
+    """Run a load and summarise it (vLLM's keys and per-request lists, plus SLA attainment and goodput)."""
     try:
         records, duration = asyncio.run(run_load(base_url, payloads, rate, **kwargs))
         interrupted = False
     except KeyboardInterrupt:  # asyncio.run cancelled the load; nothing more to report than this
         records, duration, interrupted = [], 0.0, True
-    result: dict[str, Any] = summarize(records, duration, sla)
+    result: dict[str, Any] = summarize(records, duration, sla, percentiles)
     result["request_rate"] = rate
-    ok = [r for r in records if r.success]
-    result["per_request"] = {"ttft_ms": [r.ttft_s * 1000 for r in ok],
-                             "tpot_ms": [t * 1000 for r in ok if (t := r.tpot_s) is not None],
-                             "e2el_ms": [r.e2el_s * 1000 for r in ok]}
-    result["errors"] = error_summary(records)
+    result |= per_request_lists(records)
+    result["error_counts"] = error_summary(records)
     if interrupted or len(records) < len(payloads):
         result["interrupted"] = True
     return result

@@ -7,7 +7,6 @@ the same arrivals `bench serve` and `simulate` draw: latency under load without 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from batchpilot.bench.datasets import (
     synthetic_requests,
 )
 from batchpilot.bench.metrics import RequestRecord, summarize
+from batchpilot.bench.results import write_json
 from batchpilot.bench.serve import arrival_times
 from batchpilot.config import EngineConfig
 from batchpilot.sampling_params import SamplingParams
@@ -115,7 +115,7 @@ def run_throughput(args: argparse.Namespace, config: EngineConfig) -> int:
     }
     print_table(result)
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps(result, indent=2))
+        write_json(args.output_json, result)
     return 0
 
 

@@ -13,12 +13,16 @@ from batchpilot.model.tokenizer import TextTokenizer
 def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset-name", default="random", choices=["random", "sharegpt", "builtin"])
     p.add_argument("--dataset-path", default=None, help="ShareGPT-format JSON (--dataset-name sharegpt)")
-    p.add_argument("--input-len", type=int, default=None, help="random: fixed prompt tokens (default 256)")
-    p.add_argument("--output-len", type=int, default=None, help="random: fixed output tokens (default 128); "
-                   "builtin: cap")
+    p.add_argument("--input-len", "--random-input-len", type=int, default=None, dest="input_len",
+                   help="random: fixed prompt tokens (default 256)")
+    p.add_argument("--output-len", "--random-output-len", type=int, default=None, dest="output_len",
+                   help="random: fixed output tokens (default 128), always generated in full as vLLM's random "
+                        "dataset does; builtin: cap")
+    p.add_argument("--random-range-ratio", type=float, default=0.0,
+                   help="random: lengths uniform in [N*(1-R), N*(1+R)] around --input-len/--output-len (vLLM's)")
     p.add_argument("--input-dist", default=None, help="random: uniform:LOW:HIGH or lognormal:MEDIAN:SIGMA")
     p.add_argument("--output-dist", default=None, help="random: uniform:LOW:HIGH or lognormal:MEDIAN:SIGMA")
-    p.add_argument("--ignore-eos", action="store_true", help="always generate max_tokens (random, sharegpt)")
+    p.add_argument("--ignore-eos", action="store_true", help="always generate max_tokens (sharegpt; random does)")
     p.add_argument("--tokenizer", default=None, help="model folder or .gguf whose tokenizer builds prompts "
                    "(default: the default model)")
 
@@ -36,8 +40,12 @@ def build_payloads(args: argparse.Namespace, tokenizer: TextTokenizer, model: st
         reqs = sharegpt_requests(Path(args.dataset_path), n, tokenizer.encode, seed)
     else:
         specials = len(tokenizer.tokenizer.get_added_tokens_decoder())
-        reqs = synthetic_requests(n, length_dist(args.input_len, args.input_dist, "input", 256),
-                                  length_dist(args.output_len, args.output_dist, "output", 128), tokenizer.vocab_size,
-                                  seed, specials)
+        ratio = args.random_range_ratio
+        if not 0 <= ratio < 1:
+            raise ValueError(f"--random-range-ratio must be in [0, 1), got {ratio}")
+        in_dist = length_dist(args.input_len, args.input_dist, "input", 256).widened(ratio)
+        out_dist = length_dist(args.output_len, args.output_dist, "output", 128).widened(ratio)
+        reqs = synthetic_requests(n, in_dist, out_dist, tokenizer.vocab_size, seed, specials)
+    ignore_eos = args.ignore_eos or args.dataset_name == "random"
     return [Payload("/v1/completions", {**common, "prompt": r.prompt, "max_tokens": r.max_tokens,
-                                        "ignore_eos": args.ignore_eos}, r.prompt_len) for r in reqs]
+                                        "ignore_eos": ignore_eos}, r.prompt_len) for r in reqs]

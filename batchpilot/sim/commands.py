@@ -12,6 +12,7 @@ from typing import Any
 from batchpilot.bench.capacity import search_capacity
 from batchpilot.bench.datasets import LengthDist
 from batchpilot.bench.metrics import SLA, summarize
+from batchpilot.bench.results import write_json
 from batchpilot.config import DTYPES, CacheConfig, ControllerConfig, EngineConfig, SchedulerConfig
 from batchpilot.sim.driver import SimRequest, make_workload, simulate
 from batchpilot.sim.profile import (
@@ -218,7 +219,7 @@ def cmd_simulate(args: argparse.Namespace, controller: ControllerConfig) -> int:
         result |= {"hardware": args.hardware, "model": args.model, "tp": args.tp, "controller": controller.name}
     _print(result)
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps(result, indent=2))
+        write_json(args.output_json, result)
     return 0
 
 
@@ -246,7 +247,7 @@ def cmd_sweep(args: argparse.Namespace, base: ControllerConfig) -> int:
 
     print(markdown_table(results, baseline=next(iter(results))))
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps(results, indent=2))
+        write_json(args.output_json, results)
     if args.plot:
         from batchpilot.bench.plots import plot_sweep
 
@@ -255,9 +256,9 @@ def cmd_sweep(args: argparse.Namespace, base: ControllerConfig) -> int:
 
 
 def _print(result: dict[str, Any]) -> None:
-    for key in ("profile", "hardware", "model", "tp", "controller", "kv_capacity_tokens", "completed", "duration_s",
+    for key in ("profile", "hardware", "model", "tp", "controller", "kv_capacity_tokens", "completed", "duration",
                 "output_throughput", "request_throughput", "mean_ttft_ms", "p90_ttft_ms", "mean_tpot_ms",
-                "p90_tpot_ms", "num_preemptions", "sla_attainment", "goodput", "replicas", "routing",
+                "p90_tpot_ms", "num_preemptions", "sla_attainment", "request_goodput", "replicas", "routing",
                 "requests_per_replica", "wall_s"):
         if key in result:
             v = result[key]
@@ -306,7 +307,7 @@ def cmd_paper(args: argparse.Namespace) -> int:
               f"({g['throughput_gain_vs_best_static']:+.1%} vs best static); capacity "
               f"{_pct(g['capacity_gain'])} vs static-256 ({_pct(g['capacity_gain_vs_best_static'])} vs best)")
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps(out, indent=2))
+        write_json(args.output_json, out)
     return 0
 
 
