@@ -96,6 +96,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def server_config(args: argparse.Namespace):
     """ServerConfig from the `serve` flags (model names, key, queue)."""
+    from batchpilot.model.loader import resolve_model_path
     from batchpilot.server.app import ServerConfig
 
     if args.served_model_name:
@@ -104,7 +105,8 @@ def server_config(args: argparse.Namespace):
         names = [DEFAULT_MODEL_NAME, f"HuggingFaceTB/{DEFAULT_MODEL_NAME}"]
     else:
         names = [args.model]
-    return ServerConfig(model_names=names, api_key=args.api_key or os.environ.get("BATCHPILOT_API_KEY"),
+    return ServerConfig(model_names=names, model_root=str(resolve_model_path(args.model)),
+                        api_key=args.api_key or os.environ.get("BATCHPILOT_API_KEY"),
                         protect_metrics=args.protect_metrics, max_queue=args.max_queue)
 
 

@@ -92,9 +92,32 @@ def test_models_health_version_metrics(server, client):
         assert f"batchpilot:{name}" in text, name
 
 
+def test_models_carry_vllms_root_and_tokenize_round_trips(server):
+    from pathlib import Path
+
+    card = httpx.get(f"{server}/v1/models").json()["data"][0]
+    assert card["id"] == MODEL and card["parent"] is None and card["max_model_len"] == 512
+    assert (Path(card["root"]) / "tokenizer.json").exists()  # vLLM's bench client loads its tokenizer there
+    assert httpx.get(f"{server}/v1/models/{MODEL}").json()["root"] == card["root"]
+    r = httpx.post(f"{server}/tokenize", json={"model": MODEL, "prompt": "Hello world", "return_token_strs": True})
+    body = r.json()
+    assert r.status_code == 200 and body["count"] == len(body["tokens"]) == 2 and body["max_model_len"] == 512
+    assert "".join(body["token_strs"]).replace("Ġ", " ") == "Hello world"
+    assert httpx.post(f"{server}/detokenize", json={"tokens": body["tokens"]}).json() == {"prompt": "Hello world"}
+    chat = httpx.post(f"{server}/tokenize", json={"messages": QUESTION}).json()
+    rendered = httpx.post(f"{server}/detokenize", json={"tokens": chat["tokens"]}).json()["prompt"]
+    assert "What is the capital of France?" in rendered and rendered.rstrip().endswith("assistant")
+
+
 LONG = "word " * 600
 BAD_INPUTS = [
     # (path, body, status, param)
+    ("/tokenize", {"model": MODEL}, 400, "prompt"),
+    ("/tokenize", {"prompt": "a", "messages": QUESTION}, 400, "prompt"),
+    ("/tokenize", {"prompt": 5}, 400, "prompt"),
+    ("/detokenize", {"tokens": [10**9]}, 400, "tokens"),
+    ("/detokenize", {"tokens": "x"}, 400, "tokens"),
+    ("/detokenize", {"model": "nope", "tokens": [1]}, 404, "model"),
     ("/v1/chat/completions", {"model": MODEL}, 400, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages"),

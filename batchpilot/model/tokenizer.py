@@ -50,9 +50,10 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; with `add_special_tokens`, the BOS token when the model asks for one."""
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        if self.add_bos_token and self.bos_token:
+        if add_special_tokens and self.add_bos_token and self.bos_token:
             bos = self.tokenizer.token_to_id(self.bos_token)
             if bos is not None and (not ids or ids[0] != bos):
                 ids = [bos, *ids]

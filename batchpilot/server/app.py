@@ -26,7 +26,7 @@ from batchpilot.server.errors import (
     validation_error_handler,
 )
 from batchpilot.server.metrics import ServerMetrics
-from batchpilot.server.protocol import ChatCompletionRequest, CompletionRequest
+from batchpilot.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from batchpilot.server.serving import Serving
 
 _OPEN_PATHS = {"/health", "/version", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
@@ -35,6 +35,7 @@ _OPEN_PATHS = {"/health", "/version", "/openapi.json", "/docs", "/docs/oauth2-re
 @dataclass
 class ServerConfig:
     model_names: list[str]
+    model_root: str | None = None  # where the model lives (/v1/models' `root`, read by vLLM's bench client)
     api_key: str | None = None
     protect_metrics: bool = False
     max_queue: int = 1024
@@ -90,18 +91,28 @@ def build_app(engine: AsyncEngine, config: ServerConfig,
         text = await metrics_text() if metrics_text is not None else generate_latest(metrics.registry)
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
+    def model_card(name: str) -> dict[str, Any]:
+        # vLLM's card: `root` is the model's path (its bench client loads the tokenizer from it).
+        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "batchpilot",
+                "root": config.model_root or name, "parent": None, "max_model_len": serving.max_model_len,
+                "permission": []}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        created = int(time.time())
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": created, "owned_by": "batchpilot",
-             "max_model_len": serving.max_model_len} for name in config.model_names]}
+        return {"object": "list", "data": [model_card(name) for name in config.model_names]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict[str, Any]:
         serving.check_model(model_id)
-        return {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "batchpilot",
-                "max_model_len": serving.max_model_len}
+        return model_card(model_id)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        return serving.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        return serving.detokenize(body)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:

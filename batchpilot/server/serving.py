@@ -25,7 +25,14 @@ from batchpilot.engine.scheduler import RequestRejectedError
 from batchpilot.sampling_params import SamplingParams, SamplingParamsError
 from batchpilot.server.errors import APIError, error_body
 from batchpilot.server.metrics import ServerMetrics
-from batchpilot.server.protocol import SSE_DONE, ChatCompletionRequest, CompletionRequest, sse
+from batchpilot.server.protocol import (
+    SSE_DONE,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    sse,
+)
 
 access_log = logging.getLogger("batchpilot.access")
 
@@ -95,16 +102,42 @@ class Serving:
         if req.max_tokens is not None and req.max_completion_tokens is not None \
                 and req.max_tokens != req.max_completion_tokens:
             raise APIError(400, "max_tokens and max_completion_tokens disagree", "max_completion_tokens")
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
-        except (TemplateError, ValueError) as e:
-            raise APIError(400, f"messages: cannot render the chat template: {e}", "messages") from e
+        text = self._render(req.messages, req.add_generation_prompt)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         return self._job("chatcmpl", [self.tokenizer.encode(text)], req, max_tokens, logprobs, "messages")
+
+    def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
+        """vLLM's /tokenize answer: the ids (and their strings when asked), count and context size."""
+        self.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "prompt: give exactly one of prompt and messages", "prompt")
+        if req.messages is not None:
+            text = self._render(req.messages, req.add_generation_prompt)
+        else:
+            text = req.prompt
+        ids = self.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+        out: dict[str, Any] = {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids}
+        if req.return_token_strs:
+            out["token_strs"] = [self.tokenizer.tokenizer.id_to_token(t) for t in ids]
+        return out
+
+    def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]:
+        self.check_model(req.model)
+        vocab = self.tokenizer.vocab_size
+        bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"tokens: id {bad} is outside the vocabulary (0..{vocab - 1})", "tokens")
+        return {"prompt": self.tokenizer.decode(req.tokens)}
+
+    def _render(self, messages: list[Any], add_generation_prompt: bool) -> str:
+        try:
+            return self.tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages],
+                                                      add_generation_prompt=add_generation_prompt)
+        except (TemplateError, ValueError) as e:
+            raise APIError(400, f"messages: cannot render the chat template: {e}", "messages") from e
 
     def _completion_prompts(self, prompt: Any) -> list[list[int]]:
         if isinstance(prompt, str):
