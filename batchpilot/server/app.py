@@ -50,7 +50,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig,
     """The app over one engine. `metrics_text` replaces this engine's /metrics exposition (a
     deployment of several replicas serves all of theirs); `app.state.metrics` holds the registry."""
     metrics = ServerMetrics(engine.engine, config.model_names[0])
-    serving = Serving(engine, config.model_names, metrics, config.max_queue)
+    serving = Serving(engine, config.model_names, metrics, config.max_queue, config.model_root)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):

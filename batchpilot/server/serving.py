@@ -67,9 +67,12 @@ class Job:
 
 
 class Serving:
-    def __init__(self, engine: AsyncEngine, model_names: list[str], metrics: ServerMetrics, max_queue: int):
+    def __init__(self, engine: AsyncEngine, model_names: list[str], metrics: ServerMetrics, max_queue: int,
+                 model_root: str | None = None):
         self.engine = engine
         self.model_names = model_names
+        # vLLM's bench client names the model by its card's `root` in /tokenize: the same model.
+        self.accepted_names = set(model_names) | ({model_root} if model_root else set())
         self.metrics = metrics
         self.max_queue = max_queue
         self.tokenizer = engine.engine.tokenizer
@@ -79,7 +82,7 @@ class Serving:
     # ---- validation ---------------------------------------------------------------------------
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model not in self.model_names:
+        if model is not None and model not in self.accepted_names:
             raise APIError(404, f"model {model!r} does not exist (served: {', '.join(self.model_names)})",
                            "model", "model_not_found")
 
