@@ -107,7 +107,8 @@ def server_config(args: argparse.Namespace):
         names = [args.model]
     return ServerConfig(model_names=names, model_root=str(resolve_model_path(args.model)),
                         api_key=args.api_key or os.environ.get("BATCHPILOT_API_KEY"),
-                        protect_metrics=args.protect_metrics, max_queue=args.max_queue)
+                        protect_metrics=args.protect_metrics, max_queue=args.max_queue,
+                        metrics_names=args.metrics_names, sla_tpot_ms=args.sla_tpot_ms)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -175,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default=None, help="model id clients use (default: the model)")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or BATCHPILOT_API_KEY)")
     serve.add_argument("--protect-metrics", action="store_true", help="require the API key for /metrics too")
+    serve.add_argument("--metrics-names", default="batchpilot", choices=["batchpilot", "vllm", "both"],
+                       help="prefix of the standard series on /metrics (vllm: a vLLM dashboard reads them "
+                            "unchanged); the controller's own series are batchpilot: always")
     serve.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 503 + Retry-After")
     serve.add_argument("--replicas", type=int, default=1,
                        help="engine replicas behind one endpoint, on Ray Serve, routed by load (--threads each)")

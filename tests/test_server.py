@@ -86,7 +86,8 @@ def test_models_health_version_metrics(server, client):
     assert "version" in httpx.get(f"{server}/version").json()
     text = httpx.get(f"{server}/metrics").text
     for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "num_preemptions_total",
-                 "time_to_first_token_seconds_bucket", "time_per_output_token_seconds_bucket",
+                 "time_to_first_token_seconds_bucket", "request_time_per_output_token_seconds_bucket",
+                 "inter_token_latency_seconds_bucket", "request_queue_time_seconds_bucket",
                  "e2e_request_latency_seconds_bucket", "generation_tokens_total", "prompt_tokens_total",
                  "batch_limit", "batch_limit_memory", "batch_size"):
         assert f"batchpilot:{name}" in text, name

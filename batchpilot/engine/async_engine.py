@@ -12,9 +12,10 @@ import asyncio
 import itertools
 import logging
 import queue
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from batchpilot.controllers.base import StepStats
 from batchpilot.engine.engine import LLMEngine
 from batchpilot.engine.output_processor import RequestOutput
 from batchpilot.engine.scheduler import RequestRejectedError
@@ -28,8 +29,10 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, on_step: Callable[[StepStats], None] | None = None):
+        """`on_step` is called after every step with its stats, on the engine's thread."""
         self.engine = engine
+        self.on_step = on_step
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._ids = itertools.count()
@@ -134,4 +137,9 @@ class AsyncEngine:
                 self.engine.add_request(token_ids, params, request_id=rid)
             else:
                 self.engine.abort(cmd[1])
-        return self.engine.step() if self.engine.has_unfinished_requests() else []
+        if not self.engine.has_unfinished_requests():
+            return []
+        outputs = self.engine.step()
+        if self.on_step is not None:
+            self.on_step(self.engine.last_stats)
+        return outputs

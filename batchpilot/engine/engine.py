@@ -141,6 +141,8 @@ class LLMEngine:
         t0 = self.clock()
         sched_out = self.scheduler.schedule()
         t1 = self.clock()
+        for req in sched_out.started:
+            req.first_scheduled_time = t1
         result = self.executor.execute(sched_out)
         t2 = self.clock()
         advanced = self.scheduler.update_from_output(sched_out, result)

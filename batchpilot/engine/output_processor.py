@@ -37,6 +37,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     num_preemptions: int = 0
+    queue_time_s: float | None = None  # arrival to first admission; set on the finished output
 
 
 @dataclass
@@ -113,7 +114,7 @@ class OutputProcessor:
             del self._states[req.request_id]
         return RequestOutput(req.request_id, st.prompt, req.prompt_token_ids,
                              [CompletionOutput(0, delta, update.new_token_ids, logprobs, reason)], done,
-                             req.num_preemptions)
+                             req.num_preemptions, _queue_time(req) if done else None)
 
 
 def _token_output(update: RequestUpdate) -> RequestOutput:
@@ -123,4 +124,8 @@ def _token_output(update: RequestUpdate) -> RequestOutput:
     logprobs = update.new_logprobs if req.sampling_params.logprobs is not None else None
     return RequestOutput(req.request_id, None, req.prompt_token_ids,
                          [CompletionOutput(0, "", update.new_token_ids, logprobs, status.finish_reason)],
-                         status.finished, req.num_preemptions)
+                         status.finished, req.num_preemptions, _queue_time(req) if status.finished else None)
+
+
+def _queue_time(req: Request) -> float | None:
+    return None if req.first_scheduled_time is None else req.first_scheduled_time - req.arrival_time

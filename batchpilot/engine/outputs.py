@@ -25,6 +25,8 @@ class SchedulerOutput:
     num_decode_tokens: int
     num_new_prompt_tokens: int = 0  # prompts of requests that start their first prefill (not a recompute)
     preempted_ids: list[str] = field(default_factory=list)
+    # Requests admitted for the first time (not back from preemption): the engine stamps their start.
+    started: list[Request] = field(default_factory=list)
     # Requests finished since the previous step, so executors can drop per-request state.
     finished_ids: list[str] = field(default_factory=list)
 

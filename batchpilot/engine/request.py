@@ -45,6 +45,7 @@ class Request:
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
+    first_scheduled_time: float | None = None  # when first admitted (the engine's clock), for queue time
     # Set when the last sampled token was a stop token (EOS or stop_token_ids); its text is hidden.
     stopped_by_token: bool = False
 

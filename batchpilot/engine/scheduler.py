@@ -152,6 +152,7 @@ class Scheduler:
             self.waiting.popleft()
             if req.num_computed_tokens == 0 and req.num_preemptions == 0:
                 out.num_new_prompt_tokens += req.num_prompt_tokens
+                out.started.append(req)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             self._add(out, req, n, table, n == todo)

@@ -39,6 +39,8 @@ class ServerConfig:
     api_key: str | None = None
     protect_metrics: bool = False
     max_queue: int = 1024
+    metrics_names: str = "batchpilot"  # batchpilot, vllm or both: the prefix of the standard series
+    sla_tpot_ms: float | None = None  # the controller's TPOT target, exported for dashboards
 
     def __post_init__(self) -> None:
         if self.max_queue < 1:
@@ -49,7 +51,9 @@ def build_app(engine: AsyncEngine, config: ServerConfig,
               metrics_text: Callable[[], Awaitable[str]] | None = None) -> FastAPI:
     """The app over one engine. `metrics_text` replaces this engine's /metrics exposition (a
     deployment of several replicas serves all of theirs); `app.state.metrics` holds the registry."""
-    metrics = ServerMetrics(engine.engine, config.model_names[0])
+    sla_tpot_s = config.sla_tpot_ms / 1000 if config.sla_tpot_ms else None
+    metrics = ServerMetrics(engine.engine, config.model_names[0], config.metrics_names, sla_tpot_s)
+    engine.on_step = metrics.observe_step
     serving = Serving(engine, config.model_names, metrics, config.max_queue, config.model_root)
 
     @asynccontextmanager

@@ -24,7 +24,7 @@ from batchpilot.engine.outputs import TokenLogprobs
 from batchpilot.engine.scheduler import RequestRejectedError
 from batchpilot.sampling_params import SamplingParams, SamplingParamsError
 from batchpilot.server.errors import APIError, error_body
-from batchpilot.server.metrics import ServerMetrics
+from batchpilot.server.metrics import FinishedRequest, ServerMetrics
 from batchpilot.server.protocol import (
     SSE_DONE,
     ChatCompletionRequest,
@@ -45,6 +45,11 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
+    # Seconds from the job's start, for the metrics.
+    first_token_s: float | None = None
+    last_token_s: float = 0.0
+    finished_s: float | None = None
+    queue_s: float | None = None  # the engine's arrival to first admission
 
 
 @dataclass(eq=False)
@@ -211,9 +216,17 @@ class Serving:
         try:
             async for index, delta in _merge(streams):
                 out = delta.outputs[0]
-                if first is None and out.token_ids:
-                    first = time.perf_counter() - start
                 c = choices[index]
+                if out.token_ids:
+                    now = time.perf_counter() - start
+                    if c.first_token_s is None:
+                        c.first_token_s = now
+                        first = now if first is None else first
+                    else:
+                        self.metrics.observe_gap(now - c.last_token_s)
+                    c.last_token_s = now
+                if delta.finished:
+                    c.queue_s, c.finished_s = delta.queue_time_s, time.perf_counter() - start
                 c.text += out.text
                 c.token_ids += out.token_ids
                 c.logprobs += out.logprobs or []
@@ -223,8 +236,10 @@ class Serving:
         finally:
             job.release()
             e2e = time.perf_counter() - start
-            for c in choices:
-                self.metrics.observe_request(first, e2e, len(c.token_ids), c.finish_reason)
+            for i, c in enumerate(choices):
+                self.metrics.observe_request(FinishedRequest(
+                    len(job.prompts[i // job.params.n]), len(c.token_ids), job.params.max_tokens, job.params.n,
+                    c.first_token_s, e2e if c.finished_s is None else c.finished_s, c.queue_s, c.finish_reason))
             access_log.info(json.dumps({
                 "id": job.request_id, "prompt_tokens": sum(len(p) for p in job.prompts),
                 "completion_tokens": sum(len(c.token_ids) for c in choices),
