@@ -1,5 +1,6 @@
 """Model loading: the default model's conversion, tokenizer fidelity and clear errors."""
 
+import functools
 import json
 import os
 import subprocess
@@ -31,6 +32,111 @@ def test_gguf_tokenizer_matches_transformers(default_model_dir):
         ids = ours.encode(text)
         assert ids == reference.encode(text, add_special_tokens=False), text
         assert ours.decode(ids, skip_special_tokens=False) == text
+
+
+@functools.lru_cache(maxsize=1)
+def small_vocabulary(size: int = 4000) -> tuple[list[str], list[int], list[str], int, int]:
+    """The default model's first `size` tokens, their types, and the merges among them: a valid
+    byte-level BPE small enough for quick GGUF round trips (the 49k-token file takes seconds to parse)."""
+    from gguf import GGUFReader
+
+    source = GGUFReader(default_gguf_path())
+    field = lambda key: source.fields[key].contents()  # noqa: E731
+    tokens = field("tokenizer.ggml.tokens")[:size]
+    kept = set(tokens)
+    merges = [m for m in field("tokenizer.ggml.merges") if {*m.split(" "), m.replace(" ", "")} <= kept]
+    return (tokens, field("tokenizer.ggml.token_type")[:size], merges, field("tokenizer.ggml.bos_token_id"),
+            field("tokenizer.ggml.eos_token_id"))
+
+
+def write_tokenizer_gguf(path: Path, pre: str, model: str = "gpt2") -> Path:
+    """A one-tensor llama GGUF carrying a byte-level vocabulary under pre-tokenizer `pre`."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    tokens, types, merges, bos, eos = small_vocabulary()
+    w = GGUFWriter(str(path), "llama")
+    w.add_context_length(256)
+    w.add_embedding_length(8)
+    w.add_block_count(1)
+    w.add_feed_forward_length(16)
+    w.add_head_count(2)
+    w.add_tokenizer_model(model)
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(bos)
+    w.add_eos_token_id(eos)
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+SPLIT_TEXTS = TEXTS + [
+    "I'M HERE, YOU'RE THERE, WE'LL SEE",  # Llama-3 splits contractions case-insensitively
+    "12345678901 items cost 1,000,000.50",
+    "line one\n\n\n   line two\r\n\tindented   \n",
+    "tabs\tand    many     spaces    ",
+    "mixed: αβγ Ελληνικά, русский, عربى, 中文字符 and emoji 👩‍💻🎉",
+]
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "llama3", "qwen2", "gpt2", "smollm"])
+def test_gguf_pre_tokenizers_split_as_transformers_gguf_loader(tmp_path, pre):
+    from transformers import AutoTokenizer
+
+    from batchpilot.model.loader import load_tokenizer
+
+    path = write_tokenizer_gguf(tmp_path / f"{pre}.gguf", pre)
+    reference = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    ours = load_tokenizer(path)
+    for text in SPLIT_TEXTS:
+        ids = ours.encode(text, add_special_tokens=False)
+        assert ids == reference.encode(text, add_special_tokens=False), text
+        assert ours.decode(ids, skip_special_tokens=False) == text
+
+
+def test_llama3_split_is_not_gpt2s(tmp_path):
+    """The bug this guards against: a llama-bpe vocabulary tokenized with GPT-2's split."""
+    from batchpilot.model.loader import load_tokenizer
+
+    llama3 = load_tokenizer(write_tokenizer_gguf(tmp_path / "a.gguf", "llama-bpe"))
+    gpt2 = load_tokenizer(write_tokenizer_gguf(tmp_path / "b.gguf", "gpt2"))
+    assert any(llama3.encode(t) != gpt2.encode(t) for t in SPLIT_TEXTS)
+
+
+@pytest.mark.parametrize("pre,model,named", [
+    ("mystery-bpe", "gpt2", "'mystery-bpe'"),
+    ("default", "llama", "SentencePiece"),
+    ("default", "bert", "'bert'"),
+])
+def test_unsupported_gguf_tokenizers_are_refused_by_name(tmp_path, pre, model, named):
+    from batchpilot.model.loader import load_tokenizer
+
+    path = write_tokenizer_gguf(tmp_path / "m.gguf", pre, model)
+    with pytest.raises(ModelLoadError, match=named):
+        load_tokenizer(path)
+    with pytest.raises(ModelLoadError, match=named):
+        load_checkpoint(path)
+
+
+def test_gguf_weights_are_dequantised_one_at_a_time(monkeypatch):
+    """A GGUF is never held in float32 whole: each tensor is dequantised when the model takes it."""
+    import torch
+
+    from batchpilot.model import gguf_file
+
+    calls = []
+    real = gguf_file.dequantize
+    monkeypatch.setattr(gguf_file, "dequantize", lambda data, kind: calls.append(1) or real(data, kind))
+    ckpt = load_checkpoint(default_gguf_path())
+    assert not calls and len(ckpt.weights) > 100 and "model.norm.weight" in ckpt.weights and not calls
+    q = ckpt.weights["model.layers.0.self_attn.q_proj.weight"]
+    assert len(calls) == 1 and q.dtype == torch.float32 and q.shape == (576, 576)
 
 
 def test_chat_template_renders_like_transformers(default_model_dir):

@@ -8,6 +8,7 @@ so that the rest of batchpilot sees exactly what a Hugging Face folder holds.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,25 @@ import numpy as np
 import torch
 from gguf import GGUFReader
 from gguf.quants import dequantize
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 # llama.cpp token types (gguf.TokenType): 3 = CONTROL, 4 = USER_DEFINED.
 _CONTROL, _USER_DEFINED = 3, 4
-# Pre-tokenizers by `tokenizer.ggml.pre`: every GPT-2 family split, some with single digits.
-_SINGLE_DIGIT_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
-_GPT2_PRE = {"gpt2", "default", "llama-bpe", "llama3"} | _SINGLE_DIGIT_PRE
+
+# How a byte-level BPE vocabulary splits text before merging, by `tokenizer.ggml.pre`: the split its
+# merges were learned on (the model's own tokenizer.json; llama.cpp and transformers' GGUF loader
+# use the same). A name not listed here is refused: a wrong split gives silently wrong tokens.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GPT2_PRE = {"gpt2", "default"}  # ByteLevel's own (GPT-2) split
+_SINGLE_DIGIT_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}  # + digits
+_SPLIT_PRE = {
+    **dict.fromkeys(("llama3", "llama-bpe", "llama-v3", "smaug-bpe", "dbrx", "falcon3"), _LLAMA3_SPLIT),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT),
+}
+SUPPORTED_PRE_TOKENIZERS = sorted(_GPT2_PRE | _SINGLE_DIGIT_PRE | set(_SPLIT_PRE))
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -88,32 +101,70 @@ def read_config(reader: GGUFReader) -> dict[str, Any]:
     return config
 
 
-def read_weights(reader: GGUFReader, config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Dequantise every tensor to float32 under its Hugging Face name."""
-    permute_llama = config["model_type"] == "llama"
-    weights: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
-        data = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        name = _hf_name(t.name)
-        if permute_llama and name.endswith("q_proj.weight"):
-            data = _unpermute(data, config["num_attention_heads"])
-        elif permute_llama and name.endswith("k_proj.weight"):
-            data = _unpermute(data, config["num_key_value_heads"])
-        weights[name] = torch.from_numpy(data)
-    return weights
+class GGUFWeights(Mapping[str, torch.Tensor]):
+    """The file's tensors under their Hugging Face names, each dequantised to float32 when read.
+
+    NOTE: lazy on purpose. The model converts each tensor to its dtype as it takes it, so a
+    loader holds one float32 tensor at a time, not the whole model (a 7B Q4 file would need
+    28 GB in float32); the file itself is memory-mapped by GGUFReader.
+    """
+
+    def __init__(self, reader: GGUFReader, config: dict[str, Any]):
+        self._tensors = {_hf_name(t.name): t for t in reader.tensors}
+        self._heads = {}  # projection -> heads, for the weights llama.cpp permuted for its rotary layout
+        if config["model_type"] == "llama":
+            self._heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        t = self._tensors[name]
+        data = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        module, _, kind = name.rpartition(".")
+        heads = self._heads.get(module.rpartition(".")[2]) if kind == "weight" else None
+        if heads is not None:
+            data = _unpermute(data, heads)
+        return torch.from_numpy(np.ascontiguousarray(data))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+def read_weights(reader: GGUFReader, config: dict[str, Any]) -> GGUFWeights:
+    """Every tensor under its Hugging Face name, dequantised to float32 one at a time, when read."""
+    return GGUFWeights(reader, config)
 
 
 def read_tokenizer(reader: GGUFReader) -> Tokenizer:
-    """Rebuild a byte-level BPE tokenizer from GGUF metadata (the `gpt2` tokenizer model)."""
+    """Rebuild a byte-level BPE tokenizer from GGUF metadata (the `gpt2` tokenizer model).
+
+    Raises:
+        ValueError: the tokenizer model or its pre-tokenizer is not one we rebuild exactly (named).
+    """
     kind, pre = _field(reader, "tokenizer.ggml.model"), _field(reader, "tokenizer.ggml.pre", "default")
-    if kind != "gpt2" or pre not in _GPT2_PRE:
-        raise ValueError(f"unsupported GGUF tokenizer {kind!r}/{pre!r} (supported: gpt2 byte-level BPE)")
+    if kind == "llama":
+        raise ValueError("unsupported GGUF tokenizer model 'llama' (SentencePiece: Llama-2, Mistral, TinyLlama); "
+                         "supported: 'gpt2' (byte-level BPE). Load the model's Hugging Face folder instead")
+    if kind != "gpt2":
+        raise ValueError(f"unsupported GGUF tokenizer model {kind!r}; supported: 'gpt2' (byte-level BPE)")
+    if pre not in SUPPORTED_PRE_TOKENIZERS:
+        raise ValueError(f"unsupported GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre); supported: "
+                         f"{', '.join(SUPPORTED_PRE_TOKENIZERS)}")
     tokens: list[str] = _field(reader, "tokenizer.ggml.tokens")
     types: list[int] = _field(reader, "tokenizer.ggml.token_type")
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre in _SINGLE_DIGIT_PRE:
+    if pre in _SPLIT_PRE:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_SPLIT_PRE[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    elif pre in _SINGLE_DIGIT_PRE:
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Digits(individual_digits=True), byte_level]
         )
@@ -158,7 +209,7 @@ def write_hf_folder(path: Path, out_dir: Path) -> None:
 
     reader = open_gguf(path)
     config = read_config(reader)
-    save_file(read_weights(reader, config), str(out_dir / "model.safetensors"))
+    save_file(dict(read_weights(reader, config)), str(out_dir / "model.safetensors"))
     read_tokenizer(reader).save(str(out_dir / "tokenizer.json"))
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(reader), indent=2))

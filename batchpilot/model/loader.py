@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +39,7 @@ class Checkpoint:
 
     path: Path
     args: ModelArgs
-    weights: dict[str, torch.Tensor]
+    weights: Mapping[str, torch.Tensor]  # a GGUF's are dequantised as they are read
     tokenizer: TextTokenizer
     # Sampling defaults from generation_config.json, for requests that do not set them.
     generation_defaults: dict[str, float] = field(default_factory=dict)
