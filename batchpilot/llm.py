@@ -108,10 +108,13 @@ class LLM:
         return SamplingParams(**self.engine.sampling_defaults)
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
-             sampling_params: SamplingParams | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
-        """Render each conversation with the model's chat template, then generate."""
+             sampling_params: SamplingParams | None = None, use_tqdm: bool = False,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """Render each conversation with the model's chat template (and `chat_template_kwargs`,
+        extra template variables such as enable_thinking), then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.tokenizer.apply_chat_template(c) for c in conversations]  # type: ignore[arg-type]
+        kwargs = chat_template_kwargs or {}
+        prompts = [self.tokenizer.apply_chat_template(c, **kwargs) for c in conversations]  # type: ignore[arg-type]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, prompts: list[PromptType], params_list: list[SamplingParams],

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from jinja2 import TemplateError
+from jinja2 import Template, TemplateError, nodes
+from jinja2.ext import Extension
+from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
@@ -15,6 +19,45 @@ from tokenizers.decoders import DecodeStream
 
 def _raise_exception(message: str) -> None:
     raise TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    # Jinja's own tojson escapes HTML characters and non-ASCII; chat templates expect plain JSON.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class _GenerationTag(Extension):
+    """`{% generation %}...{% endgeneration %}` (transformers marks assistant text with it): renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Parser) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body, lineno=lineno)
+
+
+@functools.lru_cache(maxsize=8)
+def compile_chat_template(source: str) -> Template:
+    """A chat template compiled in transformers' Jinja environment (sandboxed, trim_blocks and
+    lstrip_blocks, loop controls, raise_exception, strftime_now, tojson without ASCII escaping)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationTag, "jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+def _default_template(template: str | list[dict[str, str]] | None) -> str | None:
+    """tokenizer_config.json may hold named templates; the one named "default" serves chat."""
+    if not isinstance(template, list):
+        return template
+    named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    if "default" not in named:
+        raise ValueError(f"chat_template lists {sorted(map(str, named))} but no 'default' template")
+    return named["default"]
 
 
 @dataclass
@@ -30,7 +73,7 @@ class TextTokenizer:
     @classmethod
     def from_folder(cls, folder: Path, tokenizer_config: dict[str, Any] | None = None) -> TextTokenizer:
         cfg = tokenizer_config if tokenizer_config is not None else _read_json(folder / "tokenizer_config.json")
-        template = cfg.get("chat_template")
+        template = _default_template(cfg.get("chat_template"))
         template_file = folder / "chat_template.jinja"
         if template is None and template_file.exists():
             template = template_file.read_text()
@@ -66,19 +109,15 @@ class TextTokenizer:
         """An incremental detokenizer: O(1) work per token instead of re-decoding the text."""
         return DecodeStream(skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Render messages the way the model's own template says (as transformers does)."""
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            **template_kwargs: Any) -> str:
+        """Render messages the way the model's own template says (as transformers does);
+        `template_kwargs` (a request's chat_template_kwargs) are extra template variables."""
         if not self.chat_template:
             raise ValueError("this model has no chat template; use a plain prompt")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise_exception
-        template = env.from_string(self.chat_template)
-        return template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-        )
+        variables = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "", **template_kwargs}
+        return compile_chat_template(self.chat_template).render(
+            variables, messages=messages, add_generation_prompt=add_generation_prompt)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

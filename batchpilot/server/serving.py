@@ -110,7 +110,7 @@ class Serving:
         if req.max_tokens is not None and req.max_completion_tokens is not None \
                 and req.max_tokens != req.max_completion_tokens:
             raise APIError(400, "max_tokens and max_completion_tokens disagree", "max_completion_tokens")
-        text = self._render(req.messages, req.add_generation_prompt)
+        text = self._render(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -123,7 +123,7 @@ class Serving:
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "prompt: give exactly one of prompt and messages", "prompt")
         if req.messages is not None:
-            text = self._render(req.messages, req.add_generation_prompt)
+            text = self._render(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
         else:
             text = req.prompt
         ids = self.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
@@ -140,10 +140,11 @@ class Serving:
             raise APIError(400, f"tokens: id {bad} is outside the vocabulary (0..{vocab - 1})", "tokens")
         return {"prompt": self.tokenizer.decode(req.tokens)}
 
-    def _render(self, messages: list[Any], add_generation_prompt: bool) -> str:
+    def _render(self, messages: list[Any], add_generation_prompt: bool,
+                template_kwargs: dict[str, Any] | None) -> str:
         try:
             return self.tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages],
-                                                      add_generation_prompt=add_generation_prompt)
+                                                      add_generation_prompt, **(template_kwargs or {}))
         except (TemplateError, ValueError) as e:
             raise APIError(400, f"messages: cannot render the chat template: {e}", "messages") from e
 
