@@ -40,7 +40,8 @@ def add_controller_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--batch-controller", default="combined", help=f"one of {', '.join(CONTROLLERS)}")
     c.add_argument("--max-num-seqs", type=int, default=256, help="B_max (the fixed limit of 'static')")
     c.add_argument("--min-num-seqs", type=int, default=1, help="B_min")
-    c.add_argument("--memory-mode", default="clt", help="blocks (authors' heuristic) or clt (paper's bound)")
+    c.add_argument("--memory-mode", default="clt",
+                   help="blocks (authors' heuristic), clt (paper's bound) or peak (each request's own lifetime)")
     c.add_argument("--memory-factor", type=float, default=0.95)
     c.add_argument("--mem-epsilon", type=float, default=0.05, help="overflow probability eps_M")
     c.add_argument("--sla-tpot-ms", type=float, default=None, help="decode latency target D_SLA")
@@ -51,6 +52,10 @@ def add_controller_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--sla-signal", default="tpot", choices=["tpot", "decode"],
                    help="tpot: all decoding steps, token-weighted; decode: decode-only steps (the paper's D(b))")
     c.add_argument("--controller-trace", default=None, metavar="PATH", help="JSONL trace, one line per step")
+    c.add_argument("--sglang-init-ratio", type=float, default=0.7, help="sglang: starting new_token_ratio")
+    c.add_argument("--sglang-min-ratio-factor", type=float, default=0.14, help="sglang: floor as a share of it")
+    c.add_argument("--sglang-decay-steps", type=int, default=600, help="sglang: steps from start to floor")
+    c.add_argument("--sglang-clip-max-new-tokens", type=int, default=4096, help="sglang: max_new_tokens clip")
 
 
 def controller_config(args: argparse.Namespace) -> ControllerConfig:
@@ -60,7 +65,9 @@ def controller_config(args: argparse.Namespace) -> ControllerConfig:
         memory_mode=args.memory_mode, memory_factor=args.memory_factor, mem_epsilon=args.mem_epsilon,
         sla_tpot_ms=args.sla_tpot_ms, sla_tolerance_ms=args.sla_tolerance_ms, sla_alpha=args.sla_alpha,
         sla_delta=args.sla_delta, sla_window=args.sla_window, sla_signal=args.sla_signal,
-        trace_path=args.controller_trace,
+        trace_path=args.controller_trace, sglang_init_ratio=args.sglang_init_ratio,
+        sglang_min_ratio_factor=args.sglang_min_ratio_factor, sglang_decay_steps=args.sglang_decay_steps,
+        sglang_clip_max_new_tokens=args.sglang_clip_max_new_tokens,
     )
 
 

@@ -39,7 +39,8 @@ class SchedulerConfig:
             raise ValueError(f"--max-model-len must be at least 2, got {self.max_model_len}")
 
 
-CONTROLLERS = ("static", "memory", "sla", "combined")
+CONTROLLERS = ("static", "memory", "sla", "combined", "sglang")
+MEMORY_MODES = ("blocks", "clt", "peak")
 
 
 @dataclass
@@ -59,6 +60,11 @@ class ControllerConfig:
     sla_window: int = 16
     sla_signal: str = "tpot"  # "tpot" (all steps that decode, token-weighted) or "decode" (decode-only steps)
     trace_path: str | None = None  # JSONL, one line per step
+    # The sglang policy's constants (SGLang's defaults)
+    sglang_init_ratio: float = 0.7
+    sglang_min_ratio_factor: float = 0.14
+    sglang_decay_steps: int = 600
+    sglang_clip_max_new_tokens: int = 4096
 
     def __post_init__(self) -> None:
         if self.name not in CONTROLLERS:
@@ -69,8 +75,8 @@ class ControllerConfig:
             raise ValueError(
                 f"--min-num-seqs must be between 1 and --max-num-seqs ({self.max_num_seqs}), got {self.min_num_seqs}"
             )
-        if self.memory_mode not in ("blocks", "clt"):
-            raise ValueError(f"--memory-mode must be 'blocks' or 'clt', got {self.memory_mode!r}")
+        if self.memory_mode not in MEMORY_MODES:
+            raise ValueError(f"--memory-mode must be one of {', '.join(MEMORY_MODES)}, got {self.memory_mode!r}")
         if not 0 < self.memory_factor <= 1:
             raise ValueError(f"--memory-factor must be in (0, 1], got {self.memory_factor}")
         if not 0 < self.mem_epsilon < 1:

@@ -9,13 +9,13 @@ from hypothesis import strategies as st
 
 from batchpilot.config import ControllerConfig
 from batchpilot.controllers import CombinedController, MemoryController, SLAController, make_controller
-from batchpilot.controllers.base import SchedulerView, StepStats
+from batchpilot.controllers.base import SchedulerView, SeqState, StepStats
 from batchpilot.controllers.memory import blocks_batch_limit, clt_batch_limit
 
 
 def view(running=0, waiting=0, decoding=None, free=100, total=100, block_size=16, prompt_lens=(), output_lens=()):
     return SchedulerView(running, waiting, running if decoding is None else decoding, free, total, block_size,
-                         lambda: [p + o for p, o in zip(prompt_lens, output_lens)])
+                         lambda: [SeqState(p + o, o, math.inf) for p, o in zip(prompt_lens, output_lens)])
 
 
 def stats(batch, step_s, prefill=0, finished=()):
@@ -226,3 +226,94 @@ def test_combined_takes_the_minimum_and_is_memory_only_without_sla():
 def test_bad_configuration_names_the_flag(kwargs, flag):
     with pytest.raises(ValueError, match=flag):
         ControllerConfig(**kwargs)
+
+
+# ---- sglang ---------------------------------------------------------------------------------------
+
+def states_view(running, waiting, free, total=100, block_size=16):
+    return SchedulerView(len(running), len(waiting), len(running), free, total, block_size,
+                         lambda: [SeqState(*s) for s in running], lambda k: [SeqState(*s) for s in waiting[:k]])
+
+
+def test_sglang_reserves_running_outputs_and_admits_in_order():
+    from batchpilot.controllers import SGLangController
+
+    c = SGLangController(clip_max_new_tokens=100)
+    # running reserve (min(120, 100) - 20) + (min(5000, 100) - 50) = 130 tokens, x 0.7 = 91;
+    # room = 50 free blocks x 16 = 800 - 91 = 709. Waiting costs prompt + clipped max_new in full:
+    # 300 + 100 = 400 (room 309), 200 + 50 = 250 (room 59), 10 + 100 = 110 > 59: stop.
+    v = states_view([(100, 20, 120), (200, 50, 5000)], [(300, 0, 200), (200, 0, 50), (10, 0, 100)], free=50)
+    assert c.reserved_tokens(v) == pytest.approx(91)
+    assert c.limit(v) == 4
+    # Nothing running and nothing fits: an idle server still admits the head, or it would wait forever.
+    assert c.limit(states_view([], [(5000, 0, 4000)], free=10)) == 1
+
+
+def test_sglang_ratio_decays_to_its_floor_and_resets_on_preemption():
+    from batchpilot.controllers import SGLangController
+
+    c = SGLangController()  # 0.7, floor 0.7 x 0.14 = 0.098 over 600 steps
+    for _ in range(300):
+        c.observe(stats(4, 0.01))
+    assert c.ratio == pytest.approx(0.7 - 300 * (0.7 - 0.098) / 600)
+    for _ in range(400):
+        c.observe(stats(4, 0.01))
+    assert c.ratio == pytest.approx(0.098)
+    c.observe(StepStats(4, 0, 4, 0.01, 0.9, num_preemptions=1, num_running=3, num_waiting=1))
+    assert c.ratio == 0.7
+    assert make_controller(ControllerConfig(name="sglang", sglang_init_ratio=0.5)).ratio == 0.5
+    with pytest.raises(ValueError, match="--sglang-decay-steps"):
+        make_controller(ControllerConfig(name="sglang", sglang_decay_steps=0))
+
+
+# ---- the peak bound -------------------------------------------------------------------------------
+
+LENGTH_DISTRIBUTIONS = {
+    "lognormal": lambda rng, n: np.maximum(1, np.round(rng.lognormal(np.log(150), 0.8, n))).astype(int),
+    "uniform": lambda rng, n: rng.integers(32, 257, n),
+    "geometric": lambda rng, n: rng.geometric(1 / 100, n),
+}
+
+
+@pytest.mark.parametrize("dist", list(LENGTH_DISTRIBUTIONS))
+@pytest.mark.parametrize("epsilon", [0.05, 0.2])
+def test_peak_bound_overflows_no_more_often_than_its_epsilon(dist, epsilon):
+    """Monte Carlo: draw every admitted request's final length from the true distribution (given what
+    it has produced), grow each by a token a step until it ends, and count runs whose KV use ever
+    exceeds the pool."""
+    from batchpilot.controllers.peak import PeakBound
+
+    rng = np.random.default_rng(7)
+    draw = LENGTH_DISTRIBUTIONS[dist]
+    bound = PeakBound(epsilon, window=4096)
+    bound.lengths.add(tuple(int(x) for x in draw(rng, 4096)))
+    finals = draw(rng, 20)
+    produced = [int(rng.integers(0, f)) for f in finals]
+    running = [(int(p) + g, g, math.inf) for p, g in zip(rng.integers(20, 200, 20), produced)]
+    waiting = [(int(p), 0, math.inf) for p in rng.integers(20, 200, 60)]
+    total_blocks, bs = 400, 16
+    admitted = bound.admissible(states_view(running, waiting, free=0, total=total_blocks, block_size=bs), 60)
+    assert 0 < admitted < 60  # the case is neither empty nor trivially roomy
+
+    pool = np.sort(draw(rng, 200_000))
+    held = [SeqState(*s) for s in running + waiting[:admitted]]
+    trials = 1000
+    remaining = np.empty((trials, len(held)), dtype=np.int64)
+    for i, s in enumerate(held):
+        lo = np.searchsorted(pool, s.num_output, side="right")
+        remaining[:, i] = pool[rng.integers(lo, pool.size, trials)] - s.num_output
+    steps = np.arange(remaining.max() + 1)
+    tokens = np.array([s.num_tokens for s in held])[:, None] + steps[None, :]
+    blocks = np.ceil(tokens / bs) * bs  # (requests, steps)
+    use = np.einsum("rs,trs->ts", blocks, (steps[None, None, :] < remaining[:, :, None]).astype(np.float64))
+    overflow = float(np.mean(use.max(axis=1) > total_blocks * bs))
+    assert overflow <= epsilon + 3 * math.sqrt(epsilon * (1 - epsilon) / trials), (admitted, overflow)
+
+
+def test_peak_bound_at_cold_start_assumes_each_request_runs_to_its_cap():
+    from batchpilot.controllers.peak import PeakBound
+
+    bound = PeakBound(0.05)
+    # 100 blocks x 16 = 1600 tokens; each waiting request grows to 100 + 300 = 400 tokens (25 blocks): 4 fit.
+    v = states_view([], [(100, 0, 300)] * 10, free=100)
+    assert bound.admissible(v, 10) == 4

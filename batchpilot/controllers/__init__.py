@@ -6,6 +6,7 @@ from batchpilot.config import ControllerConfig
 from batchpilot.controllers.base import BatchController, SchedulerView, StepStats
 from batchpilot.controllers.combined import CombinedController
 from batchpilot.controllers.memory import MemoryController
+from batchpilot.controllers.sglang import SGLangController
 from batchpilot.controllers.sla import SLAController
 from batchpilot.controllers.static import StaticController
 
@@ -14,6 +15,9 @@ def make_controller(config: ControllerConfig) -> BatchController:
     """Build the controller the config names (the config has been validated)."""
     if config.name == "static":
         return StaticController(config.max_num_seqs)
+    if config.name == "sglang":
+        return SGLangController(config.sglang_init_ratio, config.sglang_min_ratio_factor, config.sglang_decay_steps,
+                                config.sglang_clip_max_new_tokens, config.min_num_seqs, config.max_num_seqs)
     memory = MemoryController(config.memory_mode, config.memory_factor, config.mem_epsilon,
                               config.min_num_seqs, config.max_num_seqs)
     sla = None
@@ -28,4 +32,4 @@ def make_controller(config: ControllerConfig) -> BatchController:
 
 
 __all__ = ["BatchController", "SchedulerView", "StepStats", "CombinedController", "MemoryController",
-           "SLAController", "StaticController", "make_controller"]
+           "SGLangController", "SLAController", "StaticController", "make_controller"]

@@ -10,12 +10,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
+
+
+class SeqState(NamedTuple):
+    """Where one request stands, as a memory policy sees it."""
+
+    num_tokens: int  # prompt + output so far (what its KV cache holds once computed)
+    num_output: int  # output tokens so far
+    max_output: float  # its output cap: max_tokens, or what the context leaves (inf: none known)
+
+
+def _no_waiting(_: int) -> list[SeqState]:
+    return []
 
 
 @dataclass(frozen=True)
 class SchedulerView:
-    """What the scheduler knows before a step. Lengths are per running request, in admission order."""
+    """What the scheduler knows before a step."""
 
     num_running: int
     num_waiting: int
@@ -23,9 +35,10 @@ class SchedulerView:
     num_free_blocks: int
     num_total_blocks: int
     block_size: int
-    # Tokens (prompt + output so far) of each running request, computed on demand: O(running),
-    # and only the memory controller's cold start reads them. Valid during the limit() call.
-    seq_lens: Callable[[], list[int]]
+    # The running requests in admission order, and the first k waiting ones in the order they would
+    # be admitted: computed on demand (O(requests)), valid during the limit() call.
+    running: Callable[[], list[SeqState]]
+    waiting: Callable[[int], list[SeqState]] = _no_waiting
 
 
 @dataclass(frozen=True)
@@ -40,8 +53,9 @@ class StepStats:
     num_preemptions: int  # in this step
     num_running: int
     num_waiting: int
-    # prompt + output tokens of each request that finished in this step
+    # prompt + output tokens of each request that finished in this step, and its output tokens alone
     finished_lens: tuple[int, ...] = ()
+    finished_output_lens: tuple[int, ...] = ()
 
 
 class BatchController(Protocol):

@@ -19,9 +19,9 @@ from collections import deque
 from functools import lru_cache
 from statistics import NormalDist
 
+from batchpilot.config import MEMORY_MODES
 from batchpilot.controllers.base import SchedulerView, StepStats
-
-MEMORY_MODES = ("blocks", "clt")
+from batchpilot.controllers.peak import PeakBound
 
 
 def clt_batch_limit(mu: float, sigma: float, capacity_tokens: float, epsilon: float) -> int:
@@ -77,7 +77,7 @@ class TokenStats:
         """(mu, sigma) in tokens, or None with no data at all."""
         if len(self.finished) >= self.min_finished:
             return _mean_std(len(self.finished), self._sum, self._sum_sq)
-        samples = list(self.finished) + view.seq_lens()
+        samples = list(self.finished) + [s.num_tokens for s in view.running()]
         return _mean_std(len(samples), sum(samples), sum(s * s for s in samples)) if samples else None
 
 
@@ -105,6 +105,7 @@ class MemoryController:
         self.epsilon = epsilon
         self.b_min, self.b_max = min_num_seqs, max_num_seqs
         self.stats = TokenStats(window=window)
+        self.peak = PeakBound(epsilon) if mode == "peak" else None
         self.b_mem = max_num_seqs  # no information yet: the pool alone gates admission
 
     @property
@@ -112,6 +113,11 @@ class MemoryController:
         return {"b_mem": self.b_mem}
 
     def limit(self, view: SchedulerView) -> int:
+        if self.peak is not None:
+            if view.num_waiting:  # only admissions depend on it
+                admitted = self.peak.admissible(view, self.b_max - view.num_running)
+                self.b_mem = self._clamp(view.num_running + admitted, view.num_running)
+            return max(self.b_mem, view.num_running)
         if self.mode == "blocks":
             if view.num_waiting > 0 and view.num_running > 0:
                 raw = blocks_batch_limit(view.num_total_blocks, view.num_free_blocks, view.num_running,
@@ -127,6 +133,8 @@ class MemoryController:
 
     def observe(self, stats: StepStats) -> None:
         self.stats.add_finished(stats.finished_lens)
+        if self.peak is not None:
+            self.peak.lengths.add(stats.finished_output_lens)
 
     def _clamp(self, b: int, num_running: int) -> int:
         return min(max(b, num_running, self.b_min), self.b_max)

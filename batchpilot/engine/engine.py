@@ -150,7 +150,8 @@ class LLMEngine:
 
     def _account(self, sched_out: SchedulerOutput, advanced: list[Request], step_time: float,
                  schedule_time: float) -> None:
-        finished_lens = [r.num_tokens for r in advanced if r.status.finished]
+        finished = [r for r in advanced if r.status.finished]
+        finished_lens = [r.num_tokens for r in finished]
         c = self.counters
         c.num_steps += 1
         c.busy_time_s += step_time
@@ -170,6 +171,7 @@ class LLMEngine:
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             finished_lens=tuple(finished_lens),
+            finished_output_lens=tuple(len(r.output_token_ids) for r in finished),
         )
         if self.trace is not None:  # before observe: the trace shows the limits this step ran under
             self.trace.write(self.clock() - self.start_time, c.num_steps, c.batch_limit, self.controller.trace, stats)

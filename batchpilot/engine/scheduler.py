@@ -8,11 +8,12 @@ and none is free, the most recently admitted request is preempted by recompute.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Iterable
 
 from batchpilot.config import SchedulerConfig
-from batchpilot.controllers.base import BatchController, SchedulerView
+from batchpilot.controllers.base import BatchController, SchedulerView, SeqState
 from batchpilot.engine.block_pool import KVCacheManager
 from batchpilot.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
 from batchpilot.engine.request import Request, RequestStatus
@@ -87,8 +88,13 @@ class Scheduler:
             num_free_blocks=pool.num_free_blocks,
             num_total_blocks=pool.num_blocks,
             block_size=pool.block_size,
-            seq_lens=lambda: [r.num_tokens for r in running],
+            running=lambda: [self._state(r) for r in running],
+            waiting=lambda k: [self._state(r) for r in itertools.islice(self.waiting, k)],
         )
+
+    def _state(self, r: Request) -> SeqState:
+        room = self.max_model_len - r.num_prompt_tokens
+        return SeqState(r.num_tokens, len(r.output_token_ids), min(r.max_output_tokens, room))
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's requests and token counts, growing their block tables."""

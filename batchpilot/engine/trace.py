@@ -19,6 +19,7 @@ class TraceWriter:
     def write(self, t: float, step: int, limit: int, controller: dict[str, float], stats: StepStats) -> None:
         row = {"t": round(t, 6), "step": step, "b_t": limit, **controller, **asdict(stats)}
         row["finished"] = len(row.pop("finished_lens"))
+        row.pop("finished_output_lens")
         self._file.write(json.dumps(row) + "\n")
 
     def close(self) -> None:

@@ -1,7 +1,9 @@
 """An executor without a model: each step costs what a cost model says, on a virtual clock.
 
-It fills the same RunnerOutput as the torch runner. Sampled tokens are placeholders; the
-simulated requests end by their max_tokens (their workload output length, ignore_eos).
+It fills the same RunnerOutput as the torch runner. Sampled tokens are placeholders; a
+simulated request ends by its max_tokens (ignore_eos), or, when it has an entry in `stop_at`
+(its output length, below a larger declared max_tokens), by sampling STOP_TOKEN there: the
+scheduler and its controller then see a request whose length the model chose, as in real traffic.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from batchpilot.engine.outputs import RunnerOutput, SchedulerOutput
 from batchpilot.sim.roofline import StepShape
 
 PLACEHOLDER_TOKEN = 0
+STOP_TOKEN = 1  # simulated requests that stop by themselves list it in stop_token_ids
 
 
 class VirtualClock:
@@ -30,14 +33,22 @@ class VirtualClock:
 
 
 class SimulatedExecutor:
-    def __init__(self, step_time: Callable[[StepShape], float], clock: VirtualClock):
+    def __init__(self, step_time: Callable[[StepShape], float], clock: VirtualClock,
+                 stop_at: dict[str, int] | None = None):
         self.step_time = step_time
         self.clock = clock
+        self.stop_at = stop_at if stop_at is not None else {}  # request id -> output length at which it stops
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         shape, sampled_ids = _shape_and_samples(sched)
         self.clock.advance(self.step_time(shape))
-        return RunnerOutput(dict.fromkeys(sampled_ids, PLACEHOLDER_TOKEN))
+        tokens = dict.fromkeys(sampled_ids, PLACEHOLDER_TOKEN)
+        if self.stop_at:
+            for s in sched.scheduled:
+                target = self.stop_at.get(s.request.request_id)
+                if target is not None and s.sample and len(s.request.output_token_ids) + 1 >= target:
+                    tokens[s.request.request_id] = STOP_TOKEN
+        return RunnerOutput(tokens)
 
 
 def step_shape(sched: SchedulerOutput) -> StepShape:

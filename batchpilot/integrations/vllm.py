@@ -14,8 +14,10 @@ the gauges, and a log line when they change (at most one per 5 s).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -27,7 +29,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 
 from batchpilot.config import ControllerConfig
 from batchpilot.controllers import make_controller
-from batchpilot.controllers.base import SchedulerView, StepStats
+from batchpilot.controllers.base import SchedulerView, SeqState, StepStats
 from batchpilot.engine.trace import TraceWriter
 
 # Under vLLM's logger, so its handlers (configured for "vllm" only) print our lines in the engine process.
@@ -66,6 +68,12 @@ def check_vllm(scheduler: Scheduler) -> None:
     if missing or not vllm.__version__.startswith(SUPPORTED_VLLM):
         raise RuntimeError(f"batchpilot.integrations.vllm supports vLLM {', '.join(SUPPORTED_VLLM)}.x; this is vLLM "
                            f"{vllm.__version__}" + (f", which lacks {missing}" if missing else ""))
+
+
+def _state(request, max_model_len: int) -> SeqState:
+    """A vLLM request as our controllers see it."""
+    cap = request.max_tokens if request.max_tokens is not None else math.inf
+    return SeqState(request.num_tokens, request.num_output_tokens, min(cap, max_model_len - request.num_prompt_tokens))
 
 
 class _LimitGauges:
@@ -121,6 +129,7 @@ class DynamicBatchScheduler(Scheduler):
         self._start = time.perf_counter()
         self._num_steps = 0
         self._finished_lens: list[int] = []
+        self._finished_output_lens: list[int] = []
         logger.info("batchpilot %s controller steering vLLM %s admissions (B_max %d, %s)", config.name,
                     vllm.__version__, config.max_num_seqs, type(self).__name__)
 
@@ -134,7 +143,8 @@ class DynamicBatchScheduler(Scheduler):
             num_free_blocks=pool.get_num_free_blocks(),
             num_total_blocks=pool.num_gpu_blocks - 1,  # vLLM reserves one null block
             block_size=self.block_size,
-            seq_lens=lambda: [r.num_tokens for r in running],
+            running=lambda: [_state(r, self.max_model_len) for r in running],
+            waiting=lambda k: [_state(r, self.max_model_len) for r in itertools.islice(self.waiting, k)],
         )
 
     def schedule(self, *args, **kwargs):
@@ -145,6 +155,7 @@ class DynamicBatchScheduler(Scheduler):
 
     def _free_request(self, request, *args, **kwargs):
         self._finished_lens.append(request.num_tokens)
+        self._finished_output_lens.append(request.num_output_tokens)
         return super()._free_request(request, *args, **kwargs)
 
     def update_from_output(self, scheduler_output, model_runner_output):
@@ -178,8 +189,10 @@ class DynamicBatchScheduler(Scheduler):
             num_running=len(self.running),
             num_waiting=len(self.waiting),
             finished_lens=tuple(self._finished_lens),
+            finished_output_lens=tuple(self._finished_output_lens),
         )
         self._finished_lens.clear()
+        self._finished_output_lens.clear()
         self._num_steps += 1
         if self.trace is not None:  # before observe: the trace shows the limits this step ran under
             self.trace.write(time.perf_counter() - self._start, self._num_steps, self.batch_limit,

@@ -122,7 +122,10 @@ class GGUFWeights(Mapping[str, torch.Tensor]):
         heads = self._heads.get(module.rpartition(".")[2]) if kind == "weight" else None
         if heads is not None:
             data = _unpermute(data, heads)
-        return torch.from_numpy(np.ascontiguousarray(data))
+        data = np.ascontiguousarray(data)
+        if not data.flags.writeable:  # an unquantised tensor is a view of the read-only file mapping
+            data = data.copy()
+        return torch.from_numpy(data)
 
     def __contains__(self, name: object) -> bool:
         return name in self._tensors

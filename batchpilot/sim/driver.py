@@ -23,7 +23,7 @@ from batchpilot.engine.block_pool import BlockPool, KVCacheManager
 from batchpilot.engine.engine import LLMEngine
 from batchpilot.engine.scheduler import RequestRejectedError, Scheduler
 from batchpilot.engine.trace import TraceWriter
-from batchpilot.executors.simulated import SimulatedExecutor, VirtualClock
+from batchpilot.executors.simulated import STOP_TOKEN, SimulatedExecutor, VirtualClock
 from batchpilot.sampling_params import SamplingParams
 from batchpilot.sim.roofline import StepShape
 
@@ -33,6 +33,9 @@ class SimRequest:
     arrival_s: float
     prompt_len: int
     output_len: int
+    # The client's cap, when the model chooses the length (stops at output_len below it); None: the
+    # output is forced to output_len (max_tokens = output_len, ignore_eos), as vLLM's random dataset.
+    max_tokens: int | None = None
 
 
 def make_workload(n: int, rate: float, input_dist: LengthDist, output_dist: LengthDist, seed: int = 0,
@@ -88,13 +91,14 @@ def _simulate(workload: list[SimRequest], step_time: Callable[[StepShape], float
               trace_path: str | None, router: Router) -> SimResult:
     clock = VirtualClock()
     replicas = len(router.loads)
+    stop_at: dict[str, int] = {}  # the requests whose length the "model" chooses
     engines = []
     for k in range(replicas):
         sched = Scheduler(scheduler, KVCacheManager(BlockPool(kv_capacity_tokens // block_size, block_size)),
                           make_controller(controller), max_model_len)
         path = trace_path if replicas == 1 or trace_path is None else f"{trace_path}.r{k}"
         trace = TraceWriter(path) if path else None
-        engines.append(LLMEngine(sched, SimulatedExecutor(step_time, clock), tokenizer=None, clock=clock,
+        engines.append(LLMEngine(sched, SimulatedExecutor(step_time, clock, stop_at), tokenizer=None, clock=clock,
                                  trace=trace))
     # Each replica steps back to back while it has work; `free_at` is when its current step ends.
     free_at = [0.0] * replicas
@@ -112,7 +116,11 @@ def _simulate(workload: list[SimRequest], step_time: Callable[[StepShape], float
                 for k, e in enumerate(engines):
                     router.report(k, replica_load(e.scheduler, controller.max_num_seqs))
             k = router.choose() if replicas > 1 else 0
-            params = SamplingParams(temperature=0, max_tokens=w.output_len, ignore_eos=True)
+            if w.max_tokens is None or w.max_tokens <= w.output_len:
+                params = SamplingParams(temperature=0, max_tokens=w.output_len, ignore_eos=True)
+            else:
+                params = SamplingParams(temperature=0, max_tokens=w.max_tokens, stop_token_ids=[STOP_TOKEN])
+                stop_at[str(i)] = w.output_len
             try:
                 engines[k].add_request([0] * w.prompt_len, params, request_id=str(i))
                 served[k] += 1
@@ -129,6 +137,7 @@ def _simulate(workload: list[SimRequest], step_time: Callable[[StepShape], float
             if rid not in first:
                 first[rid] = clock.t
             if req.status.finished:
+                stop_at.pop(rid, None)
                 w = workload[int(rid)]
                 records[rid] = RequestRecord(w.prompt_len, w.output_len, first[rid] - w.arrival_s,
                                              clock.t - w.arrival_s)

@@ -1,0 +1,158 @@
+"""Timed request traces: one reader for every format, used by bench, simulate and the tournament.
+
+Formats, told by the file's header:
+- Azure LLM inference traces (2023 and 2024 releases): CSV `TIMESTAMP,ContextTokens,GeneratedTokens`;
+- BurstGPT: CSV with `Timestamp`, `Request tokens`, `Response tokens` (rows with no response,
+  failed requests in the trace, are dropped and counted);
+- JSON Lines: `{"timestamp": s, "prompt": text | "prompt_len": n, "output_len": n}` per line.
+A malformed row is an error naming the file, line and column, or is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+
+class TraceError(ValueError):
+    """A trace that cannot be read: the message names the file, line and column."""
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    arrival_s: float  # from the trace's first arrival
+    prompt_len: int
+    output_len: int
+    prompt: str | None = None  # the text, when the trace has it
+
+
+@dataclass
+class Trace:
+    path: Path
+    format: str
+    requests: list[TraceRequest]
+    skipped_rows: int = 0  # malformed rows skipped (--skip-bad-rows)
+    dropped_empty: int = 0  # requests with no output (failed in the trace)
+
+    def window(self, start_s: float = 0.0, duration_s: float | None = None, time_scale: float = 1.0,
+               ) -> list[TraceRequest]:
+        """The requests arriving in [start, start + duration) of the trace, re-based to start at 0 and
+        sped up `time_scale` times (2: twice as fast)."""
+        if time_scale <= 0:
+            raise ValueError(f"--time-scale must be positive, got {time_scale}")
+        if start_s < 0 or (duration_s is not None and duration_s <= 0):
+            raise ValueError(f"--trace-start must be >= 0 and --trace-duration > 0, got {start_s}, {duration_s}")
+        end = float("inf") if duration_s is None else start_s + duration_s
+        chosen = [r for r in self.requests if start_s <= r.arrival_s < end]
+        if not chosen:
+            raise ValueError(f"{self.path}: no request arrives in the window [{start_s}, {end}) s")
+        t0 = chosen[0].arrival_s
+        return [TraceRequest((r.arrival_s - t0) / time_scale, r.prompt_len, r.output_len, r.prompt) for r in chosen]
+
+
+_AZURE = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+_BURSTGPT = ("Timestamp", "Request tokens", "Response tokens")
+
+
+def read_trace(path: str | Path, skip_bad_rows: bool = False) -> Trace:
+    """Read a trace file in any supported format (sorted by arrival)."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            first = f.readline()
+            f.seek(0)
+            if first.lstrip().startswith("{"):
+                trace = _read_jsonl(path, f, skip_bad_rows)
+            else:
+                trace = _read_csv(path, f, skip_bad_rows)
+    except OSError as e:
+        raise TraceError(f"{path}: cannot read: {e}") from e
+    except UnicodeDecodeError as e:
+        raise TraceError(f"{path}: not a text file ({e})") from e
+    if not trace.requests:
+        raise TraceError(f"{path}: no requests")
+    trace.requests.sort(key=lambda r: r.arrival_s)
+    t0 = trace.requests[0].arrival_s
+    trace.requests = [TraceRequest(r.arrival_s - t0, r.prompt_len, r.output_len, r.prompt) for r in trace.requests]
+    return trace
+
+
+def _read_csv(path: Path, f, skip_bad_rows: bool) -> Trace:
+    reader = csv.reader(f)
+    header = [h.strip() for h in next(reader, [])]
+    if all(c in header for c in _AZURE):
+        kind, columns, when = "azure", _AZURE, _azure_time
+    elif all(c in header for c in _BURSTGPT):
+        kind, columns, when = "burstgpt", _BURSTGPT, float
+    else:
+        raise TraceError(f"{path}:1: unknown trace header {header[:6]} (Azure: {', '.join(_AZURE)}; "
+                         f"BurstGPT: {', '.join(_BURSTGPT)}; or JSON Lines)")
+    index = [header.index(c) for c in columns]
+    trace = Trace(path, kind, [])
+    for line, row in enumerate(reader, start=2):
+        if not row:
+            continue
+        values = []
+        for name, i in zip(columns, index):
+            try:
+                text = row[i].strip()
+                values.append(when(text) if name == columns[0] else int(float(text)))
+            except (IndexError, ValueError):
+                if not skip_bad_rows:
+                    raise TraceError(f"{path}:{line}: column {name!r}: bad value "
+                                     f"{row[i] if i < len(row) else '(missing)'!r} (--skip-bad-rows skips such rows)"
+                                     ) from None
+                trace.skipped_rows += 1
+                break
+        else:
+            _add(trace, path, line, values[0], values[1], values[2], None, skip_bad_rows)
+    return trace
+
+
+def _read_jsonl(path: Path, f, skip_bad_rows: bool) -> Trace:
+    trace = Trace(path, "jsonl", [])
+    for line, text in enumerate(f, start=1):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+            if not isinstance(row, dict):
+                raise ValueError("not an object")
+            prompt = row.get("prompt")
+            if prompt is not None and not isinstance(prompt, str):
+                raise ValueError("column 'prompt': not a string")
+            prompt_len = row.get("prompt_len", len(prompt) if prompt is not None else None)
+            if prompt_len is None:
+                raise ValueError("needs 'prompt' or 'prompt_len'")
+            values = (float(row["timestamp"]), int(prompt_len), int(row["output_len"]))
+        except (ValueError, KeyError, TypeError) as e:
+            if not skip_bad_rows:
+                raise TraceError(f"{path}:{line}: {e} (--skip-bad-rows skips such rows)") from None
+            trace.skipped_rows += 1
+            continue
+        _add(trace, path, line, *values, prompt, skip_bad_rows)
+    return trace
+
+
+def _add(trace: Trace, path: Path, line: int, arrival: float, prompt_len: int, output_len: int,
+         prompt: str | None, skip_bad_rows: bool) -> None:
+    if output_len == 0:
+        trace.dropped_empty += 1
+        return
+    if prompt_len < 1 or output_len < 0:
+        if not skip_bad_rows:
+            raise TraceError(f"{path}:{line}: lengths must be positive, got prompt {prompt_len}, output {output_len}")
+        trace.skipped_rows += 1
+        return
+    trace.requests.append(TraceRequest(arrival, prompt_len, output_len, prompt))
+
+
+def _azure_time(text: str) -> float:
+    """Seconds since the epoch of an Azure timestamp (`2023-11-16 18:15:46.0520000`, 7 digits)."""
+    stamp, _, rest = text.partition(".")
+    digits = "".join(c for c in rest if c.isdigit())
+    zone = rest[len(digits):]
+    return datetime.fromisoformat(f"{stamp}.{(digits or '0')[:6].ljust(6, '0')}{zone}").timestamp()
