@@ -23,6 +23,8 @@ from batchpilot.config import MEMORY_MODES
 from batchpilot.controllers.base import SchedulerView, StepStats
 from batchpilot.controllers.peak import PeakBound
 
+PEAK_LOOKAHEAD = 32  # waiting requests the peak bound considers per step
+
 
 def clt_batch_limit(mu: float, sigma: float, capacity_tokens: float, epsilon: float) -> int:
     """Largest b with b mu + z sigma sqrt(b) <= capacity, z = Phi^-1(1 - epsilon)."""
@@ -115,7 +117,8 @@ class MemoryController:
     def limit(self, view: SchedulerView) -> int:
         if self.peak is not None:
             if view.num_waiting:  # only admissions depend on it
-                admitted = self.peak.admissible(view, self.b_max - view.num_running)
+                # A step admits a few prompts at most (its token budget): look a bounded way down the queue.
+                admitted = self.peak.admissible(view, min(self.b_max - view.num_running, PEAK_LOOKAHEAD))
                 self.b_mem = self._clamp(view.num_running + admitted, view.num_running)
             return max(self.b_mem, view.num_running)
         if self.mode == "blocks":

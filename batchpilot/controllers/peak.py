@@ -16,12 +16,14 @@ to run to its max_tokens (clipped), which never over-admits.
 
 from __future__ import annotations
 
+import math
 from collections import deque
+from functools import lru_cache
 from statistics import NormalDist
 
 import numpy as np
 
-from batchpilot.controllers.base import SchedulerView, SeqState
+from batchpilot.controllers.base import SchedulerView
 
 GRID_POINTS = 24  # future steps at which the peak is checked (0, then geometric to the horizon)
 # The bound holds each future step's use under the pool with probability 1 - epsilon / PEAK_MARGINALS:
@@ -62,10 +64,9 @@ class PeakBound:
         self.min_finished = min_finished
         self.cold_output_cap = cold_output_cap
 
-    def survival(self, states: list[SeqState], steps: np.ndarray) -> np.ndarray:
-        """P(request i still runs t steps from now), shape (requests, steps)."""
-        out = np.array([s.num_output for s in states], dtype=np.int64)[:, None]
-        cap = np.array([s.max_output for s in states], dtype=np.float64)[:, None]
+    def survival(self, out: np.ndarray, cap: np.ndarray, steps: np.ndarray) -> np.ndarray:
+        """P(request i still runs t steps from now), shape (requests, steps), from each request's
+        output so far (`out`, shape (requests, 1)) and output cap (`cap`, likewise)."""
         later = out + steps[None, :]
         if len(self.lengths) < self.min_finished:  # cold: to its cap, clipped
             return (later < np.minimum(cap, self.cold_output_cap)).astype(np.float64)
@@ -81,17 +82,17 @@ class PeakBound:
 
     def admissible(self, view: SchedulerView, candidates: int) -> int:
         """How many of the first `candidates` waiting requests fit with the running ones."""
-        running = view.running()
         waiting = view.waiting(candidates)
-        states = running + waiting
         if not waiting:
             return 0
+        running = view.running()
+        states = np.array(running + waiting, dtype=np.float64).reshape(-1, 3)  # num_tokens, num_output, max_output
+        out, cap = states[:, 1:2], states[:, 2:3]
         bs = view.block_size
         capacity = view.num_total_blocks * bs
-        horizon = max(1.0, max(min(s.max_output, self._longest()) - s.num_output for s in states))
-        steps = np.unique(np.concatenate([[0.0], np.geomspace(1.0, horizon, GRID_POINTS - 1)]).astype(np.int64))
-        p = self.survival(states, steps)
-        tokens = np.array([s.num_tokens for s in states], dtype=np.int64)[:, None] + steps[None, :]
+        steps = _grid(max(1.0, float(np.max(np.minimum(cap, self._longest()) - out))))
+        p = self.survival(out, cap, steps)
+        tokens = states[:, 0:1] + steps[None, :]
         held = (np.ceil(tokens / bs) * bs) * p  # tokens in whole blocks, weighted by survival
         var = (np.ceil(tokens / bs) * bs) ** 2 * p * (1 - p)
         mean = held[: len(running)].sum(axis=0)
@@ -109,6 +110,16 @@ class PeakBound:
         if len(self.lengths) < self.min_finished:
             return float(self.cold_output_cap)
         return float(self.lengths.sorted()[-1]) * 2 + 1
+
+
+def _grid(horizon: float) -> np.ndarray:
+    """Step 0, then geometric steps to the horizon (rounded up to a power of two, so grids repeat)."""
+    return _grid_to(1 << max(0, math.ceil(math.log2(horizon))))
+
+
+@lru_cache(maxsize=64)
+def _grid_to(horizon: int) -> np.ndarray:
+    return np.unique(np.concatenate([[0.0], np.geomspace(1.0, horizon, GRID_POINTS - 1)]).astype(np.int64))
 
 
 def _z(epsilon: float) -> float:

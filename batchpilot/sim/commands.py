@@ -27,6 +27,7 @@ from batchpilot.sim.profile import (
     recalibrate,
 )
 from batchpilot.sim.roofline import Hardware, ModelShape, RooflineModel
+from batchpilot.sim.tournament import add_tournament_parser
 
 # ShareGPT-like lengths (our assumption, fitted by eye to vLLM's filtered ShareGPT: prompt
 # median ~170 tokens, output median ~150, both heavy-tailed), with vLLM's filters as caps.
@@ -72,6 +73,7 @@ def add_simulate_parser(sub, add_controller_args, controller_config) -> None:
     sweep.add_argument("--plot", default=None, metavar="PNG",
                        help="throughput per configuration, and SLA attainment over request rate (with --sla)")
     sweep.set_defaults(func=lambda a: cmd_sweep(a, controller_config(a)))
+    add_tournament_parser(modes, add_workload_args)
     paper = modes.add_parser("paper", help="the paper's comparison (Llama-2-7B/13B on A100-80GB)")
     paper.add_argument("--num-prompts", type=int, default=2000)
     paper.add_argument("--seed", type=int, default=0)

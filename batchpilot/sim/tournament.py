@@ -1,0 +1,218 @@
+"""`batchpilot simulate tournament`: every policy on every workload, and its regret against the
+best static limit an operator could have picked in hindsight.
+
+A workload is lengths (forced, or chosen by the "model" below a declared max_tokens), arrival
+times (all at once, a Poisson rate, a trace's own times) and a KV pool sized in requests' worth
+of tokens (tight or ample). Each policy runs each workload offline (throughput, P90 TPOT,
+preemptions) and, with --sla, in a capacity search over the arrival rate (for a trace: over
+its time scale). Regret is 1 - value / best static value: 3% means 3% worse than the best
+static limit, negative means better than every static limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from batchpilot.bench.capacity import search_capacity
+from batchpilot.bench.datasets import LengthDist
+from batchpilot.bench.metrics import SLA, summarize
+from batchpilot.bench.results import write_json
+from batchpilot.config import ControllerConfig, SchedulerConfig
+from batchpilot.sim.driver import SimRequest, make_workload, simulate
+
+STATIC_SWEEP = (8, 16, 32, 64, 128, 256, 512)
+VLLM_DEFAULT = "static-256"
+POLICIES = {  # the contenders besides the static sweep
+    "combined-clt": ControllerConfig(name="combined", memory_mode="clt"),
+    "combined-blocks": ControllerConfig(name="combined", memory_mode="blocks"),
+    "combined-peak": ControllerConfig(name="combined", memory_mode="peak"),
+    "sglang": ControllerConfig(name="sglang"),
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Requests (from a seed) and the KV pool, in requests' worth of their mean total length."""
+
+    name: str
+    make: Callable[[int], list[SimRequest]]  # scale -> requests (arrival times as the workload has them)
+    kv_requests: float
+    timed: bool = False  # arrivals carry times (a trace): capacity scales them instead of a Poisson rate
+
+
+def _lengths(n: int, prompt: str, output: str, seed: int, max_tokens: int | None = None) -> list[SimRequest]:
+    reqs = make_workload(n, float("inf"), LengthDist.parse(prompt, "input"), LengthDist.parse(output, "output"), seed)
+    if max_tokens is None:
+        return reqs
+    return [replace(r, output_len=min(r.output_len, max_tokens), max_tokens=max_tokens) for r in reqs]
+
+
+def phase_shift(n: int, seed: int) -> list[SimRequest]:
+    """Short outputs, then long ones, then short again, in queue order: served first come first
+    served, the running mix shifts twice, and the best limit is high in the short phases and low
+    in the long one (no single static limit fits the whole run)."""
+    short = lambda k, s: _lengths(k, "uniform:50:200", "uniform:8:48", s)  # noqa: E731
+    return short(n // 2, seed) + _lengths(max(1, n // 4), "uniform:20:80", "uniform:400:800", seed + 1) + short(
+        n // 2, seed + 2)
+
+
+def builtin_workloads(trace_path: str | None) -> list[Workload]:
+    work = [
+        Workload("uniform", lambda n: _lengths(n, "uniform:50:400", "uniform:32:256", 1), 32),
+        Workload("uniform-ample-kv", lambda n: _lengths(n, "uniform:50:400", "uniform:32:256", 2), 160),
+        Workload("long-outputs-tight-kv", lambda n: _lengths(n // 2, "uniform:20:100", "uniform:200:500", 3), 12),
+        Workload("lognormal-model-lengths", lambda n: _lengths(n, "lognormal:150:0.8", "lognormal:100:0.8", 4,
+                                                              max_tokens=1024), 24),
+        Workload("sharegpt-like-model-lengths", lambda n: _lengths(n, "lognormal:170:1.0", "lognormal:150:1.0", 5,
+                                                                  max_tokens=2048), 16),
+        Workload("phase-shift", lambda n: phase_shift(n, 6), 16),
+    ]
+    if trace_path:
+        from batchpilot.bench.traces import read_trace
+
+        trace = read_trace(trace_path)
+        name = trace.path.stem
+
+        def from_trace(n: int, start: float = 0.0) -> list[SimRequest]:
+            rows = [r for r in trace.requests if r.arrival_s >= start][: n * 2]
+            t0 = rows[0].arrival_s
+            return [SimRequest(r.arrival_s - t0, r.prompt_len, r.output_len, max(1024, r.output_len))
+                    for r in rows]
+
+        work += [Workload(f"{name}-trace", from_trace, 24, timed=True),
+                 Workload(f"{name}-trace-late", lambda n: from_trace(n, start=1800.0), 24, timed=True)]
+    return work
+
+
+def hindsight_regret(results: dict[str, dict[str, Any]], key: str) -> dict[str, float | None]:
+    """Each configuration's 1 - value / (best static value), on one workload's results."""
+    statics = [r[key] for name, r in results.items() if name.startswith("static-") and r.get(key) is not None]
+    best = max(statics, default=None)
+    return {name: None if not best or r.get(key) is None else 1 - r[key] / best for name, r in results.items()}
+
+
+class Runner:
+    """One cost model and SLA; runs a workload under a configuration."""
+
+    def __init__(self, cost, block_size: int, max_model_len: int, sla: SLA | None, batched_tokens: int):
+        self.cost, self.block_size, self.max_model_len, self.sla = cost, block_size, max_model_len, sla
+        self.sched = SchedulerConfig(max_num_batched_tokens=batched_tokens)
+
+    def capacity_tokens(self, reqs: list[SimRequest], kv_requests: float) -> int:
+        mean = float(np.mean([r.prompt_len + r.output_len for r in reqs]))
+        return max(self.block_size * 4, int(kv_requests * mean))
+
+    def run(self, reqs: list[SimRequest], capacity: int, config: ControllerConfig) -> dict[str, Any]:
+        res = simulate(reqs, self.cost.step_time, capacity, config, self.sched, self.max_model_len, self.block_size)
+        out = summarize(res.records, res.duration_s, self.sla)
+        return out | {"num_preemptions": res.num_preemptions}
+
+    def capacity(self, reqs: list[SimRequest], capacity: int, config: ControllerConfig, timed: bool,
+                 offline_rate: float, target: float) -> float:
+        """Highest load meeting the SLA for `target` of requests: a Poisson rate, or a trace's speed-up
+        (reported as the resulting mean arrival rate)."""
+        span = max(reqs[-1].arrival_s - reqs[0].arrival_s, 1e-9) if timed else None
+
+        def probe(rate: float) -> float:
+            if timed:
+                scale = rate * span / len(reqs)  # the speed-up giving this mean rate
+                load = [replace(r, arrival_s=r.arrival_s / scale) for r in reqs]
+            else:
+                gaps = np.random.default_rng(0).exponential(1 / rate, len(reqs))
+                load = [replace(r, arrival_s=float(t)) for r, t in zip(reqs, np.cumsum(gaps) - gaps[0])]
+            return self.run(load, capacity, config)["sla_attainment"]
+
+        return search_capacity(probe, target, max(0.05, offline_rate / 4), tolerance=0.05, max_probes=12).capacity
+
+
+def configurations(statics: tuple[int, ...], base: ControllerConfig) -> dict[str, ControllerConfig]:
+    configs = {f"static-{n}": replace(base, name="static", max_num_seqs=n) for n in statics}
+    for name, policy in POLICIES.items():
+        configs[name] = replace(base, name=policy.name, memory_mode=policy.memory_mode,
+                                max_num_seqs=max(statics))
+    return configs
+
+
+def run_tournament(runner: Runner, workloads: list[Workload], configs: dict[str, ControllerConfig], scale: int,
+                   target: float, progress: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+    """{workload: {config: metrics + regret}}."""
+    table: dict[str, dict[str, Any]] = {}
+    for w in workloads:
+        reqs = w.make(scale)
+        capacity = runner.capacity_tokens(reqs, w.kv_requests)
+        offline = [replace(r, arrival_s=0.0) for r in reqs]
+        rows: dict[str, dict[str, Any]] = {}
+        for name, config in configs.items():
+            start = time.perf_counter()
+            r = runner.run(offline, capacity, config)
+            row = {k: r[k] for k in ("output_throughput", "request_throughput", "p90_tpot_ms", "num_preemptions")}
+            if runner.sla is not None:
+                row["sla_attainment"] = r["sla_attainment"]
+                row["capacity"] = runner.capacity(reqs, capacity, config, w.timed, r["request_throughput"], target)
+            rows[name] = row
+            progress(f"  {w.name:<30} {name:<16} {row['output_throughput']:9.1f} tok/s  "
+                     f"p90 TPOT {row['p90_tpot_ms']:7.1f} ms  preempt {row['num_preemptions']:5d}"
+                     + (f"  capacity {row['capacity']:.3f}" if "capacity" in row else "")
+                     + f"  ({time.perf_counter() - start:.1f} s)")
+        for key, label in (("output_throughput", "regret"), ("capacity", "capacity_regret")):
+            for name, value in hindsight_regret(rows, key).items():
+                rows[name][label] = value
+        table[w.name] = {"kv_capacity_tokens": capacity, "requests": len(reqs), "results": rows}
+    return table
+
+
+def regret_table(table: dict[str, dict[str, Any]], key: str = "regret") -> str:
+    """Markdown: one row per workload, one column per contender, regret in %, best static named."""
+    contenders = [VLLM_DEFAULT, *POLICIES]
+    lines = ["| workload | best static | " + " | ".join(contenders) + " |", "|---" * (len(contenders) + 2) + "|"]
+    value_key = "output_throughput" if key == "regret" else "capacity"
+    for wname, w in table.items():
+        rows = w["results"]
+        statics = {n: r[value_key] for n, r in rows.items() if n.startswith("static-") and r.get(value_key)}
+        if not statics:
+            continue
+        best = max(statics, key=statics.get)
+        cells = [f"{100 * rows[c][key]:+.1f}%" if rows.get(c, {}).get(key) is not None else "" for c in contenders]
+        lines.append(f"| {wname} | {best} ({statics[best]:.2f}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def add_tournament_parser(modes, add_workload_args) -> None:
+    p = modes.add_parser("tournament", help="policies x workloads, regret against the hindsight-best static limit")
+    add_workload_args(p)
+    p.add_argument("--trace", default=None, metavar="CSV", help="a timed trace (Azure format) to add as workloads")
+    p.add_argument("--scale", type=int, default=200, help="requests per workload (phase-shift: per short phase)")
+    p.add_argument("--static", default=",".join(map(str, STATIC_SWEEP)), help="the static sweep")
+    p.add_argument("--workloads", default=None, help="comma list of workload names (default: all)")
+    p.add_argument("--target", type=float, default=0.9, help="share of requests within the SLA for capacity")
+    p.set_defaults(func=cmd_tournament)
+
+
+def cmd_tournament(args: argparse.Namespace) -> int:
+    from batchpilot.sim.commands import Setup
+
+    setup = Setup(args)
+    runner = Runner(setup.cost, args.block_size, setup.max_model_len, setup.sla, args.max_num_batched_tokens)
+    workloads = builtin_workloads(args.trace)
+    if args.workloads:
+        wanted = [w.strip() for w in args.workloads.split(",")]
+        unknown = set(wanted) - {w.name for w in workloads}
+        if unknown:
+            raise ValueError(f"--workloads: unknown {sorted(unknown)} (known: {[w.name for w in workloads]})")
+        workloads = [w for w in workloads if w.name in wanted]
+    statics = tuple(int(n) for n in args.static.split(",") if n.strip())
+    table = run_tournament(runner, workloads, configurations(statics, ControllerConfig()), args.scale, args.target)
+    print("\nThroughput regret against the hindsight-best static limit (negative: better than all):")
+    print(regret_table(table))
+    if setup.sla is not None:
+        print(f"\nCapacity regret at SLA {args.sla} for {args.target:.0%} of requests:")
+        print(regret_table(table, "capacity_regret"))
+    if args.output_json:
+        write_json(args.output_json, table)
+    return 0
