@@ -1,0 +1,112 @@
+"""Trace files, the regret arithmetic, and a small tournament end to end (simulator only)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from batchpilot.bench.traces import TraceError, read_trace
+from batchpilot.sim.tournament import hindsight_regret, regret_table
+
+AZURE = Path(__file__).parent.parent.parent / "shared" / "traces" / "azure_code_2023.csv"
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_azure_trace_reads_times_and_lengths(tmp_path):
+    f = write(tmp_path / "a.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                                  "2023-11-16 18:15:46.0520000,3180,8\n"
+                                  "2023-11-16 18:15:46.0000000,4808,10\n"
+                                  "2023-11-16 18:15:48.5000000,100,0\n"
+                                  "2023-11-16 18:15:49.2500000,20,5\n")
+    trace = read_trace(f)
+    assert trace.format == "azure" and trace.dropped_empty == 1
+    assert [(round(r.arrival_s, 3), r.prompt_len, r.output_len) for r in trace.requests] == [
+        (0.0, 4808, 10), (0.052, 3180, 8), (3.25, 20, 5)]
+    window = trace.window(start_s=0.05, duration_s=10, time_scale=2)  # [0.05, 10.05), twice as fast
+    assert [(round(r.arrival_s, 3), r.prompt_len) for r in window] == [(0.0, 3180), (1.599, 20)]
+
+
+def test_burstgpt_and_jsonl_traces(tmp_path):
+    burst = write(tmp_path / "b.csv", "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+                                      "5,ChatGPT,472,18,490,Conversation log\n"
+                                      "2,GPT-4,1000,0,1000,Conversation log\n"
+                                      "9.5,GPT-4,30,300,330,API log\n")
+    trace = read_trace(burst)
+    assert trace.format == "burstgpt" and trace.dropped_empty == 1
+    assert [(r.arrival_s, r.prompt_len, r.output_len) for r in trace.requests] == [(0.0, 472, 18), (4.5, 30, 300)]
+    lines = [{"timestamp": 1.0, "prompt": "hello there", "output_len": 4}, {"timestamp": 0.5, "prompt_len": 7,
+                                                                           "output_len": 2}]
+    jsonl = write(tmp_path / "c.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n")
+    trace = read_trace(jsonl)
+    assert [(r.arrival_s, r.prompt_len, r.output_len, r.prompt) for r in trace.requests] == [
+        (0.0, 7, 2, None), (0.5, 11, 4, "hello there")]
+
+
+@pytest.mark.parametrize("name,text,where", [
+    ("a.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.0,12,3\n2023-11-16 18:15:47.0,x,3\n",
+     "a.csv:3: column 'ContextTokens'"),
+    ("b.csv", "Timestamp,Request tokens,Response tokens\n1,5\n2,5,6\n", "b.csv:2: column 'Response tokens'"),
+    ("c.jsonl", '{"timestamp": 1, "prompt_len": 3, "output_len": 2}\n{"timestamp": 2, "output_len": 2}\n',
+     "c.jsonl:2"),
+    ("d.csv", "when,in,out\n1,2,3\n", "d.csv:1: unknown trace header"),
+])
+def test_malformed_rows_name_file_line_and_column_or_are_skipped(tmp_path, name, text, where):
+    f = write(tmp_path / name, text)
+    with pytest.raises(TraceError, match=where.replace(".", r"\.")):
+        read_trace(f)
+    if "header" not in where:
+        trace = read_trace(f, skip_bad_rows=True)
+        assert trace.skipped_rows == 1 and len(trace.requests) == 1
+
+
+def test_the_shared_azure_trace_reads_whole():
+    trace = read_trace(AZURE)
+    assert len(trace.requests) == 8819 and trace.skipped_rows == 0
+    assert 3000 < trace.requests[-1].arrival_s < 3700  # about an hour
+
+
+def test_regret_against_the_hindsight_best_static_limit():
+    rows = {"static-8": {"x": 100.0}, "static-32": {"x": 120.0}, "static-256": {"x": 90.0},
+            "combined": {"x": 126.0}, "sglang": {"x": 108.0}, "broken": {"x": None}}
+    regret = hindsight_regret(rows, "x")
+    assert regret["static-32"] == 0.0 and regret["static-256"] == pytest.approx(0.25)
+    assert regret["combined"] == pytest.approx(-0.05) and regret["sglang"] == pytest.approx(0.1)
+    assert regret["broken"] is None
+
+
+def test_regret_table_names_the_best_static():
+    table = {"w": {"results": {"static-8": {"output_throughput": 10.0, "regret": 0.5},
+                               "static-32": {"output_throughput": 20.0, "regret": 0.0},
+                               "static-256": {"output_throughput": 15.0, "regret": 0.25},
+                               "combined-peak": {"output_throughput": 21.0, "regret": -0.05}}}}
+    md = regret_table(table)
+    assert "| w | static-32 (20.00) | +25.0% |" in md and "-5.0%" in md
+
+
+def test_small_tournament_end_to_end(tmp_path):
+    out = tmp_path / "t.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "batchpilot.cli", "simulate", "tournament", "--hardware", "A100-80GB",
+         "--model", "Llama-2-7B", "--scale", "60", "--static", "8,64", "--workloads", "uniform,phase-shift",
+         "--sla", "ttft:5000,tpot:60", "--trace", str(AZURE), "--output-json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    table = json.loads(out.read_text())
+    assert set(table) == {"uniform", "phase-shift"}
+    for w in table.values():
+        rows = w["results"]
+        assert set(rows) == {"static-8", "static-64", "combined-clt", "combined-blocks", "combined-peak", "sglang"}
+        best = max(rows["static-8"]["output_throughput"], rows["static-64"]["output_throughput"])
+        for row in rows.values():
+            assert row["regret"] == pytest.approx(1 - row["output_throughput"] / best)
+            assert row["capacity"] > 0
+    assert "Throughput regret" in r.stdout and "Capacity regret" in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "batchpilot.cli", "simulate", "tournament", "--workloads", "nope"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--workloads" in bad.stderr and "Traceback" not in bad.stderr
