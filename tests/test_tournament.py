@@ -94,7 +94,7 @@ def test_small_tournament_end_to_end(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "batchpilot.cli", "simulate", "tournament", "--hardware", "A100-80GB",
          "--model", "Llama-2-7B", "--scale", "60", "--static", "8,64", "--workloads", "uniform,phase-shift",
-         "--sla", "ttft:5000,tpot:60", "--trace", str(AZURE), "--output-json", str(out)],
+         "--sla", "ttft:5000,tpot:60", "--dataset", str(AZURE), "--output-json", str(out)],
         capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     table = json.loads(out.read_text())

@@ -23,6 +23,7 @@ from batchpilot.bench.datasets import (
 from batchpilot.bench.metrics import RequestRecord, summarize
 from batchpilot.bench.results import write_json
 from batchpilot.bench.serve import arrival_times
+from batchpilot.bench.traces import add_trace_args, trace_requests
 from batchpilot.config import EngineConfig
 from batchpilot.sampling_params import SamplingParams
 
@@ -35,14 +36,18 @@ def add_throughput_parser(sub, add_engine_args, engine_config) -> None:
     p.add_argument("--output-len", type=int, default=None)
     p.add_argument("--input-dist", default=None, help="uniform:LOW:HIGH or lognormal:MEDIAN:SIGMA")
     p.add_argument("--output-dist", default=None, help="uniform:LOW:HIGH or lognormal:MEDIAN:SIGMA")
-    p.add_argument("--dataset-name", default="random", choices=["random", "sharegpt", "builtin"],
-                   help="random token ids, a ShareGPT file (--dataset), or the bundled real-text prompts")
-    p.add_argument("--dataset", default=None, help="ShareGPT-format JSON file (implies --dataset-name sharegpt)")
-    p.add_argument("--request-rate", type=float, default=float("inf"), help="arrivals per second (default: all at 0)")
+    p.add_argument("--dataset-name", default="random", choices=["random", "sharegpt", "builtin", "trace"],
+                   help="random token ids, a ShareGPT file (--dataset), the bundled real-text prompts, or a "
+                        "timed trace (--dataset: lengths and arrival times)")
+    p.add_argument("--dataset", default=None, help="ShareGPT JSON (implies sharegpt unless --dataset-name trace), "
+                                                   "or a trace file")
+    p.add_argument("--request-rate", type=float, default=None,
+                   help="arrivals per second, or inf (default: a trace's own times, else all at 0)")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of inter-arrival times (1: Poisson)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate the full output length")
     p.add_argument("--output-json", default=None)
     p.add_argument("--no-progress", action="store_true")
+    add_trace_args(p)
     p.set_defaults(func=lambda args: run_throughput(args, engine_config(args)))
 
 
@@ -53,10 +58,23 @@ def run_throughput(args: argparse.Namespace, config: EngineConfig) -> int:
         raise ValueError(f"--num-prompts must be at least 1, got {args.num_prompts}")
     in_dist = length_dist(args.input_len, args.input_dist, "input", 256)
     out_dist = length_dist(args.output_len, args.output_dist, "output", 128)
-    arrivals = arrival_times(args.num_prompts, args.request_rate, args.burstiness, args.seed).tolist()
+    rate = float("inf") if args.request_rate is None else args.request_rate
+    arrivals = arrival_times(args.num_prompts, rate, args.burstiness, args.seed).tolist()
+    traced = trace_requests(args.dataset, args, args.num_prompts) if args.dataset_name == "trace" else None
     llm = LLM.from_config(config)
     engine = llm.engine
-    if args.dataset or args.dataset_name == "sharegpt":
+    if traced is not None:
+        # Lengths from the trace: random token prompts, outputs forced to the traced length.
+        specials = len(llm.tokenizer.tokenizer.get_added_tokens_decoder())
+        rng = np.random.default_rng(args.seed)
+        requests = [BenchRequest(rng.integers(specials, llm.tokenizer.vocab_size, r.prompt_len).tolist(),
+                                 r.prompt_len, r.output_len) for r in traced]
+        args.ignore_eos = True
+        if args.request_rate is None:
+            arrivals = [r.arrival_s for r in traced]
+        else:
+            arrivals = arrival_times(len(traced), rate, args.burstiness, args.seed).tolist()
+    elif args.dataset or args.dataset_name == "sharegpt":
         if not args.dataset:
             raise ValueError("--dataset-name sharegpt needs --dataset PATH")
         requests = sharegpt_requests(Path(args.dataset), args.num_prompts, llm.tokenizer.encode, args.seed)
@@ -111,7 +129,7 @@ def run_throughput(args: argparse.Namespace, config: EngineConfig) -> int:
         "max_num_seqs": args.max_num_seqs,
         "dtype": args.dtype,
         "threads": args.threads,
-        "request_rate": args.request_rate,
+        "request_rate": "trace" if traced is not None and args.request_rate is None else rate,
     }
     print_table(result)
     if args.output_json:

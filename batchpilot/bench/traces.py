@@ -156,3 +156,21 @@ def _azure_time(text: str) -> float:
     digits = "".join(c for c in rest if c.isdigit())
     zone = rest[len(digits):]
     return datetime.fromisoformat(f"{stamp}.{(digits or '0')[:6].ljust(6, '0')}{zone}").timestamp()
+
+
+def add_trace_args(p) -> None:
+    """The replay flags every command that takes `--dataset-name trace` shares."""
+    g = p.add_argument_group("trace replay (--dataset-name trace --dataset FILE)")
+    g.add_argument("--time-scale", type=float, default=1.0, help="replay the trace X times as fast (2: twice)")
+    g.add_argument("--trace-start", type=float, default=0.0, help="seconds into the trace where the replay starts")
+    g.add_argument("--trace-duration", type=float, default=None, help="seconds of the trace to replay (default: all)")
+    g.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of failing")
+
+
+def trace_requests(path: str | None, args, limit: int | None = None) -> list[TraceRequest]:
+    """The window of the trace that the replay flags select, at most `limit` requests."""
+    if not path:
+        raise ValueError("--dataset-name trace needs --dataset FILE (Azure or BurstGPT CSV, or JSON Lines)")
+    trace = read_trace(path, args.skip_bad_rows)
+    chosen = trace.window(args.trace_start, args.trace_duration, args.time_scale)
+    return chosen[:limit] if limit else chosen

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +14,7 @@ from batchpilot.bench.capacity import search_capacity
 from batchpilot.bench.datasets import LengthDist
 from batchpilot.bench.metrics import SLA, summarize
 from batchpilot.bench.results import write_json
+from batchpilot.bench.traces import add_trace_args, trace_requests
 from batchpilot.config import DTYPES, CacheConfig, ControllerConfig, EngineConfig, SchedulerConfig
 from batchpilot.sim.driver import SimRequest, make_workload, simulate
 from batchpilot.sim.profile import (
@@ -45,7 +47,11 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-gib", type=float, default=None,
                    help="KV pool size (needed with --profile; with the roofline it overrides --mem-util)")
     p.add_argument("--num-prompts", type=int, default=1000)
-    p.add_argument("--request-rate", type=float, default=float("inf"))
+    p.add_argument("--request-rate", type=float, default=None,
+                   help="Poisson arrivals per second, or inf (all at once); with --dataset, the trace's own "
+                        "times by default, and a rate rescales them to that mean rate")
+    p.add_argument("--dataset", default=None, metavar="FILE",
+                   help="a trace (Azure or BurstGPT CSV, or JSON Lines): its lengths and arrival times")
     p.add_argument("--burstiness", type=float, default=1.0)
     p.add_argument("--input-dist", default=SHAREGPT_LIKE["input"])
     p.add_argument("--output-dist", default=SHAREGPT_LIKE["output"])
@@ -56,6 +62,7 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sla", default=None, help="ttft:MS,tpot:MS for attainment and goodput")
     p.add_argument("--output-json", default=None)
+    add_trace_args(p)
 
 
 def add_simulate_parser(sub, add_controller_args, controller_config) -> None:
@@ -170,18 +177,34 @@ class Setup:
             self.capacity = self.cost.kv_capacity_tokens(kv_gib)
             self.max_model_len = model.max_context
         self.args = args
+        self._trace: list | None = None
         self.sla = SLA.parse(args.sla) if getattr(args, "sla", None) else None
         self.input_dist = LengthDist.parse(args.input_dist, "--input-dist")
         self.output_dist = LengthDist.parse(args.output_dist, "--output-dist")
         if args.num_prompts < 1:
             raise ValueError(f"--num-prompts must be at least 1, got {args.num_prompts}")
 
-    def workload(self, rate: float, n: int | None = None) -> list[SimRequest]:
+    def workload(self, rate: float | None, n: int | None = None) -> list[SimRequest]:
         a = self.args
+        if a.dataset:
+            return self._traced(rate, n)
+        rate = float("inf") if rate is None else rate
         return make_workload(n or a.num_prompts, rate, self.input_dist, self.output_dist, a.seed, a.burstiness,
                              SHAREGPT_LIKE["max_prompt"], min(SHAREGPT_LIKE["max_total"], self.max_model_len))
 
-    def run(self, controller: ControllerConfig, rate: float, n: int | None = None, trace: str | None = None
+    def _traced(self, rate: float | None, n: int | None) -> list[SimRequest]:
+        """The trace window as simulated requests (outputs forced to the traced lengths): at its own
+        times, all at once (rate inf), or rescaled to a mean `rate`."""
+        if self._trace is None:
+            self._trace = trace_requests(self.args.dataset, self.args)
+        chosen = self._trace[: n or self.args.num_prompts]
+        times = [r.arrival_s for r in chosen]
+        if rate is not None:
+            span = times[-1] if times[-1] > 0 else 1.0
+            times = [0.0] * len(chosen) if math.isinf(rate) else [t * (len(chosen) / span) / rate for t in times]
+        return [SimRequest(t, r.prompt_len, r.output_len) for t, r in zip(times, chosen)]
+
+    def run(self, controller: ControllerConfig, rate: float | None, n: int | None = None, trace: str | None = None
             ) -> dict[str, Any]:
         sched = SchedulerConfig(max_num_batched_tokens=self.args.max_num_batched_tokens)
         a = self.args

@@ -63,6 +63,8 @@ def phase_shift(n: int, seed: int) -> list[SimRequest]:
 
 
 def builtin_workloads(trace_path: str | None) -> list[Workload]:
+    """The six built-in workloads, and two windows of a trace (its first requests, and those from
+    half an hour in) when one is given."""
     work = [
         Workload("uniform", lambda n: _lengths(n, "uniform:50:400", "uniform:32:256", 1), 32),
         Workload("uniform-ample-kv", lambda n: _lengths(n, "uniform:50:400", "uniform:32:256", 2), 160),
@@ -131,11 +133,14 @@ class Runner:
         return search_capacity(probe, target, max(0.05, offline_rate / 4), tolerance=0.05, max_probes=12).capacity
 
 
-def configurations(statics: tuple[int, ...], base: ControllerConfig) -> dict[str, ControllerConfig]:
+def configurations(statics: tuple[int, ...], base: ControllerConfig, sla_tpot_ms: float | None = None
+                   ) -> dict[str, ControllerConfig]:
+    """The static sweep and the contenders; ours get the SLA's TPOT target (SGLang has no such loop)."""
     configs = {f"static-{n}": replace(base, name="static", max_num_seqs=n) for n in statics}
     for name, policy in POLICIES.items():
-        configs[name] = replace(base, name=policy.name, memory_mode=policy.memory_mode,
-                                max_num_seqs=max(statics))
+        ours = policy.name != "sglang"
+        configs[name] = replace(base, name=policy.name, memory_mode=policy.memory_mode, max_num_seqs=max(statics),
+                                sla_tpot_ms=sla_tpot_ms if ours else None)
     return configs
 
 
@@ -186,7 +191,6 @@ def regret_table(table: dict[str, dict[str, Any]], key: str = "regret") -> str:
 def add_tournament_parser(modes, add_workload_args) -> None:
     p = modes.add_parser("tournament", help="policies x workloads, regret against the hindsight-best static limit")
     add_workload_args(p)
-    p.add_argument("--trace", default=None, metavar="CSV", help="a timed trace (Azure format) to add as workloads")
     p.add_argument("--scale", type=int, default=200, help="requests per workload (phase-shift: per short phase)")
     p.add_argument("--static", default=",".join(map(str, STATIC_SWEEP)), help="the static sweep")
     p.add_argument("--workloads", default=None, help="comma list of workload names (default: all)")
@@ -199,7 +203,7 @@ def cmd_tournament(args: argparse.Namespace) -> int:
 
     setup = Setup(args)
     runner = Runner(setup.cost, args.block_size, setup.max_model_len, setup.sla, args.max_num_batched_tokens)
-    workloads = builtin_workloads(args.trace)
+    workloads = builtin_workloads(args.dataset)  # a trace given with --dataset adds two workloads
     if args.workloads:
         wanted = [w.strip() for w in args.workloads.split(",")]
         unknown = set(wanted) - {w.name for w in workloads}
@@ -207,7 +211,9 @@ def cmd_tournament(args: argparse.Namespace) -> int:
             raise ValueError(f"--workloads: unknown {sorted(unknown)} (known: {[w.name for w in workloads]})")
         workloads = [w for w in workloads if w.name in wanted]
     statics = tuple(int(n) for n in args.static.split(",") if n.strip())
-    table = run_tournament(runner, workloads, configurations(statics, ControllerConfig()), args.scale, args.target)
+    sla_tpot = setup.sla.tpot_ms if setup.sla is not None else None
+    configs = configurations(statics, ControllerConfig(), sla_tpot)
+    table = run_tournament(runner, workloads, configs, args.scale, args.target)
     print("\nThroughput regret against the hindsight-best static limit (negative: better than all):")
     print(regret_table(table))
     if setup.sla is not None:
