@@ -59,6 +59,7 @@ class ControllerConfig:
     sla_delta: int = 2
     sla_window: int = 16
     sla_signal: str = "tpot"  # "tpot" (all steps that decode, token-weighted) or "decode" (decode-only steps)
+    sla_percentile: float = 90.0  # the percentile of requests' TPOT held inside the band (0: the mean)
     trace_path: str | None = None  # JSONL, one line per step
     # The sglang policy's constants (SGLang's defaults)
     sglang_init_ratio: float = 0.7

@@ -317,3 +317,21 @@ def test_peak_bound_at_cold_start_assumes_each_request_runs_to_its_cap():
     # 100 blocks x 16 = 1600 tokens; each waiting request grows to 100 + 300 = 400 tokens (25 blocks): 4 fit.
     v = states_view([], [(100, 0, 300)] * 10, free=100)
     assert bound.admissible(v, 10) == 4
+
+
+def test_sla_loop_holds_the_chosen_percentile_of_requests_tpot():
+    """The per-step signal is scaled by P90 / mean of finished requests' TPOT: a workload whose slowest
+    tenth runs 1.5x the mean is held at a mean of target / 1.5."""
+    tpots = tuple([0.08] * 18 + [0.12] * 2)  # mean 0.084; P90 (index 18 of 20, sorted) = 0.12
+    held, mean_only = SLAController(tpot_ms=100, window=4, percentile=90), SLAController(tpot_ms=100, window=4,
+                                                                                        percentile=0)
+    for c in (held, mean_only):
+        c.observe(StepStats(4, 64, 0, 0.2, 0.5, 0, 4, 0, finished_tpots=tpots))  # a prefill-only step
+        c.observe(StepStats(4, 0, 4, 0.070, 0.5, 0, 4, 0))
+    assert held.spread == pytest.approx(0.12 / 0.084) and mean_only.spread == 1.0
+    # 70 ms x 1.43 = 100 ms: inside the band (90-110), so the interval tightens around the batch of 4;
+    # the mean alone (70 ms) looks fast, and the interval opens upwards.
+    assert (held.b_low, held.b_high) == (2, 6)
+    assert (mean_only.b_low, mean_only.b_high) == (4, 256)
+    with pytest.raises(ValueError, match="--sla-percentile"):
+        SLAController(tpot_ms=100, percentile=30)

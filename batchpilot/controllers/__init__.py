@@ -23,7 +23,8 @@ def make_controller(config: ControllerConfig) -> BatchController:
     sla = None
     if config.sla_tpot_ms is not None:
         sla = SLAController(config.sla_tpot_ms, config.sla_tolerance_ms, config.sla_alpha, config.sla_delta,
-                            config.sla_window, config.min_num_seqs, config.max_num_seqs, config.sla_signal)
+                            config.sla_window, config.min_num_seqs, config.max_num_seqs, config.sla_signal,
+                            config.sla_percentile)
     if config.name == "memory":
         return memory
     if config.name == "sla":

@@ -56,6 +56,8 @@ class StepStats:
     # prompt + output tokens of each request that finished in this step, and its output tokens alone
     finished_lens: tuple[int, ...] = ()
     finished_output_lens: tuple[int, ...] = ()
+    # time per output token (s) of each request that finished in this step with two tokens or more
+    finished_tpots: tuple[float, ...] = ()
 
 
 class BatchController(Protocol):

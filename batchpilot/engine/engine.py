@@ -150,7 +150,13 @@ class LLMEngine:
 
     def _account(self, sched_out: SchedulerOutput, advanced: list[Request], step_time: float,
                  schedule_time: float) -> None:
-        finished = [r for r in advanced if r.status.finished]
+        now = self.clock()
+        finished = []
+        for r in advanced:
+            if r.first_token_time is None:
+                r.first_token_time = now
+            if r.status.finished:
+                finished.append(r)
         finished_lens = [r.num_tokens for r in finished]
         c = self.counters
         c.num_steps += 1
@@ -172,6 +178,8 @@ class LLMEngine:
             num_waiting=len(self.scheduler.waiting),
             finished_lens=tuple(finished_lens),
             finished_output_lens=tuple(len(r.output_token_ids) for r in finished),
+            finished_tpots=tuple((now - r.first_token_time) / (len(r.output_token_ids) - 1)
+                                 for r in finished if len(r.output_token_ids) > 1),
         )
         if self.trace is not None:  # before observe: the trace shows the limits this step ran under
             self.trace.write(self.clock() - self.start_time, c.num_steps, c.batch_limit, self.controller.trace, stats)

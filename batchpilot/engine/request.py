@@ -46,6 +46,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     first_scheduled_time: float | None = None  # when first admitted (the engine's clock), for queue time
+    first_token_time: float | None = None  # when its first output token was sampled, for its TPOT
     # Set when the last sampled token was a stop token (EOS or stop_token_ids); its text is hidden.
     stopped_by_token: bool = False
 

@@ -20,6 +20,7 @@ class TraceWriter:
         row = {"t": round(t, 6), "step": step, "b_t": limit, **controller, **asdict(stats)}
         row["finished"] = len(row.pop("finished_lens"))
         row.pop("finished_output_lens")
+        row.pop("finished_tpots")
         self._file.write(json.dumps(row) + "\n")
 
     def close(self) -> None:

@@ -1,0 +1,90 @@
+"""The policy tournament on the real engine: `batchpilot bench throughput` per (workload, policy),
+the policies alternated within each workload, and each policy's regret against the best static
+limit of the sweep, as `batchpilot simulate tournament` prints it for the simulator.
+
+    python benchmarks/real_tournament.py --threads 2 --output-json docs/results/real_tournament.json
+
+Workloads (all requests at t=0, forced lengths unless said): uniform (0.25 GiB KV), long outputs
+on a tight pool (0.1 GiB), the phase shift (short, long, short; a JSON Lines trace), and the
+bundled real text with lengths the model chooses. Runs take minutes each: nothing else should
+run on the machine meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from batchpilot.bench.results import write_json
+from batchpilot.sim.tournament import hindsight_regret, phase_shift, regret_table
+
+POLICIES = {
+    "combined-clt": ["--batch-controller", "combined", "--memory-mode", "clt"],
+    "combined-blocks": ["--batch-controller", "combined", "--memory-mode", "blocks"],
+    "combined-peak": ["--batch-controller", "combined", "--memory-mode", "peak"],
+    "sglang": ["--batch-controller", "sglang"],
+}
+
+
+def workloads(tmp: Path, scale: int) -> dict[str, list[str]]:
+    phases = tmp / "phase_shift.jsonl"
+    phases.write_text("".join(json.dumps({"timestamp": 0, "prompt_len": r.prompt_len, "output_len": r.output_len})
+                              + "\n" for r in phase_shift(scale, 6)))
+    return {
+        "uniform": ["--num-prompts", str(scale), "--input-dist", "uniform:50:400", "--output-dist",
+                    "uniform:32:256", "--ignore-eos", "--kv-cache-gib", "0.25"],
+        "long-outputs-tight-kv": ["--num-prompts", str(scale // 2), "--input-dist", "uniform:20:100",
+                                  "--output-dist", "uniform:200:500", "--ignore-eos", "--kv-cache-gib", "0.1"],
+        "phase-shift": ["--dataset-name", "trace", "--dataset", str(phases), "--num-prompts", str(10 * scale),
+                        "--request-rate", "inf", "--kv-cache-gib", "0.1"],
+        "builtin-real-text": ["--dataset-name", "builtin", "--num-prompts", str(scale), "--kv-cache-gib", "0.1"],
+    }
+
+
+def run(args: list[str], out: Path) -> dict:
+    cmd = [sys.executable, "-m", "batchpilot.cli", "--log-level", "WARNING", "bench", "throughput", "--no-progress",
+           "--output-json", str(out), *args]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--scale", type=int, default=120, help="requests per workload (long outputs: half)")
+    p.add_argument("--static", default="8,16,32,64,256")
+    p.add_argument("--workloads", default=None, help="comma list (default: all)")
+    p.add_argument("--output-json", default=None)
+    args = p.parse_args()
+    table: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        all_work = workloads(Path(tmp), args.scale)
+        chosen = args.workloads.split(",") if args.workloads else list(all_work)
+        configs = {f"static-{n}": ["--batch-controller", "static", "--max-num-seqs", n]
+                   for n in args.static.split(",")} | POLICIES
+        for wname in chosen:
+            rows = {}
+            names = list(configs)
+            # Alternate: statics and controllers interleaved, so host drift spreads over both.
+            order = [n for pair in zip(names[: len(names) // 2], names[len(names) // 2:]) for n in pair]
+            order += [n for n in names if n not in order]
+            for name in order:
+                r = run([*all_work[wname], *configs[name], "--threads", str(args.threads)], Path(tmp) / "r.json")
+                rows[name] = {k: r[k] for k in ("output_throughput", "p90_tpot_ms", "num_preemptions", "duration")}
+                print(f"{wname:<24} {name:<16} {r['output_throughput']:8.1f} tok/s  p90 TPOT "
+                      f"{r['p90_tpot_ms']:7.1f} ms  preempt {r['num_preemptions']:4d}", flush=True)
+            for name, value in hindsight_regret(rows, "output_throughput").items():
+                rows[name]["regret"] = value
+            table[wname] = {"results": rows}
+    print(regret_table(table))
+    if args.output_json:
+        write_json(args.output_json, table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
