@@ -145,8 +145,12 @@ def configurations(statics: tuple[int, ...], base: ControllerConfig, sla_tpot_ms
 
 
 def run_tournament(runner: Runner, workloads: list[Workload], configs: dict[str, ControllerConfig], scale: int,
-                   target: float, progress: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
-    """{workload: {config: metrics + regret}}."""
+                   target: float, progress: Callable[[str], None] = print,
+                   sla_configs: dict[str, ControllerConfig] | None = None) -> dict[str, dict[str, Any]]:
+    """{workload: {config: metrics + regret}}. Offline runs use `configs` (memory-aware only: an
+    operator after throughput sets no latency target); capacity searches use `sla_configs` (the
+    same policies told the SLA's TPOT target)."""
+    sla_configs = sla_configs or configs
     table: dict[str, dict[str, Any]] = {}
     for w in workloads:
         reqs = w.make(scale)
@@ -159,7 +163,8 @@ def run_tournament(runner: Runner, workloads: list[Workload], configs: dict[str,
             row = {k: r[k] for k in ("output_throughput", "request_throughput", "p90_tpot_ms", "num_preemptions")}
             if runner.sla is not None:
                 row["sla_attainment"] = r["sla_attainment"]
-                row["capacity"] = runner.capacity(reqs, capacity, config, w.timed, r["request_throughput"], target)
+                row["capacity"] = runner.capacity(reqs, capacity, sla_configs[name], w.timed, r["request_throughput"],
+                                                  target)
             rows[name] = row
             progress(f"  {w.name:<30} {name:<16} {row['output_throughput']:9.1f} tok/s  "
                      f"p90 TPOT {row['p90_tpot_ms']:7.1f} ms  preempt {row['num_preemptions']:5d}"
@@ -212,8 +217,9 @@ def cmd_tournament(args: argparse.Namespace) -> int:
         workloads = [w for w in workloads if w.name in wanted]
     statics = tuple(int(n) for n in args.static.split(",") if n.strip())
     sla_tpot = setup.sla.tpot_ms if setup.sla is not None else None
-    configs = configurations(statics, ControllerConfig(), sla_tpot)
-    table = run_tournament(runner, workloads, configs, args.scale, args.target)
+    configs = configurations(statics, ControllerConfig())
+    table = run_tournament(runner, workloads, configs, args.scale, args.target,
+                           sla_configs=configurations(statics, ControllerConfig(), sla_tpot))
     print("\nThroughput regret against the hindsight-best static limit (negative: better than all):")
     print(regret_table(table))
     if setup.sla is not None:
