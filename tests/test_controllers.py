@@ -100,7 +100,8 @@ def test_clt_bound_overflows_at_most_epsilon_in_monte_carlo(eps):
 
 def sla(**kw):
     return SLAController(tpot_ms=kw.pop("tpot_ms", 50), tolerance_ms=kw.pop("tolerance_ms", 5), alpha=4, delta=2,
-                         min_num_seqs=1, max_num_seqs=kw.pop("max_num_seqs", 100), **kw)
+                         min_num_seqs=1, max_num_seqs=kw.pop("max_num_seqs", 100), percentile=kw.pop("percentile", 0),
+                         **kw)
 
 
 def test_sla_too_slow_moves_interval_down():
@@ -185,7 +186,7 @@ def nonconvex(b, t):
 @pytest.mark.parametrize("curve,target", [(LINEAR, 40.0), (nonconvex, 40.0)])
 def test_sla_settles_inside_the_band_and_stays(curve, target):
     rng = np.random.default_rng(1)
-    c = SLAController(tpot_ms=target, tolerance_ms=4, alpha=4, delta=2, window=4, max_num_seqs=256)
+    c = SLAController(tpot_ms=target, tolerance_ms=4, alpha=4, delta=2, window=4, max_num_seqs=256, percentile=0)
     history = closed_loop(c, curve, 400, rng)
     # Settles within 60 steps (about 30 measured); afterwards at least 90% of steps are inside the band.
     settled = history[60:]
@@ -193,9 +194,16 @@ def test_sla_settles_inside_the_band_and_stays(curve, target):
     assert max(ms for _, ms in settled) <= target + 4 + 6  # brief excursions stay small
 
 
+def test_percentile_loop_settles_under_its_target_not_around_it():
+    rng = np.random.default_rng(3)
+    c = SLAController(tpot_ms=40, tolerance_ms=4, alpha=4, delta=2, window=4, max_num_seqs=256, percentile=90)
+    history = closed_loop(c, LINEAR, 400, rng)
+    assert in_band_share(history[60:], 32, 40) >= 0.9
+
+
 def test_sla_resettles_when_the_curve_shifts():
     rng = np.random.default_rng(2)
-    c = SLAController(tpot_ms=40, tolerance_ms=4, alpha=4, delta=2, window=4, max_num_seqs=256)
+    c = SLAController(tpot_ms=40, tolerance_ms=4, alpha=4, delta=2, window=4, max_num_seqs=256, percentile=0)
     shifted = lambda b, t: LINEAR(b, t) if t < 400 else (10 + 1.0 * b) / 1000  # noqa: E731  load doubles cost
     history = closed_loop(c, shifted, 800, rng)
     assert in_band_share(history[60:400], 36, 44) >= 0.9
