@@ -19,6 +19,7 @@ class SeqState(NamedTuple):
     num_tokens: int  # prompt + output so far (what its KV cache holds once computed)
     num_output: int  # output tokens so far
     max_output: float  # its output cap: max_tokens, or what the context leaves (inf: none known)
+    exact: bool = False  # it runs to max_output for certain (ignore_eos with a max_tokens)
 
 
 def _no_waiting(_: int) -> list[SeqState]:

@@ -86,12 +86,13 @@ class PeakBound:
         if not waiting:
             return 0
         running = view.running()
-        states = np.array(running + waiting, dtype=np.float64).reshape(-1, 3)  # num_tokens, num_output, max_output
+        states = np.array(running + waiting, dtype=np.float64).reshape(-1, 4)  # tokens, output, cap, exact
         out, cap = states[:, 1:2], states[:, 2:3]
         bs = view.block_size
         capacity = view.num_total_blocks * bs
         steps = _grid(max(1.0, float(np.max(np.minimum(cap, self._longest()) - out))))
         p = self.survival(out, cap, steps)
+        p = np.where(states[:, 3:4] > 0, (out + steps[None, :] < cap).astype(np.float64), p)  # known lengths
         tokens = states[:, 0:1] + steps[None, :]
         held = (np.ceil(tokens / bs) * bs) * p  # tokens in whole blocks, weighted by survival
         var = (np.ceil(tokens / bs) * bs) ** 2 * p * (1 - p)

@@ -94,7 +94,9 @@ class Scheduler:
 
     def _state(self, r: Request) -> SeqState:
         room = self.max_model_len - r.num_prompt_tokens
-        return SeqState(r.num_tokens, len(r.output_token_ids), min(r.max_output_tokens, room))
+        params = r.sampling_params
+        return SeqState(r.num_tokens, len(r.output_token_ids), min(r.max_output_tokens, room),
+                        params.ignore_eos and not params.stop_token_ids and params.max_tokens is not None)
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's requests and token counts, growing their block tables."""

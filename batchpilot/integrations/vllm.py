@@ -73,7 +73,10 @@ def check_vllm(scheduler: Scheduler) -> None:
 def _state(request, max_model_len: int) -> SeqState:
     """A vLLM request as our controllers see it."""
     cap = request.max_tokens if request.max_tokens is not None else math.inf
-    return SeqState(request.num_tokens, request.num_output_tokens, min(cap, max_model_len - request.num_prompt_tokens))
+    params = request.sampling_params
+    exact = bool(params is not None and params.ignore_eos and request.max_tokens is not None)
+    return SeqState(request.num_tokens, request.num_output_tokens, min(cap, max_model_len - request.num_prompt_tokens),
+                    exact)
 
 
 class _LimitGauges:
