@@ -91,8 +91,12 @@ class PeakBound:
         bs = view.block_size
         capacity = view.num_total_blocks * bs
         steps = _grid(max(1.0, float(np.max(np.minimum(cap, self._longest()) - out))))
+        exact = states[:, 3:4] > 0
+        if exact.any():  # use peaks just before a known-length request ends: check those steps too
+            ends = (cap - out - 1)[exact]
+            steps = np.unique(np.concatenate([steps, ends[(ends >= 0) & (ends <= steps[-1])].astype(np.int64)]))
         p = self.survival(out, cap, steps)
-        p = np.where(states[:, 3:4] > 0, (out + steps[None, :] < cap).astype(np.float64), p)  # known lengths
+        p = np.where(exact, (out + steps[None, :] < cap).astype(np.float64), p)  # known lengths
         tokens = states[:, 0:1] + steps[None, :]
         held = (np.ceil(tokens / bs) * bs) * p  # tokens in whole blocks, weighted by survival
         var = (np.ceil(tokens / bs) * bs) ** 2 * p * (1 - p)
