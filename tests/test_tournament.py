@@ -10,7 +10,8 @@ import pytest
 from batchpilot.bench.traces import TraceError, read_trace
 from batchpilot.sim.tournament import hindsight_regret, regret_table
 
-AZURE = Path(__file__).parent.parent.parent / "shared" / "traces" / "azure_code_2023.csv"
+# The first 300 requests of the Azure LLM inference trace (code, 2023) that ../shared/traces holds.
+AZURE = Path(__file__).parent / "data" / "azure_code_2023_head300.csv"
 
 
 def write(path: Path, text: str) -> Path:
@@ -65,10 +66,11 @@ def test_malformed_rows_name_file_line_and_column_or_are_skipped(tmp_path, name,
         assert trace.skipped_rows == 1 and len(trace.requests) == 1
 
 
-def test_the_shared_azure_trace_reads_whole():
+def test_a_real_azure_trace_reads_whole():
     trace = read_trace(AZURE)
-    assert len(trace.requests) == 8819 and trace.skipped_rows == 0
-    assert 3000 < trace.requests[-1].arrival_s < 3700  # about an hour
+    assert len(trace.requests) == 300 and trace.skipped_rows == 0 and trace.dropped_empty == 0
+    assert trace.requests[0].prompt_len == 4808 and trace.requests[1].output_len == 8  # the file's first rows
+    assert 60 < trace.requests[-1].arrival_s < 300  # 300 requests at about 2.5 per second
 
 
 def test_regret_against_the_hindsight_best_static_limit():

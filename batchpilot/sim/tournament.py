@@ -64,7 +64,7 @@ def phase_shift(n: int, seed: int) -> list[SimRequest]:
 
 def builtin_workloads(trace_path: str | None) -> list[Workload]:
     """The six built-in workloads, and two windows of a trace (its first requests, and those from
-    half an hour in) when one is given."""
+    half-way through it) when one is given."""
     work = [
         Workload("uniform", lambda n: _lengths(n, "uniform:50:400", "uniform:32:256", 1), 32),
         Workload("uniform-ample-kv", lambda n: _lengths(n, "uniform:50:400", "uniform:32:256", 2), 160),
@@ -87,8 +87,9 @@ def builtin_workloads(trace_path: str | None) -> list[Workload]:
             return [SimRequest(r.arrival_s - t0, r.prompt_len, r.output_len, max(1024, r.output_len))
                     for r in rows]
 
+        middle = trace.requests[-1].arrival_s / 2
         work += [Workload(f"{name}-trace", from_trace, 24, timed=True),
-                 Workload(f"{name}-trace-late", lambda n: from_trace(n, start=1800.0), 24, timed=True)]
+                 Workload(f"{name}-trace-late", lambda n: from_trace(n, start=middle), 24, timed=True)]
     return work
 
 
