@@ -194,13 +194,6 @@ def test_sla_settles_inside_the_band_and_stays(curve, target):
     assert max(ms for _, ms in settled) <= target + 4 + 6  # brief excursions stay small
 
 
-def test_percentile_loop_settles_under_its_target_not_around_it():
-    rng = np.random.default_rng(3)
-    c = SLAController(tpot_ms=40, tolerance_ms=4, alpha=4, delta=2, window=4, max_num_seqs=256, percentile=90)
-    history = closed_loop(c, LINEAR, 400, rng)
-    assert in_band_share(history[60:], 32, 40) >= 0.9
-
-
 def test_sla_resettles_when_the_curve_shifts():
     rng = np.random.default_rng(2)
     c = SLAController(tpot_ms=40, tolerance_ms=4, alpha=4, delta=2, window=4, max_num_seqs=256, percentile=0)
