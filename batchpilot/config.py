@@ -50,7 +50,9 @@ class ControllerConfig:
     name: str = "combined"
     max_num_seqs: int = 256  # B_max (the fixed limit of `static`)
     min_num_seqs: int = 1  # B_min
-    memory_mode: str = "clt"  # "blocks" (the authors' patch) or "clt" (the paper's bound)
+    # "blocks" (the authors' patch: the default, as it won the policy tournament, docs/reproduction.md),
+    # "clt" (the paper's bound) or "peak" (ours)
+    memory_mode: str = "blocks"
     memory_factor: float = 0.95
     mem_epsilon: float = 0.05
     sla_tpot_ms: float | None = None  # D_SLA; None: no SLA constraint
