@@ -150,6 +150,22 @@ def test_bench_serve_speaks_vllms_flags_and_result_format(tmp_path):
         assert key in result, key
 
 
+def test_bench_serve_replays_a_trace_at_its_times_and_time_scale(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(json.dumps({"timestamp": t, "prompt_len": 4, "output_len": 5}) + "\n"
+                             for t in (10.0, 10.4, 11.2, 12.0)))
+    with RateLimitedEndpoint(capacity=1000.0) as url:
+        r = subprocess.run(
+            [sys.executable, "-m", "batchpilot.cli", "bench", "serve", "--base-url", url, "--dataset-name", "trace",
+             "--dataset", str(trace), "--time-scale", "2", "--num-prompts", "10", "--disable-tqdm",
+             "--output-json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["completed"] == 4 and result["request_rate"] == "trace"
+    # Sent at the trace's offsets (0, 0.4, 1.2, 2.0 s) replayed twice as fast, to within scheduling jitter.
+    assert result["start_times"] == pytest.approx([0.0, 0.2, 0.6, 1.0], abs=0.08)
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--goodput", "ttft:x"], "--goodput"),
     (["--goodput", "tpot:5", "--sla", "tpot:5"], "--sla and --goodput"),

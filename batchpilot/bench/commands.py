@@ -56,7 +56,8 @@ def add_client_args(p: argparse.ArgumentParser) -> None:
 def add_bench_commands(sub) -> None:
     serve = sub.add_parser("serve", help="load an OpenAI-compatible endpoint (Poisson arrivals, streaming)")
     add_client_args(serve)
-    serve.add_argument("--request-rate", type=_rate, default=float("inf"), help="requests/s, or inf")
+    serve.add_argument("--request-rate", type=_rate, default=None,
+                       help="requests/s, or inf (default: a trace's own times, else all at once)")
     serve.set_defaults(func=cmd_serve)
 
     cap = sub.add_parser("capacity", help="highest request rate meeting the SLA for --target of requests")

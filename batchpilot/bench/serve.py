@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from batchpilot.bench.metrics import DEFAULT_PERCENTILES, SLA, RequestRecord, per_request_lists, summarize
+from batchpilot.bench.traces import at_rate
 
 
 @dataclass
@@ -28,6 +29,16 @@ class Payload:
     path: str
     body: dict[str, Any]
     prompt_len: int | None = None
+    arrival_s: float | None = None  # a trace's own arrival time
+
+
+def payload_offsets(payloads: list[Payload], rate: float | None, burstiness: float = 1.0, seed: int = 0
+                    ) -> list[float]:
+    """When each payload is sent: a trace's times (rescaled by a given rate), else the gamma process
+    at `rate` (None: all at once)."""
+    if payloads and payloads[0].arrival_s is not None:
+        return at_rate([p.arrival_s or 0.0 for p in payloads], rate)
+    return arrival_times(len(payloads), float("inf") if rate is None else rate, burstiness, seed).tolist()
 
 
 def arrival_times(n: int, rate: float, burstiness: float = 1.0, seed: int = 0) -> np.ndarray:
@@ -92,14 +103,14 @@ async def send(client: httpx.AsyncClient, base_url: str, payload: Payload, heade
     return RequestRecord(prompt_len, output_len, ttft, e2e, gaps, start_s=sent)
 
 
-async def run_load(base_url: str, payloads: list[Payload], rate: float, burstiness: float = 1.0,
+async def run_load(base_url: str, payloads: list[Payload], rate: float | None, burstiness: float = 1.0,
                    max_concurrency: int | None = None, seed: int = 0, api_key: str | None = None,
                    timeout_s: float = 600, progress: bool = True) -> tuple[list[RequestRecord], float]:
     """Send every payload on its arrival time; returns the records (in payload order) and wall time.
 
     Cancelled (Ctrl-C), it returns the requests that finished so far.
     """
-    offsets = arrival_times(len(payloads), rate, burstiness, seed)
+    offsets = payload_offsets(payloads, rate, burstiness, seed)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     records: list[RequestRecord | None] = [None] * len(payloads)
@@ -139,7 +150,7 @@ def error_summary(records: Iterable[RequestRecord]) -> dict[str, int]:
     return counts
 
 
-def benchmark(base_url: str, payloads: list[Payload], rate: float, sla: SLA | None = None,
+def benchmark(base_url: str, payloads: list[Payload], rate: float | None, sla: SLA | None = None,
               percentiles: tuple[float, ...] = DEFAULT_PERCENTILES, **kwargs: Any) -> dict[str, Any]:
     """Run a load and summarise it (vLLM's keys and per-request lists, plus SLA attainment and goodput)."""
     try:
@@ -148,7 +159,8 @@ def benchmark(base_url: str, payloads: list[Payload], rate: float, sla: SLA | No
     except KeyboardInterrupt:  # asyncio.run cancelled the load; nothing more to report than this
         records, duration, interrupted = [], 0.0, True
     result: dict[str, Any] = summarize(records, duration, sla, percentiles)
-    result["request_rate"] = rate
+    result["request_rate"] = ("trace" if payloads and payloads[0].arrival_s is not None else float("inf")
+                              ) if rate is None else rate
     result |= per_request_lists(records)
     result["error_counts"] = error_summary(records)
     if interrupted or len(records) < len(payloads):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -156,6 +157,20 @@ def _azure_time(text: str) -> float:
     digits = "".join(c for c in rest if c.isdigit())
     zone = rest[len(digits):]
     return datetime.fromisoformat(f"{stamp}.{(digits or '0')[:6].ljust(6, '0')}{zone}").timestamp()
+
+
+def at_rate(times: list[float], rate: float | None) -> list[float]:
+    """A trace's arrival times as recorded (rate None), all at once (inf), or scaled to a mean `rate`
+    per second (the capacity search's knob: the trace's pattern, faster or slower)."""
+    if rate is None:
+        return list(times)
+    if math.isinf(rate):
+        return [0.0] * len(times)
+    if rate <= 0:
+        raise ValueError(f"--request-rate must be positive, got {rate}")
+    span = times[-1] - times[0] if len(times) > 1 and times[-1] > times[0] else 1.0
+    factor = len(times) / span / rate
+    return [(t - times[0]) * factor for t in times]
 
 
 def add_trace_args(p) -> None:

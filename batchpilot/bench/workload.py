@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
+
 from batchpilot.bench.datasets import builtin_conversations, length_dist, sharegpt_requests, synthetic_requests
 from batchpilot.bench.serve import Payload
+from batchpilot.bench.traces import add_trace_args, trace_requests
 from batchpilot.model.tokenizer import TextTokenizer
 
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset-name", default="random", choices=["random", "sharegpt", "builtin"])
-    p.add_argument("--dataset-path", default=None, help="ShareGPT-format JSON (--dataset-name sharegpt)")
+    p.add_argument("--dataset-name", default="random", choices=["random", "sharegpt", "builtin", "trace"])
+    p.add_argument("--dataset-path", "--dataset", default=None, dest="dataset_path",
+                   help="ShareGPT-format JSON (sharegpt), or a trace file (trace: lengths and arrival times)")
     p.add_argument("--input-len", "--random-input-len", type=int, default=None, dest="input_len",
                    help="random: fixed prompt tokens (default 256)")
     p.add_argument("--output-len", "--random-output-len", type=int, default=None, dest="output_len",
@@ -25,6 +29,7 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="always generate max_tokens (sharegpt; random does)")
     p.add_argument("--tokenizer", default=None, help="model folder or .gguf whose tokenizer builds prompts "
                    "(default: the default model)")
+    add_trace_args(p)
 
 
 def build_payloads(args: argparse.Namespace, tokenizer: TextTokenizer, model: str, n: int, seed: int) -> list[Payload]:
@@ -34,6 +39,13 @@ def build_payloads(args: argparse.Namespace, tokenizer: TextTokenizer, model: st
         cap = args.output_len or 512
         return [Payload("/v1/chat/completions", {**common, "messages": m, "max_tokens": cap})
                 for m in builtin_conversations(n, seed)]
+    if args.dataset_name == "trace":
+        rng = np.random.default_rng(seed)
+        specials = len(tokenizer.tokenizer.get_added_tokens_decoder())
+        return [Payload("/v1/completions", {**common, "prompt": rng.integers(specials, tokenizer.vocab_size,
+                                                                              r.prompt_len).tolist(),
+                                            "max_tokens": r.output_len, "ignore_eos": True}, r.prompt_len, r.arrival_s)
+                for r in trace_requests(args.dataset_path, args, n)]
     if args.dataset_name == "sharegpt":
         if not args.dataset_path:
             raise ValueError("--dataset-name sharegpt needs --dataset-path")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +13,7 @@ from batchpilot.bench.capacity import search_capacity
 from batchpilot.bench.datasets import LengthDist
 from batchpilot.bench.metrics import SLA, summarize
 from batchpilot.bench.results import write_json
-from batchpilot.bench.traces import add_trace_args, trace_requests
+from batchpilot.bench.traces import add_trace_args, at_rate, trace_requests
 from batchpilot.config import DTYPES, CacheConfig, ControllerConfig, EngineConfig, SchedulerConfig
 from batchpilot.sim.driver import SimRequest, make_workload, simulate
 from batchpilot.sim.profile import (
@@ -198,10 +197,7 @@ class Setup:
         if self._trace is None:
             self._trace = trace_requests(self.args.dataset, self.args)
         chosen = self._trace[: n or self.args.num_prompts]
-        times = [r.arrival_s for r in chosen]
-        if rate is not None:
-            span = times[-1] if times[-1] > 0 else 1.0
-            times = [0.0] * len(chosen) if math.isinf(rate) else [t * (len(chosen) / span) / rate for t in times]
+        times = at_rate([r.arrival_s for r in chosen], rate)
         return [SimRequest(t, r.prompt_len, r.output_len) for t, r in zip(times, chosen)]
 
     def run(self, controller: ControllerConfig, rate: float | None, n: int | None = None, trace: str | None = None

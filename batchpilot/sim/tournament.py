@@ -23,6 +23,8 @@ from batchpilot.bench.capacity import search_capacity
 from batchpilot.bench.datasets import LengthDist
 from batchpilot.bench.metrics import SLA, summarize
 from batchpilot.bench.results import write_json
+from batchpilot.bench.serve import arrival_times
+from batchpilot.bench.traces import at_rate
 from batchpilot.config import ControllerConfig, SchedulerConfig
 from batchpilot.sim.driver import SimRequest, make_workload, simulate
 
@@ -120,15 +122,12 @@ class Runner:
                  offline_rate: float, target: float) -> float:
         """Highest load meeting the SLA for `target` of requests: a Poisson rate, or a trace's speed-up
         (reported as the resulting mean arrival rate)."""
-        span = max(reqs[-1].arrival_s - reqs[0].arrival_s, 1e-9) if timed else None
-
         def probe(rate: float) -> float:
             if timed:
-                scale = rate * span / len(reqs)  # the speed-up giving this mean rate
-                load = [replace(r, arrival_s=r.arrival_s / scale) for r in reqs]
+                times = at_rate([r.arrival_s for r in reqs], rate)
             else:
-                gaps = np.random.default_rng(0).exponential(1 / rate, len(reqs))
-                load = [replace(r, arrival_s=float(t)) for r, t in zip(reqs, np.cumsum(gaps) - gaps[0])]
+                times = arrival_times(len(reqs), rate).tolist()
+            load = [replace(r, arrival_s=t) for r, t in zip(reqs, times)]
             return self.run(load, capacity, config)["sla_attainment"]
 
         return search_capacity(probe, target, max(0.05, offline_rate / 4), tolerance=0.05, max_probes=12).capacity
