@@ -97,9 +97,9 @@ class PeakBound:
             steps = np.unique(np.concatenate([steps, ends[(ends >= 0) & (ends <= steps[-1])].astype(np.int64)]))
         p = self.survival(out, cap, steps)
         p = np.where(exact, (out + steps[None, :] < cap).astype(np.float64), p)  # known lengths
-        tokens = states[:, 0:1] + steps[None, :]
-        held = (np.ceil(tokens / bs) * bs) * p  # tokens in whole blocks, weighted by survival
-        var = (np.ceil(tokens / bs) * bs) ** 2 * p * (1 - p)
+        size = np.ceil((states[:, 0:1] + steps[None, :]) / bs) * bs  # its tokens in whole blocks, if it runs
+        held = size * p
+        var = size**2 * p * (1 - p)
         mean = held[: len(running)].sum(axis=0)
         spread = var[: len(running)].sum(axis=0)
         admitted = 0
