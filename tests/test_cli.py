@@ -94,3 +94,15 @@ def test_simulate_sweep_writes_table_json_and_plot(tmp_path):
     # 256 sequences on 8 GiB of KV (16k tokens) preempt; 8 (at most 8 x 2048 tokens) cannot
     assert results["static-256"]["num_preemptions"] > results["static-8"]["num_preemptions"] == 0
     assert png.stat().st_size > 10_000
+
+
+def test_bench_throughput_replays_a_trace_at_its_times(tmp_path):
+    trace, out = tmp_path / "t.jsonl", tmp_path / "r.json"
+    trace.write_text('{"timestamp": 3, "prompt_len": 8, "output_len": 4}\n'
+                     '{"timestamp": 3.6, "prompt_len": 12, "output_len": 3}\n')
+    r = cli("bench", "throughput", "--dataset-name", "trace", "--dataset", str(trace), "--kv-cache-gib", "0.01",
+            "--threads", "1", "--no-progress", "--output-json", str(out))
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert result["completed"] == 2 and result["total_output_tokens"] == 7  # outputs forced to the traced lengths
+    assert result["request_rate"] == "trace" and result["duration"] >= 0.6  # the second arrives 0.6 s in

@@ -101,6 +101,7 @@ def _check(args: argparse.Namespace) -> SLA | None:
         raise ValueError(f"--burstiness must be positive, got {args.burstiness}")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise ValueError(f"--max-concurrency must be at least 1, got {args.max_concurrency}")
+    percentiles(args)  # bad percentile flags fail before any load, not after it
     if args.sla and args.goodput:
         raise ValueError("--sla and --goodput are two spellings of the same targets: give one")
     if args.goodput:
@@ -128,7 +129,6 @@ def run_serve(args: argparse.Namespace, rate: float, num_prompts: int, sla: SLA 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     sla = _check(args)
-    percentiles(args)  # a bad percentile flag fails before the load, not after
     result = run_serve(args, args.request_rate, args.num_prompts, sla)
     print_table(result, f"bench serve: {args.base_url} ({args.dataset_name}, rate {args.request_rate})")
     _write(args.output_json, result)

@@ -70,10 +70,20 @@ def synthetic_requests(n: int, input_dist: LengthDist, output_dist: LengthDist, 
     """Prompts of random token ids (as vLLM's random dataset), lengths from the distributions."""
     rng = np.random.default_rng(seed)
     in_lens, out_lens = input_dist.sample(rng, n), output_dist.sample(rng, n)
-    return [
-        BenchRequest(rng.integers(first_token, vocab_size, size=int(i)).tolist(), int(i), int(o))
-        for i, o in zip(in_lens, out_lens)
-    ]
+    return _random_prompts(rng, in_lens, out_lens, vocab_size, first_token)
+
+
+def traced_requests(prompt_lens: list[int], output_lens: list[int], vocab_size: int, seed: int,
+                    first_token: int = 0) -> list[BenchRequest]:
+    """A trace's lengths as requests: random token prompts of the traced length (as vLLM's random
+    dataset), outputs of the traced length."""
+    return _random_prompts(np.random.default_rng(seed), prompt_lens, output_lens, vocab_size, first_token)
+
+
+def _random_prompts(rng: np.random.Generator, prompt_lens, output_lens, vocab_size: int,
+                    first_token: int) -> list[BenchRequest]:
+    return [BenchRequest(rng.integers(first_token, vocab_size, size=int(i)).tolist(), int(i), int(o))
+            for i, o in zip(prompt_lens, output_lens)]
 
 
 def sharegpt_requests(path: Path, n: int, encode, seed: int, max_prompt: int = 1024,

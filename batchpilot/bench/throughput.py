@@ -19,11 +19,12 @@ from batchpilot.bench.datasets import (
     length_dist,
     sharegpt_requests,
     synthetic_requests,
+    traced_requests,
 )
 from batchpilot.bench.metrics import RequestRecord, summarize
 from batchpilot.bench.results import write_json
 from batchpilot.bench.serve import arrival_times
-from batchpilot.bench.traces import add_trace_args, trace_requests
+from batchpilot.bench.traces import add_trace_args, at_rate, trace_requests
 from batchpilot.config import EngineConfig
 from batchpilot.sampling_params import SamplingParams
 
@@ -64,16 +65,12 @@ def run_throughput(args: argparse.Namespace, config: EngineConfig) -> int:
     llm = LLM.from_config(config)
     engine = llm.engine
     if traced is not None:
-        # Lengths from the trace: random token prompts, outputs forced to the traced length.
-        specials = len(llm.tokenizer.tokenizer.get_added_tokens_decoder())
-        rng = np.random.default_rng(args.seed)
-        requests = [BenchRequest(rng.integers(specials, llm.tokenizer.vocab_size, r.prompt_len).tolist(),
-                                 r.prompt_len, r.output_len) for r in traced]
+        # Lengths from the trace: random token prompts, outputs forced to the traced length; its own
+        # arrival times, or rescaled to a given rate (as bench serve and simulate do).
+        requests = traced_requests([r.prompt_len for r in traced], [r.output_len for r in traced],
+                                   llm.tokenizer.vocab_size, args.seed, llm.tokenizer.num_added_tokens)
         args.ignore_eos = True
-        if args.request_rate is None:
-            arrivals = [r.arrival_s for r in traced]
-        else:
-            arrivals = arrival_times(len(traced), rate, args.burstiness, args.seed).tolist()
+        arrivals = at_rate([r.arrival_s for r in traced], args.request_rate)
     elif args.dataset or args.dataset_name == "sharegpt":
         if not args.dataset:
             raise ValueError("--dataset-name sharegpt needs --dataset PATH")
@@ -86,9 +83,8 @@ def run_throughput(args: argparse.Namespace, config: EngineConfig) -> int:
         prompts = [llm.tokenizer.apply_chat_template(c) for c in builtin_conversations(args.num_prompts, args.seed)]
         requests = [BenchRequest(p, len(llm.tokenizer.encode(p)), int(m)) for p, m in zip(prompts, cap)]
     else:
-        specials = len(llm.tokenizer.tokenizer.get_added_tokens_decoder())
         requests = synthetic_requests(args.num_prompts, in_dist, out_dist, llm.tokenizer.vocab_size,
-                                      args.seed, specials)
+                                      args.seed, llm.tokenizer.num_added_tokens)
     start = time.perf_counter()
     first: dict[str, float] = {}
     records: dict[str, RequestRecord] = {}

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
-from batchpilot.bench.datasets import builtin_conversations, length_dist, sharegpt_requests, synthetic_requests
+from batchpilot.bench.datasets import (
+    builtin_conversations,
+    length_dist,
+    sharegpt_requests,
+    synthetic_requests,
+    traced_requests,
+)
 from batchpilot.bench.serve import Payload
 from batchpilot.bench.traces import add_trace_args, trace_requests
 from batchpilot.model.tokenizer import TextTokenizer
@@ -40,18 +44,18 @@ def build_payloads(args: argparse.Namespace, tokenizer: TextTokenizer, model: st
         return [Payload("/v1/chat/completions", {**common, "messages": m, "max_tokens": cap})
                 for m in builtin_conversations(n, seed)]
     if args.dataset_name == "trace":
-        rng = np.random.default_rng(seed)
-        specials = len(tokenizer.tokenizer.get_added_tokens_decoder())
-        return [Payload("/v1/completions", {**common, "prompt": rng.integers(specials, tokenizer.vocab_size,
-                                                                              r.prompt_len).tolist(),
-                                            "max_tokens": r.output_len, "ignore_eos": True}, r.prompt_len, r.arrival_s)
-                for r in trace_requests(args.dataset_path, args, n)]
+        traced = trace_requests(args.dataset_path, args, n)
+        reqs = traced_requests([t.prompt_len for t in traced], [t.output_len for t in traced],
+                               tokenizer.vocab_size, seed, tokenizer.num_added_tokens)
+        return [Payload("/v1/completions", {**common, "prompt": r.prompt, "max_tokens": r.max_tokens,
+                                            "ignore_eos": True}, r.prompt_len, t.arrival_s)
+                for r, t in zip(reqs, traced)]
     if args.dataset_name == "sharegpt":
         if not args.dataset_path:
             raise ValueError("--dataset-name sharegpt needs --dataset-path")
         reqs = sharegpt_requests(Path(args.dataset_path), n, tokenizer.encode, seed)
     else:
-        specials = len(tokenizer.tokenizer.get_added_tokens_decoder())
+        specials = tokenizer.num_added_tokens
         ratio = args.random_range_ratio
         if not 0 <= ratio < 1:
             raise ValueError(f"--random-range-ratio must be in [0, 1), got {ratio}")

@@ -90,6 +90,11 @@ class TextTokenizer:
         return self.tokenizer.token_to_id(self.eos_token) if self.eos_token else None
 
     @property
+    def num_added_tokens(self) -> int:
+        """Added (special) tokens; random benchmark prompts draw ids above them, as vLLM's random dataset."""
+        return len(self.tokenizer.get_added_tokens_decoder())
+
+    @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 

@@ -213,7 +213,6 @@ class Serving:
                     p = replace(p, n=1, seed=None if p.seed is None else p.seed + k)
                 streams.append(self.engine.generate(prompt, p, request_id=f"{job.request_id}-{i * job.params.n + k}"))
         start = time.perf_counter()
-        first: float | None = None
         try:
             async for index, delta in _merge(streams):
                 out = delta.outputs[0]
@@ -222,17 +221,15 @@ class Serving:
                     now = time.perf_counter() - start
                     if c.first_token_s is None:
                         c.first_token_s = now
-                        first = now if first is None else first
                     else:
                         self.metrics.observe_gap(now - c.last_token_s)
                     c.last_token_s = now
-                if delta.finished:
-                    c.queue_s, c.finished_s = delta.queue_time_s, time.perf_counter() - start
                 c.text += out.text
                 c.token_ids += out.token_ids
                 c.logprobs += out.logprobs or []
                 if delta.finished:
                     c.finish_reason = out.finish_reason
+                    c.queue_s, c.finished_s = delta.queue_time_s, time.perf_counter() - start
                 yield index, delta
         finally:
             job.release()
@@ -241,6 +238,7 @@ class Serving:
                 self.metrics.observe_request(FinishedRequest(
                     len(job.prompts[i // job.params.n]), len(c.token_ids), job.params.max_tokens, job.params.n,
                     c.first_token_s, e2e if c.finished_s is None else c.finished_s, c.queue_s, c.finish_reason))
+            first = min((c.first_token_s for c in choices if c.first_token_s is not None), default=None)
             access_log.info(json.dumps({
                 "id": job.request_id, "prompt_tokens": sum(len(p) for p in job.prompts),
                 "completion_tokens": sum(len(c.token_ids) for c in choices),
