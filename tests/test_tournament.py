@@ -66,6 +66,69 @@ def test_malformed_rows_name_file_line_and_column_or_are_skipped(tmp_path, name,
         assert trace.skipped_rows == 1 and len(trace.requests) == 1
 
 
+def sharegpt_file(tmp_path: Path) -> Path:
+    """A small ShareGPT-format file: usable conversations, and ones vLLM's filters drop."""
+    words = lambda k: " ".join(f"w{i}" for i in range(k))  # noqa: E731  (k tokens by str.split)
+    conv = lambda p, o: {"conversations": [{"from": "human", "value": words(p)}, {"from": "gpt", "value": words(o)}]}  # noqa: E731
+    data = [conv(10, 20), conv(3, 50), conv(1000, 1100), {"conversations": [{"from": "human", "value": "x"}]},
+            conv(30, 5), conv(1025, 8), conv(200, 300)]
+    return write(tmp_path / "sg.json", json.dumps(data, indent=1))
+
+
+def test_sharegpt_lengths_filters_and_seeded_order(tmp_path):
+    f = sharegpt_file(tmp_path)
+    encode = str.split
+    trace = read_trace(f, encode=encode, seed=0)
+    assert trace.format == "sharegpt" and not trace.timed
+    assert sorted((r.prompt_len, r.output_len) for r in trace.requests) == [(10, 20), (30, 5), (200, 300)]
+    assert trace.dropped_empty == 4 and all(r.arrival_s == 0 for r in trace.requests)
+    assert [r.prompt_len for r in read_trace(f, encode=encode, seed=0).requests] == [
+        r.prompt_len for r in trace.requests]  # deterministic for a seed
+    assert len(read_trace(f, encode=encode, limit=2).requests) == 2
+    # bench reads it through the same reader: the same requests in the same order
+    from batchpilot.bench.datasets import sharegpt_requests
+
+    assert [(r.prompt_len, r.max_tokens) for r in sharegpt_requests(f, 3, encode, 0)] == [
+        (r.prompt_len, r.output_len) for r in trace.requests]
+    with pytest.raises(TraceError, match="needs a tokenizer"):
+        read_trace(f)
+    # the tournament's workload from it: model-chosen lengths below max_tokens 1024, all at once
+    from batchpilot.sim.tournament import builtin_workloads
+
+    w = builtin_workloads([str(f), str(AZURE)], encode)[6:]
+    assert [x.name for x in w] == ["sg-sharegpt", "azure_code_2023_head300-trace", "azure_code_2023_head300-trace-late"]
+    assert [(r.prompt_len, r.output_len, r.max_tokens) for r in w[0].make(2)] == [
+        (r.prompt_len, r.output_len, 1024) for r in trace.requests[:2]]
+
+
+def test_malformed_sharegpt_names_line_and_column_or_entry(tmp_path):
+    broken = write(tmp_path / "b.json", '[\n {"conversations": []},\n {"conversations": [}\n]')
+    with pytest.raises(TraceError, match=r"b\.json:3:21: not valid JSON"):
+        read_trace(broken, encode=str.split)
+    bad = write(tmp_path / "c.json", json.dumps([{"conversations": [{"value": "a b c d e"}, {"value": 7}]},
+                                                 {"conversations": [{"value": "a b c d"}, {"value": "e f g h"}]}]))
+    with pytest.raises(TraceError, match=r"c\.json: conversation 0: a turn's 'value' is not a string"):
+        read_trace(bad, encode=str.split)
+    trace = read_trace(bad, encode=str.split, skip_bad_rows=True)
+    assert trace.skipped_rows == 1 and [(r.prompt_len, r.output_len) for r in trace.requests] == [(4, 4)]
+
+
+def test_simulate_takes_a_sharegpt_file_counted_by_the_default_tokenizer(tmp_path):
+    from batchpilot.model.loader import load_tokenizer
+
+    f = sharegpt_file(tmp_path)
+    out = tmp_path / "sim.json"
+    r = subprocess.run([sys.executable, "-m", "batchpilot.cli", "simulate", "--dataset", str(f), "--request-rate",
+                        "2", "--output-json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    tok = load_tokenizer()
+    expected = read_trace(f, encode=tok.encode)
+    assert result["completed"] == len(expected.requests) >= 3
+    assert result["total_input_tokens"] == sum(r.prompt_len for r in expected.requests)
+    assert result["total_output_tokens"] == sum(r.output_len for r in expected.requests)
+
+
 def test_a_real_azure_trace_reads_whole():
     trace = read_trace(AZURE)
     assert len(trace.requests) == 300 and trace.skipped_rows == 0 and trace.dropped_empty == 0

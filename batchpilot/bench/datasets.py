@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from batchpilot.bench.traces import read_trace
 
 
 @dataclass
@@ -86,30 +87,11 @@ def _random_prompts(rng: np.random.Generator, prompt_lens, output_lens, vocab_si
             for i, o in zip(prompt_lens, output_lens)]
 
 
-def sharegpt_requests(path: Path, n: int, encode, seed: int, max_prompt: int = 1024,
-                      max_total: int = 2048) -> list[BenchRequest]:
-    """First human turn as prompt, the reply's token count as max_tokens (vLLM's filters)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"--dataset: cannot read {path}: {e}") from e
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(data))
-    out: list[BenchRequest] = []
-    for idx in order:
-        turns = data[idx].get("conversations") or []
-        if len(turns) < 2:
-            continue
-        prompt, reply = turns[0].get("value", ""), turns[1].get("value", "")
-        p_len, o_len = len(encode(prompt)), len(encode(reply))
-        if p_len < 4 or o_len < 4 or p_len > max_prompt or p_len + o_len > max_total:
-            continue
-        out.append(BenchRequest(prompt, p_len, o_len))
-        if len(out) == n:
-            break
-    if not out:
-        raise ValueError(f"--dataset: no usable conversations in {path}")
-    return out
+def sharegpt_requests(path: Path, n: int, encode, seed: int) -> list[BenchRequest]:
+    """First human turn as prompt, the reply's token count as max_tokens (vLLM's filters; the
+    reader is the traces module's, shared with simulate)."""
+    trace = read_trace(path, encode=encode, limit=n, seed=seed)
+    return [BenchRequest(r.prompt, r.prompt_len, r.output_len) for r in trace.requests]
 
 
 INSTRUCTIONS = (

@@ -61,9 +61,10 @@ def run_throughput(args: argparse.Namespace, config: EngineConfig) -> int:
     out_dist = length_dist(args.output_len, args.output_dist, "output", 128)
     rate = float("inf") if args.request_rate is None else args.request_rate
     arrivals = arrival_times(args.num_prompts, rate, args.burstiness, args.seed).tolist()
-    traced = trace_requests(args.dataset, args, args.num_prompts) if args.dataset_name == "trace" else None
     llm = LLM.from_config(config)
     engine = llm.engine
+    traced = (trace_requests(args.dataset, args, args.num_prompts, llm.tokenizer.encode)
+              if args.dataset_name == "trace" else None)
     if traced is not None:
         # Lengths from the trace: random token prompts, outputs forced to the traced length; its own
         # arrival times, or rescaled to a given rate (as bench serve and simulate do).

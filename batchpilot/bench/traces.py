@@ -4,7 +4,11 @@ Formats, told by the file's header:
 - Azure LLM inference traces (2023 and 2024 releases): CSV `TIMESTAMP,ContextTokens,GeneratedTokens`;
 - BurstGPT: CSV with `Timestamp`, `Request tokens`, `Response tokens` (rows with no response,
   failed requests in the trace, are dropped and counted);
-- JSON Lines: `{"timestamp": s, "prompt": text | "prompt_len": n, "output_len": n}` per line.
+- JSON Lines: `{"timestamp": s, "prompt": text | "prompt_len": n, "output_len": n}` per line;
+- ShareGPT JSON (a list of `{"conversations": [{"from", "value"}, ...]}`): the first human turn is
+  the prompt and the reply's token count its output length (so it needs a tokenizer); no arrival
+  times (all at 0: offline, or a synthetic rate), vLLM's filters (prompt and reply of 4 tokens or
+  more, prompt <= 1024, prompt + reply <= 2048), a seeded shuffle as vLLM's sampler does.
 A malformed row is an error naming the file, line and column, or is skipped and counted.
 """
 
@@ -13,9 +17,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+
+import numpy as np
 
 
 class TraceError(ValueError):
@@ -36,7 +43,8 @@ class Trace:
     format: str
     requests: list[TraceRequest]
     skipped_rows: int = 0  # malformed rows skipped (--skip-bad-rows)
-    dropped_empty: int = 0  # requests with no output (failed in the trace)
+    dropped_empty: int = 0  # requests with no output (failed in the trace), or filtered (ShareGPT)
+    timed: bool = True  # False: the format has no arrival times (ShareGPT)
 
     def window(self, start_s: float = 0.0, duration_s: float | None = None, time_scale: float = 1.0,
                ) -> list[TraceRequest]:
@@ -58,14 +66,19 @@ _AZURE = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 _BURSTGPT = ("Timestamp", "Request tokens", "Response tokens")
 
 
-def read_trace(path: str | Path, skip_bad_rows: bool = False) -> Trace:
-    """Read a trace file in any supported format (sorted by arrival)."""
+def read_trace(path: str | Path, skip_bad_rows: bool = False, encode: Callable[[str], list[int]] | None = None,
+               limit: int | None = None, seed: int = 0) -> Trace:
+    """Read a trace file in any supported format (sorted by arrival). `encode` (a tokenizer's) is
+    needed for ShareGPT only; `limit` and `seed` pick its first `limit` usable conversations in a
+    seeded order (tokenizing 90k conversations to use 1,000 would take minutes)."""
     path = Path(path)
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            first = f.readline()
+            first = f.read(256).lstrip()
             f.seek(0)
-            if first.lstrip().startswith("{"):
+            if first.startswith("["):
+                trace = _read_sharegpt(path, f, skip_bad_rows, encode, limit, seed)
+            elif first.startswith("{"):
                 trace = _read_jsonl(path, f, skip_bad_rows)
             else:
                 trace = _read_csv(path, f, skip_bad_rows)
@@ -138,6 +151,47 @@ def _read_jsonl(path: Path, f, skip_bad_rows: bool) -> Trace:
     return trace
 
 
+SHAREGPT_MAX_PROMPT, SHAREGPT_MAX_TOTAL, SHAREGPT_MIN_LEN = 1024, 2048, 4  # vLLM's filters
+
+
+def _read_sharegpt(path: Path, f, skip_bad_rows: bool, encode, limit: int | None, seed: int) -> Trace:
+    if encode is None:
+        raise TraceError(f"{path}: a ShareGPT file has no token counts; it needs a tokenizer (--tokenizer)")
+    try:
+        data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise TraceError(f"{path}:{e.lineno}:{e.colno}: not valid JSON: {e.msg}") from None
+    if not isinstance(data, list):
+        raise TraceError(f"{path}:1:1: a ShareGPT file is a JSON list of conversations")
+    trace = Trace(path, "sharegpt", [], timed=False)
+    for idx in np.random.default_rng(seed).permutation(len(data)):
+        entry = data[idx]
+        try:
+            turns = entry.get("conversations") if isinstance(entry, dict) else None
+            if not isinstance(turns, list):
+                raise ValueError("no 'conversations' list")
+            if len(turns) < 2:
+                trace.dropped_empty += 1
+                continue
+            prompt, reply = (turn.get("value") if isinstance(turn, dict) else None for turn in turns[:2])
+            if not isinstance(prompt, str) or not isinstance(reply, str):
+                raise ValueError("a turn's 'value' is not a string")
+        except ValueError as e:
+            if not skip_bad_rows:
+                raise TraceError(f"{path}: conversation {idx}: {e} (--skip-bad-rows skips such rows)") from None
+            trace.skipped_rows += 1
+            continue
+        p_len, o_len = len(encode(prompt)), len(encode(reply))
+        if (min(p_len, o_len) < SHAREGPT_MIN_LEN or p_len > SHAREGPT_MAX_PROMPT
+                or p_len + o_len > SHAREGPT_MAX_TOTAL):
+            trace.dropped_empty += 1
+            continue
+        trace.requests.append(TraceRequest(0.0, p_len, o_len, prompt))
+        if limit is not None and len(trace.requests) == limit:
+            break
+    return trace
+
+
 def _add(trace: Trace, path: Path, line: int, arrival: float, prompt_len: int, output_len: int,
          prompt: str | None, skip_bad_rows: bool) -> None:
     if output_len == 0:
@@ -182,10 +236,12 @@ def add_trace_args(p) -> None:
     g.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of failing")
 
 
-def trace_requests(path: str | None, args, limit: int | None = None) -> list[TraceRequest]:
-    """The window of the trace that the replay flags select, at most `limit` requests."""
+def trace_requests(path: str | None, args, limit: int | None = None, encode: Callable[[str], list[int]] | None = None
+                   ) -> list[TraceRequest]:
+    """The window of the trace that the replay flags select, at most `limit` requests (`encode`:
+    the tokenizer's, for a ShareGPT file)."""
     if not path:
-        raise ValueError("--dataset-name trace needs --dataset FILE (Azure or BurstGPT CSV, or JSON Lines)")
-    trace = read_trace(path, args.skip_bad_rows)
-    chosen = trace.window(args.trace_start, args.trace_duration, args.time_scale)
+        raise ValueError("--dataset-name trace needs --dataset FILE (Azure or BurstGPT CSV, JSON Lines or ShareGPT)")
+    trace = read_trace(path, args.skip_bad_rows, encode, seed=getattr(args, "seed", 0))
+    chosen = trace.window(args.trace_start, args.trace_duration, args.time_scale) if trace.timed else trace.requests
     return chosen[:limit] if limit else chosen

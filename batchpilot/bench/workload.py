@@ -44,7 +44,7 @@ def build_payloads(args: argparse.Namespace, tokenizer: TextTokenizer, model: st
         return [Payload("/v1/chat/completions", {**common, "messages": m, "max_tokens": cap})
                 for m in builtin_conversations(n, seed)]
     if args.dataset_name == "trace":
-        traced = trace_requests(args.dataset_path, args, n)
+        traced = trace_requests(args.dataset_path, args, n, tokenizer.encode)
         reqs = traced_requests([t.prompt_len for t in traced], [t.output_len for t in traced],
                                tokenizer.vocab_size, seed, tokenizer.num_added_tokens)
         return [Payload("/v1/completions", {**common, "prompt": r.prompt, "max_tokens": r.max_tokens,

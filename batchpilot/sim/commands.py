@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +14,7 @@ from batchpilot.bench.capacity import search_capacity
 from batchpilot.bench.datasets import LengthDist
 from batchpilot.bench.metrics import SLA, summarize
 from batchpilot.bench.results import write_json
+from batchpilot.bench.serve import arrival_times
 from batchpilot.bench.traces import add_trace_args, at_rate, trace_requests
 from batchpilot.config import DTYPES, CacheConfig, ControllerConfig, EngineConfig, SchedulerConfig
 from batchpilot.sim.driver import SimRequest, make_workload, simulate
@@ -50,7 +52,11 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
                    help="Poisson arrivals per second, or inf (all at once); with --dataset, the trace's own "
                         "times by default, and a rate rescales them to that mean rate")
     p.add_argument("--dataset", default=None, metavar="FILE",
-                   help="a trace (Azure or BurstGPT CSV, or JSON Lines): its lengths and arrival times")
+                   help="a trace (Azure or BurstGPT CSV, or JSON Lines: its lengths and arrival times) or a "
+                        "ShareGPT JSON (lengths by --tokenizer; all at once, or Poisson at --request-rate)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer that counts a ShareGPT file's tokens: HF folder or .gguf (default: the "
+                        "default model's)")
     p.add_argument("--burstiness", type=float, default=1.0)
     p.add_argument("--input-dist", default=SHAREGPT_LIKE["input"])
     p.add_argument("--output-dist", default=SHAREGPT_LIKE["output"])
@@ -177,6 +183,7 @@ class Setup:
             self.max_model_len = model.max_context
         self.args = args
         self._trace: list | None = None
+        self._tokenizer = None
         self.sla = SLA.parse(args.sla) if getattr(args, "sla", None) else None
         self.input_dist = LengthDist.parse(args.input_dist, "--input-dist")
         self.output_dist = LengthDist.parse(args.output_dist, "--output-dist")
@@ -194,11 +201,23 @@ class Setup:
     def _traced(self, rate: float | None, n: int | None) -> list[SimRequest]:
         """The trace window as simulated requests (outputs forced to the traced lengths): at its own
         times, all at once (rate inf), or rescaled to a mean `rate`."""
+        a = self.args
         if self._trace is None:
-            self._trace = trace_requests(self.args.dataset, self.args)
-        chosen = self._trace[: n or self.args.num_prompts]
-        times = at_rate([r.arrival_s for r in chosen], rate)
+            self._trace = trace_requests(a.dataset, a, encode=self.encode)
+        chosen = self._trace[: n or a.num_prompts]
+        if rate is not None and not math.isinf(rate) and all(r.arrival_s == 0 for r in chosen):
+            times = arrival_times(len(chosen), rate, a.burstiness, a.seed).tolist()  # no times: ShareGPT
+        else:
+            times = at_rate([r.arrival_s for r in chosen], rate)
         return [SimRequest(t, r.prompt_len, r.output_len) for t, r in zip(times, chosen)]
+
+    def encode(self, text: str) -> list[int]:
+        """The tokenizer's count of a ShareGPT turn, loaded on first use (only ShareGPT needs it)."""
+        if self._tokenizer is None:
+            from batchpilot.model.loader import load_tokenizer
+
+            self._tokenizer = load_tokenizer(getattr(self.args, "tokenizer", None))
+        return self._tokenizer.encode(text)
 
     def run(self, controller: ControllerConfig, rate: float | None, n: int | None = None, trace: str | None = None
             ) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import argparse
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,9 +65,14 @@ def phase_shift(n: int, seed: int) -> list[SimRequest]:
         n // 2, seed + 2)
 
 
-def builtin_workloads(trace_path: str | None) -> list[Workload]:
-    """The six built-in workloads, and two windows of a trace (its first requests, and those from
-    half-way through it) when one is given."""
+def builtin_workloads(datasets: list[str] | tuple[str, ...] = (), encode: Callable[[str], list[int]] | None = None
+                      ) -> list[Workload]:
+    """The six built-in workloads, and for each dataset given: two windows of a timed trace (its first
+    requests, and those from half-way through it), or a ShareGPT file's conversations (`encode`
+    counts their tokens). Lengths from a dataset are chosen by the "model" below max_tokens 1024
+    (or the reference length, if longer), so no policy can read them from max_tokens."""
+    from batchpilot.bench.traces import read_trace
+
     work = [
         Workload("uniform", lambda n: _lengths(n, "uniform:50:400", "uniform:32:256", 1), 32),
         Workload("uniform-ample-kv", lambda n: _lengths(n, "uniform:50:400", "uniform:32:256", 2), 160),
@@ -77,22 +83,29 @@ def builtin_workloads(trace_path: str | None) -> list[Workload]:
                                                                   max_tokens=2048), 16),
         Workload("phase-shift", lambda n: phase_shift(n, 6), 16),
     ]
-    if trace_path:
-        from batchpilot.bench.traces import read_trace
-
-        trace = read_trace(trace_path)
-        name = trace.path.stem
-
-        def from_trace(n: int, start: float = 0.0) -> list[SimRequest]:
-            rows = [r for r in trace.requests if r.arrival_s >= start][: n * 2]
-            t0 = rows[0].arrival_s
-            return [SimRequest(r.arrival_s - t0, r.prompt_len, r.output_len, max(1024, r.output_len))
-                    for r in rows]
-
-        middle = trace.requests[-1].arrival_s / 2
-        work += [Workload(f"{name}-trace", from_trace, 24, timed=True),
-                 Workload(f"{name}-trace-late", lambda n: from_trace(n, start=middle), 24, timed=True)]
+    for path in datasets:
+        work += _dataset_workloads(read_trace, path, encode)
     return work
+
+
+def _dataset_workloads(read_trace, path: str, encode) -> list[Workload]:
+    def request(r, t0: float = 0.0) -> SimRequest:
+        return SimRequest(r.arrival_s - t0, r.prompt_len, r.output_len, max(1024, r.output_len))
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        sharegpt = f.read(256).lstrip().startswith("[")
+    if sharegpt:  # no times: tokenize only the conversations a run uses
+        return [Workload(f"{Path(path).stem}-sharegpt",
+                         lambda n: [request(r) for r in read_trace(path, encode=encode, limit=n).requests], 16)]
+    trace = read_trace(path)
+
+    def from_trace(n: int, start: float = 0.0) -> list[SimRequest]:
+        rows = [r for r in trace.requests if r.arrival_s >= start][: n * 2]
+        return [request(r, rows[0].arrival_s) for r in rows]
+
+    name, middle = trace.path.stem, trace.requests[-1].arrival_s / 2
+    return [Workload(f"{name}-trace", from_trace, 24, timed=True),
+            Workload(f"{name}-trace-late", lambda n: from_trace(n, start=middle), 24, timed=True)]
 
 
 def hindsight_regret(results: dict[str, dict[str, Any]], key: str) -> dict[str, float | None]:
@@ -208,7 +221,9 @@ def cmd_tournament(args: argparse.Namespace) -> int:
 
     setup = Setup(args)
     runner = Runner(setup.cost, args.block_size, setup.max_model_len, setup.sla, args.max_num_batched_tokens)
-    workloads = builtin_workloads(args.dataset)  # a trace given with --dataset adds two workloads
+    # each trace in --dataset (comma list) adds two workloads, each ShareGPT file one
+    datasets = [d.strip() for d in (args.dataset or "").split(",") if d.strip()]
+    workloads = builtin_workloads(datasets, setup.encode)
     if args.workloads:
         wanted = [w.strip() for w in args.workloads.split(",")]
         unknown = set(wanted) - {w.name for w in workloads}
