@@ -143,6 +143,12 @@ def test_regret_against_the_hindsight_best_static_limit():
     assert regret["static-32"] == 0.0 and regret["static-256"] == pytest.approx(0.25)
     assert regret["combined"] == pytest.approx(-0.05) and regret["sglang"] == pytest.approx(0.1)
     assert regret["broken"] is None
+    # a capacity search that never broke the SLA is unbounded, not the rate where it stopped
+    caps = {"static-8": {"c": 2.0}, "static-64": {"c": None, "c_unbounded": True},
+            "combined": {"c": None, "c_unbounded": True}, "sglang": {"c": 3.0}}
+    assert hindsight_regret(caps, "c") == {"static-8": None, "static-64": 0.0, "combined": 0.0, "sglang": None}
+    caps["static-64"] = {"c": 4.0}
+    assert hindsight_regret(caps, "c") == {"static-8": 0.5, "static-64": 0.0, "combined": None, "sglang": 0.25}
 
 
 def test_regret_table_names_the_best_static():
@@ -152,6 +158,10 @@ def test_regret_table_names_the_best_static():
                                "combined-peak": {"output_throughput": 21.0, "regret": -0.05}}}}
     md = regret_table(table)
     assert "| w | static-32 (20.00) | +25.0% |" in md and "-5.0%" in md
+    table["w"]["results"]["combined-peak"] |= {"capacity": None, "capacity_unbounded": True}
+    table["w"]["results"]["static-32"] |= {"capacity": 5.0, "capacity_regret": 0.0}
+    table["w"]["results"]["static-256"] |= {"capacity": 4.0, "capacity_regret": 0.2}
+    assert "| w | static-32 (5.00) | +20.0% |  |  | unbounded |  |" in regret_table(table, "capacity_regret")
 
 
 def test_small_tournament_end_to_end(tmp_path):
@@ -170,7 +180,8 @@ def test_small_tournament_end_to_end(tmp_path):
         best = max(rows["static-8"]["output_throughput"], rows["static-64"]["output_throughput"])
         for row in rows.values():
             assert row["regret"] == pytest.approx(1 - row["output_throughput"] / best)
-            assert row["capacity"] > 0
+            assert row["capacity_unbounded"] or row["capacity"] > 0
+    assert any(not row["capacity_unbounded"] for w in table.values() for row in w["results"].values())
     assert "Throughput regret" in r.stdout and "Capacity regret" in r.stdout
     bad = subprocess.run([sys.executable, "-m", "batchpilot.cli", "simulate", "tournament", "--workloads", "nope"],
                          capture_output=True, text=True, timeout=120)

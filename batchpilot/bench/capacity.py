@@ -17,6 +17,14 @@ class CapacityResult:
     capacity: float  # highest rate that met the target (0.0: none did)
     curve: list[tuple[float, float]] = field(default_factory=list)  # (rate, attainment) in probe order
 
+    @property
+    def bounded(self) -> bool:
+        """False when every probe met the target: the capacity is only a lower bound (the SLA did
+        not bind at any load tried)."""
+        return any(not ok for ok in self._passed)
+
+    _passed: list[bool] = field(default_factory=list, repr=False)
+
 
 def search_capacity(probe: Callable[[float], float], target: float = 0.9, start_rate: float = 1.0,
                     tolerance: float = 0.1, max_probes: int = 12, min_rate: float = 1e-3) -> CapacityResult:
@@ -30,6 +38,7 @@ def search_capacity(probe: Callable[[float], float], target: float = 0.9, start_
     def passes(rate: float) -> bool:
         attainment = probe(rate)
         result.curve.append((rate, attainment))
+        result._passed.append(attainment >= target)
         return attainment >= target
 
     lo = hi = None

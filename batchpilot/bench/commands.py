@@ -156,7 +156,7 @@ def capacity(args: argparse.Namespace, sla: SLA) -> dict[str, Any]:
         return result["sla_attainment"]
 
     found = search_capacity(probe, args.target, args.start_rate, args.tolerance, args.max_probes)
-    return {"capacity": found.capacity, "target": args.target, "sla": args.sla,
+    return {"capacity": found.capacity, "capacity_bounded": found.bounded, "target": args.target, "sla": args.sla,
             "curve": [{"rate": r, "sla_attainment": a} for r, a in found.curve], "probes": probes}
 
 

@@ -244,7 +244,7 @@ class Setup:
 
         found = search_capacity(probe, target, start, tolerance=0.05, max_probes=12)
         # the shape bench capacity and bench compare write (and plots.plot_capacity reads)
-        return {"capacity": found.capacity,
+        return {"capacity": found.capacity, "capacity_bounded": found.bounded,
                 "capacity_curve": [{"rate": r, "sla_attainment": a} for r, a in found.curve]}
 
 

@@ -109,7 +109,12 @@ def _dataset_workloads(read_trace, path: str, encode) -> list[Workload]:
 
 
 def hindsight_regret(results: dict[str, dict[str, Any]], key: str) -> dict[str, float | None]:
-    """Each configuration's 1 - value / (best static value), on one workload's results."""
+    """Each configuration's 1 - value / (best static value), on one workload's results. A row flagged
+    `{key}_unbounded` (no load tried broke the SLA) beats every bounded one: if a static limit is
+    unbounded, so is the best static, and only the unbounded rows have a regret (0)."""
+    unbounded = {name for name, r in results.items() if r.get(f"{key}_unbounded")}
+    if any(name.startswith("static-") for name in unbounded):
+        return {name: 0.0 if name in unbounded else None for name in results}
     statics = [r[key] for name, r in results.items() if name.startswith("static-") and r.get(key) is not None]
     best = max(statics, default=None)
     return {name: None if not best or r.get(key) is None else 1 - r[key] / best for name, r in results.items()}
@@ -132,9 +137,10 @@ class Runner:
         return out | {"num_preemptions": res.num_preemptions}
 
     def capacity(self, reqs: list[SimRequest], capacity: int, config: ControllerConfig, timed: bool,
-                 offline_rate: float, target: float) -> float:
+                 offline_rate: float, target: float) -> float | None:
         """Highest load meeting the SLA for `target` of requests: a Poisson rate, or a trace's speed-up
-        (reported as the resulting mean arrival rate)."""
+        (reported as the resulting mean arrival rate). None when no load tried broke the SLA (it does
+        not bind on this workload; a number would be only where the search stopped)."""
         def probe(rate: float) -> float:
             if timed:
                 times = at_rate([r.arrival_s for r in reqs], rate)
@@ -143,7 +149,8 @@ class Runner:
             load = [replace(r, arrival_s=t) for r, t in zip(reqs, times)]
             return self.run(load, capacity, config)["sla_attainment"]
 
-        return search_capacity(probe, target, max(0.05, offline_rate / 4), tolerance=0.05, max_probes=12).capacity
+        found = search_capacity(probe, target, max(0.05, offline_rate / 4), tolerance=0.05, max_probes=12)
+        return found.capacity if found.bounded else None
 
 
 def configurations(statics: tuple[int, ...], base: ControllerConfig, sla_tpot_ms: float | None = None
@@ -178,16 +185,21 @@ def run_tournament(runner: Runner, workloads: list[Workload], configs: dict[str,
                 row["sla_attainment"] = r["sla_attainment"]
                 row["capacity"] = runner.capacity(reqs, capacity, sla_configs[name], w.timed, r["request_throughput"],
                                                   target)
+                row["capacity_unbounded"] = row["capacity"] is None
             rows[name] = row
             progress(f"  {w.name:<30} {name:<16} {row['output_throughput']:9.1f} tok/s  "
                      f"p90 TPOT {row['p90_tpot_ms']:7.1f} ms  preempt {row['num_preemptions']:5d}"
-                     + (f"  capacity {row['capacity']:.3f}" if "capacity" in row else "")
+                     + (f"  capacity {_num(row['capacity'])}" if "capacity" in row else "")
                      + f"  ({time.perf_counter() - start:.1f} s)")
         for key, label in (("output_throughput", "regret"), ("capacity", "capacity_regret")):
             for name, value in hindsight_regret(rows, key).items():
                 rows[name][label] = value
         table[w.name] = {"kv_capacity_tokens": capacity, "requests": len(reqs), "results": rows}
     return table
+
+
+def _num(value: float | None) -> str:
+    return "unbounded" if value is None else f"{value:.2f}"
 
 
 def regret_table(table: dict[str, dict[str, Any]], key: str = "regret") -> str:
@@ -197,12 +209,15 @@ def regret_table(table: dict[str, dict[str, Any]], key: str = "regret") -> str:
     value_key = "output_throughput" if key == "regret" else "capacity"
     for wname, w in table.items():
         rows = w["results"]
-        statics = {n: r[value_key] for n, r in rows.items() if n.startswith("static-") and r.get(value_key)}
+        unbounded = {n for n, r in rows.items() if r.get(f"{value_key}_unbounded")}
+        statics = {n: float("inf") if n in unbounded else r[value_key] for n, r in rows.items()
+                   if n.startswith("static-") and (n in unbounded or r.get(value_key))}
         if not statics:
             continue
         best = max(statics, key=statics.get)
-        cells = [f"{100 * rows[c][key]:+.1f}%" if rows.get(c, {}).get(key) is not None else "" for c in contenders]
-        lines.append(f"| {wname} | {best} ({statics[best]:.2f}) | " + " | ".join(cells) + " |")
+        cells = ["unbounded" if c in unbounded else f"{100 * rows[c][key]:+.1f}%"
+                 if rows.get(c, {}).get(key) is not None else "" for c in contenders]
+        lines.append(f"| {wname} | {best} ({_num(rows[best].get(value_key))}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
