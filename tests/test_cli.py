@@ -97,12 +97,21 @@ def test_simulate_sweep_writes_table_json_and_plot(tmp_path):
 
 
 def test_bench_throughput_replays_a_trace_at_its_times(tmp_path):
-    trace, out = tmp_path / "t.jsonl", tmp_path / "r.json"
-    trace.write_text('{"timestamp": 3, "prompt_len": 8, "output_len": 4}\n'
-                     '{"timestamp": 3.6, "prompt_len": 12, "output_len": 3}\n')
-    r = cli("bench", "throughput", "--dataset-name", "trace", "--dataset", str(trace), "--kv-cache-gib", "0.01",
+    trace, out, sim = tmp_path / "t.jsonl", tmp_path / "r.json", tmp_path / "s.json"
+    trace.write_text('{"timestamp": 1, "prompt_len": 5, "output_len": 9}\n'
+                     '{"timestamp": 3, "prompt_len": 8, "output_len": 4}\n'
+                     '{"timestamp": 4.2, "prompt_len": 12, "output_len": 3}\n')
+    window = ["--dataset", str(trace), "--trace-start", "2", "--time-scale", "2"]  # the last two, twice as fast
+    r = cli("bench", "throughput", "--dataset-name", "trace", *window, "--kv-cache-gib", "0.01",
             "--threads", "1", "--no-progress", "--output-json", str(out))
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
     assert result["completed"] == 2 and result["total_output_tokens"] == 7  # outputs forced to the traced lengths
+    assert result["total_input_tokens"] == 20
     assert result["request_rate"] == "trace" and result["duration"] >= 0.6  # the second arrives 0.6 s in
+    # the simulator reads the same requests from the same file and flags
+    r = cli("simulate", *window, "--output-json", str(sim))
+    assert r.returncode == 0, r.stderr
+    simulated = json.loads(sim.read_text())
+    for key in ("completed", "total_input_tokens", "total_output_tokens"):
+        assert simulated[key] == result[key], key

@@ -210,6 +210,14 @@ def test_profile_model_costs_each_prefill_chunk_by_its_own_attention():
     # the last 100 tokens of a 400-token prompt attend to all 400: cost (100 x 350 average context) x 2
     tail = m.step_time(StepShape(4, 4 * 100, ((100, 400),), 5))
     assert tail == pytest.approx(t(4, 100) + 1e-6 * 2 * 100 * 300)
+    # measured chunks after cached context decide the attention cost when the profile has them:
+    # 200 new tokens, 8 us more per 100 cached tokens -> q = 8e-5 / (2 * 200 * 100)
+    context = {"chunk": 200, "offsets": [0, 1000, 3000], "step_s": [0.05, 0.05 + 8e-4, 0.05 + 24e-4]}
+    measured = ProfileModel({"version": PROFILE_VERSION, "grid": grid, "kv_bytes_per_token": 1000,
+                             "max_model_len": 4096, "step_time_s": times, "prefill_context": context})
+    assert measured.prefill_square_s == pytest.approx(8e-4 / 1000 / (2 * 200))
+    late = measured.step_time(StepShape(0, 0, ((200, 3200),), 1))  # 200 tokens after 3000 cached
+    assert late == pytest.approx(t(0, 200) + 24e-4)
 
 
 def test_profile_errors_name_the_flag(tmp_path):
@@ -251,6 +259,9 @@ def test_profile_command_measures_the_real_runner_and_feeds_the_simulator(tmp_pa
     assert sum(b["steps"] for b in cal["bins"]) == cal["steps"]
     assert data["correction"] == {"step_s": [b["mean_step_s"] for b in cal["bins"]],
                                   "scale": [b["ratio"] for b in cal["bins"]]}
+    context = data["prefill_context"]  # one 64-token chunk after 0 to 7k cached tokens of its prompt
+    assert context["chunk"] == 64 and context["offsets"] == [0, 1024, 3072, 7168]
+    assert context["step_s"][-1] > context["step_s"][0] > 0
     elsewhere = tmp_path / "elsewhere.json"  # the same profile, as if measured on another CPU
     elsewhere.write_text(json.dumps({**data, "host": {**data["host"], "cpu": "another CPU"}}))
     r = subprocess.run([*cmd, "profile", "--recalibrate", str(elsewhere), "--model", str(default_model_dir),

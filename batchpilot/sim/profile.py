@@ -14,9 +14,12 @@ that was measured.
 The grid times one prefill chunk that starts its prompt; a step's chunks are often several
 short prompts, or later parts of a long one. Prefill time grows with the square of the chunk
 (attention: T(512) - T(256) is 1.5x T(256) - T(0) here), so the model takes that square
-term q p^2, fitted on the grid's prefill-only row, and replaces the grid's one-prompt share
-of it by the step's own attention work: sum over chunks of new tokens x context. Without
-this the grid overpredicted steps with 512-token chunks by 10-20% inside runs.
+term q p^2 and replaces the grid's one-prompt share of it by the step's own attention work:
+sum over chunks of new tokens x context. Without this the grid overpredicted steps with
+512-token chunks by 10-20% inside runs. q is measured where it matters, on one chunk after
+0 to 7k cached tokens of its prompt (`prefill_context`): fitted on the grid's prefill-only row
+alone it came out 0 here, and the simulator then costed a 512-token chunk at context 7k (0.9 s
+on this CPU) like one at context 0 (0.1 s).
 
 Not modelled: host noise (the profile holds medians).
 """
@@ -54,6 +57,7 @@ CALIBRATION_RUNS = 3  # calibration runs at profile time; their median ratios ar
 # state took 18-25% longer on steps under 45 ms but 5-14% on steps over 100 ms.
 CALIBRATION_BIN_EDGES_S = (0.045, 0.1)
 NO_CORRECTION = {"step_s": [1.0], "scale": [1.0]}  # the grid as measured
+PREFILL_CONTEXT_OFFSETS = (0, 1024, 3072, 7168)  # cached tokens before the timed prefill chunk
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +177,8 @@ def measure_profile(engine_config, grid: ProfileGrid, reps: int = 5, calibration
                  "prefill_tokens": list(grid.prefill_tokens)},
         "step_time_s": times.tolist(),
     }
+    profile["prefill_context"] = measure_prefill_context(runner, vocab, block_size, max_len,
+                                                         grid.prefill_tokens[-1], reps)
     if calibration_prompts:
         # The runs schedule the same steps, so their grid times are equal: the median real time
         # over that is the median ratio, overall and per bin.
@@ -212,10 +218,42 @@ def recalibrate(engine_config, profile: dict[str, Any], progress: bool = True) -
                        measured_on, here["cpu"])
     engine = build_engine(engine_config)
     num_prompts = profile["calibration"]["num_prompts"]
-    run = run_calibration(engine.executor, engine.vocab_size or engine.executor.model.args.vocab_size,
-                          engine_config.cache.block_size, engine.scheduler.max_model_len, num_prompts, progress)
+    vocab = engine.vocab_size or engine.executor.model.args.vocab_size
+    block_size, max_len = engine_config.cache.block_size, engine.scheduler.max_model_len
+    chunk = profile["grid"]["prefill_tokens"][-1]
+    profile = {**profile, "prefill_context": measure_prefill_context(engine.executor, vocab, block_size, max_len,
+                                                                     chunk, profile.get("reps", 5))}
+    run = run_calibration(engine.executor, vocab, block_size, max_len, num_prompts, progress)
     cal = summarize_calibration(profile, run, num_prompts) | {"host": here}
     return {**profile, "calibration": cal, "correction": correction(cal["bins"])}
+
+
+def measure_prefill_context(runner, vocab: int, block_size: int, max_len: int, chunk: int, reps: int
+                            ) -> dict[str, Any]:
+    """One `chunk`-token prefill chunk after 0 to 7k cached tokens of its prompt: the median time of
+    `reps` runs at each offset that fits the model and the runner's pool (ProfileModel fits the
+    attention cost per query-key pair on them)."""
+    from batchpilot.engine.outputs import ScheduledRequest, SchedulerOutput
+    from batchpilot.engine.request import Request
+    from batchpilot.sampling_params import SamplingParams
+
+    room = min(max_len, runner.num_blocks * block_size)
+    offsets = [o for o in PREFILL_CONTEXT_OFFSETS if o + chunk <= room]
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=1, seed=0)
+    times = []
+    for offset in offsets:
+        length = offset + chunk
+        req = Request("prefill-context", [(7 * t + 3) % vocab for t in range(length)], params, arrival_time=0.0)
+        step = SchedulerOutput([ScheduledRequest(req, offset, chunk, list(range(-(-length // block_size))), True)],
+                               chunk, 0)
+        runner.execute(step)  # warm-up
+        samples = []
+        for _ in range(max(1, reps)):
+            t0 = time.perf_counter()
+            runner.execute(step)
+            samples.append(time.perf_counter() - t0)
+        times.append(statistics.median(samples))
+    return {"chunk": chunk, "offsets": offsets, "step_s": times}
 
 
 def correction(bins: list[dict[str, float]]) -> dict[str, list[float]]:
@@ -321,7 +359,19 @@ class ProfileModel:
             raise ValueError(f"profile step_time_s has shape {values.shape}, the grid needs "
                              f"{tuple(len(a) for a in self.axes)}")
         self.values = values.tolist()
-        self.prefill_square_s = self._fit_prefill_square(values[0, 0, 1:])
+        measured = profile.get("prefill_context")
+        if measured and len(measured["offsets"]) >= 2:
+            self.prefill_square_s = self._fit_context(measured)
+        else:  # a profile made before `prefill_context` was measured
+            self.prefill_square_s = self._fit_prefill_square(values[0, 0, 1:])
+
+    @staticmethod
+    def _fit_context(measured: dict[str, Any]) -> float:
+        """q from chunks after o cached tokens: T(o) = T(0) + 2 q n o (n new tokens, n o more pairs,
+        2 q per pair as in T(p) = a + l p + q p^2 with p^2 / 2 causal pairs)."""
+        o = np.asarray(measured["offsets"], dtype=float)
+        slope, _ = np.polyfit(o, np.asarray(measured["step_s"], dtype=float), 1)
+        return max(0.0, float(slope) / (2 * measured["chunk"]))
 
     def _fit_prefill_square(self, prefill_only_s: np.ndarray) -> float:
         """q in T(p) = a + l p + q p^2 over the grid's prefill-only steps (0 without 3 points to fit)."""
