@@ -151,13 +151,13 @@ def test_regret_against_the_hindsight_best_static_limit():
     assert hindsight_regret(caps, "c") == {"static-8": 0.5, "static-64": 0.0, "combined": None, "sglang": 0.25}
 
 
-def test_a_capacity_above_the_offline_throughput_is_unbounded():
+def test_a_capacity_at_which_the_workload_arrives_within_one_ttft_is_unbounded():
     from batchpilot.sim.tournament import score
 
-    rows = {"static-8": {"output_throughput": 50.0, "request_throughput": 2.0, "capacity": 1.5},
-            "static-64": {"output_throughput": 80.0, "request_throughput": 3.0, "capacity": 2.4},
-            "combined": {"output_throughput": 84.0, "request_throughput": 3.1, "capacity": 40.0}}  # a search artifact
-    score(rows)
+    rows = {"static-8": {"output_throughput": 50.0, "capacity": 1.5},
+            "static-64": {"output_throughput": 80.0, "capacity": 2.4},
+            "combined": {"output_throughput": 84.0, "capacity": 40.0}}  # 200 requests in 5 s: all at once
+    score(rows, 200, 10.0)  # unbounded from 20 req/s
     assert rows["combined"]["capacity"] is None and rows["combined"]["capacity_unbounded"]
     assert rows["static-8"]["capacity_regret"] == pytest.approx(1 - 1.5 / 2.4)
     assert rows["combined"]["capacity_regret"] is None and rows["combined"]["regret"] == pytest.approx(-0.05)
