@@ -27,8 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHONS = {"batchpilot": ROOT / ".venv" / "bin" / "python", "vllm": ROOT / ".venv-vllm" / "bin" / "python"}
-CASES = ("w1:8", "w1:32", "w1:128", "decode:1", "decode:8", "decode:32", "decode:128", "prefill:512")
+CASES = ("w1:128", "w1:32", "w1:8", "decode:1", "decode:8", "decode:32", "decode:128", "prefill:512")
 THREADS, KV_GIB = 2, 4
+MARKER = "VLLM_SPEED_RESULT "
 
 
 def prompts(case: str, vocab: int) -> tuple[list[list[int]], int, int]:
@@ -102,7 +103,11 @@ def worker(engine: str, model: str, case: str) -> dict:
                        capture_output=True, text=True, env=env, timeout=3600)
     if r.returncode != 0:
         raise RuntimeError(f"{engine} {case} failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    # vLLM prints to stdout too: the result is the line after the marker
+    line = next(x for x in reversed(r.stdout.splitlines()) if x.startswith(MARKER))
+    result = json.loads(line[len(MARKER):])
+    print(f"  {engine} {case}: {result}", file=sys.stderr, flush=True)
+    return result
 
 
 def headline(kind: str, result: dict) -> float:
@@ -120,7 +125,7 @@ def main() -> int:
     args = p.parse_args()
     if args.worker:
         run = run_batchpilot if args.worker == "batchpilot" else run_vllm
-        print(json.dumps(run(args.model, args.cases)))
+        print(MARKER + json.dumps(run(args.model, args.cases)), flush=True)
         return 0
     model = args.model
     if model is None:

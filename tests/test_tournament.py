@@ -129,6 +129,20 @@ def test_simulate_takes_a_sharegpt_file_counted_by_the_default_tokenizer(tmp_pat
     assert result["total_output_tokens"] == sum(r.output_len for r in expected.requests)
 
 
+def test_a_trace_without_its_times_arrives_at_a_synthetic_rate():
+    from batchpilot.cli import build_parser
+    from batchpilot.sim.commands import Setup
+
+    args = build_parser().parse_args(["simulate", "--dataset", str(AZURE), "--num-prompts", "200",
+                                      "--ignore-trace-times", "--request-rate", "4"])
+    timed = read_trace(AZURE).requests[:200]
+    work = Setup(args).workload(4.0)
+    assert [(w.prompt_len, w.output_len) for w in work] == [(r.prompt_len, r.output_len) for r in timed]
+    gaps = [b.arrival_s - a.arrival_s for a, b in zip(work, work[1:])]
+    assert 0.2 < sum(gaps) / len(gaps) < 0.3 and min(gaps) > 0  # Poisson at 4/s, not the trace's bursts
+    assert all(w.arrival_s == 0 for w in Setup(args).workload(None))  # no rate: all at once
+
+
 def test_a_real_azure_trace_reads_whole():
     trace = read_trace(AZURE)
     assert len(trace.requests) == 300 and trace.skipped_rows == 0 and trace.dropped_empty == 0

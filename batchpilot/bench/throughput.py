@@ -71,7 +71,8 @@ def run_throughput(args: argparse.Namespace, config: EngineConfig) -> int:
         requests = traced_requests([r.prompt_len for r in traced], [r.output_len for r in traced],
                                    llm.tokenizer.vocab_size, args.seed, llm.tokenizer.num_added_tokens)
         args.ignore_eos = True
-        arrivals = at_rate([r.arrival_s for r in traced], args.request_rate)
+        arrivals = (arrival_times(len(traced), rate, args.burstiness, args.seed).tolist() if args.ignore_trace_times
+                    else at_rate([r.arrival_s for r in traced], args.request_rate))
     elif args.dataset or args.dataset_name == "sharegpt":
         if not args.dataset:
             raise ValueError("--dataset-name sharegpt needs --dataset PATH")

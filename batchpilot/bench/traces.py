@@ -234,6 +234,9 @@ def add_trace_args(p) -> None:
     g.add_argument("--trace-start", type=float, default=0.0, help="seconds into the trace where the replay starts")
     g.add_argument("--trace-duration", type=float, default=None, help="seconds of the trace to replay (default: all)")
     g.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of failing")
+    g.add_argument("--ignore-trace-times", action="store_true",
+                   help="the trace's lengths only: arrivals from --request-rate (Poisson, or --burstiness), "
+                        "as for synthetic data")
 
 
 def trace_requests(path: str | None, args, limit: int | None = None, encode: Callable[[str], list[int]] | None = None
@@ -244,4 +247,7 @@ def trace_requests(path: str | None, args, limit: int | None = None, encode: Cal
         raise ValueError("--dataset-name trace needs --dataset FILE (Azure or BurstGPT CSV, JSON Lines or ShareGPT)")
     trace = read_trace(path, args.skip_bad_rows, encode, seed=getattr(args, "seed", 0))
     chosen = trace.window(args.trace_start, args.trace_duration, args.time_scale) if trace.timed else trace.requests
-    return chosen[:limit] if limit else chosen
+    chosen = chosen[:limit] if limit else chosen
+    if getattr(args, "ignore_trace_times", False):
+        chosen = [TraceRequest(0.0, r.prompt_len, r.output_len, r.prompt) for r in chosen]
+    return chosen

@@ -48,7 +48,8 @@ def build_payloads(args: argparse.Namespace, tokenizer: TextTokenizer, model: st
         reqs = traced_requests([t.prompt_len for t in traced], [t.output_len for t in traced],
                                tokenizer.vocab_size, seed, tokenizer.num_added_tokens)
         return [Payload("/v1/completions", {**common, "prompt": r.prompt, "max_tokens": r.max_tokens,
-                                            "ignore_eos": True}, r.prompt_len, t.arrival_s)
+                                            "ignore_eos": True}, r.prompt_len,
+                        None if args.ignore_trace_times else t.arrival_s)
                 for r, t in zip(reqs, traced)]
     if args.dataset_name == "sharegpt":
         if not args.dataset_path:

@@ -15,17 +15,17 @@ import torch.nn.functional as F
 
 from batchpilot.model.args import ModelArgs
 from batchpilot.model.attention import AttentionMetadata, paged_attention
+from batchpilot.model.linear import PACK_LIMIT_BYTES, Linear, packing_supported
 
 
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor  # [hidden]
-    wqkv: torch.Tensor  # [(H + 2 * KVH) * D, hidden]
-    bqkv: torch.Tensor | None  # [(H + 2 * KVH) * D] (Qwen2 only)
-    wo: torch.Tensor  # [hidden, H * D]
+    qkv: Linear  # [(H + 2 * KVH) * D, hidden], bias [(H + 2 * KVH) * D] (Qwen2 only)
+    o: Linear  # [hidden, H * D]
     ffn_norm: torch.Tensor  # [hidden]
-    w_gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    w_down: torch.Tensor  # [hidden, intermediate]
+    gate_up: Linear  # [2 * intermediate, hidden]
+    down: Linear  # [hidden, intermediate]
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -56,8 +56,11 @@ class LlamaModel:
             return weights[name].to(dtype).contiguous()
 
         self.embed = w("model.embed_tokens.weight")
-        self.lm_head = self.embed if args.tie_word_embeddings else w("lm_head.weight")
         self.norm = w("model.norm.weight")
+        linear_bytes = sum(t.numel() for name, t in weights.items() if name.endswith("proj.weight")) * \
+            torch.finfo(dtype).bits // 8
+        pack = packing_supported(dtype) and linear_bytes + self.embed.nbytes <= PACK_LIMIT_BYTES
+        self.lm_head = Linear(self.embed if args.tie_word_embeddings else w("lm_head.weight"), pack=pack)
         self.layers = []
         for i in range(args.num_layers):
             p = f"model.layers.{i}."
@@ -67,12 +70,12 @@ class LlamaModel:
             self.layers.append(
                 LayerWeights(
                     attn_norm=w(p + "input_layernorm.weight"),
-                    wqkv=torch.cat([w(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
-                    bqkv=bias,
-                    wo=w(p + "self_attn.o_proj.weight"),
+                    qkv=Linear(torch.cat([w(p + f"self_attn.{x}_proj.weight") for x in "qkv"]), bias, pack),
+                    o=Linear(w(p + "self_attn.o_proj.weight"), pack=pack),
                     ffn_norm=w(p + "post_attention_layernorm.weight"),
-                    w_gate_up=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
-                    w_down=w(p + "mlp.down_proj.weight"),
+                    gate_up=Linear(torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
+                                   pack=pack),
+                    down=Linear(w(p + "mlp.down_proj.weight"), pack=pack),
                 )
             )
         inv_freq = rope_inv_freq(args)
@@ -98,17 +101,17 @@ class LlamaModel:
         x = F.embedding(token_ids, self.embed)  # [T, hidden]
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             y = _rms_norm(x, layer.attn_norm, a.rms_norm_eps)
-            qkv = F.linear(y, layer.wqkv, layer.bqkv)
+            qkv = layer.qkv(y)
             q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
             q = _rope(q.view(t, h, d), cos, sin)
             k = _rope(k.view(t, kvh, d), cos, sin)
             o = paged_attention(q, k, v.view(t, kvh, d), k_cache, v_cache, meta, scale)
-            x = x + F.linear(o.view(t, h * d), layer.wo)
+            x = x + layer.o(o.view(t, h * d))
             y = _rms_norm(x, layer.ffn_norm, a.rms_norm_eps)
-            gate, up = F.linear(y, layer.w_gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.w_down)
+            gate, up = layer.gate_up(y).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
         x = _rms_norm(x[logits_rows], self.norm, a.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()
+        return self.lm_head(x).float()
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,38 @@
+"""Linear layers for the CPU: oneDNN-prepacked bf16 weights for the rows of decode steps.
+
+`F.linear` hands oneDNN a plain [out, in] weight, which it reorders into its blocked layout on
+every call; at a few rows that reorder is most of the call. Prepacking once (what vLLM's CPU
+backend and inductor's freezing do) made a bf16 matmul 1.3-2x faster at 1-128 rows on this
+host (AMX Xeon), and equal or slower at 512 (a prefill chunk), so steps of up to
+`PACKED_MAX_ROWS` rows take the packed weight and larger ones the plain weight. Both are kept:
+packing is only done for models small enough that a second copy of the weights costs little
+(`PACK_LIMIT_BYTES`); measurements in docs/reproduction.md.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PACKED_MAX_ROWS = 128
+PACK_LIMIT_BYTES = 2 * 2**30  # weights of every packed layer together
+
+
+def packing_supported(dtype: torch.dtype) -> bool:
+    return (dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+
+
+class Linear:
+    """y = x W^T + b, from the prepacked weight when there is one and x has few rows."""
+
+    __slots__ = ("weight", "bias", "packed")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = False):
+        self.weight, self.bias = weight, bias
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight) if pack else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and x.dim() == 2 and x.shape[0] <= PACKED_MAX_ROWS:
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
