@@ -25,7 +25,7 @@ from batchpilot.bench.datasets import LengthDist
 from batchpilot.bench.metrics import SLA, summarize
 from batchpilot.bench.results import write_json
 from batchpilot.bench.serve import arrival_times
-from batchpilot.bench.traces import at_rate
+from batchpilot.bench.traces import at_rate, read_trace
 from batchpilot.config import ControllerConfig, SchedulerConfig
 from batchpilot.sim.driver import SimRequest, make_workload, simulate
 
@@ -71,8 +71,6 @@ def builtin_workloads(datasets: list[str] | tuple[str, ...] = (), encode: Callab
     requests, and those from half-way through it), or a ShareGPT file's conversations (`encode`
     counts their tokens). Lengths from a dataset are chosen by the "model" below max_tokens 1024
     (or the reference length, if longer), so no policy can read them from max_tokens."""
-    from batchpilot.bench.traces import read_trace
-
     work = [
         Workload("uniform", lambda n: _lengths(n, "uniform:50:400", "uniform:32:256", 1), 32),
         Workload("uniform-ample-kv", lambda n: _lengths(n, "uniform:50:400", "uniform:32:256", 2), 160),
@@ -84,11 +82,11 @@ def builtin_workloads(datasets: list[str] | tuple[str, ...] = (), encode: Callab
         Workload("phase-shift", lambda n: phase_shift(n, 6), 16),
     ]
     for path in datasets:
-        work += _dataset_workloads(read_trace, path, encode)
+        work += _dataset_workloads(path, encode)
     return work
 
 
-def _dataset_workloads(read_trace, path: str, encode) -> list[Workload]:
+def _dataset_workloads(path: str, encode: Callable[[str], list[int]] | None) -> list[Workload]:
     def request(r, t0: float = 0.0) -> SimRequest:
         return SimRequest(r.arrival_s - t0, r.prompt_len, r.output_len, max(1024, r.output_len))
 
