@@ -15,7 +15,8 @@ def test_packed_linear_matches_f_linear(rows):
     w = torch.randn(960, 576, generator=g).to(torch.bfloat16)
     b = torch.randn(960, generator=g).to(torch.bfloat16)
     x = torch.randn(rows, 576, generator=g).to(torch.bfloat16)
-    packed, plain = Linear(w, b, pack=True), F.linear(x, w, b)
+    packed, plain = Linear(w, b), F.linear(x, w, b)
+    packed.pack()
     out = packed(x)
     assert out.shape == plain.shape and out.dtype == torch.bfloat16
     if rows > PACKED_MAX_ROWS:
@@ -31,7 +32,7 @@ def test_default_model_greedy_is_the_same_with_and_without_packing(monkeypatch):
     params = SamplingParams(temperature=0, max_tokens=24)
     packed = LLM(kv_cache_gib=0.05, threads=1)
     assert packed.engine.executor.model.lm_head.packed is not None
-    monkeypatch.setattr("batchpilot.model.llama.PACK_LIMIT_BYTES", 0)
+    monkeypatch.setattr("batchpilot.model.linear.PACK_LIMIT_BYTES", 0)
     plain = LLM(kv_cache_gib=0.05, threads=1)
     assert plain.engine.executor.model.lm_head.packed is None
     assert [o.outputs[0].token_ids for o in packed.generate(prompts, params)] == [

@@ -17,13 +17,13 @@ class CapacityResult:
     capacity: float  # highest rate that met the target (0.0: none did)
     curve: list[tuple[float, float]] = field(default_factory=list)  # (rate, attainment) in probe order
 
+    target: float = 0.9
+
     @property
     def bounded(self) -> bool:
         """False when every probe met the target: the capacity is only a lower bound (the SLA did
         not bind at any load tried)."""
-        return any(not ok for ok in self._passed)
-
-    _passed: list[bool] = field(default_factory=list, repr=False)
+        return any(attainment < self.target for _, attainment in self.curve)
 
 
 def search_capacity(probe: Callable[[float], float], target: float = 0.9, start_rate: float = 1.0,
@@ -33,12 +33,11 @@ def search_capacity(probe: Callable[[float], float], target: float = 0.9, start_
         raise ValueError(f"--target must be in (0, 1], got {target}")
     if start_rate <= 0 or tolerance <= 0:
         raise ValueError("--start-rate and --tolerance must be positive")
-    result = CapacityResult(0.0)
+    result = CapacityResult(0.0, target=target)
 
     def passes(rate: float) -> bool:
         attainment = probe(rate)
         result.curve.append((rate, attainment))
-        result._passed.append(attainment >= target)
         return attainment >= target
 
     lo = hi = None

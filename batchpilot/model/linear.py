@@ -23,14 +23,29 @@ def packing_supported(dtype: torch.dtype) -> bool:
             and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
 
+def pack_all(layers: list[Linear]) -> bool:
+    """Prepack every layer when their dtype allows it and their weights fit PACK_LIMIT_BYTES."""
+    if not layers or not packing_supported(layers[0].weight.dtype):
+        return False
+    if sum(layer.weight.nbytes for layer in layers) > PACK_LIMIT_BYTES:
+        return False
+    for layer in layers:
+        layer.pack()
+    return True
+
+
 class Linear:
     """y = x W^T + b, from the prepacked weight when there is one and x has few rows."""
 
     __slots__ = ("weight", "bias", "packed")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = False):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight, self.bias = weight, bias
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight) if pack else None
+        self.packed: torch.Tensor | None = None
+
+    def pack(self) -> None:
+        """Keep a oneDNN-prepacked copy of the weight for steps of few rows."""
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and x.dim() == 2 and x.shape[0] <= PACKED_MAX_ROWS:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from batchpilot.model.args import ModelArgs
 from batchpilot.model.attention import AttentionMetadata, paged_attention
-from batchpilot.model.linear import PACK_LIMIT_BYTES, Linear, packing_supported
+from batchpilot.model.linear import Linear, pack_all
 
 
 @dataclass
@@ -57,10 +57,7 @@ class LlamaModel:
 
         self.embed = w("model.embed_tokens.weight")
         self.norm = w("model.norm.weight")
-        linear_bytes = sum(t.numel() for name, t in weights.items() if name.endswith("proj.weight")) * \
-            torch.finfo(dtype).bits // 8
-        pack = packing_supported(dtype) and linear_bytes + self.embed.nbytes <= PACK_LIMIT_BYTES
-        self.lm_head = Linear(self.embed if args.tie_word_embeddings else w("lm_head.weight"), pack=pack)
+        self.lm_head = Linear(self.embed if args.tie_word_embeddings else w("lm_head.weight"))
         self.layers = []
         for i in range(args.num_layers):
             p = f"model.layers.{i}."
@@ -70,14 +67,15 @@ class LlamaModel:
             self.layers.append(
                 LayerWeights(
                     attn_norm=w(p + "input_layernorm.weight"),
-                    qkv=Linear(torch.cat([w(p + f"self_attn.{x}_proj.weight") for x in "qkv"]), bias, pack),
-                    o=Linear(w(p + "self_attn.o_proj.weight"), pack=pack),
+                    qkv=Linear(torch.cat([w(p + f"self_attn.{x}_proj.weight") for x in "qkv"]), bias),
+                    o=Linear(w(p + "self_attn.o_proj.weight")),
                     ffn_norm=w(p + "post_attention_layernorm.weight"),
-                    gate_up=Linear(torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
-                                   pack=pack),
-                    down=Linear(w(p + "mlp.down_proj.weight"), pack=pack),
+                    gate_up=Linear(torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])),
+                    down=Linear(w(p + "mlp.down_proj.weight")),
                 )
             )
+        pack_all([self.lm_head] + [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up,
+                                                                             layer.down)])
         inv_freq = rope_inv_freq(args)
         angles = torch.outer(torch.arange(args.max_position_embeddings, dtype=torch.float32), inv_freq)
         self.rope_cos = angles.cos()  # [max_pos, D/2]
