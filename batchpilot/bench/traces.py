@@ -66,6 +66,19 @@ _AZURE = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 _BURSTGPT = ("Timestamp", "Request tokens", "Response tokens")
 
 
+def trace_kind(path: str | Path) -> str:
+    """"sharegpt" (a JSON list), "jsonl" (JSON objects) or "csv" (Azure or BurstGPT), from the
+    file's first characters."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            first = f.read(256).lstrip()
+    except OSError as e:
+        raise TraceError(f"{path}: cannot read: {e}") from e
+    except UnicodeDecodeError as e:
+        raise TraceError(f"{path}: not a text file ({e})") from e
+    return "sharegpt" if first.startswith("[") else "jsonl" if first.startswith("{") else "csv"
+
+
 def read_trace(path: str | Path, skip_bad_rows: bool = False, encode: Callable[[str], list[int]] | None = None,
                limit: int | None = None, seed: int = 0) -> Trace:
     """Read a trace file in any supported format (sorted by arrival). `encode` (a tokenizer's) is
@@ -73,12 +86,11 @@ def read_trace(path: str | Path, skip_bad_rows: bool = False, encode: Callable[[
     seeded order (tokenizing 90k conversations to use 1,000 would take minutes)."""
     path = Path(path)
     try:
+        kind = trace_kind(path)
         with open(path, newline="", encoding="utf-8") as f:
-            first = f.read(256).lstrip()
-            f.seek(0)
-            if first.startswith("["):
+            if kind == "sharegpt":
                 trace = _read_sharegpt(path, f, skip_bad_rows, encode, limit, seed)
-            elif first.startswith("{"):
+            elif kind == "jsonl":
                 trace = _read_jsonl(path, f, skip_bad_rows)
             else:
                 trace = _read_csv(path, f, skip_bad_rows)

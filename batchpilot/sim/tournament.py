@@ -25,7 +25,7 @@ from batchpilot.bench.datasets import LengthDist
 from batchpilot.bench.metrics import SLA, summarize
 from batchpilot.bench.results import write_json
 from batchpilot.bench.serve import arrival_times
-from batchpilot.bench.traces import at_rate, read_trace
+from batchpilot.bench.traces import at_rate, read_trace, trace_kind
 from batchpilot.config import ControllerConfig, SchedulerConfig
 from batchpilot.sim.driver import SimRequest, make_workload, simulate
 
@@ -90,9 +90,7 @@ def _dataset_workloads(path: str, encode: Callable[[str], list[int]] | None) -> 
     def request(r, t0: float = 0.0) -> SimRequest:
         return SimRequest(r.arrival_s - t0, r.prompt_len, r.output_len, max(1024, r.output_len))
 
-    with open(path, encoding="utf-8", errors="replace") as f:
-        sharegpt = f.read(256).lstrip().startswith("[")
-    if sharegpt:  # no times: tokenize only the conversations a run uses
+    if trace_kind(path) == "sharegpt":  # no times: tokenize only the conversations a run uses
         return [Workload(f"{Path(path).stem}-sharegpt",
                          lambda n: [request(r) for r in read_trace(path, encode=encode, limit=n).requests], 16)]
     trace = read_trace(path)
