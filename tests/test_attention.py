@@ -34,14 +34,16 @@ def dense_reference(q, k_cache, v_cache, tables, lens, block_size, scale):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_native_and_torch_decode_attention_match_dense(dtype, tol):
+@pytest.mark.parametrize("sharpness", [1.0, 40.0])  # 40: score gaps past exp's range, near one-hot
+def test_native_and_torch_decode_attention_match_dense(dtype, tol, sharpness):
     q, kc, vc, tables, lens, bs = make_case(dtype)
+    q = (q.float() * sharpness).to(dtype)
     scale = q.shape[-1] ** -0.5
     ref = dense_reference(q, kc, vc, tables, lens, bs, scale)
     meta = AttentionMetadata(torch.empty(0), bs, len(lens), tables, lens, native_decode=False, prefills=[])
     torch_path = _decode_attention(q, kc, vc, meta, scale)
     torch.testing.assert_close(torch_path.float(), ref, atol=tol, rtol=tol)
-    assert kernels.native_decode_available(), "gcc is part of the supported setup"
+    assert kernels.native_available(), "gcc is part of the supported setup"
     native = kernels.paged_decode_attention(q, kc, vc, tables, lens, bs, scale)
     assert native.dtype == dtype
     torch.testing.assert_close(native.float(), ref, atol=tol, rtol=tol)

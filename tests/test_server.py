@@ -84,6 +84,7 @@ def test_models_health_version_metrics(server, client):
     assert [m.id for m in client.models.list().data][0] == MODEL
     assert httpx.get(f"{server}/health").status_code == 200
     assert "version" in httpx.get(f"{server}/version").json()
+    client.completions.create(model=MODEL, prompt="Hello", max_tokens=2)  # latency histograms need a request
     text = httpx.get(f"{server}/metrics").text
     for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "num_preemptions_total",
                  "time_to_first_token_seconds_bucket", "request_time_per_output_token_seconds_bucket",

@@ -59,7 +59,7 @@ class TorchRunner:
              torch.zeros(a.num_kv_heads, slots, a.head_dim, dtype=model.dtype))
             for _ in range(a.num_layers)
         ]
-        self.native_attention = native_attention and kernels.native_decode_available()
+        self.native_attention = native_attention and kernels.native_available()
         self._generators: dict[str, torch.Generator] = {}
         self._seed_source = torch.Generator().manual_seed(seed)
 

@@ -82,7 +82,8 @@ def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float
     qg = q.view(b, kvh, h // kvh, d).transpose(0, 1)  # [KVH, B, G, D]
     blocks = k_cache.view(kvh, -1, meta.block_size, d)  # [KVH, NB, bs, D]
     keys = blocks.index_select(1, flat_tables).view(kvh, b, length, d)
-    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale  # [KVH, B, G, L]
+    # Scores in float32: rounded to bf16 they shift a sharp softmax's weights by tens of percent.
+    scores = torch.matmul(qg.float(), keys.transpose(-1, -2).float()) * scale  # [KVH, B, G, L]
     scores.masked_fill_(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     values = v_cache.view(blocks.shape).index_select(1, flat_tables).view(kvh, b, length, d)

@@ -1,9 +1,10 @@
 """Native CPU kernels, compiled on first use with the system C compiler and loaded by ctypes.
 
-Plain C with OpenMP, no torch headers: it compiles in about a second and is cached under
-the user cache dir, keyed by the source, the flags and the CPU's feature flags (it is built
-with -march=native). Without a compiler, `paged_decode_attention` is None and the torch
-implementation in attention.py is used instead.
+Plain C with OpenMP, no torch headers: every file of csrc/ goes into one library, which
+compiles in about a second and is cached under the user cache dir, keyed by the sources, the
+flags and the CPU's feature flags (it is built with -march=native). Without a compiler,
+`native_available()` is False and callers use their torch implementation instead (attention.py,
+sampler.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from batchpilot.model.loader import cache_dir
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
+_SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))
 # Reassociation lets gcc vectorise the dot-product reductions; infinities stay IEEE (no -ffast-math).
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=fast", "-fassociative-math",
           "-fno-signed-zeros", "-fno-trapping-math"]
@@ -39,9 +40,9 @@ def _cpu_flags() -> str:
 
 
 def _build() -> Path:
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(_FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"paged_attention-{key}.so"
+    sources = b"".join(path.name.encode() + path.read_bytes() for path in _SOURCES)
+    key = hashlib.sha256(sources + " ".join(_FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"batchpilot_kernels-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -51,8 +52,8 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True,
-                       text=True)
+        subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", tmp, "-lm"], check=True,
+                       capture_output=True, text=True)
         os.replace(tmp, target)  # atomic: a concurrent build just replaces it with the same bytes
     finally:
         if os.path.exists(tmp):
@@ -66,16 +67,18 @@ def _library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(_build()))
     except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
-        logger.warning("native paged attention unavailable, using the torch path: %s", detail.strip()[:500])
+        logger.warning("native kernels unavailable, using the torch paths: %s", detail.strip()[:500])
         return None
     fn = lib.paged_decode_attention
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_int64, ctypes.c_float,
                                                                   ctypes.c_int, ctypes.c_int]
+    lib.argmax_rows.restype = None
+    lib.argmax_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
-def native_decode_available() -> bool:
+def native_available() -> bool:
     return _library() is not None
 
 
@@ -85,7 +88,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """Decode attention read straight from the blocks. q: [B, H, D]; caches [KVH, S, D];
     block_tables [B, W] int64; context_lens [B] int64. Returns [B, H, D]."""
     lib = _library()
-    assert lib is not None, "call native_decode_available() first"
+    assert lib is not None, "call native_available() first"
     q = q.contiguous()
     out = torch.empty_like(q)
     b, h, d = q.shape
@@ -97,4 +100,17 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     )
     if rc != 0:
         raise ValueError(f"paged attention kernel: unsupported shape (heads {h}, head_dim {d}, block {block_size})")
+    return out
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """The first index of each row's maximum (or first NaN), as torch.argmax(dim=-1) gives it.
+    logits: float32 [R, V]. Returns int64 [R]."""
+    lib = _library()
+    assert lib is not None, "call native_available() first"
+    if logits.dtype != torch.float32 or logits.dim() != 2:
+        raise ValueError(f"argmax_rows takes float32 [R, V], got {logits.dtype} {tuple(logits.shape)}")
+    logits = logits.contiguous()
+    out = torch.empty(logits.shape[0], dtype=torch.long)
+    lib.argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr(), torch.get_num_threads())
     return out

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from batchpilot.engine.outputs import TokenLogprobs
+from batchpilot.model import kernels
 from batchpilot.sampling_params import SamplingParams
 
 
@@ -33,7 +34,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], li
     want_logprobs = [r.params.logprobs is not None for r in rows]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
     _apply_penalties(logits, rows)
-    tokens = logits.argmax(dim=-1)
+    tokens = _argmax(logits)
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     if random_rows:
         idx = torch.tensor(random_rows)
@@ -45,6 +46,13 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], li
             if want_logprobs[i]:
                 logprobs[i] = _token_logprobs(raw_logprobs[i], token_list[i], r.params.logprobs or 0)
     return token_list, logprobs
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """torch's argmax does not vectorise (7 ms at [128, 49152] on two cores); the native one does."""
+    if kernels.native_available():
+        return kernels.argmax_rows(logits)
+    return logits.argmax(dim=-1)
 
 
 def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:

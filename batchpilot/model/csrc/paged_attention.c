@@ -5,8 +5,10 @@
  * Layout (see batchpilot/model/attention.py): q and out are [B, H, D]; k_cache and v_cache
  * are [KVH, S, D] with S = num_blocks * block_size; block_tables is [B, W]; context_lens is
  * [B]. The G = H / KVH query heads of a KV head are processed together, so each K/V row is
- * read from memory once per sequence. Parallel over (sequence, KV head) with OpenMP; the
- * process shares torch's libgomp (same soname), so there is one thread pool.
+ * read from memory once per sequence, and the next block's rows are prefetched while one block
+ * is computed (blocks lie anywhere in the cache, where the hardware prefetcher does not follow).
+ * Parallel over (sequence, KV head) with OpenMP; the process shares torch's libgomp (same
+ * soname), so there is one thread pool.
  */
 #include <math.h>
 #include <stdint.h>
@@ -19,10 +21,8 @@
 static inline void load_row(const void *base, int is_bf16, int64_t offset, int d, float *dst) {
     if (is_bf16) {
         const uint16_t *src = (const uint16_t *)base + offset;
-        for (int i = 0; i < d; i++) {
-            uint32_t bits = ((uint32_t)src[i]) << 16;
-            memcpy(&dst[i], &bits, sizeof(float));
-        }
+        uint32_t *bits = (uint32_t *)dst;
+        for (int i = 0; i < d; i++) bits[i] = ((uint32_t)src[i]) << 16;
     } else {
         memcpy(dst, (const float *)base + offset, (size_t)d * sizeof(float));
     }
@@ -42,6 +42,27 @@ static inline void store_row(void *base, int is_bf16, int64_t offset, int d, con
         float *dst = (float *)base + offset;
         for (int i = 0; i < d; i++) dst[i] = src[i] * mul;
     }
+}
+
+/* exp(x) for x <= 0 (Cephes' expf): x = n ln2 + r, 2^n built in the exponent bits, e^r by a
+ * degree-7 polynomial, about 1 ulp. Inline and branch-free so that gcc vectorises the loops that
+ * call it (glibc's expf is a scalar call). Inputs below -87, -inf included, are clamped to -87:
+ * about 1e-38, as good as 0 beside the running sum, which is at least 1. */
+static inline float exp_nonpos(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float n = __builtin_roundf(x * 1.44269504f);
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t e = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &e, sizeof(float));
+    return p * scale;
 }
 
 /* Returns 0, or -1 when a dimension exceeds the fixed per-thread buffers. */
@@ -70,6 +91,17 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
                 const int n = (int)((len - start) < BS ? (len - start) : BS);
                 const int64_t slot0 = block_tables[(int64_t)b * table_width + start / BS] * BS;
                 const int64_t base = ((int64_t)kh * num_slots + slot0) * D;
+                if (start + BS < len) { /* the next block's rows, fetched while this one is computed */
+                    const int64_t next = ((int64_t)kh * num_slots
+                                          + block_tables[(int64_t)b * table_width + start / BS + 1] * BS) * D;
+                    const int64_t bytes = (int64_t)BS * D * (is_bf16 ? 2 : 4);
+                    const char *kn = (const char *)k_cache + next * (is_bf16 ? 2 : 4);
+                    const char *vn = (const char *)v_cache + next * (is_bf16 ? 2 : 4);
+                    for (int64_t off = 0; off < bytes; off += 64) {
+                        __builtin_prefetch(kn + off, 0, 3);
+                        __builtin_prefetch(vn + off, 0, 3);
+                    }
+                }
                 for (int t = 0; t < n; t++) {
                     load_row(k_cache, is_bf16, base + (int64_t)t * D, D, row);
                     for (int g = 0; g < G; g++) {
@@ -82,10 +114,12 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
                 for (int g = 0; g < G; g++) {
                     float m = mx[g];
                     for (int t = 0; t < n; t++) m = p[g * BS + t] > m ? p[g * BS + t] : m;
-                    const float correction = expf(mx[g] - m); /* exp(-inf) = 0 on the first block */
+                    const float correction = exp_nonpos(mx[g] - m); /* exp(-inf) = 0 on the first block */
                     float sum = den[g] * correction;
                     for (int t = 0; t < n; t++) {
-                        p[g * BS + t] = expf(p[g * BS + t] - m);
+                        p[g * BS + t] = exp_nonpos(p[g * BS + t] - m);
+                    }
+                    for (int t = 0; t < n; t++) {
                         sum += p[g * BS + t];
                     }
                     if (correction != 1.0f)
