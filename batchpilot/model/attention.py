@@ -42,7 +42,7 @@ class AttentionMetadata:
     num_decodes: int  # rows [0, num_decodes) are single decode tokens
     decode_tables: torch.Tensor | None  # [B, W] block tables of the decodes, padded to W blocks
     decode_lens: torch.Tensor | None  # [B] context length of each decode, its new token included
-    native_decode: bool  # use the C kernel (kernels.py) rather than the torch gather path
+    native_decode: bool  # use the C kernels (kernels.py) for decodes and cache writes, not torch's
     prefills: list[PrefillChunk]
 
 
@@ -56,8 +56,11 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Write this step's K/V into the cache, then attend every query row. Returns [T, H, D]."""
-    k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-    v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    if meta.native_decode:
+        kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    else:
+        k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+        v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     out = torch.empty_like(q)
     if meta.num_decodes:
         q_dec = q[: meta.num_decodes]

@@ -25,7 +25,8 @@ from batchpilot.model.loader import cache_dir
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = sorted(_CSRC.glob("*.c"))
 # Reassociation lets gcc vectorise the dot-product reductions; infinities stay IEEE (no -ffast-math).
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=fast", "-fassociative-math",
           "-fno-signed-zeros", "-fno-trapping-math"]
@@ -40,7 +41,7 @@ def _cpu_flags() -> str:
 
 
 def _build() -> Path:
-    sources = b"".join(path.name.encode() + path.read_bytes() for path in _SOURCES)
+    sources = b"".join(path.name.encode() + path.read_bytes() for path in sorted(_CSRC.glob("*.[ch]")))
     key = hashlib.sha256(sources + " ".join(_FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"batchpilot_kernels-{key}.so"
     if target.exists():
@@ -73,8 +74,17 @@ def _library() -> ctypes.CDLL | None:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_int64, ctypes.c_float,
                                                                   ctypes.c_int, ctypes.c_int]
-    lib.argmax_rows.restype = None
-    lib.argmax_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    signatures = {
+        "argmax_rows": [ptr, i64, i64, ptr, i32],
+        "add_rms_norm": [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, f32, i32, i32],
+        "rope_in_place": [ptr, i64, ptr, ptr, i64, i32, i32, i32, i32],
+        "silu_mul": [ptr, ptr, i64, i64, i32, i32],
+        "write_kv": [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i32, i32, i64, i32],
+    }
+    for name, argtypes in signatures.items():
+        getattr(lib, name).restype = None
+        getattr(lib, name).argtypes = argtypes
     return lib
 
 
@@ -114,3 +124,48 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     out = torch.empty(logits.shape[0], dtype=torch.long)
     lib.argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr(), torch.get_num_threads())
     return out
+
+
+# The layer ops below take bf16 or float32 tensors whose last dimension is contiguous; they are
+# the fused forms of llama.py's element-wise code (see csrc/layer_ops.c).
+_LAYER_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def layer_ops_support(dtype: torch.dtype) -> bool:
+    return dtype in _LAYER_DTYPES and native_available()
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, out: torch.Tensor,
+                 eps: float) -> None:
+    """x += delta (in place, when given), then out = weight * rms_norm(x). All [T, C] but weight [C]."""
+    rows, cols = x.shape
+    _library().add_rms_norm(x.data_ptr(), x.stride(0), None if delta is None else delta.data_ptr(),
+                            0 if delta is None else delta.stride(0), weight.data_ptr(), out.data_ptr(),
+                            out.stride(0), rows, cols, eps, int(x.dtype == torch.bfloat16), torch.get_num_threads())
+
+
+def rope_in_place(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, head_dim: int) -> None:
+    """Rotate the first `heads` heads of each row of qkv [T, W] by cos/sin float32 [T, D/2]."""
+    _library().rope_in_place(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), qkv.shape[0], heads,
+                             head_dim, int(qkv.dtype == torch.bfloat16), torch.get_num_threads())
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of gate_up [T, 2C] (contiguous), as [T, C]."""
+    rows, width = gate_up.shape
+    out = gate_up.new_empty(rows, width // 2)
+    _library().silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, width // 2, int(gate_up.dtype == torch.bfloat16),
+                        torch.get_num_threads())
+    return out
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """k, v [T, KVH, D] (rows may be strided, heads contiguous) into caches [KVH, S, D] at slots [T]."""
+    rows, kv_heads, head_dim = k.shape
+    if k.stride()[1:] != (head_dim, 1) or v.stride()[1:] != (head_dim, 1) or k.dtype not in _LAYER_DTYPES:
+        raise ValueError(f"write_kv takes bf16/float32 rows of contiguous heads, got strides {k.stride()}, "
+                         f"{v.stride()} ({k.dtype})")
+    _library().write_kv(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                        slots.data_ptr(), rows, kv_heads, head_dim, k_cache.shape[1],
+                        int(k.dtype == torch.bfloat16))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from batchpilot.model import kernels
 from batchpilot.model.args import ModelArgs
 from batchpilot.model.attention import AttentionMetadata, paged_attention
 from batchpilot.model.linear import Linear, pack_all
@@ -80,6 +81,8 @@ class LlamaModel:
         angles = torch.outer(torch.arange(args.max_position_embeddings, dtype=torch.float32), inv_freq)
         self.rope_cos = angles.cos()  # [max_pos, D/2]
         self.rope_sin = angles.sin()
+        # The fused element-wise kernels (kernels.py), or the torch code they reproduce.
+        self.fused = kernels.layer_ops_support(dtype)
 
     def forward(
         self,
@@ -90,6 +93,8 @@ class LlamaModel:
         logits_rows: torch.Tensor,  # [R] rows whose next-token logits are wanted
     ) -> torch.Tensor:
         """Run the batch through the model; returns float32 logits [R, vocab]."""
+        if self.fused:
+            return self._forward_fused(token_ids, positions, kv_caches, meta, logits_rows)
         a = self.args
         t = token_ids.shape[0]
         h, kvh, d = a.num_heads, a.num_kv_heads, a.head_dim
@@ -110,6 +115,29 @@ class LlamaModel:
             x = x + layer.down(F.silu(gate) * up)
         x = _rms_norm(x[logits_rows], self.norm, a.rms_norm_eps)
         return self.lm_head(x).float()
+
+
+    def _forward_fused(self, token_ids, positions, kv_caches, meta, logits_rows) -> torch.Tensor:
+        """forward() with its element-wise steps fused: ~12 calls a layer instead of ~45."""
+        a = self.args
+        t = token_ids.shape[0]
+        h, kvh, d = a.num_heads, a.num_kv_heads, a.head_dim
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [T, D/2] float32
+        scale = 1.0 / math.sqrt(d)
+        x = F.embedding(token_ids, self.embed)  # [T, hidden], the residual stream, updated in place
+        y = torch.empty_like(x)  # the normed input of the next projection
+        kernels.add_rms_norm(x, None, self.layers[0].attn_norm, y, a.rms_norm_eps)
+        norms = [layer.attn_norm for layer in self.layers[1:]] + [self.norm]
+        for layer, (k_cache, v_cache), next_norm in zip(self.layers, kv_caches, norms):
+            qkv = layer.qkv(y)
+            kernels.rope_in_place(qkv, cos, sin, h + kvh, d)
+            q = qkv[:, : h * d].view(t, h, d)
+            k = qkv[:, h * d : (h + kvh) * d].view(t, kvh, d)
+            v = qkv[:, (h + kvh) * d :].view(t, kvh, d)
+            o = paged_attention(q, k, v, k_cache, v_cache, meta, scale)
+            kernels.add_rms_norm(x, layer.o(o.view(t, h * d)), layer.ffn_norm, y, a.rms_norm_eps)
+            kernels.add_rms_norm(x, layer.down(kernels.silu_mul(layer.gate_up(y))), next_norm, y, a.rms_norm_eps)
+        return self.lm_head(y[logits_rows]).float()
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -14,21 +14,25 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "fast_exp.h"
+
 #define MAX_G 16
 #define MAX_D 256
 #define MAX_BS 128
 
-static inline void load_row(const void *base, int is_bf16, int64_t offset, int d, float *dst) {
+static inline __attribute__((always_inline)) void load_row(const void *base, int is_bf16, int64_t offset, int d, float *dst) {
     if (is_bf16) {
         const uint16_t *src = (const uint16_t *)base + offset;
-        uint32_t *bits = (uint32_t *)dst;
-        for (int i = 0; i < d; i++) bits[i] = ((uint32_t)src[i]) << 16;
+        for (int i = 0; i < d; i++) { /* memcpy, not a uint32_t* cast: that breaks strict aliasing */
+            const uint32_t bits = ((uint32_t)src[i]) << 16;
+            memcpy(&dst[i], &bits, sizeof(float));
+        }
     } else {
         memcpy(dst, (const float *)base + offset, (size_t)d * sizeof(float));
     }
 }
 
-static inline void store_row(void *base, int is_bf16, int64_t offset, int d, const float *src, float mul) {
+static inline __attribute__((always_inline)) void store_row(void *base, int is_bf16, int64_t offset, int d, const float *src, float mul) {
     if (is_bf16) {
         uint16_t *dst = (uint16_t *)base + offset;
         for (int i = 0; i < d; i++) {
@@ -44,25 +48,73 @@ static inline void store_row(void *base, int is_bf16, int64_t offset, int d, con
     }
 }
 
-/* exp(x) for x <= 0 (Cephes' expf): x = n ln2 + r, 2^n built in the exponent bits, e^r by a
- * degree-7 polynomial, about 1 ulp. Inline and branch-free so that gcc vectorises the loops that
- * call it (glibc's expf is a scalar call). Inputs below -87, -inf included, are clamped to -87:
- * about 1e-38, as good as 0 beside the running sum, which is at least 1. */
-static inline float exp_nonpos(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    const float n = __builtin_roundf(x * 1.44269504f);
-    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t e = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &e, sizeof(float));
-    return p * scale;
+/* One (sequence, KV head) task; inlined with a constant dtype (see paged_decode_attention). */
+static inline __attribute__((always_inline)) void attend(
+        int b, int kh, const void *q, const void *k_cache, const void *v_cache, void *out,
+        const int64_t *block_tables, const int64_t *context_lens, int num_heads, int num_kv_heads, int D,
+        int table_width, int BS, int64_t num_slots, float scale, const int is_bf16) {
+    const int G = num_heads / num_kv_heads;
+    float qf[MAX_G * MAX_D], acc[MAX_G * MAX_D], row[MAX_D], p[MAX_G * MAX_BS];
+    float mx[MAX_G], den[MAX_G];
+    const int64_t len = context_lens[b];
+    const int64_t head0 = (int64_t)b * num_heads + (int64_t)kh * G;
+    for (int g = 0; g < G; g++) {
+        load_row(q, is_bf16, (head0 + g) * D, D, qf + g * D);
+        for (int i = 0; i < D; i++) qf[g * D + i] *= scale;
+        memset(acc + g * D, 0, (size_t)D * sizeof(float));
+        mx[g] = -INFINITY;
+        den[g] = 0.0f;
+    }
+    for (int64_t start = 0; start < len; start += BS) {
+        const int n = (int)((len - start) < BS ? (len - start) : BS);
+        const int64_t slot0 = block_tables[(int64_t)b * table_width + start / BS] * BS;
+        const int64_t base = ((int64_t)kh * num_slots + slot0) * D;
+        if (start + BS < len) { /* the next block's rows, fetched while this one is computed */
+            const int64_t next = ((int64_t)kh * num_slots
+                                  + block_tables[(int64_t)b * table_width + start / BS + 1] * BS) * D;
+            const int64_t bytes = (int64_t)BS * D * (is_bf16 ? 2 : 4);
+            const char *kn = (const char *)k_cache + next * (is_bf16 ? 2 : 4);
+            const char *vn = (const char *)v_cache + next * (is_bf16 ? 2 : 4);
+            for (int64_t off = 0; off < bytes; off += 64) {
+                __builtin_prefetch(kn + off, 0, 3);
+                __builtin_prefetch(vn + off, 0, 3);
+            }
+        }
+        for (int t = 0; t < n; t++) {
+            load_row(k_cache, is_bf16, base + (int64_t)t * D, D, row);
+            for (int g = 0; g < G; g++) {
+                const float *qg = qf + g * D;
+                float s = 0.0f;
+                for (int i = 0; i < D; i++) s += qg[i] * row[i];
+                p[g * BS + t] = s;
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            float m = mx[g];
+            for (int t = 0; t < n; t++) m = p[g * BS + t] > m ? p[g * BS + t] : m;
+            const float correction = fast_exp(mx[g] - m); /* exp(-inf) = 0 on the first block */
+            float sum = den[g] * correction;
+            for (int t = 0; t < n; t++) {
+                p[g * BS + t] = fast_exp(p[g * BS + t] - m);
+            }
+            for (int t = 0; t < n; t++) {
+                sum += p[g * BS + t];
+            }
+            if (correction != 1.0f)
+                for (int i = 0; i < D; i++) acc[g * D + i] *= correction;
+            den[g] = sum;
+            mx[g] = m;
+        }
+        for (int t = 0; t < n; t++) {
+            load_row(v_cache, is_bf16, base + (int64_t)t * D, D, row);
+            for (int g = 0; g < G; g++) {
+                const float w = p[g * BS + t];
+                float *ag = acc + g * D;
+                for (int i = 0; i < D; i++) ag[i] += w * row[i];
+            }
+        }
+    }
+    for (int g = 0; g < G; g++) store_row(out, is_bf16, (head0 + g) * D, D, acc + g * D, 1.0f / den[g]);
 }
 
 /* Returns 0, or -1 when a dimension exceeds the fixed per-thread buffers. */
@@ -70,74 +122,19 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
                            const int64_t *block_tables, const int64_t *context_lens, int num_seqs,
                            int num_heads, int num_kv_heads, int head_dim, int table_width,
                            int block_size, int64_t num_slots, float scale, int is_bf16, int num_threads) {
-    const int G = num_heads / num_kv_heads, D = head_dim, BS = block_size;
-    if (G > MAX_G || D > MAX_D || BS > MAX_BS) return -1;
-
+    if (num_heads / num_kv_heads > MAX_G || head_dim > MAX_D || block_size > MAX_BS) return -1;
+    /* One parallel loop per dtype with the dtype a literal: a dtype test left inside the parallel
+     * region is not folded (OpenMP outlines the region before inlining) and costs vectorisation. */
+#define ATTEND(BF16) attend(b, kh, q, k_cache, v_cache, out, block_tables, context_lens, num_heads, num_kv_heads, \
+                            head_dim, table_width, block_size, num_slots, scale, BF16)
+    if (is_bf16) {
 #pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)
-    for (int b = 0; b < num_seqs; b++) {
-        for (int kh = 0; kh < num_kv_heads; kh++) {
-            float qf[MAX_G * MAX_D], acc[MAX_G * MAX_D], row[MAX_D], p[MAX_G * MAX_BS];
-            float mx[MAX_G], den[MAX_G];
-            const int64_t len = context_lens[b];
-            const int64_t head0 = (int64_t)b * num_heads + (int64_t)kh * G;
-            for (int g = 0; g < G; g++) {
-                load_row(q, is_bf16, (head0 + g) * D, D, qf + g * D);
-                for (int i = 0; i < D; i++) qf[g * D + i] *= scale;
-                memset(acc + g * D, 0, (size_t)D * sizeof(float));
-                mx[g] = -INFINITY;
-                den[g] = 0.0f;
-            }
-            for (int64_t start = 0; start < len; start += BS) {
-                const int n = (int)((len - start) < BS ? (len - start) : BS);
-                const int64_t slot0 = block_tables[(int64_t)b * table_width + start / BS] * BS;
-                const int64_t base = ((int64_t)kh * num_slots + slot0) * D;
-                if (start + BS < len) { /* the next block's rows, fetched while this one is computed */
-                    const int64_t next = ((int64_t)kh * num_slots
-                                          + block_tables[(int64_t)b * table_width + start / BS + 1] * BS) * D;
-                    const int64_t bytes = (int64_t)BS * D * (is_bf16 ? 2 : 4);
-                    const char *kn = (const char *)k_cache + next * (is_bf16 ? 2 : 4);
-                    const char *vn = (const char *)v_cache + next * (is_bf16 ? 2 : 4);
-                    for (int64_t off = 0; off < bytes; off += 64) {
-                        __builtin_prefetch(kn + off, 0, 3);
-                        __builtin_prefetch(vn + off, 0, 3);
-                    }
-                }
-                for (int t = 0; t < n; t++) {
-                    load_row(k_cache, is_bf16, base + (int64_t)t * D, D, row);
-                    for (int g = 0; g < G; g++) {
-                        const float *qg = qf + g * D;
-                        float s = 0.0f;
-                        for (int i = 0; i < D; i++) s += qg[i] * row[i];
-                        p[g * BS + t] = s;
-                    }
-                }
-                for (int g = 0; g < G; g++) {
-                    float m = mx[g];
-                    for (int t = 0; t < n; t++) m = p[g * BS + t] > m ? p[g * BS + t] : m;
-                    const float correction = exp_nonpos(mx[g] - m); /* exp(-inf) = 0 on the first block */
-                    float sum = den[g] * correction;
-                    for (int t = 0; t < n; t++) {
-                        p[g * BS + t] = exp_nonpos(p[g * BS + t] - m);
-                    }
-                    for (int t = 0; t < n; t++) {
-                        sum += p[g * BS + t];
-                    }
-                    if (correction != 1.0f)
-                        for (int i = 0; i < D; i++) acc[g * D + i] *= correction;
-                    den[g] = sum;
-                    mx[g] = m;
-                }
-                for (int t = 0; t < n; t++) {
-                    load_row(v_cache, is_bf16, base + (int64_t)t * D, D, row);
-                    for (int g = 0; g < G; g++) {
-                        const float w = p[g * BS + t];
-                        float *ag = acc + g * D;
-                        for (int i = 0; i < D; i++) ag[i] += w * row[i];
-                    }
-                }
-            }
-            for (int g = 0; g < G; g++) store_row(out, is_bf16, (head0 + g) * D, D, acc + g * D, 1.0f / den[g]);
-        }
+        for (int b = 0; b < num_seqs; b++)
+            for (int kh = 0; kh < num_kv_heads; kh++) ATTEND(1);
+    } else {
+#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)
+        for (int b = 0; b < num_seqs; b++)
+            for (int kh = 0; kh < num_kv_heads; kh++) ATTEND(0);
     }
     return 0;
 }

@@ -1,0 +1,166 @@
+/*
+ * The small element-wise steps of a decoder layer, fused: in eager torch each is several ops of
+ * ~20 us of dispatch apiece (a layer had ~45 of them; at batch 1 they were most of a decode step).
+ * Each kernel reproduces the torch code it replaces (llama.py) up to float rounding: the
+ * arithmetic is float32, and bf16 results are rounded to nearest-even where torch rounds them.
+ *
+ * Rows are independent; they are split over threads only when there are enough of them. Each
+ * kernel's row function is inlined with a constant dtype inside its own parallel loop, so the
+ * dtype tests fold away and gcc vectorises the loops (with the test left in, 7x slower).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "fast_exp.h"
+
+#define MIN_PARALLEL_ROWS 16
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof(float));
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof(float));
+    const uint32_t rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16; /* round to nearest even */
+    const uint32_t quiet_nan = (bits >> 16) | 0x40;                          /* a NaN stays a NaN */
+    return (uint16_t)((bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+}
+
+/* The value of element i of a row, as float. */
+static inline float get(const void *row, int is_bf16, int64_t i) {
+    return is_bf16 ? bf16_to_float(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+}
+
+/* Rounds to the row's dtype: what torch does when an op's result is stored in bf16. */
+static inline float round_to(int is_bf16, float f) {
+    return is_bf16 ? bf16_to_float(float_to_bf16(f)) : f;
+}
+
+static inline void put(void *row, int is_bf16, int64_t i, float f) {
+    if (is_bf16)
+        ((uint16_t *)row)[i] = float_to_bf16(f);
+    else
+        ((float *)row)[i] = f;
+}
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* Runs ROW_CALL(is_bf16) for r in [0, rows), the dtype a literal in each branch. */
+#define FOR_ROWS(rows, num_threads, is_bf16, ROW_CALL)                                                    \
+    do {                                                                                               \
+        if (is_bf16) {                                                                                 \
+            _Pragma("omp parallel for schedule(static) num_threads(num_threads) if (rows >= MIN_PARALLEL_ROWS)") \
+            for (int64_t r = 0; r < rows; r++) ROW_CALL(1);                                            \
+        } else {                                                                                       \
+            _Pragma("omp parallel for schedule(static) num_threads(num_threads) if (rows >= MIN_PARALLEL_ROWS)") \
+            for (int64_t r = 0; r < rows; r++) ROW_CALL(0);                                            \
+        }                                                                                              \
+    } while (0)
+
+INLINE void add_rms_norm_row(char *x, const char *delta, const void *weight, char *out, int64_t cols, float eps,
+                             const int is_bf16) {
+    float sum = 0.0f;
+    if (delta != NULL) {
+        for (int64_t i = 0; i < cols; i++) {
+            const float v = round_to(is_bf16, get(x, is_bf16, i) + get(delta, is_bf16, i));
+            put(x, is_bf16, i, v);
+            sum += v * v;
+        }
+    } else {
+        for (int64_t i = 0; i < cols; i++) {
+            const float v = get(x, is_bf16, i);
+            sum += v * v;
+        }
+    }
+    const float inv = 1.0f / sqrtf(sum / (float)cols + eps);
+    for (int64_t i = 0; i < cols; i++) {
+        const float normed = round_to(is_bf16, get(x, is_bf16, i) * inv);
+        put(out, is_bf16, i, get(weight, is_bf16, i) * normed);
+    }
+}
+
+/*
+ * x += delta (when delta is not NULL), then out = weight * rms_norm(x), the normalised value
+ * rounded to x's dtype before the weight multiplies it (llama.py's _rms_norm).
+ * x, delta, out: [rows, cols] with row strides; weight: [cols].
+ */
+void add_rms_norm(void *x, int64_t x_stride, const void *delta, int64_t delta_stride, const void *weight,
+                  void *out, int64_t out_stride, int64_t rows, int64_t cols, float eps, int is_bf16,
+                  int num_threads) {
+    const int64_t elem = is_bf16 ? 2 : 4;
+#define ADD_RMS_NORM_ROW(BF16)                                                                          \
+    add_rms_norm_row((char *)x + r * x_stride * elem,                                                  \
+                     delta ? (const char *)delta + r * delta_stride * elem : NULL, weight,             \
+                     (char *)out + r * out_stride * elem, cols, eps, BF16)
+    FOR_ROWS(rows, num_threads, is_bf16, ADD_RMS_NORM_ROW);
+}
+
+INLINE void rope_row(char *row, const float *c, const float *s, int heads, int head_dim, const int is_bf16) {
+    const int half = head_dim / 2;
+    const int64_t elem = is_bf16 ? 2 : 4;
+    for (int h = 0; h < heads; h++) {
+        char *head = row + (int64_t)h * head_dim * elem;
+        for (int i = 0; i < half; i++) {
+            const float ci = round_to(is_bf16, c[i]), si = round_to(is_bf16, s[i]);
+            const float x1 = get(head, is_bf16, i), x2 = get(head, is_bf16, i + half);
+            const float a = round_to(is_bf16, x1 * ci) - round_to(is_bf16, x2 * si);
+            const float b = round_to(is_bf16, x2 * ci) + round_to(is_bf16, x1 * si);
+            put(head, is_bf16, i, a);
+            put(head, is_bf16, i + half, b);
+        }
+    }
+}
+
+/*
+ * Rotary embedding in place on the first `heads` heads of each row (queries then keys, as the
+ * fused QKV projection lays them out): pairs (i, i + D/2), the Hugging Face layout.
+ * qkv: [rows, row_stride]; cos, sin: [rows, D/2] float32 (already gathered by position), rounded
+ * to the row's dtype first, as llama.py's .to(dtype) does.
+ */
+void rope_in_place(void *qkv, int64_t row_stride, const float *cos_t, const float *sin_t, int64_t rows,
+                   int heads, int head_dim, int is_bf16, int num_threads) {
+    const int64_t elem = is_bf16 ? 2 : 4;
+#define ROPE_ROW(BF16)                                                                                  \
+    rope_row((char *)qkv + r * row_stride * elem, cos_t + r * (head_dim / 2), sin_t + r * (head_dim / 2), \
+             heads, head_dim, BF16)
+    FOR_ROWS(rows, num_threads, is_bf16, ROPE_ROW);
+}
+
+INLINE void silu_mul_row(const char *gate, const char *up, char *out, int64_t cols, const int is_bf16) {
+    for (int64_t i = 0; i < cols; i++) {
+        const float g = get(gate, is_bf16, i);
+        const float silu = round_to(is_bf16, g / (1.0f + fast_exp(-g)));
+        put(out, is_bf16, i, silu * get(up, is_bf16, i));
+    }
+}
+
+/* out = silu(gate) * up, gate and up the two halves of each row of gate_up [rows, 2 * cols]. */
+void silu_mul(const void *gate_up, void *out, int64_t rows, int64_t cols, int is_bf16, int num_threads) {
+    const int64_t elem = is_bf16 ? 2 : 4;
+#define SILU_MUL_ROW(BF16)                                                                              \
+    silu_mul_row((const char *)gate_up + r * 2 * cols * elem, (const char *)gate_up + (r * 2 + 1) * cols * elem, \
+                 (char *)out + r * cols * elem, cols, BF16)
+    FOR_ROWS(rows, num_threads, is_bf16, SILU_MUL_ROW);
+}
+
+/*
+ * Each new token's K and V rows into its cache slot: caches [KVH, S, D]; k and v [rows, KVH, D]
+ * with their own row strides (views into the QKV projection's output), heads contiguous; slots [rows].
+ */
+void write_kv(const void *k, int64_t k_stride, const void *v, int64_t v_stride, void *k_cache, void *v_cache,
+              const int64_t *slots, int64_t rows, int kv_heads, int head_dim, int64_t num_slots, int is_bf16) {
+    const int64_t elem = is_bf16 ? 2 : 4, bytes = (int64_t)head_dim * elem;
+    for (int64_t r = 0; r < rows; r++)
+        for (int h = 0; h < kv_heads; h++) {
+            const int64_t dst = ((int64_t)h * num_slots + slots[r]) * bytes;
+            memcpy((char *)k_cache + dst, (const char *)k + (r * k_stride + (int64_t)h * head_dim) * elem,
+                   (size_t)bytes);
+            memcpy((char *)v_cache + dst, (const char *)v + (r * v_stride + (int64_t)h * head_dim) * elem,
+                   (size_t)bytes);
+        }
+}

@@ -1,0 +1,96 @@
+"""The fused element-wise kernels reproduce llama.py's torch code (and the model its outputs)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from batchpilot.model import kernels
+from batchpilot.model.llama import _rms_norm, _rope
+
+# bf16: one rounding of the result apart at most (float sums in another order); float32: close.
+TOL = {torch.bfloat16: dict(atol=2e-2, rtol=1e-2), torch.float32: dict(atol=1e-5, rtol=1e-5)}
+DTYPES = [torch.bfloat16, torch.float32]
+
+
+@pytest.fixture(autouse=True)
+def _native():
+    assert kernels.layer_ops_support(torch.bfloat16), "gcc is part of the supported setup"
+
+
+def _rand(*shape, dtype, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 40])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_add_rms_norm_matches_torch(dtype, rows, with_delta):
+    x, delta, w = _rand(rows, 96, dtype=dtype), _rand(rows, 96, dtype=dtype, seed=1), _rand(96, dtype=dtype, seed=2)
+    expect_x = x + delta if with_delta else x.clone()
+    expect = _rms_norm(expect_x, w, 1e-5)
+    out = torch.empty_like(x)
+    kernels.add_rms_norm(x, delta if with_delta else None, w, out, 1e-5)
+    torch.testing.assert_close(x, expect_x, atol=0, rtol=0)  # the residual add rounds as torch's does
+    torch.testing.assert_close(out, expect, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 40])
+def test_rope_in_place_matches_torch_on_queries_and_keys_only(dtype, rows):
+    h, kvh, d = 4, 2, 16
+    qkv = _rand(rows, (h + 2 * kvh) * d, dtype=dtype)
+    angles = torch.rand(rows, d // 2, generator=torch.Generator().manual_seed(3)) * 50
+    cos, sin = angles.cos(), angles.sin()
+    q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
+    c, s = cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)
+    expect_q, expect_k, expect_v = _rope(q.reshape(rows, h, d), c, s), _rope(k.reshape(rows, kvh, d), c, s), v.clone()
+    kernels.rope_in_place(qkv, cos, sin, h + kvh, d)
+    q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
+    torch.testing.assert_close(q.reshape(rows, h, d), expect_q, **TOL[dtype])
+    torch.testing.assert_close(k.reshape(rows, kvh, d), expect_k, **TOL[dtype])
+    torch.testing.assert_close(v, expect_v, atol=0, rtol=0)  # values are not rotated
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 40])
+def test_silu_mul_matches_torch_including_large_inputs(dtype, rows):
+    gate_up = (_rand(rows, 64, dtype=torch.float32) * 30).to(dtype)  # |x| up to ~100: exp's clamped range
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(kernels.silu_mul(gate_up), F.silu(gate) * up, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_kv_puts_each_row_in_its_slot(dtype):
+    kvh, d, slots_total = 2, 8, 50
+    qkv = _rand(5, 3 * kvh * d, dtype=dtype)
+    k, v = qkv[:, : kvh * d].view(5, kvh, d), qkv[:, kvh * d : 2 * kvh * d].view(5, kvh, d)  # strided rows
+    slots = torch.tensor([7, 0, 49, 23, 8])
+    kc, vc = torch.zeros(kvh, slots_total, d, dtype=dtype), torch.zeros(kvh, slots_total, d, dtype=dtype)
+    expect_k, expect_v = kc.clone(), vc.clone()
+    expect_k.index_copy_(1, slots, k.transpose(0, 1))
+    expect_v.index_copy_(1, slots, v.transpose(0, 1))
+    kernels.write_kv(k, v, kc, vc, slots)
+    assert torch.equal(kc, expect_k) and torch.equal(vc, expect_v)
+    with pytest.raises(ValueError, match="contiguous heads"):
+        kernels.write_kv(k.transpose(1, 2), v, kc, vc, slots)
+
+
+def test_fused_forward_gives_the_unfused_outputs(default_model_dir):
+    """The whole model in bf16 on a batch of prompts: the same greedy tokens, first-token log-probs
+    a bf16 rounding apart."""
+    from batchpilot import LLM, SamplingParams
+
+    llm = LLM(str(default_model_dir), kv_cache_gib=0.1)
+    model = llm.engine.executor.model
+    assert model.fused
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village there",
+               "Question: What is 12 times 12? Answer:"]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=5)
+    fused = llm.generate(prompts, params)
+    model.fused = False
+    unfused = llm.generate(prompts, params)
+    for a, b in zip(fused, unfused):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        first_a, first_b = a.outputs[0].logprobs[0], b.outputs[0].logprobs[0]
+        assert [t for t, _ in first_a.top[:2]] == [t for t, _ in first_b.top[:2]]
+        assert first_a.logprob == pytest.approx(first_b.logprob, abs=0.1)
