@@ -1,10 +1,10 @@
 """Native CPU kernels, compiled on first use with the system C compiler and loaded by ctypes.
 
-Plain C with OpenMP, no torch headers: every file of csrc/ goes into one library, which
+Plain C with OpenMP, no torch headers: every .c file of csrc/ goes into one library, which
 compiles in about a second and is cached under the user cache dir, keyed by the sources, the
 flags and the CPU's feature flags (it is built with -march=native). Without a compiler,
 `native_available()` is False and callers use their torch implementation instead (attention.py,
-sampler.py).
+llama.py, sampler.py).
 """
 
 from __future__ import annotations
@@ -85,6 +85,9 @@ def _library() -> ctypes.CDLL | None:
     for name, argtypes in signatures.items():
         getattr(lib, name).restype = None
         getattr(lib, name).argtypes = argtypes
+    if hasattr(lib, "gemv_bf16"):  # only built for CPUs with AVX512-BF16
+        lib.gemv_bf16.restype = i32
+        lib.gemv_bf16.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i32]
     return lib
 
 
@@ -169,3 +172,34 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     _library().write_kv(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
                         slots.data_ptr(), rows, kv_heads, head_dim, k_cache.shape[1],
                         int(k.dtype == torch.bfloat16))
+
+
+@functools.cache
+def gemv_available() -> bool:
+    """Our few-row bf16 matmul is built only where the compiler targets AVX512-BF16."""
+    lib = _library()
+    return lib is not None and hasattr(lib, "gemv_bf16")
+
+
+def gemv_supports(weight: torch.Tensor) -> bool:
+    n, k = weight.shape
+    return weight.dtype == torch.bfloat16 and n % 64 == 0 and k % 2 == 0 and gemv_available()
+
+
+def pack_gemv_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> tiles of 64 outputs [N / 64][K / 2][64][2], the layout csrc/gemv.c streams."""
+    n, k = weight.shape
+    return weight.view(n // 64, 64, k // 2, 2).transpose(1, 2).contiguous()
+
+
+def gemv(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] bf16 (rows may be strided) times a pack_gemv_weight weight, plus bias: [M, N] bf16."""
+    tiles, half_k, tile, _ = packed.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    y = x.new_empty(x.shape[0], tiles * tile)
+    rc = _library().gemv_bf16(x.data_ptr(), x.stride(0), packed.data_ptr(), None if bias is None else bias.data_ptr(),
+                              y.data_ptr(), y.stride(0), x.shape[0], 2 * half_k, tiles * tile, torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"gemv: unsupported shape {tuple(x.shape)} x {tuple(packed.shape)}")
+    return y

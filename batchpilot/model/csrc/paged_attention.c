@@ -14,6 +14,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "dtype.h"
 #include "fast_exp.h"
 #ifdef __AVX512BF16__
 #include <immintrin.h>
@@ -23,32 +24,16 @@
 #define MAX_D 256
 #define MAX_BS 128
 
-static inline __attribute__((always_inline)) void load_row(const void *base, int is_bf16, int64_t offset, int d, float *dst) {
-    if (is_bf16) {
-        const uint16_t *src = (const uint16_t *)base + offset;
-        for (int i = 0; i < d; i++) { /* memcpy, not a uint32_t* cast: that breaks strict aliasing */
-            const uint32_t bits = ((uint32_t)src[i]) << 16;
-            memcpy(&dst[i], &bits, sizeof(float));
-        }
-    } else {
-        memcpy(dst, (const float *)base + offset, (size_t)d * sizeof(float));
-    }
+static inline __attribute__((always_inline)) void load_row(const void *base, int is_bf16, int64_t offset, int d,
+                                                          float *dst) {
+    const char *row = (const char *)base + offset * (is_bf16 ? 2 : 4);
+    for (int i = 0; i < d; i++) dst[i] = get(row, is_bf16, i);
 }
 
-static inline __attribute__((always_inline)) void store_row(void *base, int is_bf16, int64_t offset, int d, const float *src, float mul) {
-    if (is_bf16) {
-        uint16_t *dst = (uint16_t *)base + offset;
-        for (int i = 0; i < d; i++) {
-            float f = src[i] * mul;
-            uint32_t bits;
-            memcpy(&bits, &f, sizeof(float));
-            bits += 0x7FFF + ((bits >> 16) & 1); /* round to nearest even */
-            dst[i] = (uint16_t)(bits >> 16);
-        }
-    } else {
-        float *dst = (float *)base + offset;
-        for (int i = 0; i < d; i++) dst[i] = src[i] * mul;
-    }
+static inline __attribute__((always_inline)) void store_row(void *base, int is_bf16, int64_t offset, int d,
+                                                           const float *src, float mul) {
+    char *row = (char *)base + offset * (is_bf16 ? 2 : 4);
+    for (int i = 0; i < d; i++) put(row, is_bf16, i, src[i] * mul);
 }
 
 /* One (sequence, KV head) task; inlined with a constant dtype (see paged_decode_attention). */
