@@ -8,12 +8,17 @@ Workloads (all requests at t=0, forced lengths unless said): uniform (0.25 GiB K
 on a tight pool (0.1 GiB), the phase shift (short, long, short; a JSON Lines trace), and the
 bundled real text with lengths the model chooses. Runs take minutes each: nothing else should
 run on the machine meanwhile.
+
+Single runs on a 2-core cloud host differ by up to ~15%, more than most regrets: `--repeats N` runs
+the whole alternated order N times (the order reversed on odd rounds) and scores each policy by its
+median, with the spread (max / min - 1) beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,12 +57,21 @@ def run(args: list[str], out: Path) -> dict:
     return json.loads(out.read_text())
 
 
+def _median_row(runs: list[dict]) -> dict:
+    """One policy's repeats: the median of each measure, and the throughput's spread."""
+    row = {k: statistics.median(r[k] for r in runs)
+           for k in ("output_throughput", "p90_tpot_ms", "num_preemptions", "duration")}
+    tput = [r["output_throughput"] for r in runs]
+    return row | {"repeats": len(runs), "throughput_spread": max(tput) / min(tput) - 1}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--scale", type=int, default=120, help="requests per workload (long outputs: half)")
     p.add_argument("--static", default="8,16,32,64,256")
     p.add_argument("--workloads", default=None, help="comma list (default: all)")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of the whole order; the median counts")
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
     table: dict[str, dict] = {}
@@ -67,16 +81,18 @@ def main() -> int:
         configs = {f"static-{n}": ["--batch-controller", "static", "--max-num-seqs", n]
                    for n in args.static.split(",")} | POLICIES
         for wname in chosen:
-            rows = {}
             names = list(configs)
             # Alternate: statics and controllers interleaved, so host drift spreads over both.
             order = [n for pair in zip(names[: len(names) // 2], names[len(names) // 2:]) for n in pair]
             order += [n for n in names if n not in order]
-            for name in order:
-                r = run([*all_work[wname], *configs[name], "--threads", str(args.threads)], Path(tmp) / "r.json")
-                rows[name] = {k: r[k] for k in ("output_throughput", "p90_tpot_ms", "num_preemptions", "duration")}
-                print(f"{wname:<24} {name:<16} {r['output_throughput']:8.1f} tok/s  p90 TPOT "
-                      f"{r['p90_tpot_ms']:7.1f} ms  preempt {r['num_preemptions']:4d}", flush=True)
+            runs: dict[str, list[dict]] = {name: [] for name in names}
+            for rnd in range(args.repeats):
+                for name in order if rnd % 2 == 0 else order[::-1]:
+                    r = run([*all_work[wname], *configs[name], "--threads", str(args.threads)], Path(tmp) / "r.json")
+                    runs[name].append(r)
+                    print(f"{wname:<24} {name:<16} {r['output_throughput']:8.1f} tok/s  p90 TPOT "
+                          f"{r['p90_tpot_ms']:7.1f} ms  preempt {r['num_preemptions']:4d}  (round {rnd})", flush=True)
+            rows = {name: _median_row(rs) for name, rs in runs.items()}
             for name, value in hindsight_regret(rows, "output_throughput").items():
                 rows[name]["regret"] = value
             table[wname] = {"results": rows}
