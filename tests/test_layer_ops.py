@@ -14,7 +14,7 @@ DTYPES = [torch.bfloat16, torch.float32]
 
 @pytest.fixture(autouse=True)
 def _native():
-    assert kernels.layer_ops_support(torch.bfloat16), "gcc is part of the supported setup"
+    assert kernels.layer_ops_supports(torch.bfloat16), "gcc is part of the supported setup"
 
 
 def _rand(*shape, dtype, seed=0):

@@ -134,7 +134,7 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
 _LAYER_DTYPES = (torch.bfloat16, torch.float32)
 
 
-def layer_ops_support(dtype: torch.dtype) -> bool:
+def layer_ops_supports(dtype: torch.dtype) -> bool:
     return dtype in _LAYER_DTYPES and native_available()
 
 

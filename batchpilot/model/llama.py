@@ -82,7 +82,7 @@ class LlamaModel:
         self.rope_cos = angles.cos()  # [max_pos, D/2]
         self.rope_sin = angles.sin()
         # The fused element-wise kernels (kernels.py), or the torch code they reproduce.
-        self.fused = kernels.layer_ops_support(dtype)
+        self.fused = kernels.layer_ops_supports(dtype)
 
     def forward(
         self,
@@ -115,7 +115,6 @@ class LlamaModel:
             x = x + layer.down(F.silu(gate) * up)
         x = _rms_norm(x[logits_rows], self.norm, a.rms_norm_eps)
         return self.lm_head(x).float()
-
 
     def _forward_fused(self, token_ids, positions, kv_caches, meta, logits_rows) -> torch.Tensor:
         """forward() with its element-wise steps fused: ~12 calls a layer instead of ~45."""
