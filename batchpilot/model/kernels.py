@@ -70,24 +70,21 @@ def _library() -> ctypes.CDLL | None:
         detail = getattr(e, "stderr", "") or str(e)
         logger.warning("native kernels unavailable, using the torch paths: %s", detail.strip()[:500])
         return None
-    fn = lib.paged_decode_attention
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_int64, ctypes.c_float,
-                                                                  ctypes.c_int, ctypes.c_int]
     ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    signatures = {
-        "argmax_rows": [ptr, i64, i64, ptr, i32],
-        "add_rms_norm": [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, f32, i32, i32],
-        "rope_in_place": [ptr, i64, ptr, ptr, i64, i32, i32, i32, i32],
-        "silu_mul": [ptr, ptr, i64, i64, i32, i32],
-        "write_kv": [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i32, i32, i64, i32],
+    signatures = {  # name: (restype, argtypes), as declared in csrc/
+        "paged_decode_attention": (i32, [ptr] * 6 + [i32] * 6 + [i64, f32, i32, i32]),
+        "argmax_rows": (None, [ptr, i64, i64, ptr, i32]),
+        "add_rms_norm": (None, [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, f32, i32, i32]),
+        "rope_in_place": (None, [ptr, i64, ptr, ptr, i64, i32, i32, i32, i32]),
+        "silu_mul": (None, [ptr, ptr, i64, i64, i32, i32]),
+        "write_kv": (None, [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i32, i32, i64, i32]),
+        "gemv_bf16": (i32, [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i32]),
     }
-    for name, argtypes in signatures.items():
-        getattr(lib, name).restype = None
+    for name, (restype, argtypes) in signatures.items():
+        if name == "gemv_bf16" and not hasattr(lib, name):  # only built for CPUs with AVX512-BF16
+            continue
+        getattr(lib, name).restype = restype
         getattr(lib, name).argtypes = argtypes
-    if hasattr(lib, "gemv_bf16"):  # only built for CPUs with AVX512-BF16
-        lib.gemv_bf16.restype = i32
-        lib.gemv_bf16.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i32]
     return lib
 
 
@@ -174,6 +171,9 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                         int(k.dtype == torch.bfloat16))
 
 
+GEMV_TILE = 64  # outputs per weight tile: TILE_N in csrc/gemv.c
+
+
 @functools.cache
 def gemv_available() -> bool:
     """Our few-row bf16 matmul is built only where the compiler targets AVX512-BF16."""
@@ -183,13 +183,13 @@ def gemv_available() -> bool:
 
 def gemv_supports(weight: torch.Tensor) -> bool:
     n, k = weight.shape
-    return weight.dtype == torch.bfloat16 and n % 64 == 0 and k % 2 == 0 and gemv_available()
+    return weight.dtype == torch.bfloat16 and n % GEMV_TILE == 0 and k % 2 == 0 and gemv_available()
 
 
 def pack_gemv_weight(weight: torch.Tensor) -> torch.Tensor:
     """[N, K] -> tiles of 64 outputs [N / 64][K / 2][64][2], the layout csrc/gemv.c streams."""
     n, k = weight.shape
-    return weight.view(n // 64, 64, k // 2, 2).transpose(1, 2).contiguous()
+    return weight.view(n // GEMV_TILE, GEMV_TILE, k // 2, 2).transpose(1, 2).contiguous()
 
 
 def gemv(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
