@@ -33,9 +33,11 @@ def dense_reference(q, k_cache, v_cache, tables, lens, block_size, scale):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("sharpness", [1.0, 40.0])  # 40: score gaps past exp's range, near one-hot
-def test_native_and_torch_decode_attention_match_dense(dtype, tol, sharpness):
+# sharpness 40: score gaps past exp's range, near one-hot. Its float32 logits reach ~40, whose
+# rounding (1e-5 relative, in a different summation order than the dense reference's) enters exp.
+@pytest.mark.parametrize("dtype,sharpness,tol", [(torch.float32, 1.0, 1e-5), (torch.float32, 40.0, 1e-4),
+                                                 (torch.bfloat16, 1.0, 2e-2), (torch.bfloat16, 40.0, 2e-2)])
+def test_native_and_torch_decode_attention_match_dense(dtype, sharpness, tol):
     q, kc, vc, tables, lens, bs = make_case(dtype)
     q = (q.float() * sharpness).to(dtype)
     scale = q.shape[-1] ** -0.5

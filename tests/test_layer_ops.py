@@ -77,7 +77,7 @@ def test_write_kv_puts_each_row_in_its_slot(dtype):
 
 def test_fused_forward_gives_the_unfused_outputs(default_model_dir):
     """The whole model in bf16 on a batch of prompts: the same greedy tokens, first-token log-probs
-    a bf16 rounding apart."""
+    a bf16 rounding apart (the logits are bf16: a step is 0.125 for logits in [16, 32))."""
     from batchpilot import LLM, SamplingParams
 
     llm = LLM(str(default_model_dir), kv_cache_gib=0.1)
@@ -93,4 +93,4 @@ def test_fused_forward_gives_the_unfused_outputs(default_model_dir):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         first_a, first_b = a.outputs[0].logprobs[0], b.outputs[0].logprobs[0]
         assert [t for t, _ in first_a.top[:2]] == [t for t, _ in first_b.top[:2]]
-        assert first_a.logprob == pytest.approx(first_b.logprob, abs=0.1)
+        assert first_a.logprob == pytest.approx(first_b.logprob, abs=0.25)

@@ -81,7 +81,7 @@ def _library() -> ctypes.CDLL | None:
         "gemv_bf16": (i32, [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i32]),
     }
     for name, (restype, argtypes) in signatures.items():
-        if name == "gemv_bf16" and not hasattr(lib, name):  # only built for CPUs with AVX512-BF16
+        if name == "gemv_bf16" and not hasattr(lib, name):  # only built for CPUs with AVX512-BF16 or AVX2
             continue
         getattr(lib, name).restype = restype
         getattr(lib, name).argtypes = argtypes
@@ -176,7 +176,7 @@ GEMV_TILE = 64  # outputs per weight tile: TILE_N in csrc/gemv.c
 
 @functools.cache
 def gemv_available() -> bool:
-    """Our few-row bf16 matmul is built only where the compiler targets AVX512-BF16."""
+    """Our few-row bf16 matmul is built only where the compiler targets AVX512-BF16 or AVX2 + FMA."""
     lib = _library()
     return lib is not None and hasattr(lib, "gemv_bf16")
 

@@ -9,6 +9,14 @@ host (AMX Xeon), and equal or slower at 512 (a prefill chunk), so steps of up to
 weight at memory speed without oneDNN's per-call cost. The copies are kept side by side: packing
 is only done for models small enough that they cost little (`PACK_LIMIT_BYTES`); measurements
 in docs/reproduction.md.
+
+Where oneDNN has no bf16 matmul (AVX2-only CPUs, such as the AMD EPYC hosts here), torch multiplies
+bf16 in a reference loop, 7x slower than float32. There the model stays bf16 (its weights, KV cache
+and roundings as on any host): steps of up to `GEMV_MAX_ROWS_EMULATED` rows take our kernel (bf16
+weights, float32 sums; ahead of oneDNN's float32 call to 16 rows, level at 32-64), larger ones an
+exact float32 copy of the weight, prepacked by oneDNN (1.3-2.5x torch's MKL call at 1-512 rows on
+the EPYC), the result rounded to bf16 once: what oneDNN's bf16 matmul computes, float32 sums of
+exact products.
 """
 
 from __future__ import annotations
@@ -19,18 +27,31 @@ import torch.nn.functional as F
 from batchpilot.model import kernels
 
 GEMV_MAX_ROWS = 2
+GEMV_MAX_ROWS_EMULATED = 16  # where bf16 matmul is not native: our kernel leads oneDNN's float32 to 16 rows
 PACKED_MAX_ROWS = 128
-PACK_LIMIT_BYTES = 2 * 2**30  # weights of every packed layer together
+PACK_LIMIT_BYTES = 2 * 2**30  # weights of every packed layer together (bf16 bytes)
+
+
+def bf16_matmul_native() -> bool:
+    """Whether oneDNN multiplies bf16 in hardware here (AVX-512 or AMX). Without it torch falls
+    back to a reference loop: on an AVX2-only EPYC a bf16 matmul ran 7x slower than float32."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`--dtype auto`: bf16 where the CPU multiplies it natively, float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if bf16_matmul_native() else torch.float32
+    return getattr(torch, name)
 
 
 def packing_supported(dtype: torch.dtype) -> bool:
-    return (dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+    return dtype == torch.bfloat16 and bf16_matmul_native()
 
 
 def pack_all(layers: list[Linear]) -> bool:
-    """Prepack every layer when their dtype allows it and their weights fit PACK_LIMIT_BYTES."""
-    if not layers or not packing_supported(layers[0].weight.dtype):
+    """Give every bf16 layer its few-row and many-row copies when their weights fit PACK_LIMIT_BYTES."""
+    if not layers or layers[0].weight.dtype != torch.bfloat16:
         return False
     if sum(layer.weight.nbytes for layer in layers) > PACK_LIMIT_BYTES:
         return False
@@ -40,25 +61,37 @@ def pack_all(layers: list[Linear]) -> bool:
 
 
 class Linear:
-    """y = x W^T + b, from the prepacked weight when there is one and x has few rows."""
+    """y = x W^T + b, from the copy of the weight laid out for the step's number of rows."""
 
-    __slots__ = ("weight", "bias", "packed", "gemv")
+    __slots__ = ("weight", "bias", "packed", "gemv", "gemv_rows", "upcast", "upcast_bias")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight, self.bias = weight, bias
-        self.packed: torch.Tensor | None = None
-        self.gemv: torch.Tensor | None = None
+        self.packed: torch.Tensor | None = None  # oneDNN's blocked bf16 layout
+        self.gemv: torch.Tensor | None = None  # kernels.gemv's tiles
+        self.gemv_rows = GEMV_MAX_ROWS
+        self.upcast: torch.Tensor | None = None  # float32 prepacked, where bf16 matmul is not native
+        self.upcast_bias: torch.Tensor | None = None
 
     def pack(self) -> None:
-        """Keep a oneDNN-prepacked copy of the weight, and our kernel's where it runs, for few rows."""
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight)
+        """Keep the copies this CPU multiplies fastest: oneDNN-prepacked where bf16 is native, float32
+        where it is not, and our kernel's tiles for few rows where it runs."""
+        if bf16_matmul_native():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight)
+        else:
+            self.upcast = torch.ops.mkldnn._reorder_linear_weight(self.weight.float())
+            self.upcast_bias = None if self.bias is None else self.bias.float()
+            self.gemv_rows = GEMV_MAX_ROWS_EMULATED
         if kernels.gemv_supports(self.weight):
             self.gemv = kernels.pack_gemv_weight(self.weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
-            if self.gemv is not None and x.shape[0] <= GEMV_MAX_ROWS:
+            if self.gemv is not None and x.shape[0] <= self.gemv_rows:
                 return kernels.gemv(x, self.gemv, self.bias)
             if self.packed is not None and x.shape[0] <= PACKED_MAX_ROWS:
                 return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
+            if self.upcast is not None:
+                return torch.ops.mkldnn._linear_pointwise(x.float(), self.upcast, self.upcast_bias, "none", [],
+                                                          "").to(x.dtype)
         return F.linear(x, self.weight, self.bias)

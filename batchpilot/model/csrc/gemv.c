@@ -6,12 +6,18 @@
  * The weight is laid out in tiles of 64 outputs, [N / 64][K / 2][64][2], so that a task streams
  * one contiguous tile and each vdpbf16ps multiplies a broadcast pair (x[k], x[k+1]) of a row with
  * the pairs of 16 outputs: no horizontal sums. Products accumulate in float32 and are rounded to
- * bf16 once, as F.linear does. Only built where the CPU has AVX512-BF16.
+ * bf16 once, as F.linear does. Built where the CPU has AVX512-BF16, or else AVX2 with FMA: there
+ * each 32-bit lane of a tile row holds one output's pair, split into two floats by a shift and a
+ * mask and multiplied by the broadcast x[k] and x[k+1] (the same exact products and float32 sums).
  */
 #include <stdint.h>
 #include <string.h>
-#ifdef __AVX512BF16__
+#if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+
+#include "dtype.h"
+#endif
+#ifdef __AVX512BF16__
 
 #define TILE_N 64 /* outputs per task: four 16-lane float accumulators per row */
 #define MAX_M 4   /* rows per pass over a weight tile */
@@ -57,6 +63,46 @@ int gemv_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w, const uint
                     }
                     _mm256_storeu_si256((__m256i *)(y + (m0 + m) * y_stride + n), (__m256i)_mm512_cvtneps_pbh(v));
                 }
+        }
+    }
+    return 0;
+}
+#endif
+#if !defined(__AVX512BF16__) && defined(__AVX2__) && defined(__FMA__)
+
+#define TILE_N 64 /* outputs per task: eight 8-lane float accumulators, one row at a time */
+
+/* As above (same layout, arguments and result); a tile (K x 64 bf16, 72 KB at K = 576) stays in
+ * L2 while each row of x passes over it. */
+int gemv_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w, const uint16_t *bias, uint16_t *y,
+              int64_t y_stride, int64_t M, int64_t K, int64_t N, int num_threads) {
+    if (N % TILE_N != 0 || K % 2 != 0) return -1;
+    const int64_t tiles = N / TILE_N, K2 = K / 2;
+    const __m256i high_half = _mm256_set1_epi32((int)0xFFFF0000u);
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t t = 0; t < tiles; t++) {
+        const uint16_t *wt = w + t * K2 * TILE_N * 2;
+        for (int64_t m = 0; m < M; m++) {
+            const uint16_t *xm = x + m * x_stride;
+            __m256 acc[8];
+            for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+            for (int64_t k2 = 0; k2 < K2; k2++) {
+                const uint16_t *wk = wt + k2 * TILE_N * 2;
+                const __m256 x0 = _mm256_set1_ps(bf16_to_float(xm[2 * k2]));
+                const __m256 x1 = _mm256_set1_ps(bf16_to_float(xm[2 * k2 + 1]));
+                for (int j = 0; j < 8; j++) {
+                    const __m256i pairs = _mm256_loadu_si256((const __m256i *)(wk + 16 * j));
+                    const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+                    const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(pairs, high_half));
+                    acc[j] = _mm256_fmadd_ps(even, x0, acc[j]);
+                    acc[j] = _mm256_fmadd_ps(odd, x1, acc[j]);
+                }
+            }
+            uint16_t *ym = y + m * y_stride + t * TILE_N;
+            float sums[TILE_N];
+            for (int j = 0; j < 8; j++) _mm256_storeu_ps(sums + 8 * j, acc[j]);
+            for (int n = 0; n < TILE_N; n++)
+                ym[n] = float_to_bf16(bias != NULL ? sums[n] + bf16_to_float(bias[t * TILE_N + n]) : sums[n]);
         }
     }
     return 0;
