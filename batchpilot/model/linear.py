@@ -38,17 +38,6 @@ def bf16_matmul_native() -> bool:
     return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    """`--dtype auto`: bf16 where the CPU multiplies it natively, float32 elsewhere."""
-    if name == "auto":
-        return torch.bfloat16 if bf16_matmul_native() else torch.float32
-    return getattr(torch, name)
-
-
-def packing_supported(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and bf16_matmul_native()
-
-
 def pack_all(layers: list[Linear]) -> bool:
     """Give every bf16 layer its few-row and many-row copies when their weights fit PACK_LIMIT_BYTES."""
     if not layers or layers[0].weight.dtype != torch.bfloat16:
