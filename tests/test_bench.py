@@ -245,3 +245,20 @@ def test_compare_configurations_for_both_engines(tmp_path):
                        ({"controllers": "magic"}, "--controllers")):
         with pytest.raises(ValueError, match=field):
             configurations(argparse.Namespace(**{**vars(args), **bad}), 80.0, tmp_path)
+
+
+def test_free_ports_are_distinct_bindable_and_outside_the_ephemeral_range():
+    import socket
+
+    from batchpilot.bench.compare import _ephemeral_range
+
+    low, high = _ephemeral_range()
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == 50
+    assert not any(low <= p <= high for p in ports)
+    with socket.socket() as ephemeral:
+        ephemeral.bind(("127.0.0.1", 0))  # what vLLM's engine does for its own ports
+        assert ephemeral.getsockname()[1] not in ports
+        for port in ports[:5]:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shlex
 import signal
 import socket
@@ -131,10 +132,37 @@ def configurations(args: argparse.Namespace, sla_tpot: float | None, report: Pat
     return configs
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, outside the kernel's ephemeral range and not given out before by this
+    process. A port from bind(0) is ephemeral: released, it can be handed to the next bind(0)
+    (vLLM's engine takes its internal ports that way), so a server started on it a moment later
+    can find it taken."""
+    low, high = _ephemeral_range()
+    candidates = [p for p in range(20000, 32768) if not low <= p <= high] or list(range(high + 1, 65536))
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.choice(candidates)
+        if port in _PORTS_GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
+    raise RuntimeError("no free port found outside the ephemeral range")
 
 
 def wait_for_replicas(url: str, replicas: int, timeout: float) -> None:
