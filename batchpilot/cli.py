@@ -28,6 +28,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--kv-cache-gib", type=float, default=None, help="KV pool size (default: from free memory)")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV cache of prompt prefixes seen before (default: on)")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -79,7 +81,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     """EngineConfig from the flags; raises ValueError naming the bad flag."""
     return EngineConfig(
         model=args.model, dtype=args.dtype, threads=args.threads, seed=args.seed,
-        cache=CacheConfig(block_size=args.block_size, kv_cache_gib=args.kv_cache_gib),
+        cache=CacheConfig(block_size=args.block_size, kv_cache_gib=args.kv_cache_gib,
+                          enable_prefix_caching=args.enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_model_len=args.max_model_len),
         controller=controller_config(args),

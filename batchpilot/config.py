@@ -15,6 +15,7 @@ class CacheConfig:
     block_size: int = 16
     kv_cache_gib: float | None = None  # None: derived from free memory
     num_blocks: int | None = None  # exact block count, overrides kv_cache_gib (tests)
+    enable_prefix_caching: bool = True  # reuse the KV blocks of prefixes seen before (vLLM's default)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

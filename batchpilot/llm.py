@@ -40,7 +40,8 @@ def build_engine(config: EngineConfig) -> LLMEngine:
     block_size = config.cache.block_size
     pool = BlockPool(num_blocks, block_size)
     runner = TorchRunner(model, num_blocks, block_size, seed=config.seed)
-    scheduler = Scheduler(config.scheduler, KVCacheManager(pool), make_controller(config.controller),
+    kv = KVCacheManager(pool, enable_prefix_caching=config.cache.enable_prefix_caching)
+    scheduler = Scheduler(config.scheduler, kv, make_controller(config.controller),
                           ckpt.args.max_position_embeddings)
     logger.info(
         "model %s (%s, %s); KV cache %d blocks x %d tokens = %d tokens (%.2f GiB)",
@@ -60,12 +61,14 @@ class LLM:
                  kv_cache_gib: float | None = None, max_num_seqs: int = 256,
                  batch_controller: str = "combined", threads: int | None = None, seed: int = 0,
                  max_num_batched_tokens: int = 512, max_model_len: int | None = None,
-                 block_size: int = 16, num_kv_blocks: int | None = None, **controller_options: Any):
+                 block_size: int = 16, num_kv_blocks: int | None = None, enable_prefix_caching: bool = True,
+                 **controller_options: Any):
         """Args mirror vLLM's; `controller_options` are ControllerConfig fields
         (min_num_seqs, memory_mode, mem_epsilon, sla_tpot_ms, trace_path, ...)."""
         config = EngineConfig(
             model=model, dtype=dtype, threads=threads, seed=seed,
-            cache=CacheConfig(block_size=block_size, kv_cache_gib=kv_cache_gib, num_blocks=num_kv_blocks),
+            cache=CacheConfig(block_size=block_size, kv_cache_gib=kv_cache_gib, num_blocks=num_kv_blocks,
+                              enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
                                       max_model_len=max_model_len),
             controller=ControllerConfig(name=batch_controller, max_num_seqs=max_num_seqs, **controller_options),
@@ -154,6 +157,7 @@ def _accumulate(results: dict[str, RequestOutput], delta: RequestOutput) -> Requ
         c.finish_reason = d.finish_reason
         acc.finished = delta.finished
         acc.num_preemptions = delta.num_preemptions
+        acc.num_cached_tokens = delta.num_cached_tokens
     return acc
 
 
@@ -161,7 +165,7 @@ def _merge_child(parent: RequestOutput | None, child: RequestOutput, k: int, rid
     completion: CompletionOutput = replace(child.outputs[0], index=k)
     if parent is None:
         return RequestOutput(rid, child.prompt, child.prompt_token_ids, [completion], True,
-                             child.num_preemptions)
+                             child.num_preemptions, num_cached_tokens=child.num_cached_tokens)
     parent.outputs.append(completion)
     parent.outputs.sort(key=lambda o: o.index)
     parent.num_preemptions += child.num_preemptions

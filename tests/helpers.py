@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -18,15 +19,17 @@ from batchpilot.sampling_params import SamplingParams
 
 
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8,
-                   max_num_batched_tokens: int = 64, max_model_len: int = 1024) -> Scheduler:
-    kv = KVCacheManager(BlockPool(num_blocks, block_size))
+                   max_num_batched_tokens: int = 64, max_model_len: int = 1024,
+                   prefix_caching: bool = True) -> Scheduler:
+    kv = KVCacheManager(BlockPool(num_blocks, block_size), enable_prefix_caching=prefix_caching)
     return Scheduler(SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens), kv,
                      StaticController(max_num_seqs), max_model_len)
 
 
 def make_requests(n: int, prompt_len: int, max_tokens: int, prefix: str = "r") -> list[Request]:
+    """n requests with prompts that share no token (so no prefix-cache hit between them)."""
     return [
-        Request(f"{prefix}{i}", list(range(1, prompt_len + 1)),
+        Request(f"{prefix}{i}", [i * 100_000 + t for t in range(1, prompt_len + 1)],
                 SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), arrival_time=0.0)
         for i in range(n)
     ]
@@ -38,11 +41,15 @@ def fake_output(sched_out: SchedulerOutput, token: int = 7) -> RunnerOutput:
 
 
 def assert_blocks_consistent(sched: Scheduler) -> None:
+    """Every block's reference count is the number of tables holding it; a block is free exactly
+    when nobody holds it; no table holds a block twice; the sharing counters agree."""
     pool = sched.kv.pool
-    held = sum(len(t) for t in sched.kv.block_tables.values())
-    assert pool.num_free_blocks + held == pool.num_blocks
-    all_ids = [b for t in sched.kv.block_tables.values() for b in t]
-    assert len(all_ids) == len(set(all_ids)), "a block is owned twice"
+    holders = Counter(b for t in sched.kv.block_tables.values() for b in t)
+    assert all(len(t) == len(set(t)) for t in sched.kv.block_tables.values()), "a table holds a block twice"
+    assert [holders.get(b, 0) for b in range(pool.num_blocks)] == pool.ref_counts
+    assert pool.num_free_blocks + len(holders) == pool.num_blocks
+    assert pool.num_shared_blocks == sum(1 for n in holders.values() if n > 1)
+    assert pool.num_saved_blocks == sum(n - 1 for n in holders.values())
 
 
 TINY_CONFIGS = {

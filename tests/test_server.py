@@ -90,8 +90,20 @@ def test_models_health_version_metrics(server, client):
                  "time_to_first_token_seconds_bucket", "request_time_per_output_token_seconds_bucket",
                  "inter_token_latency_seconds_bucket", "request_queue_time_seconds_bucket",
                  "e2e_request_latency_seconds_bucket", "generation_tokens_total", "prompt_tokens_total",
-                 "batch_limit", "batch_limit_memory", "batch_size"):
+                 "batch_limit", "batch_limit_memory", "batch_size", "prefix_cache_queries_total",
+                 "prefix_cache_hits_total"):
         assert f"batchpilot:{name}" in text, name
+
+
+def test_a_repeated_prefix_is_served_from_the_cache_and_reported(server, client):
+    instruction = "Answer in one word, and never explain the answer you give. " * 6  # about 70 tokens
+    first = client.completions.create(model=MODEL, prompt=instruction + "Sky colour?", max_tokens=2)
+    hits_before = metric(server, "batchpilot:prefix_cache_hits_total")
+    second = client.completions.create(model=MODEL, prompt=instruction + "Grass colour?", max_tokens=2)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 48 and cached % 16 == 0 and cached < second.usage.prompt_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens < cached
+    assert metric(server, "batchpilot:prefix_cache_hits_total") - hits_before == cached
 
 
 def test_models_carry_vllms_root_and_tokenize_round_trips(server):

@@ -215,15 +215,18 @@ def server(cmd: list[str], log: Path, timeout: float, env: dict[str, str] | None
             proc.wait()
 
 
-def _preemptions(url: str) -> float | None:
+def _server_counters(url: str) -> dict[str, float]:
+    """The server's preemption and prefix-cache totals from /metrics (ours or vLLM's names)."""
     try:
         text = httpx.get(f"{url}/metrics", timeout=5).text
     except httpx.HTTPError:
-        return None
+        return {}
+    found = {}
     for line in text.splitlines():
-        if line.startswith(("batchpilot:num_preemptions_total", "vllm:num_preemptions_total")):
-            return float(line.rsplit(" ", 1)[1])
-    return None
+        for name in ("num_preemptions_total", "prefix_cache_queries_total", "prefix_cache_hits_total"):
+            if line.startswith((f"batchpilot:{name}", f"vllm:{name}")):
+                found[name] = float(line.rsplit(" ", 1)[1])
+    return found
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -248,7 +251,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         with server(config.cmd, log, args.startup_timeout, env) as (url, _):
             args.base_url = url
             result = run_serve(args, args.request_rate, args.num_prompts, sla)
-            result["num_preemptions"] = _preemptions(url)
+            counters = _server_counters(url)
+            result["num_preemptions"] = counters.get("num_preemptions_total")
+            queries = counters.get("prefix_cache_queries_total")
+            result["prefix_cache_hit_rate"] = counters["prefix_cache_hits_total"] / queries if queries else None
             if args.capacity:
                 found = capacity(args, sla)
                 result["capacity"] = found["capacity"]

@@ -40,6 +40,12 @@ class SchedulerView:
     # be admitted: computed on demand (O(requests)), valid during the limit() call.
     running: Callable[[], list[SeqState]]
     waiting: Callable[[int], list[SeqState]] = _no_waiting
+    # Prefix caching: blocks held by two running sequences or more, and the references beyond
+    # the first (the blocks sharing saves: per-sequence token counts overstate usage by this
+    # many blocks); free blocks (in num_free_blocks) that still hold a cached prefix.
+    num_shared_blocks: int = 0
+    num_saved_blocks: int = 0
+    num_cached_free_blocks: int = 0
 
 
 @dataclass(frozen=True)

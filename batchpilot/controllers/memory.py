@@ -8,6 +8,8 @@ Two forms:
   sigma; the total of b requests is ~Normal(b mu, b sigma^2), and the largest b with
   Pr(total > capacity) <= epsilon solves mu x^2 + z sigma x - eta = 0 for x = sqrt(b).
 
+`blocks` divides by the blocks the pool lends out, so a prefix shared by several sequences
+counts once; `clt` (lengths per request) adds the blocks sharing saves to the pool instead.
 Either way the result is clamped to [B_min, B_max] and never below the running count; the
 block pool stays the hard limit (the scheduler admits nothing it cannot allocate).
 """
@@ -129,7 +131,8 @@ class MemoryController:
         else:
             estimate = self.stats.estimate(view)
             if estimate is not None:
-                capacity = view.num_total_blocks * view.block_size
+                # Request lengths count a shared prefix once per sequence: so does this capacity.
+                capacity = (view.num_total_blocks + view.num_saved_blocks) * view.block_size
                 raw = clt_batch_limit(estimate[0], estimate[1], capacity, self.epsilon)
                 self.b_mem = self._clamp(raw, view.num_running)
         return self.b_mem

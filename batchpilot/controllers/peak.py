@@ -89,7 +89,7 @@ class PeakBound:
         states = np.array(running + waiting, dtype=np.float64).reshape(-1, 4)  # tokens, output, cap, exact
         out, cap = states[:, 1:2], states[:, 2:3]
         bs = view.block_size
-        capacity = view.num_total_blocks * bs
+        capacity = (view.num_total_blocks + view.num_saved_blocks) * bs  # per-sequence sizes count shared blocks
         steps = _grid(max(1.0, float(np.max(np.minimum(cap, self._longest()) - out))))
         exact = states[:, 3:4] > 0
         if exact.any():  # use peaks just before a known-length request ends: check those steps too

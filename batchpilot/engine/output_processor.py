@@ -38,6 +38,7 @@ class RequestOutput:
     finished: bool = False
     num_preemptions: int = 0
     queue_time_s: float | None = None  # arrival to first admission; set on the finished output
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 @dataclass
@@ -114,7 +115,7 @@ class OutputProcessor:
             del self._states[req.request_id]
         return RequestOutput(req.request_id, st.prompt, req.prompt_token_ids,
                              [CompletionOutput(0, delta, update.new_token_ids, logprobs, reason)], done,
-                             req.num_preemptions, _queue_time(req) if done else None)
+                             req.num_preemptions, _queue_time(req) if done else None, req.num_cached_tokens)
 
 
 def _token_output(update: RequestUpdate) -> RequestOutput:
@@ -124,7 +125,8 @@ def _token_output(update: RequestUpdate) -> RequestOutput:
     logprobs = update.new_logprobs if req.sampling_params.logprobs is not None else None
     return RequestOutput(req.request_id, None, req.prompt_token_ids,
                          [CompletionOutput(0, "", update.new_token_ids, logprobs, status.finish_reason)],
-                         status.finished, req.num_preemptions, _queue_time(req) if status.finished else None)
+                         status.finished, req.num_preemptions, _queue_time(req) if status.finished else None,
+                         req.num_cached_tokens)
 
 
 def _queue_time(req: Request) -> float | None:

@@ -49,6 +49,9 @@ class Request:
     first_token_time: float | None = None  # when its first output token was sampled, for its TPOT
     # Set when the last sampled token was a stop token (EOS or stop_token_ids); its text is hidden.
     stopped_by_token: bool = False
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first admitted
+    # Names of its full blocks (block_pool.block_hash), computed once: tokens are only appended.
+    block_hashes: list[bytes] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # Derived once (the prompt and the parameters never change): the scheduler reads them

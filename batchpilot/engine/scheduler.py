@@ -1,7 +1,8 @@
 """Continuous batching at the iteration level.
 
 Admission is FCFS and gated by exactly three things: the controller's `limit()` on running
-sequences, free KV blocks (the hard limit) and the per-step token budget. Long prompts are
+sequences, free KV blocks (the hard limit) and the per-step token budget. A request admitted
+with a cached prefix (block_pool.py) starts after it: those tokens cost no budget. Long prompts are
 prefilled in chunks so they never stall the decodes. When a running request needs a block
 and none is free, the most recently admitted request is preempted by recompute.
 """
@@ -90,6 +91,9 @@ class Scheduler:
             block_size=pool.block_size,
             running=lambda: [self._state(r) for r in running],
             waiting=lambda k: [self._state(r) for r in itertools.islice(self.waiting, k)],
+            num_shared_blocks=pool.num_shared_blocks,
+            num_saved_blocks=pool.num_saved_blocks,
+            num_cached_free_blocks=pool.num_cached_free_blocks,
         )
 
     def _state(self, r: Request) -> SeqState:
@@ -113,6 +117,7 @@ class Scheduler:
         # every step): a table that already has room for the step's tokens is read directly, and
         # the ScheduledRequest is built here rather than through _add.
         running, tables, block_size = self.running, self.kv.block_tables, self.kv.block_size
+        cache_computed = self.kv.cache_computed if self.kv.enable_prefix_caching else None
         schedule = out.scheduled.append
         prefill = decode = 0
         # NOTE: preemption pops from the end of `running`, which a for loop over it allows: the
@@ -129,6 +134,8 @@ class Scheduler:
                 if table is None:  # req itself was preempted (it was the last one running)
                     break
             schedule(ScheduledRequest(req, start, n, table, n == todo))
+            if cache_computed is not None:
+                cache_computed(req, start + n)
             if start >= req.num_prompt_tokens:
                 decode += n
             else:
@@ -151,14 +158,21 @@ class Scheduler:
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.last_limit:
-            req = self.waiting[0]
-            todo = req.num_tokens - req.num_computed_tokens
+            req = self.waiting[0]  # NOTE: a waiting request holds no blocks and has computed nothing
+            cached = self.kv.cached_prefix(req)
+            computed = len(cached) * self.kv.block_size
+            todo = req.num_tokens - computed
             n = min(todo, budget)
-            table = self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n)
+            table = self.kv.allocate_slots(req.request_id, computed + n, cached)
             if table is None:
                 break
             self.waiting.popleft()
-            if req.num_computed_tokens == 0 and req.num_preemptions == 0:
+            req.num_computed_tokens = computed
+            self.kv.record_admission(req.num_tokens, computed)
+            if self.kv.enable_prefix_caching:
+                self.kv.cache_computed(req, computed + n)
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = computed
                 out.num_new_prompt_tokens += req.num_prompt_tokens
                 out.started.append(req)
             req.status = RequestStatus.RUNNING

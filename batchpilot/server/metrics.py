@@ -96,6 +96,8 @@ class EngineCollector:
             "num_preemptions": ("Preemptions (recompute) since start.", s.num_preemptions_total),
             "prompt_tokens": ("Prompt tokens prefilled.", c.num_prompt_tokens),
             "generation_tokens": ("Tokens generated.", c.num_generation_tokens),
+            "prefix_cache_queries": ("Prompt tokens looked up in the prefix cache.", s.kv.num_prefix_queries),
+            "prefix_cache_hits": ("Of which found cached.", s.kv.num_prefix_hits),
         }
         for prefix in self.prefixes:
             for name, (doc, value) in counters.items():

@@ -50,6 +50,7 @@ class Choice:
     last_token_s: float = 0.0
     finished_s: float | None = None
     queue_s: float | None = None  # the engine's arrival to first admission
+    num_cached_tokens: int = 0  # of its prompt, served from the prefix cache
 
 
 @dataclass(eq=False)
@@ -227,6 +228,7 @@ class Serving:
                 c.text += out.text
                 c.token_ids += out.token_ids
                 c.logprobs += out.logprobs or []
+                c.num_cached_tokens = delta.num_cached_tokens
                 if delta.finished:
                     c.finish_reason = out.finish_reason
                     c.queue_s, c.finished_s = delta.queue_time_s, time.perf_counter() - start
@@ -263,10 +265,13 @@ class Serving:
 
     # ---- responses ----------------------------------------------------------------------------
 
-    def usage(self, job: Job, choices: list[Choice]) -> dict[str, int]:
+    def usage(self, job: Job, choices: list[Choice]) -> dict[str, Any]:
+        """OpenAI's usage: each prompt counted once (its first choice says what was cached)."""
         prompt = sum(len(p) for p in job.prompts)
         completion = sum(len(c.token_ids) for c in choices)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        cached = sum(c.num_cached_tokens for c in choices[:: job.params.n])
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)

@@ -94,7 +94,9 @@ def _simulate(workload: list[SimRequest], step_time: Callable[[StepShape], float
     stop_at: dict[str, int] = {}  # the requests whose length the "model" chooses
     engines = []
     for k in range(replicas):
-        sched = Scheduler(scheduler, KVCacheManager(BlockPool(kv_capacity_tokens // block_size, block_size)),
+        # NOTE: no prefix caching: simulated prompts are placeholder tokens ([0] * length), not text.
+        pool = BlockPool(kv_capacity_tokens // block_size, block_size)
+        sched = Scheduler(scheduler, KVCacheManager(pool, enable_prefix_caching=False),
                           make_controller(controller), max_model_len)
         path = trace_path if replicas == 1 or trace_path is None else f"{trace_path}.r{k}"
         trace = TraceWriter(path) if path else None

@@ -283,7 +283,8 @@ def run_calibration(runner, vocab: int, block_size: int, max_len: int, num_promp
     # NOTE: always this pool, so that every run of the workload schedules the same steps
     pool = BlockPool(CALIBRATION_KV_TOKENS // block_size, block_size)
     assert runner.num_blocks >= pool.num_blocks, "the runner's KV cache is smaller than the calibration's pool"
-    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=CALIBRATION_BUDGET), KVCacheManager(pool),
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=CALIBRATION_BUDGET),
+                          KVCacheManager(pool, enable_prefix_caching=False),
                           make_controller(ControllerConfig(name="static", max_num_seqs=64)), max_len)
     timed = TimedRunner(runner)
     engine = LLMEngine(scheduler, timed, tokenizer=None, vocab_size=vocab)
