@@ -51,6 +51,11 @@ def test_queue_overflow_gives_503_with_retry_after():
         # once drained, the server takes requests again
         ok = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=60)
         assert ok.status_code == 200
+        # a request larger than the whole queue could never be served: a 400 naming the field, not a 503
+        never = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "n": 3},
+                           timeout=60)
+        assert never.status_code == 400 and never.json()["error"]["param"] == "n"
+        assert "Retry-After" not in never.headers
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_zero():

@@ -130,8 +130,8 @@ def test_simulator_replays_the_real_engines_scheduling_decisions(tmp_path, defau
     output_lens = [30, 12, 40, 25, 18, 35, 10, 28]
     trace = tmp_path / "real.jsonl"
     llm = LLM(str(default_model_dir), dtype="float32", num_kv_blocks=14, block_size=16, max_num_batched_tokens=64,
-              trace_path=str(trace), batch_controller=name, max_num_seqs=6, **options)
-    prompts = [[100 + j for j in range(n)] for n in prompt_lens]
+              trace_path=str(trace), batch_controller=name, max_num_seqs=6, enable_prefix_caching=False, **options)
+    prompts = [[100 + j for j in range(n)] for n in prompt_lens]  # shared prefixes: the simulator does not cache
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for o in output_lens]
     llm.generate(prompts, params)
     llm.engine.trace.close()

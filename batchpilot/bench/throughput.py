@@ -117,11 +117,12 @@ def run_throughput(args: argparse.Namespace, config: EngineConfig) -> int:
                 bar.update(1)
     bar.close()
     duration = time.perf_counter() - start
-    c, kv = engine.counters, engine.scheduler.kv
+    c, state = engine.counters, engine.snapshot()
     result = summarize(list(records.values()), duration)
     result |= {
-        "num_preemptions": engine.scheduler.num_preemptions_total,
-        "prefix_cache_hit_rate": kv.num_prefix_hits / kv.num_prefix_queries if kv.num_prefix_queries else 0.0,
+        "num_preemptions": state.num_preemptions,
+        "prefix_cache_hit_rate": state.prefix_cache_hits / state.prefix_cache_queries if state.prefix_cache_queries
+        else 0.0,
         "num_steps": c.num_steps,
         "scheduler_overhead_frac": c.schedule_time_s / c.busy_time_s if c.busy_time_s else 0.0,
         "batch_controller": args.batch_controller,

@@ -221,7 +221,7 @@ def routing_stats() -> dict[str, Any]:
     """
     if "engine" not in _replica:
         return {}
-    return asdict(replica_load(_replica["engine"].engine.scheduler, _replica["max_num_seqs"]))
+    return asdict(replica_load(_replica["engine"].engine.snapshot(), _replica["max_num_seqs"]))
 
 
 def deployment(engine_config: EngineConfig, server_config: ServerConfig, replicas: int, threads: int):

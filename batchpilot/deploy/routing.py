@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from batchpilot.engine.scheduler import Scheduler
+    from batchpilot.engine.engine import EngineSnapshot
 
 T = TypeVar("T")
 REPLICA_HEADER = "x-batchpilot-replica"  # names the replica that answered, on every response
@@ -61,10 +61,10 @@ def two_choices(candidates: Sequence[T], rng: random.Random, rank: Callable[[T],
     return sorted(pair, key=rank)
 
 
-def replica_load(scheduler: Scheduler, max_num_seqs: int) -> ReplicaLoad:
-    """A replica's load from its scheduler; before its first step the limit is B_max (no information yet)."""
-    return ReplicaLoad(len(scheduler.waiting), len(scheduler.running), scheduler.kv.pool.usage,
-                       scheduler.last_limit or max_num_seqs)
+def replica_load(snapshot: EngineSnapshot, max_num_seqs: int) -> ReplicaLoad:
+    """A replica's load from its engine; before its first step the limit is B_max (no information yet)."""
+    return ReplicaLoad(snapshot.num_waiting, snapshot.num_running, snapshot.kv_usage,
+                       snapshot.batch_limit or max_num_seqs)
 
 
 class Router:

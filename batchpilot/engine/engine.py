@@ -41,6 +41,24 @@ class EngineCounters:
     batch_limit: int = 0  # b_t of the last step
 
 
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """The engine's state at one instant, for readers outside it (metrics, routing, reports), so
+    that none of them reaches into the scheduler or the block pool."""
+
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int  # cached-but-free blocks included
+    num_total_blocks: int
+    kv_usage: float  # fraction of blocks held by sequences, in [0, 1]
+    num_preemptions: int  # since start
+    prefix_cache_queries: int  # prompt tokens looked up at admission, since start
+    prefix_cache_hits: int  # of which found cached
+    batch_limit: int  # b_t of the last step (0 before the first)
+    max_model_len: int
+    controller_trace: dict[str, float]  # the controller's parts of b_t (b_mem, b_sla, ...)
+
+
 class LLMEngine:
     def __init__(self, scheduler: Scheduler, executor: Executor, tokenizer: TextTokenizer | None,
                  clock: Callable[[], float] = time.perf_counter, trace: TraceWriter | None = None,
@@ -104,6 +122,12 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def snapshot(self) -> EngineSnapshot:
+        s, kv = self.scheduler, self.scheduler.kv
+        return EngineSnapshot(len(s.running), len(s.waiting), kv.pool.num_free_blocks, kv.pool.num_blocks,
+                              kv.pool.usage, s.num_preemptions_total, kv.num_prefix_queries, kv.num_prefix_hits,
+                              s.last_limit, s.max_model_len, dict(self.controller.trace))
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration; returns the delta of every request that advanced or finished."""

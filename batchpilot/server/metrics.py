@@ -66,17 +66,17 @@ class EngineCollector:
 
     def collect(self):
         e = self.engine
-        s = e.scheduler
+        s = e.snapshot()
         c = e.counters
-        trace = e.controller.trace
+        trace = s.controller_trace
         stats = e.last_stats
         shared = {
-            "num_requests_running": ("Requests in the running batch.", len(s.running)),
-            "num_requests_waiting": ("Requests waiting to be scheduled.", len(s.waiting)),
-            "kv_cache_usage_perc": ("Fraction of KV-cache blocks in use (0-1).", s.kv.pool.usage),
+            "num_requests_running": ("Requests in the running batch.", s.num_running),
+            "num_requests_waiting": ("Requests waiting to be scheduled.", s.num_waiting),
+            "kv_cache_usage_perc": ("Fraction of KV-cache blocks in use (0-1).", s.kv_usage),
         }
         own = {
-            "kv_cache_free_blocks": ("Free KV-cache blocks.", s.kv.pool.num_free_blocks),
+            "kv_cache_free_blocks": ("Free KV-cache blocks.", s.num_free_blocks),
             "batch_limit": ("b_t: the controller's limit on running sequences.", c.batch_limit),
             "batch_limit_memory": ("b_mem: memory-aware limit (absent: not computed).", trace.get("b_mem")),
             "batch_limit_sla": ("b_sla: SLA-constrained limit (absent: no SLA).", trace.get("b_sla")),
@@ -93,11 +93,11 @@ class EngineCollector:
                     g.add_metric(list(self.labels.values()), float(value))
                     yield g
         counters = {
-            "num_preemptions": ("Preemptions (recompute) since start.", s.num_preemptions_total),
+            "num_preemptions": ("Preemptions (recompute) since start.", s.num_preemptions),
             "prompt_tokens": ("Prompt tokens prefilled.", c.num_prompt_tokens),
             "generation_tokens": ("Tokens generated.", c.num_generation_tokens),
-            "prefix_cache_queries": ("Prompt tokens looked up in the prefix cache.", s.kv.num_prefix_queries),
-            "prefix_cache_hits": ("Of which found cached.", s.kv.num_prefix_hits),
+            "prefix_cache_queries": ("Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries),
+            "prefix_cache_hits": ("Of which found cached.", s.prefix_cache_hits),
         }
         for prefix in self.prefixes:
             for name, (doc, value) in counters.items():
@@ -149,7 +149,7 @@ class ServerMetrics:
         prefixes = METRICS_NAMES[names]
         self.registry.register(EngineCollector(engine, model_name, prefixes, sla_tpot_s))
         self.model_name = model_name
-        self.series = [_Series(p, self.registry, engine.scheduler.max_model_len) for p in prefixes]
+        self.series = [_Series(p, self.registry, engine.snapshot().max_model_len) for p in prefixes]
         self.rejected = Counter(f"{OWN_PREFIX}:request_rejected", "Requests refused before reaching the engine.",
                                 ["model_name", "status"], registry=self.registry)
 

@@ -82,7 +82,7 @@ class Serving:
         self.metrics = metrics
         self.max_queue = max_queue
         self.tokenizer = engine.engine.tokenizer
-        self.max_model_len = engine.engine.scheduler.max_model_len
+        self.max_model_len = engine.engine.snapshot().max_model_len
         self.num_reserved = 0  # choices accepted and not yet finished (running ones included)
 
     # ---- validation ---------------------------------------------------------------------------
@@ -189,7 +189,11 @@ class Serving:
         except SamplingParamsError as e:
             raise APIError(400, str(e), e.param) from e
         job = Job(f"{kind}-{uuid.uuid4().hex}", prompts, params)
-        queued = self.num_reserved - len(self.engine.engine.scheduler.running)
+        if job.num_choices > self.max_queue:  # could never be queued: not a retryable 503
+            raise APIError(400, f"{len(prompts)} prompt(s) x n={params.n} = {job.num_choices} sequences, more "
+                           f"than the server queues at once (--max-queue {self.max_queue})",
+                           "n" if params.n > 1 else "prompt")
+        queued = self.num_reserved - self.engine.engine.snapshot().num_running
         if queued + job.num_choices > self.max_queue:
             self.metrics.rejected.labels(self.metrics.model_name, "503").inc()
             raise APIError(503, f"server busy: {queued} requests already waiting (--max-queue {self.max_queue})",

@@ -116,7 +116,7 @@ def _simulate(workload: list[SimRequest], step_time: Callable[[StepShape], float
             clock.t = w.arrival_s
             if replicas > 1:
                 for k, e in enumerate(engines):
-                    router.report(k, replica_load(e.scheduler, controller.max_num_seqs))
+                    router.report(k, replica_load(e.snapshot(), controller.max_num_seqs))
             k = router.choose() if replicas > 1 else 0
             if w.max_tokens is None or w.max_tokens <= w.output_len:
                 params = SamplingParams(temperature=0, max_tokens=w.output_len, ignore_eos=True)
