@@ -122,6 +122,7 @@ def server_config(args: argparse.Namespace):
     return ServerConfig(model_names=names, model_root=str(resolve_model_path(args.model)),
                         api_key=args.api_key or os.environ.get("BATCHPILOT_API_KEY"),
                         protect_metrics=args.protect_metrics, max_queue=args.max_queue,
+                        max_request_body_mb=args.max_request_body_mb,
                         metrics_names=args.metrics_names, sla_tpot_ms=args.sla_tpot_ms)
 
 
@@ -194,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prefix of the standard series on /metrics (vllm: a vLLM dashboard reads them "
                             "unchanged); the controller's own series are batchpilot: always")
     serve.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 503 + Retry-After")
+    serve.add_argument("--max-request-body-mb", type=float, default=16.0,
+                       help="larger request bodies get a 413 before they are read")
     serve.add_argument("--replicas", type=int, default=1,
                        help="engine replicas behind one endpoint, on Ray Serve, routed by load (--threads each)")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,

@@ -16,12 +16,15 @@ __all__ = ["free_port", "metric", "running_server"]
 
 
 @contextmanager
-def running_server(*args: str, env: dict[str, str] | None = None, startup_timeout: float = 180):
-    """Yields (base_url, process) of a float32 server on the default model; stops it on exit."""
+def running_server(*args: str, env: dict[str, str] | None = None, startup_timeout: float = 180,
+                   log: Path | None = None):
+    """Yields (base_url, process) of a float32 server on the default model; stops it on exit.
+    `log`: where its output goes (default: a temporary file)."""
     cmd = [sys.executable, "-m", "batchpilot.cli", "--log-level", "WARNING", "serve", "--dtype", "float32",
            "--threads", "2", "--kv-cache-gib", "0.2", *args]
     with tempfile.TemporaryDirectory() as tmp:
-        with server(cmd, Path(tmp) / "server.log", startup_timeout, env={**os.environ, **(env or {})}) as running:
+        with server(cmd, log or Path(tmp) / "server.log", startup_timeout,
+                    env={**os.environ, **(env or {})}) as running:
             yield running
 
 

@@ -2,6 +2,8 @@
 
 import asyncio
 import json
+import threading
+import time
 
 import httpx
 import openai
@@ -181,6 +183,11 @@ BAD_INPUTS = [
     ("/v1/completions", {"model": MODEL, "prompt": 12}, 400, "prompt"),
     ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "model"),
     ("/v1/completions", [1, 2], 400, None),
+    ("/v1/completions", {"model": MODEL, "prompt": "a\ud800b"}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["ok", "\udc00"]}, 400, "prompt.1"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x\udc00"}]}, 400,
+     "messages.0.content"),
+    ("/tokenize", {"model": MODEL, "prompt": "\ud800"}, 400, "prompt"),
 ]
 
 
@@ -193,6 +200,37 @@ def test_bad_input_gets_an_openai_error_naming_the_field(server, path, body, sta
     assert error["param"] == param
     if param:
         assert param.split(".")[0] in error["message"]
+
+
+def _health_latency_during(url: str, request) -> tuple[httpx.Response, float]:
+    """Run `request` on a thread and poll /health meanwhile: its response and the slowest poll (s)."""
+    done: dict[str, httpx.Response] = {}
+    worker = threading.Thread(target=lambda: done.setdefault("r", request()))
+    worker.start()
+    worst = 0.0
+    while worker.is_alive():
+        start = time.perf_counter()
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        worst = max(worst, time.perf_counter() - start)
+    worker.join()
+    return done["r"], worst
+
+
+def test_huge_bodies_and_prompts_are_refused_without_stalling_the_server(server):
+    headers = {"content-type": "application/json"}
+    huge = json.dumps({"model": MODEL, "prompt": "x" * (20 * 2**20)}).encode()  # 20 MB: over the body limit
+    r, worst = _health_latency_during(
+        server, lambda: httpx.post(f"{server}/v1/completions", content=huge, headers=headers, timeout=60))
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large" and worst < 0.1
+    # 10 MB of text: under the body limit, but more characters than 512 tokens can stand for
+    big = {"model": MODEL, "prompt": "ab " * (3 * 2**20 + 2**19)}
+    r, worst = _health_latency_during(server, lambda: httpx.post(f"{server}/v1/completions", json=big, timeout=60))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and worst < 0.1
+    # 30,000 characters: must be encoded to be judged, on a worker thread
+    long = {"model": MODEL, "messages": [{"role": "user", "content": "word " * 6000}]}
+    r, worst = _health_latency_during(
+        server, lambda: httpx.post(f"{server}/v1/chat/completions", json=long, timeout=60))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded" and worst < 0.1
 
 
 def test_malformed_json_and_unknown_routes(server):

@@ -3,6 +3,7 @@
 import asyncio
 import json
 import signal
+import time
 
 import httpx
 import openai
@@ -10,7 +11,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from tests.server_utils import running_server
+from tests.server_utils import metric, running_server
 
 pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"
@@ -56,6 +57,21 @@ def test_queue_overflow_gives_503_with_retry_after():
                            timeout=60)
         assert never.status_code == 400 and never.json()["error"]["param"] == "n"
         assert "Retry-After" not in never.headers
+
+
+def test_a_client_timeout_frees_its_request_and_logs_no_traceback(tmp_path):
+    log = tmp_path / "server.log"
+    with running_server(log=log) as (url, _):
+        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": True}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json=body, timeout=1.0)
+        deadline = time.monotonic() + 30
+        while metric(url, "batchpilot:num_requests_running") or metric(url, "batchpilot:kv_cache_usage_perc"):
+            assert time.monotonic() < deadline, "the abandoned request kept running"
+            time.sleep(0.2)
+        assert httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": 2}, timeout=60).status_code == 200
+    text = log.read_text()
+    assert "Traceback" not in text and "ERROR" not in text, text[-2000:]
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_zero():

@@ -98,9 +98,22 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
+    @functools.cached_property
+    def max_chars_per_token(self) -> int | None:
+        """The most characters of text one token can stand for (its longest vocabulary entry: each
+        of a token's characters stands for at most one character of text), so a text longer than
+        this times a context cannot fit in it. None when a normalizer (which may drop characters)
+        breaks that bound."""
+        if self.tokenizer.normalizer is not None:
+            return None
+        return max(map(len, self.tokenizer.get_vocab(with_added_tokens=True)))
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; with `add_special_tokens`, the BOS token when the model asks for one."""
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`; with `add_special_tokens`, the BOS token when the model asks for one.
+
+        Through `encode_batch`, which releases the GIL (`encode` holds it): a server encoding a
+        long prompt on a worker thread keeps answering meanwhile."""
+        ids = self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
         if add_special_tokens and self.add_bos_token and self.bos_token:
             bos = self.tokenizer.token_to_id(self.bos_token)
             if bos is not None and (not ids or ids[0] != bos):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -25,11 +24,10 @@ from batchpilot.server.errors import (
     http_error_handler,
     validation_error_handler,
 )
+from batchpilot.server.guard import Guard
 from batchpilot.server.metrics import ServerMetrics
 from batchpilot.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from batchpilot.server.serving import Serving
-
-_OPEN_PATHS = {"/health", "/version", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 
 
 @dataclass
@@ -39,12 +37,15 @@ class ServerConfig:
     api_key: str | None = None
     protect_metrics: bool = False
     max_queue: int = 1024
+    max_request_body_mb: float = 16.0  # larger bodies get a 413 before they are read
     metrics_names: str = "batchpilot"  # batchpilot, vllm or both: the prefix of the standard series
     sla_tpot_ms: float | None = None  # the controller's TPOT target, exported for dashboards
 
     def __post_init__(self) -> None:
         if self.max_queue < 1:
             raise ValueError(f"--max-queue must be at least 1, got {self.max_queue}")
+        if not self.max_request_body_mb > 0:
+            raise ValueError(f"--max-request-body-mb must be positive, got {self.max_request_body_mb}")
 
 
 def build_app(engine: AsyncEngine, config: ServerConfig,
@@ -68,15 +69,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig,
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(APIError, api_error_handler)
     app.state.serving = serving
-
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        path = request.url.path
-        open_path = path in _OPEN_PATHS or (path == "/metrics" and not config.protect_metrics)
-        if config.api_key and not open_path and not _authorized(request, config.api_key):
-            return JSONResponse(error_body(401, "missing or invalid API key (Authorization: Bearer <key>)",
-                                           None, "invalid_api_key"), status_code=401)
-        return await call_next(request)
+    app.add_middleware(Guard, api_key=config.api_key, protect_metrics=config.protect_metrics,
+                       max_body_bytes=int(config.max_request_body_mb * 2**20))
 
     @app.get("/health", summary="200 while the engine loop is alive")
     async def health() -> Response:
@@ -112,7 +106,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig,
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
-        return serving.tokenize(body)
+        return await serving.tokenize(body)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
@@ -120,26 +114,19 @@ def build_app(engine: AsyncEngine, config: ServerConfig,
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        job = serving.completion_job(body)
+        job = await serving.completion_job(body)
         if body.stream:
             return _event_stream(serving.stream(body, job, chat=False))
         return await _unless_disconnected(request, serving.completion(body, job))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        job = serving.chat_job(body)
+        job = await serving.chat_job(body)
         if body.stream:
             return _event_stream(serving.stream(body, job, chat=True))
         return await _unless_disconnected(request, serving.chat(body, job))
 
     return app
-
-
-def _authorized(request: Request, key: str) -> bool:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    # NOTE: constant-time comparison, so response timing does not reveal the key.
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
 
 
 def _event_stream(chunks) -> StreamingResponse:

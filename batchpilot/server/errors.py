@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 503: "service_unavailable"}
+          405: "invalid_request_error", 413: "invalid_request_error", 503: "service_unavailable"}
 
 
 class APIError(Exception):
@@ -42,7 +42,9 @@ async def validation_error_handler(_: Request, exc: RequestValidationError) -> J
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     param = _param(tuple(first.get("loc", ())))
-    if first.get("type") == "json_invalid":
+    if first.get("type") == "invalid_unicode":  # protocol._RequestBody: the field is in the context
+        message, param = first.get("msg"), first.get("ctx", {}).get("param")
+    elif first.get("type") == "json_invalid":
         message, param = f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip(), None
     elif param is None:
         message = "request body must be a JSON object"

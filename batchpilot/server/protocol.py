@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_N = 16
 MAX_LOGPROBS = 20
@@ -30,7 +31,42 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False
 
 
-class _SamplingFields(BaseModel):
+def _invalid_unicode_at(value: Any, path: str) -> str | None:
+    """Where a string of `value` holds a lone surrogate (JSON can spell one, "\\ud800", that no
+    text encoding can carry), as a dotted path; None when every string is valid."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            if (found := _invalid_unicode_at(getattr(value, name), f"{path}.{name}" if path else name)) is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            if (found := _invalid_unicode_at(item, f"{path}.{i}")) is not None:
+                return found
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if (found := _invalid_unicode_at(key, path) or _invalid_unicode_at(item, f"{path}.{key}")) is not None:
+                return found
+    return None
+
+
+class _RequestBody(BaseModel):
+    """A request body: every string in it must be valid Unicode (a 400 naming the field)."""
+
+    @model_validator(mode="after")
+    def _valid_unicode(self) -> _RequestBody:
+        path = _invalid_unicode_at(self, "")
+        if path is not None:
+            raise PydanticCustomError("invalid_unicode", "{param}: invalid Unicode (a lone surrogate)",
+                                      {"param": path})
+        return self
+
+
+class _SamplingFields(_RequestBody):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
@@ -110,7 +146,7 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None  # extra template variables (vLLM's field)
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_RequestBody):
     """vLLM's /tokenize: a prompt, or chat messages rendered by the model's template."""
 
     model_config = ConfigDict(extra="ignore", strict=True)

@@ -92,17 +92,17 @@ class Serving:
             raise APIError(404, f"model {model!r} does not exist (served: {', '.join(self.model_names)})",
                            "model", "model_not_found")
 
-    def completion_job(self, req: CompletionRequest) -> Job:
+    async def completion_job(self, req: CompletionRequest) -> Job:
         self.check_model(req.model)
         for name, bad in (("echo", req.echo), ("suffix", req.suffix is not None), ("logit_bias", bool(req.logit_bias))):
             if bad:
                 raise APIError(400, f"{name} is not supported", name, "unsupported_parameter")
         if req.best_of is not None and req.best_of != (req.n or 1):
             raise APIError(400, "best_of must equal n (beam search is not supported)", "best_of")
-        prompts = self._completion_prompts(req.prompt)
+        prompts = await self._completion_prompts(req.prompt)
         return self._job("cmpl", prompts, req, req.max_tokens, req.logprobs, "prompt")
 
-    def chat_job(self, req: ChatCompletionRequest) -> Job:
+    async def chat_job(self, req: ChatCompletionRequest) -> Job:
         self.check_model(req.model)
         if req.tools:
             raise APIError(400, "tools are not supported", "tools", "unsupported_parameter")
@@ -116,9 +116,9 @@ class Serving:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        return self._job("chatcmpl", [self.tokenizer.encode(text)], req, max_tokens, logprobs, "messages")
+        return self._job("chatcmpl", [await self._encode(text, "messages")], req, max_tokens, logprobs, "messages")
 
-    def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
+    async def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
         """vLLM's /tokenize answer: the ids (and their strings when asked), count and context size."""
         self.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
@@ -127,7 +127,7 @@ class Serving:
             text = self._render(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
         else:
             text = req.prompt
-        ids = self.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+        ids = await self._encode(text, "messages" if req.messages is not None else "prompt", req.add_special_tokens)
         out: dict[str, Any] = {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids}
         if req.return_token_strs:
             out["token_strs"] = [self.tokenizer.tokenizer.id_to_token(t) for t in ids]
@@ -146,10 +146,20 @@ class Serving:
         try:
             return self.tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages],
                                                       add_generation_prompt, **(template_kwargs or {}))
-        except (TemplateError, ValueError) as e:
+        except (TemplateError, ValueError, TypeError) as e:  # TypeError: chat_template_kwargs that clash
             raise APIError(400, f"messages: cannot render the chat template: {e}", "messages") from e
 
-    def _completion_prompts(self, prompt: Any) -> list[list[int]]:
+    async def _encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a request's text, encoded on a worker thread (a long text must not stall the
+        event loop), after a check that needs no encoding: a text with more characters than the
+        context's tokens can stand for is refused at once."""
+        per_token = self.tokenizer.max_chars_per_token
+        if per_token is not None and len(text) > self.max_model_len * per_token:
+            raise APIError(400, f"{param}: {len(text)} characters cannot fit in the context of {self.max_model_len} "
+                                f"tokens", param, "context_length_exceeded")
+        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
+
+    async def _completion_prompts(self, prompt: Any) -> list[list[int]]:
         if isinstance(prompt, str):
             items: list[Any] = [prompt]
         elif prompt and all(isinstance(p, int) for p in prompt):
@@ -158,7 +168,7 @@ class Serving:
             items = list(prompt)
         if not items:
             raise APIError(400, "prompt must not be empty", "prompt")
-        return [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in items]
+        return [await self._encode(p, "prompt") if isinstance(p, str) else list(p) for p in items]
 
     def _job(self, kind: str, prompts: list[list[int]], req: Any, max_tokens: int | None,
              logprobs: int | None, prompt_param: str) -> Job:

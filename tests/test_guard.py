@@ -1,0 +1,66 @@
+"""The server's outer guard on a stand-in app (no model): API key, body limit, unexpected errors."""
+
+import asyncio
+import logging
+
+import httpx
+
+from batchpilot.server.guard import Guard
+
+
+async def echo_body(scope, receive, send):
+    """Reads the whole body and answers with its length; raises on /boom."""
+    if scope["path"] == "/boom":
+        raise RuntimeError("boom")
+    size, more = 0, True
+    while more:
+        message = await receive()
+        size += len(message.get("body", b""))
+        more = message.get("more_body", False)
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": str(size).encode()})
+
+
+def call(method: str, path: str, api_key: str | None = None, **kwargs) -> httpx.Response:
+    app = Guard(echo_body, api_key=api_key, protect_metrics=False, max_body_bytes=1000)
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.request(method, path, **kwargs)
+
+    return asyncio.run(go())
+
+
+def test_bodies_over_the_limit_get_a_413_in_openais_shape():
+    assert call("POST", "/v1/completions", content=b"x" * 1000).text == "1000"
+    r = call("POST", "/v1/completions", content=b"x" * 1001)  # refused from its Content-Length
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+    async def chunks():  # no Content-Length: refused once the bytes read pass the limit
+        for _ in range(20):
+            yield b"y" * 100
+
+    r = call("POST", "/v1/completions", content=chunks())
+    assert r.status_code == 413 and "1000 bytes" in r.json()["error"]["message"]
+
+
+def test_an_unexpected_error_is_a_500_with_an_id_logged_once(caplog):
+    with caplog.at_level(logging.ERROR):
+        r = call("POST", "/boom", content=b"{}")
+    assert r.status_code == 500
+    error = r.json()["error"]
+    assert error["type"] == "server_error" and error["code"] == "internal_error"
+    records = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+    assert len(records) == 1 and records[0].exc_info is not None
+    request_id = error["message"].split("(")[1].split(")")[0]
+    assert request_id.startswith("err-") and request_id in records[0].getMessage()
+
+
+def test_the_api_key_guards_all_but_the_open_paths():
+    assert call("POST", "/v1/completions", api_key="k", content=b"{}").status_code == 401
+    authorized = call("POST", "/v1/completions", api_key="k", content=b"{}", headers={"Authorization": "Bearer k"})
+    assert authorized.status_code == 200 and authorized.text == "2"
+    assert call("POST", "/v1/completions", api_key="k", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert call("GET", "/health", api_key="k").status_code == 200
+    assert call("GET", "/metrics", api_key="k").status_code == 200
