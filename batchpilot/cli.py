@@ -147,14 +147,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from batchpilot.server.app import build_app
 
     engine = build_engine(engine_config(args))
-    app = build_app(AsyncEngine(engine), config)
+    dead: list[BaseException] = []
+
+    def exit_for_supervisor(error: BaseException) -> None:
+        dead.append(error)  # /health answers 503 meanwhile; the process then exits non-zero
+        uvicorn_server.should_exit = True
+
+    async_engine = AsyncEngine(engine, on_dead=exit_for_supervisor)
+    app = build_app(async_engine, config)
     logging.getLogger("batchpilot").info("serving %s on http://%s:%d", config.model_names[0], args.host, args.port)
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the handler that was there
     # before it; a no-op one makes a graceful shutdown end with exit status 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False,
-                timeout_graceful_shutdown=args.shutdown_timeout)
+    uvicorn_server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=False,
+                                                   log_level=args.log_level.lower(),
+                                                   timeout_graceful_shutdown=args.shutdown_timeout))
+    uvicorn_server.run()
+    if dead:
+        logging.getLogger("batchpilot").error("the engine died (%s); exiting with status 1", dead[0])
+        return 1
     return 0
 
 

@@ -24,15 +24,26 @@ from batchpilot.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+MAX_CONSECUTIVE_FAILED_STEPS = 3  # then the engine is declared dead (a fault that does not pass)
+
+
 class EngineDeadError(RuntimeError):
     """The step loop failed; no request can be served any more."""
 
 
+class RequestFailedError(RuntimeError):
+    """The step running this request raised: the request was aborted; the engine goes on."""
+
+
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, on_step: Callable[[StepStats], None] | None = None):
-        """`on_step` is called after every step with its stats, on the engine's thread."""
+    def __init__(self, engine: LLMEngine, on_step: Callable[[StepStats], None] | None = None,
+                 on_dead: Callable[[BaseException], None] | None = None):
+        """`on_step` is called after every step with its stats, on the engine's thread; `on_dead`
+        once, on the event loop, if the step loop dies (a server exits so a supervisor restarts it)."""
         self.engine = engine
         self.on_step = on_step
+        self.on_dead = on_dead
+        self._failed_steps = 0
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._ids = itertools.count()
@@ -45,10 +56,6 @@ class AsyncEngine:
     def error(self) -> BaseException | None:
         """The exception that stopped the step loop, if any."""
         return self._error
-
-    @property
-    def num_unfinished(self) -> int:
-        return len(self._streams)
 
     def start(self) -> None:
         """Start the background loop on the running event loop (idempotent)."""
@@ -72,6 +79,7 @@ class AsyncEngine:
 
         Raises:
             RequestRejectedError: invalid prompt or duplicate id (before anything is queued).
+            RequestFailedError: a step that ran this request raised (the request is aborted).
             EngineDeadError: the step loop has failed.
         """
         if self._error is not None:
@@ -90,6 +98,9 @@ class AsyncEngine:
         try:
             while not finished:
                 item = await stream.get()
+                if isinstance(item, RequestFailedError):
+                    finished = True  # already aborted
+                    raise item
                 if isinstance(item, BaseException):
                     raise EngineDeadError(str(item)) from item
                 finished = item.finished
@@ -112,7 +123,11 @@ class AsyncEngine:
                 if self._commands.empty() and not self.engine.has_unfinished_requests():
                     await self._wakeup.wait()
                     self._wakeup.clear()
-                outputs = await loop.run_in_executor(self._worker, self._step)
+                outputs, failed = await loop.run_in_executor(self._worker, self._step)
+                for rid, error in failed:
+                    stream = self._streams.pop(rid, None)
+                    if stream is not None:
+                        stream.put_nowait(error)
                 for out in outputs:
                     stream = self._streams.get(out.request_id)
                     if stream is not None:
@@ -127,9 +142,12 @@ class AsyncEngine:
             for stream in self._streams.values():
                 stream.put_nowait(e)
             self._streams.clear()
+            if self.on_dead is not None:
+                self.on_dead(e)
 
-    def _step(self) -> list[RequestOutput]:
-        """Worker thread: apply queued commands, then run one step if there is work."""
+    def _step(self) -> tuple[list[RequestOutput], list[tuple[str, RequestFailedError]]]:
+        """Worker thread: apply queued commands, then run one step if there is work. A step that
+        raises fails its own batch only, unless steps keep failing (then the loop dies)."""
         while not self._commands.empty():
             cmd = self._commands.get()
             if cmd[0] == "add":
@@ -138,8 +156,19 @@ class AsyncEngine:
             else:
                 self.engine.abort(cmd[1])
         if not self.engine.has_unfinished_requests():
-            return []
-        outputs = self.engine.step()
+            return [], []
+        batch = self.engine.running_ids()
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            self._failed_steps += 1
+            if self._failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS:
+                raise
+            failed = self.engine.abort_failed_step(batch)
+            logger.exception("engine step failed; aborted the %d requests of its batch", len(failed))
+            error = RequestFailedError(f"the engine step running this request failed: {type(e).__name__}: {e}")
+            return [], [(rid, error) for rid in failed]
+        self._failed_steps = 0
         if self.on_step is not None:
             self.on_step(self.engine.last_stats)
-        return outputs
+        return outputs, []

@@ -105,6 +105,12 @@ class BlockPool:
                     self.num_shared_blocks += 1
             refs[block] += 1
 
+    def forget_cached(self) -> None:
+        """Drop every name: no block can be found by its prefix any more (their memory is untouched)."""
+        self._block_by_hash.clear()
+        self._hash_by_block.clear()
+        self.num_cached_free_blocks = 0
+
     def cache(self, block: int, name: bytes) -> None:
         """Name a held, full block. A name already cached keeps its block: two sequences that
         computed the same prefix at once keep one copy findable."""

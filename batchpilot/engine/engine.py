@@ -123,6 +123,19 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def running_ids(self) -> list[str]:
+        return [r.request_id for r in self.scheduler.running]
+
+    def abort_failed_step(self, batch: list[str]) -> list[str]:
+        """After a step raised: abort its batch (`batch`, the requests running before it, and
+        those running now) and forget every cached prefix (blocks named in that step may never
+        have been written). Waiting requests are untouched and run on. Returns the aborted ids."""
+        ids = list(dict.fromkeys(batch + self.running_ids()))
+        for rid in ids:
+            self.abort(rid)
+        self.scheduler.kv.pool.forget_cached()
+        return ids
+
     def snapshot(self) -> EngineSnapshot:
         s, kv = self.scheduler, self.scheduler.kv
         return EngineSnapshot(len(s.running), len(s.waiting), kv.pool.num_free_blocks, kv.pool.num_blocks,

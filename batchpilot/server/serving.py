@@ -18,7 +18,7 @@ from typing import Any
 
 from jinja2 import TemplateError
 
-from batchpilot.engine.async_engine import AsyncEngine, EngineDeadError
+from batchpilot.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from batchpilot.engine.output_processor import RequestOutput
 from batchpilot.engine.outputs import TokenLogprobs
 from batchpilot.engine.scheduler import RequestRejectedError
@@ -274,6 +274,8 @@ class Serving:
                 yield item
         except EngineDeadError as e:
             raise APIError(503, f"engine failed: {e}", None, "engine_dead") from e
+        except RequestFailedError as e:
+            raise APIError(500, str(e), None, "engine_step_failed") from e
         except RequestRejectedError as e:
             raise APIError(400, str(e), "prompt") from e
 
