@@ -62,3 +62,11 @@ class SamplingParamsError(ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(message)
         self.param = param
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """Log-probability of the sampled token and of the most likely alternatives."""
+
+    logprob: float
+    top: list[tuple[int, float]]

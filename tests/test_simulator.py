@@ -4,9 +4,10 @@ import pytest
 
 from batchpilot.bench.datasets import LengthDist
 from batchpilot.config import ControllerConfig, SchedulerConfig
+from batchpilot.executors.simulated import StepShape
 from batchpilot.sim.driver import SimRequest, make_workload, simulate
 from batchpilot.sim.profile import PROFILE_VERSION
-from batchpilot.sim.roofline import Hardware, ModelShape, RooflineModel, StepShape
+from batchpilot.sim.roofline import Hardware, ModelShape, RooflineModel
 
 TINY = ModelShape("tiny", layers=2, hidden=4, heads=2, kv_heads=1, head_dim=2, intermediate=8, vocab=10,
                   max_context=64)

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 
 from tokenizers.decoders import DecodeStream
 
-from batchpilot.engine.outputs import RequestUpdate, TokenLogprobs
+from batchpilot.engine.outputs import RequestUpdate
 from batchpilot.engine.request import Request
 from batchpilot.model.tokenizer import TextTokenizer
+from batchpilot.sampling_params import TokenLogprobs
 
 
 @dataclass(slots=True)

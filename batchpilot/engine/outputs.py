@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from batchpilot.engine.request import Request
+from batchpilot.sampling_params import TokenLogprobs
 
 
 @dataclass(slots=True)
@@ -33,14 +34,6 @@ class SchedulerOutput:
     @property
     def num_tokens(self) -> int:
         return self.num_prefill_tokens + self.num_decode_tokens
-
-
-@dataclass(slots=True)
-class TokenLogprobs:
-    """Log-probability of the sampled token and of the most likely alternatives."""
-
-    logprob: float
-    top: list[tuple[int, float]]
 
 
 @dataclass

@@ -9,12 +9,30 @@ scheduler and its controller then see a request whose length the model chose, as
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from batchpilot.engine.outputs import RunnerOutput, SchedulerOutput
-from batchpilot.sim.roofline import StepShape
 
 PLACEHOLDER_TOKEN = 0
 STOP_TOKEN = 1  # simulated requests that stop by themselves list it in stop_token_ids
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What a step computes, in the terms cost models need.
+
+    Decodes (one new token each) are summed, since a step has hundreds of them and their
+    cost depends on their number and total context only; prefill chunks are few and listed.
+    """
+
+    num_decodes: int
+    decode_context: int  # sum over decodes of the context after the step
+    prefills: tuple[tuple[int, int], ...]  # (new tokens, context after the step) per chunk
+    num_sampled: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_decodes + sum(n for n, _ in self.prefills)
 
 
 class VirtualClock:

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from batchpilot.engine.outputs import TokenLogprobs
 from batchpilot.model import kernels
-from batchpilot.sampling_params import SamplingParams
+from batchpilot.sampling_params import SamplingParams, TokenLogprobs
 
 
 @dataclass

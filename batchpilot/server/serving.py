@@ -20,9 +20,8 @@ from jinja2 import TemplateError
 
 from batchpilot.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from batchpilot.engine.output_processor import RequestOutput
-from batchpilot.engine.outputs import TokenLogprobs
 from batchpilot.engine.scheduler import RequestRejectedError
-from batchpilot.sampling_params import SamplingParams, SamplingParamsError
+from batchpilot.sampling_params import SamplingParams, SamplingParamsError, TokenLogprobs
 from batchpilot.server.errors import APIError, error_body
 from batchpilot.server.metrics import FinishedRequest, ServerMetrics
 from batchpilot.server.protocol import (

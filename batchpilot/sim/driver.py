@@ -23,9 +23,8 @@ from batchpilot.engine.block_pool import BlockPool, KVCacheManager
 from batchpilot.engine.engine import LLMEngine
 from batchpilot.engine.scheduler import RequestRejectedError, Scheduler
 from batchpilot.engine.trace import TraceWriter
-from batchpilot.executors.simulated import STOP_TOKEN, SimulatedExecutor, VirtualClock
+from batchpilot.executors.simulated import STOP_TOKEN, SimulatedExecutor, StepShape, VirtualClock
 from batchpilot.sampling_params import SamplingParams
-from batchpilot.sim.roofline import StepShape
 
 
 @dataclass(frozen=True)

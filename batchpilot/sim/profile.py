@@ -42,8 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from batchpilot.executors.simulated import step_shape
-from batchpilot.sim.roofline import StepShape
+from batchpilot.executors.simulated import StepShape, step_shape
 
 PROFILE_VERSION = 2  # 2: `correction` by step size, chunk-aware prefill (1: one `scale`)
 DEFAULT_BATCH_SIZES = (0, 1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 
+from batchpilot.executors.simulated import StepShape
+
 BYTES = 2  # bf16 weights and KV cache
 GIB = 2**30
 
@@ -71,24 +73,6 @@ class Hardware:
     @classmethod
     def preset(cls, name: str) -> Hardware:
         return cls(name=name, **_preset("hardware.json", name))
-
-
-@dataclass(frozen=True)
-class StepShape:
-    """What a step computes, in the terms cost models need.
-
-    Decodes (one new token each) are summed, since a step has hundreds of them and their
-    cost depends on their number and total context only; prefill chunks are few and listed.
-    """
-
-    num_decodes: int
-    decode_context: int  # sum over decodes of the context after the step
-    prefills: tuple[tuple[int, int], ...]  # (new tokens, context after the step) per chunk
-    num_sampled: int
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_decodes + sum(n for n, _ in self.prefills)
 
 
 class RooflineModel:
