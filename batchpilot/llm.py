@@ -51,7 +51,7 @@ def build_engine(config: EngineConfig) -> LLMEngine:
     trace = TraceWriter(config.controller.trace_path) if config.controller.trace_path else None
     vocab = min(ckpt.args.vocab_size, ckpt.tokenizer.vocab_size)
     return LLMEngine(scheduler, runner, ckpt.tokenizer, trace=trace, vocab_size=vocab,
-                     sampling_defaults=ckpt.generation_defaults)
+                     sampling_defaults=ckpt.generation_defaults, eos_token_ids=ckpt.eos_token_ids)
 
 
 class LLM:

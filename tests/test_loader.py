@@ -206,3 +206,13 @@ def test_cli_reports_a_bad_model_in_one_line(tmp_path):
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "x.gguf" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_every_eos_id_of_the_configs_ends_a_generation(tmp_path, default_model_dir):
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"):
+        (tmp_path / name).symlink_to(default_model_dir / name)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7, 11], "temperature": 0.5}))
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt.generation_defaults == {"temperature": 0.5}
+    assert ckpt.tokenizer.eos_token_id == 2
+    assert set(ckpt.eos_token_ids) == {2, 7, 11, *ckpt.args.eos_token_ids}

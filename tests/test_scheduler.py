@@ -105,15 +105,24 @@ def test_abort_frees_everything(where):
 
 def test_stop_token_and_eos_finish_requests():
     sched = make_scheduler()
-    eos = Request("e", [1, 2, 3], SamplingParams(max_tokens=10), 0.0, eos_token_id=7)
+    eos = Request("e", [1, 2, 3], SamplingParams(max_tokens=10), 0.0, eos_token_ids=(7,))
     stop = Request("s", [1, 2, 3], SamplingParams(max_tokens=10, stop_token_ids=[7]), 0.0)
-    ignore = Request("i", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True), 0.0, eos_token_id=7)
+    ignore = Request("i", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True), 0.0, eos_token_ids=(7,))
     for r in (eos, stop, ignore):
         sched.add_request(r)
     while sched.has_unfinished():
         run_step(sched, token=7)
     assert eos.status == stop.status == RequestStatus.FINISHED_STOPPED
     assert ignore.status == RequestStatus.FINISHED_LENGTH and len(ignore.output_token_ids) == 3
+
+
+def test_any_of_several_eos_ids_finishes_a_request():
+    sched = make_scheduler()
+    req = Request("m", [1, 2, 3], SamplingParams(max_tokens=10), 0.0, eos_token_ids=(7, 9))
+    sched.add_request(req)
+    for token in (5, 9):
+        run_step(sched, token=token)
+    assert req.status == RequestStatus.FINISHED_STOPPED and req.output_token_ids == [5, 9]
 
 
 def test_prompts_that_can_never_fit_are_rejected():

@@ -62,10 +62,16 @@ class EngineSnapshot:
 class LLMEngine:
     def __init__(self, scheduler: Scheduler, executor: Executor, tokenizer: TextTokenizer | None,
                  clock: Callable[[], float] = time.perf_counter, trace: TraceWriter | None = None,
-                 vocab_size: int | None = None, sampling_defaults: dict[str, float] | None = None):
+                 vocab_size: int | None = None, sampling_defaults: dict[str, float] | None = None,
+                 eos_token_ids: tuple[int, ...] | None = None):
         """`tokenizer=None` runs on token ids alone (the simulator): outputs carry no text.
         `sampling_defaults` (the model's generation_config.json) are for front ends to apply
-        to requests that leave a field unset."""
+        to requests that leave a field unset. `eos_token_ids` end a generation (default: the
+        tokenizer's EOS)."""
+        if eos_token_ids is None:
+            eos = tokenizer.eos_token_id if tokenizer is not None else None
+            eos_token_ids = (eos,) if eos is not None else ()
+        self.eos_token_ids = eos_token_ids
         self.scheduler = scheduler
         self.sampling_defaults = dict(sampling_defaults or {})
         if vocab_size is None and tokenizer is not None:
@@ -99,8 +105,7 @@ class LLMEngine:
         token_ids = self.tokenizer.encode(prompt) if text is not None else list(prompt)
         self.check_prompt(token_ids)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
-        req = Request(rid, token_ids, params, self.clock(), eos_token_id=eos)
+        req = Request(rid, token_ids, params, self.clock(), eos_token_ids=self.eos_token_ids)
         self.scheduler.add_request(req)
         self.output_processor.add(req, text)
         self.counters.num_requests_added += 1

@@ -40,7 +40,7 @@ class Request:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     arrival_time: float
-    eos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()  # the model's end-of-generation tokens (stop it unless ignore_eos)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
@@ -59,8 +59,8 @@ class Request:
         self.num_prompt_tokens = len(self.prompt_token_ids)
         params = self.sampling_params
         stops = set(params.stop_token_ids)
-        if self.eos_token_id is not None and not params.ignore_eos:
-            stops.add(self.eos_token_id)
+        if not params.ignore_eos:
+            stops.update(self.eos_token_ids)
         self.stop_token_set = frozenset(stops)  # a sampled token here finishes the request ('stop')
         self.max_output_tokens = params.max_tokens if params.max_tokens is not None else math.inf
 

@@ -48,7 +48,6 @@ class ModelArgs:
     rope_scaling: dict[str, Any] | None = None
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
-    bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
     @classmethod
@@ -89,7 +88,6 @@ class ModelArgs:
             rope_scaling=rope if rope_type == "llama3" else None,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
-            bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )
 

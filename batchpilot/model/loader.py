@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,6 +44,14 @@ class Checkpoint:
     tokenizer: TextTokenizer
     # Sampling defaults from generation_config.json, for requests that do not set them.
     generation_defaults: dict[str, float] = field(default_factory=dict)
+    generation_eos_token_ids: tuple[int, ...] = ()  # generation_config.json's eos_token_id (one or a list)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every token that ends a generation: the tokenizer's EOS, and those the model config and
+        generation config list (Llama-3 Instruct ends turns with <|eot_id|>, not its EOS)."""
+        ids = (self.tokenizer.eos_token_id, *self.args.eos_token_ids, *self.generation_eos_token_ids)
+        return tuple(dict.fromkeys(i for i in ids if i is not None))
 
 
 def cache_dir() -> Path:
@@ -163,17 +172,21 @@ def _load_folder(path: Path) -> Checkpoint:
         tokenizer = TextTokenizer.from_folder(path)
     except Exception as e:  # tokenizers raises plain Exception subclasses for bad JSON
         raise ModelLoadError(path / "tokenizer.json", f"cannot read tokenizer: {e}") from e
-    return Checkpoint(path, args, weights, tokenizer, _generation_defaults(path / "generation_config.json"))
+    generation = _generation_config(path / "generation_config.json")
+    defaults = {k: generation[k] for k in _GENERATION_KEYS if isinstance(generation.get(k), int | float)}
+    eos = generation.get("eos_token_id")
+    eos_ids = tuple(i for i in (eos if isinstance(eos, list) else [eos]) if isinstance(i, int))
+    return Checkpoint(path, args, weights, tokenizer, defaults, eos_ids)
 
 
-def _generation_defaults(path: Path) -> dict[str, float]:
+def _generation_config(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(path, f"invalid JSON: {e}") from e
-    return {k: config[k] for k in _GENERATION_KEYS if isinstance(config.get(k), int | float)}
+    return config if isinstance(config, dict) else {}
 
 
 def load_tokenizer(model: str | os.PathLike[str] | None = None) -> TextTokenizer:
