@@ -219,9 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     add_throughput_parser(bench, add_engine_args, engine_config)
-    from batchpilot.bench.commands import add_bench_commands
+    from batchpilot.bench.commands import add_bench_commands, add_client_args
+    from batchpilot.bench.compare import add_compare_parser
 
     add_bench_commands(bench)
+    add_compare_parser(bench, add_client_args)
 
     from batchpilot.sim.commands import add_profile_parser, add_simulate_parser
 

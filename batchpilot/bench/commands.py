@@ -69,10 +69,6 @@ def add_bench_commands(sub) -> None:
     cap.add_argument("--max-probes", type=int, default=10)
     cap.set_defaults(func=cmd_capacity)
 
-    from batchpilot.bench.compare import add_compare_parser
-
-    add_compare_parser(sub, add_client_args)
-
 
 PERCENTILE_METRICS = ("ttft", "tpot", "itl", "e2el")
 
@@ -94,7 +90,8 @@ def percentiles(args: argparse.Namespace) -> tuple[float, ...]:
     return tuple(sorted(set(DEFAULT_PERCENTILES) | set(extra)))
 
 
-def _check(args: argparse.Namespace) -> SLA | None:
+def check_client_args(args: argparse.Namespace) -> SLA | None:
+    """Reject bad load flags before any request is sent; the SLA they state, if any."""
     if args.num_prompts < 1:
         raise ValueError(f"--num-prompts must be at least 1, got {args.num_prompts}")
     if args.burstiness <= 0:
@@ -128,7 +125,7 @@ def run_serve(args: argparse.Namespace, rate: float, num_prompts: int, sla: SLA 
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    sla = _check(args)
+    sla = check_client_args(args)
     result = run_serve(args, args.request_rate, args.num_prompts, sla)
     print_table(result, f"bench serve: {args.base_url} ({args.dataset_name}, rate {args.request_rate})")
     _write(args.output_json, result)
@@ -161,7 +158,7 @@ def capacity(args: argparse.Namespace, sla: SLA) -> dict[str, Any]:
 
 
 def cmd_capacity(args: argparse.Namespace) -> int:
-    sla = _check(args)
+    sla = check_client_args(args)
     if sla is None:
         raise ValueError("--sla is required for bench capacity (for example --sla tpot:100)")
     result = capacity(args, sla)

@@ -230,9 +230,9 @@ def _server_counters(url: str) -> dict[str, float]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from batchpilot.bench.commands import _check, capacity, run_serve
+    from batchpilot.bench.commands import capacity, check_client_args, run_serve
 
-    sla = _check(args)
+    sla = check_client_args(args)
     if args.capacity and sla is None:
         raise ValueError("--capacity needs --sla")
     sla_tpot = args.sla_tpot_ms_server or (sla.tpot_ms if sla else None)
