@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import signal
 import sys
 
@@ -124,6 +125,15 @@ def server_config(args: argparse.Namespace):
                         protect_metrics=args.protect_metrics, max_queue=args.max_queue,
                         max_request_body_mb=args.max_request_body_mb,
                         metrics_names=args.metrics_names, sla_tpot_ms=args.sla_tpot_ms)
+
+
+def ray_app_from_env(args: dict[str, str] | None = None):
+    """Ray Serve config-file entry (`import_path: batchpilot.cli:ray_app_from_env`): the
+    `batchpilot serve` flags in BATCHPILOT_SERVE_ARGS, parsed here and handed over as configs."""
+    from batchpilot.deploy import ray as ray_deploy
+
+    ns = build_parser().parse_args(["serve", *shlex.split(os.environ.get("BATCHPILOT_SERVE_ARGS", ""))])
+    return ray_deploy.deployment(engine_config(ns), server_config(ns), ns.replicas, ns.threads or 1)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ Each response names its replica in an `x-batchpilot-replica` header. `/metrics` 
 replica's metrics with a `replica` label: replicas publish theirs to a small named actor.
 Ray Serve replaces a replica that dies; requests that were on it fail, the others go on.
 
-From a Ray Serve config file: `import_path: batchpilot.deploy.ray:app_from_env` with the
+From a Ray Serve config file: `import_path: batchpilot.cli:ray_app_from_env` with the
 `batchpilot serve` flags in BATCHPILOT_SERVE_ARGS (and, for OpenAI-shaped errors from a dead
 replica, RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=batchpilot.deploy.ray:proxy_middlewares in
 the environment Ray starts with); or `batchpilot serve --replicas N`, which does both.
@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import random
-import shlex
 import threading
 import time
 from dataclasses import asdict, replace
@@ -247,15 +246,6 @@ def deployment(engine_config: EngineConfig, server_config: ServerConfig, replica
             return routing_stats()
 
     return BatchpilotReplica.bind()
-
-
-def app_from_env(args: dict[str, str] | None = None):
-    """Ray Serve config-file entry: the `batchpilot serve` flags in BATCHPILOT_SERVE_ARGS."""
-    from batchpilot.cli import build_parser, engine_config, server_config
-
-    argv = ["serve", *shlex.split(os.environ.get("BATCHPILOT_SERVE_ARGS", ""))]
-    ns = build_parser().parse_args(argv)
-    return deployment(engine_config(ns), server_config(ns), ns.replicas, ns.threads or 1)
 
 
 def run(engine_config: EngineConfig, server_config: ServerConfig, replicas: int, threads: int, host: str,
