@@ -22,3 +22,13 @@ def llm_fp32(default_model_dir):
     from batchpilot import LLM
 
     return LLM(str(default_model_dir), dtype="float32", kv_cache_gib=0.5)
+
+
+MODEL_FIXTURES = {"default_model_dir", "llm_fp32"}
+
+
+def pytest_collection_modifyitems(items):
+    """A test that loads the default model is slow, marked or not: `-m "not slow"` stays fast."""
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
