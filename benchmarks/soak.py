@@ -1,0 +1,171 @@
+"""Soak: a server under steady mixed load for a long time, every request's outcome accounted for.
+
+    python benchmarks/soak.py --minutes 30 --rate 1.0 --output-json docs/results/soak.json
+
+Starts `batchpilot serve` (default model, 2 threads), then sends Poisson arrivals at `--rate`
+(pick about 80% of the capacity `bench capacity` measured) for `--minutes`: a mix of streamed and
+non-streamed completions and chats, requests the client abandons mid-way (stream closed, or a
+short timeout), and bad requests (which must get a 4xx in OpenAI's shape). It samples the
+server's RSS and its running/waiting/KV gauges every few seconds, and at the end waits for the
+server to go idle.
+
+It fails (exit status 1) when a request is lost (no response, a 5xx, or a bad request not
+answered with a 4xx), when KV blocks are still in use once idle, or when RSS grows by more than
+`--max-growth` between the end of the warm-up (first fifth of the run) and the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+
+from batchpilot.bench.compare import server
+
+MODEL = "SmolLM2-135M-Instruct"
+KINDS = ("stream", "plain", "chat", "chat-stream", "abandon-stream", "abandon-timeout", "bad")
+WEIGHTS = (0.25, 0.2, 0.15, 0.15, 0.1, 0.05, 0.1)
+BAD_BODIES = ({"model": MODEL, "prompt": "hi", "max_tokens": -1}, {"model": MODEL, "prompt": "a\ud800b"},
+              {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, {"model": MODEL, "prompt": ""})
+
+
+def metric(url: str, name: str) -> float:
+    """Sum of a metric's samples on the server's /metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith((name + "{", name + " ")))
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def one(client: httpx.AsyncClient, url: str, kind: str, rng: random.Random) -> str:
+    """Send one request of a kind; its outcome ('ok', 'abandoned', '4xx', or a failure)."""
+    max_tokens = rng.randint(8, 96)
+    prompt = f"Write about topic number {rng.randint(0, 10**6)} in a few sentences."
+    if kind == "bad":
+        body = rng.choice(BAD_BODIES)
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        r = await client.post(f"{url}{path}", json=body)
+        return "4xx" if 400 <= r.status_code < 500 and "error" in r.json() else f"bad-not-4xx:{r.status_code}"
+    chat = kind.startswith("chat")
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    body = {"model": MODEL, "max_tokens": max_tokens, "temperature": 0.8}
+    body |= {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+    if kind == "abandon-timeout":
+        try:
+            await client.post(f"{url}{path}", json=body | {"max_tokens": 200, "ignore_eos": True}, timeout=0.5)
+        except httpx.TimeoutException:
+            return "abandoned"
+        return "ok"
+    if "stream" in kind:
+        chunks = 0
+        async with client.stream("POST", f"{url}{path}", json=body | {"stream": True}) as r:
+            if r.status_code != 200:
+                return f"status:{r.status_code}"
+            async for line in r.aiter_lines():
+                if line == "data: [DONE]":
+                    return "ok"
+                if line.startswith("data: "):
+                    if '"error"' in line:
+                        return "stream-error"
+                    chunks += 1
+                    if kind == "abandon-stream" and chunks == 3:
+                        return "abandoned"
+        return "truncated"
+    r = await client.post(f"{url}{path}", json=body)
+    return "ok" if r.status_code == 200 else f"status:{r.status_code}"
+
+
+async def load(url: str, pid: int, args: argparse.Namespace) -> dict:
+    rng = random.Random(args.seed)
+    outcomes: Counter[str] = Counter()
+    samples: list[dict] = []
+    end = time.monotonic() + args.minutes * 60
+    tasks: set[asyncio.Task] = set()
+
+    async def sample() -> None:
+        start = time.monotonic()
+        while True:
+            samples.append({"t": time.monotonic() - start, "rss_mb": rss_mb(pid),
+                            "running": metric(url, "batchpilot:num_requests_running"),
+                            "waiting": metric(url, "batchpilot:num_requests_waiting"),
+                            "kv_usage": metric(url, "batchpilot:kv_cache_usage_perc")})
+            await asyncio.sleep(args.sample_seconds)
+
+    async def record(kind: str) -> None:
+        try:
+            outcomes[f"{kind}:{await one(client, url, kind, rng)}"] += 1
+        except Exception as e:  # noqa: BLE001 - every outcome is counted, none lost
+            outcomes[f"{kind}:exception:{type(e).__name__}"] += 1
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        sampler = asyncio.create_task(sample())
+        while time.monotonic() < end:
+            task = asyncio.create_task(record(rng.choices(KINDS, WEIGHTS)[0]))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            await asyncio.sleep(rng.expovariate(args.rate))
+        await asyncio.gather(*tasks)
+        deadline = time.monotonic() + 60
+        while (metric(url, "batchpilot:num_requests_running") or metric(url, "batchpilot:kv_cache_usage_perc")) \
+                and time.monotonic() < deadline:
+            await asyncio.sleep(1)
+        await asyncio.sleep(args.sample_seconds)
+        sampler.cancel()
+    idle = {"kv_usage": metric(url, "batchpilot:kv_cache_usage_perc"),
+            "running": metric(url, "batchpilot:num_requests_running")}
+    return {"outcomes": dict(outcomes), "samples": samples, "idle": idle}
+
+
+def verdict(result: dict, max_growth: float) -> list[str]:
+    failures = [f"{k}: {n}" for k, n in result["outcomes"].items()
+                if not k.endswith((":ok", ":abandoned", ":4xx"))]
+    if result["idle"]["kv_usage"] or result["idle"]["running"]:
+        failures.append(f"not idle at the end: {result['idle']}")
+    rss = [s["rss_mb"] for s in result["samples"]]
+    if len(rss) >= 5:
+        warm = rss[len(rss) // 5]
+        result["rss_after_warmup_mb"], result["rss_end_mb"] = warm, rss[-1]
+        if rss[-1] > warm * (1 + max_growth):
+            failures.append(f"RSS grew {warm:.0f} -> {rss[-1]:.0f} MB after warm-up")
+    return failures
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=30)
+    p.add_argument("--rate", type=float, default=1.0, help="requests per second (about 80%% of capacity)")
+    p.add_argument("--sample-seconds", type=float, default=5)
+    p.add_argument("--max-growth", type=float, default=0.05, help="allowed RSS growth after warm-up")
+    p.add_argument("--server-args", default="--threads 2 --kv-cache-gib 0.25 --max-queue 64")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-json", default=None)
+    args = p.parse_args()
+    cmd = [sys.executable, "-m", "batchpilot.cli", "--log-level", "WARNING", "serve", *args.server_args.split()]
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "server.log"
+        with server(cmd, log, 300) as (url, proc):
+            result = asyncio.run(load(url, proc.pid, args))
+        result["server_log_tracebacks"] = log.read_text().count("Traceback")
+    failures = verdict(result, args.max_growth)
+    result["failures"] = failures
+    print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(result, indent=2))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
