@@ -42,11 +42,14 @@ class SchedulerConfig:
 
 CONTROLLERS = ("static", "memory", "sla", "combined", "sglang")
 MEMORY_MODES = ("blocks", "clt", "peak")
+SLA_SIGNALS = ("tpot", "decode")
 
 
 @dataclass
 class ControllerConfig:
-    """Which batch-size policy runs, and its parameters (flag names in the messages)."""
+    """Which batch-size policy runs, and its parameters (flag names in the messages).
+
+    The one place their values are checked: controllers take a validated config's values."""
 
     name: str = "combined"
     max_num_seqs: int = 256  # B_max (the fixed limit of `static`)
@@ -97,8 +100,18 @@ class ControllerConfig:
             raise ValueError(f"--sla-delta must be non-negative, got {self.sla_delta}")
         if self.sla_window < 1:
             raise ValueError(f"--sla-window must be at least 1, got {self.sla_window}")
-        if self.sla_signal not in ("tpot", "decode"):
-            raise ValueError(f"--sla-signal must be 'tpot' or 'decode', got {self.sla_signal!r}")
+        if self.sla_signal not in SLA_SIGNALS:
+            raise ValueError(f"--sla-signal must be one of {', '.join(SLA_SIGNALS)}, got {self.sla_signal!r}")
+        if not (self.sla_percentile == 0 or 50 <= self.sla_percentile < 100):
+            raise ValueError(f"--sla-percentile must be 0 (the mean) or in [50, 100), got {self.sla_percentile}")
+        if not 0 < self.sglang_init_ratio <= 1:
+            raise ValueError(f"--sglang-init-ratio must be in (0, 1], got {self.sglang_init_ratio}")
+        if not 0 < self.sglang_min_ratio_factor <= 1:
+            raise ValueError(f"--sglang-min-ratio-factor must be in (0, 1], got {self.sglang_min_ratio_factor}")
+        if self.sglang_decay_steps < 1:
+            raise ValueError(f"--sglang-decay-steps must be at least 1, got {self.sglang_decay_steps}")
+        if self.sglang_clip_max_new_tokens < 1:
+            raise ValueError(f"--sglang-clip-max-new-tokens must be at least 1, got {self.sglang_clip_max_new_tokens}")
 
 
 @dataclass

@@ -335,4 +335,4 @@ def test_sla_loop_holds_the_chosen_percentile_of_requests_tpot():
     assert (held.b_low, held.b_high) == (2, 6)
     assert (mean_only.b_low, mean_only.b_high) == (4, 256)
     with pytest.raises(ValueError, match="--sla-percentile"):
-        SLAController(tpot_ms=100, percentile=30)
+        ControllerConfig(sla_tpot_ms=100, sla_percentile=30)

@@ -28,6 +28,7 @@ import httpx
 
 from batchpilot.bench import plots
 from batchpilot.bench.results import write_json
+from batchpilot.config import CONTROLLERS
 
 COLUMNS = [("output_throughput", "out tok/s"), ("request_throughput", "req/s"), ("request_goodput", "goodput"),
            ("sla_attainment", "SLA %"), ("median_ttft_ms", "TTFT p50"), ("p90_ttft_ms", "TTFT p90"),
@@ -41,7 +42,7 @@ def add_compare_parser(sub, add_client_args) -> None:
     p.set_defaults(base_url=None)
     p.add_argument("--static", default="8,32,128",
                    help="static max-num-seqs values, 'default' for the engine's own ('' for none)")
-    p.add_argument("--controllers", default="combined", help="comma list of memory, sla, combined")
+    p.add_argument("--controllers", default="combined", help="comma list of memory, sla, combined, sglang")
     p.add_argument("--baseline", default=None, help="configuration the gains are relative to (default: first)")
     p.add_argument("--request-rate", type=float, default=float("inf"))
     p.add_argument("--capacity", action="store_true", help="also run the capacity search per configuration")
@@ -90,9 +91,10 @@ VLLM_SCHEDULER = "batchpilot.integrations.vllm.DynamicBatchScheduler"
 def configurations(args: argparse.Namespace, sla_tpot: float | None, report: Path) -> list[Configuration]:
     """Every engine of --engines with every static limit and controller, as server commands."""
     statics, controllers, engines = _names(args.static), _names(args.controllers), _names(args.engines)
+    dynamic = [c for c in CONTROLLERS if c != "static"]  # static limits come from --static
     for name in controllers:
-        if name not in ("memory", "sla", "combined"):
-            raise ValueError(f"--controllers: unknown controller {name!r} (memory, sla, combined)")
+        if name not in dynamic:
+            raise ValueError(f"--controllers: unknown controller {name!r} ({', '.join(dynamic)})")
         if name == "sla" and sla_tpot is None:
             raise ValueError("--controllers sla needs an SLA: --sla tpot:MS or --sla-tpot-ms-server")
     for n in statics:

@@ -21,7 +21,6 @@ from collections import deque
 from functools import lru_cache
 from statistics import NormalDist
 
-from batchpilot.config import MEMORY_MODES
 from batchpilot.controllers.base import SchedulerView, StepStats
 from batchpilot.controllers.peak import PeakBound
 
@@ -96,14 +95,6 @@ class MemoryController:
 
     def __init__(self, mode: str = "blocks", memory_factor: float = 0.95, epsilon: float = 0.05,
                  min_num_seqs: int = 1, max_num_seqs: int = 256, window: int = 256):
-        if mode not in MEMORY_MODES:
-            raise ValueError(f"--memory-mode must be one of {MEMORY_MODES}, got {mode!r}")
-        if not 0 < memory_factor <= 1:
-            raise ValueError(f"--memory-factor must be in (0, 1], got {memory_factor}")
-        if not 0 < epsilon < 1:
-            raise ValueError(f"--mem-epsilon must be in (0, 1), got {epsilon}")
-        if not 1 <= min_num_seqs <= max_num_seqs:
-            raise ValueError(f"--min-num-seqs ({min_num_seqs}) must be in [1, --max-num-seqs ({max_num_seqs})]")
         self.mode = mode
         self.memory_factor = memory_factor
         self.epsilon = epsilon

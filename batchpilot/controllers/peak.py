@@ -128,6 +128,4 @@ def _grid_to(horizon: int) -> np.ndarray:
 
 
 def _z(epsilon: float) -> float:
-    if not 0 < epsilon < 1:
-        raise ValueError(f"--mem-epsilon must be in (0, 1), got {epsilon}")
     return NormalDist().inv_cdf(1 - epsilon)

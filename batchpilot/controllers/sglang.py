@@ -18,14 +18,6 @@ class SGLangController:
 
     def __init__(self, init_ratio: float = 0.7, min_ratio_factor: float = 0.14, decay_steps: int = 600,
                  clip_max_new_tokens: int = 4096, min_num_seqs: int = 1, max_num_seqs: int = 256):
-        if not 0 < init_ratio <= 1:
-            raise ValueError(f"--sglang-init-ratio must be in (0, 1], got {init_ratio}")
-        if not 0 < min_ratio_factor <= 1:
-            raise ValueError(f"--sglang-min-ratio-factor must be in (0, 1], got {min_ratio_factor}")
-        if decay_steps < 1:
-            raise ValueError(f"--sglang-decay-steps must be at least 1, got {decay_steps}")
-        if clip_max_new_tokens < 1:
-            raise ValueError(f"--sglang-clip-max-new-tokens must be at least 1, got {clip_max_new_tokens}")
         self.init_ratio = init_ratio
         self.min_ratio = init_ratio * min_ratio_factor
         self.decay_per_step = (init_ratio - self.min_ratio) / decay_steps

@@ -9,8 +9,6 @@ class StaticController:
     name = "static"
 
     def __init__(self, max_num_seqs: int):
-        if max_num_seqs < 1:
-            raise ValueError(f"--max-num-seqs must be at least 1, got {max_num_seqs}")
         self.max_num_seqs = max_num_seqs
 
     @property
