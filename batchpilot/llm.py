@@ -20,7 +20,7 @@ from batchpilot.engine.trace import TraceWriter
 from batchpilot.executors.torch_runner import TorchRunner, num_kv_blocks
 from batchpilot.model.llama import LlamaModel
 from batchpilot.model.loader import load_checkpoint
-from batchpilot.sampling_params import SamplingParams
+from batchpilot.sampling_params import SamplingParams, fan_out
 
 logger = logging.getLogger(__name__)
 
@@ -127,9 +127,7 @@ class LLM:
         # n > 1 becomes n engine requests "{i}:{k}", merged back into one result per prompt.
         owners: dict[str, tuple[int, int]] = {}
         for i, (prompt, params) in enumerate(zip(prompts, params_list)):
-            for k in range(params.n):
-                child = params if params.n == 1 else replace(
-                    params, n=1, seed=None if params.seed is None else params.seed + k)
+            for k, child in enumerate(fan_out(params)):
                 rid = engine.add_request(prompt, child, request_id=f"{i}:{k}:{id(self)}")
                 owners[rid] = (i, k)
         merged: list[RequestOutput | None] = [None] * len(prompts)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # Temperatures below this are treated as greedy decoding (as vLLM does).
 GREEDY_EPSILON = 1e-5
@@ -54,6 +54,14 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPSILON
+
+
+def fan_out(params: SamplingParams) -> list[SamplingParams]:
+    """n > 1 as n single-sequence requests (each engine request makes one sequence); a seeded
+    request gives its k-th sequence seed + k, so the n are distinct and each reproducible."""
+    if params.n == 1:
+        return [params]
+    return [replace(params, n=1, seed=None if params.seed is None else params.seed + k) for k in range(params.n)]
 
 
 class SamplingParamsError(ValueError):

@@ -13,7 +13,7 @@ import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from jinja2 import TemplateError
@@ -21,7 +21,7 @@ from jinja2 import TemplateError
 from batchpilot.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from batchpilot.engine.output_processor import RequestOutput
 from batchpilot.engine.scheduler import RequestRejectedError
-from batchpilot.sampling_params import SamplingParams, SamplingParamsError, TokenLogprobs
+from batchpilot.sampling_params import SamplingParams, SamplingParamsError, TokenLogprobs, fan_out
 from batchpilot.server.errors import APIError, error_body
 from batchpilot.server.metrics import FinishedRequest, ServerMetrics
 from batchpilot.server.protocol import (
@@ -221,10 +221,7 @@ class Serving:
         `choices` (one per choice). Leaving early aborts all."""
         streams = []
         for i, prompt in enumerate(job.prompts):
-            for k in range(job.params.n):
-                p = job.params
-                if p.n > 1:
-                    p = replace(p, n=1, seed=None if p.seed is None else p.seed + k)
+            for k, p in enumerate(fan_out(job.params)):
                 streams.append(self.engine.generate(prompt, p, request_id=f"{job.request_id}-{i * job.params.n + k}"))
         start = time.perf_counter()
         try:
