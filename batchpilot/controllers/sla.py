@@ -1,4 +1,4 @@
-"""b_sla: the largest batch whose decode latency stays inside the SLA band (PAPER.md section 2).
+"""b_sla: the largest batch whose decode latency stays inside the SLA band (docs/method.md).
 
 D(b), the step latency at batch b, is unknown and not even convex, so the limit is found by
 an online interval search: too slow moves [b_low, b_high] down, too fast moves it up, inside
