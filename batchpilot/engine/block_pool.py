@@ -1,8 +1,8 @@
 """Paged KV-cache blocks: the single truth about memory, and the prefix cache.
 
 The pool only counts blocks; the tensors live in the executor. `KVCacheManager` maps each
-request to its block table and grows it in pairs of `can_allocate`-style checks and
-allocations, so a failed allocation never leaves a request half-grown.
+request to its block table and grows it by checking for room before it takes any block, so a
+failed allocation never leaves a request half-grown.
 
 Prefix caching (vLLM's scheme): a full block is named by a hash of its tokens and of the block
 before it, so equal names mean equal prefixes. A block whose last reference is dropped keeps its
