@@ -44,8 +44,7 @@ class SLAController:
         self.spread = 1.0  # percentile / mean of the recent requests' TPOT
         self.target_s = tpot_ms / 1000
         self.tolerance_s = tolerance_ms / 1000
-        # The band's centre (a band under the target, [target - 2 eps_D, target], lost 4-9% capacity in
-        # the simulated tournament against this one: docs/reproduction.md).
+        # The band is centred on the target (docs/design_notes.md: a band under it lost capacity).
         self.center_s = self.target_s
         self.alpha, self.delta = alpha, delta
         self.b_min, self.b_max = min_num_seqs, max_num_seqs

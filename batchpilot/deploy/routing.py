@@ -40,9 +40,8 @@ class ReplicaLoad:
     def idle(cls) -> ReplicaLoad:
         """What is assumed of a replica that has not reported yet: empty, its limit unknown.
 
-        NOTE: the unknown limit must not look small. A Ray router learns of a new replica before
-        its first report; with a limit of 1 it sent that replica one request of a burst, then
-        ranked it "would queue" below a reported replica holding the other fifteen.
+        NOTE: the unknown limit must not look small: a router learns of a new replica before its
+        first report, and a small limit would rank the empty replica as full (docs/design_notes.md).
         """
         return cls(0, 0, 0.0, UNKNOWN_LIMIT)
 

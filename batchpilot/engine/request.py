@@ -10,7 +10,8 @@ from batchpilot.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
-    # Plain attributes set on each member below (a property here cost 7% of a simulation).
+    # Plain attributes set on each member below, not properties: read for every request at every
+    # step (docs/design_notes.md).
     finished: bool
     finish_reason: str | None  # OpenAI's finish_reason for a finished request: 'stop', 'length' or 'abort'
 

@@ -52,8 +52,8 @@ CALIBRATION_KV_TOKENS = 12_288  # the calibration run's pool: small enough to fi
 CALIBRATION_BUDGET = 512  # its token budget per step (the engine's default)
 CALIBRATION_RUNS = 3  # calibration runs at profile time; their median ratios are the correction
 # Grid step times that split the calibration's steps for the correction: small decode batches
-# (bandwidth-bound), large ones, and steps with prefill chunks. Measured here, a slower host
-# state took 18-25% longer on steps under 45 ms but 5-14% on steps over 100 ms.
+# (bandwidth-bound), large ones, and steps with prefill chunks, which a change of host state
+# slows by different factors (docs/design_notes.md).
 CALIBRATION_BIN_EDGES_S = (0.045, 0.1)
 NO_CORRECTION = {"step_s": [1.0], "scale": [1.0]}  # the grid as measured
 PREFILL_CONTEXT_OFFSETS = (0, 1024, 3072, 7168)  # cached tokens before the timed prefill chunk
@@ -264,11 +264,9 @@ def run_calibration(runner, vocab: int, block_size: int, max_len: int, num_promp
                     progress: bool = False) -> list[tuple[StepShape, float]]:
     """A fixed, seeded real workload through the engine on `runner`: each step's shape and time.
 
-    Its real / grid ratio stands for other workloads only since prefill chunks are costed by
-    their own attention (see the module's docstring): before, its 512-token chunks of several
-    prompts ran 10-20% under the grid, its ratio was 0.86-0.91 beside 0.96-1.11 for the
-    fidelity workloads, and the simulator came out optimistic on nearly all of them. The
-    workload is none of benchmarks/sim_fidelity.py's.
+    Its real / grid ratio stands for other workloads because prefill chunks are costed by
+    their own attention (see the module's docstring and docs/design_notes.md). The workload is
+    none of benchmarks/sim_fidelity.py's.
     """
     from tqdm import tqdm
 
