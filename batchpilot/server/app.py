@@ -136,19 +136,27 @@ def _event_stream(chunks) -> StreamingResponse:
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
-    """Run a non-streamed generation, cancelling it (and freeing its blocks) if the client leaves."""
+    """Run a non-streamed generation, cancelling it (and freeing its blocks) if the client leaves.
+    A client that leaves is a normal event: the answer nobody reads is a bare 499, not an error."""
     task = asyncio.ensure_future(work)
+    left = False
 
     async def watch() -> None:
+        nonlocal left
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
+                left = True
                 task.cancel()
                 return
 
     watcher = asyncio.ensure_future(watch())
     try:
         return await task
+    except asyncio.CancelledError:
+        if left:
+            return Response(status_code=499)  # nginx's "client closed request"; nobody receives it
+        raise
     finally:
         watcher.cancel()
 
