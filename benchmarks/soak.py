@@ -57,7 +57,8 @@ async def one(client: httpx.AsyncClient, url: str, kind: str, rng: random.Random
     if kind == "bad":
         body = rng.choice(BAD_BODIES)
         path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
-        r = await client.post(f"{url}{path}", json=body)
+        # json.dumps escapes a lone surrogate (httpx's own encoder cannot send one)
+        r = await client.post(f"{url}{path}", content=json.dumps(body), headers={"content-type": "application/json"})
         return "4xx" if 400 <= r.status_code < 500 and "error" in r.json() else f"bad-not-4xx:{r.status_code}"
     chat = kind.startswith("chat")
     path = "/v1/chat/completions" if chat else "/v1/completions"
