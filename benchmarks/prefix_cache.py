@@ -57,7 +57,7 @@ def multi_turn(engine, args: argparse.Namespace) -> dict:
     """Closed loop: `concurrency` conversations in flight; each turn's TTFT from its send."""
     rng = np.random.default_rng(args.seed)
     tok = engine.tokenizer
-    histories = [conv for conv in builtin_conversations(args.conversations, args.seed)]
+    histories = builtin_conversations(args.conversations, args.seed)
     turns_left = [int(rng.integers(3, 7)) for _ in histories]
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     todo, sent_at, owner, answers, ttfts = deque(range(len(histories))), {}, {}, {}, []

@@ -196,7 +196,9 @@ class KVCacheManager:
 
     def cache_computed(self, req: HasTokens, num_computed_tokens: int) -> None:
         """Name the blocks of req's table that `num_computed_tokens` fills, so later requests
-        (and req itself after a preemption) find them."""
+        (and req itself after a preemption) find them. A no-op with prefix caching off."""
+        if not self.enable_prefix_caching:
+            return
         rid = req.request_id
         named = self._num_named[rid]
         full = num_computed_tokens // self.block_size

@@ -169,8 +169,7 @@ class Scheduler:
             self.waiting.popleft()
             req.num_computed_tokens = computed
             self.kv.record_admission(req.num_tokens, computed)
-            if self.kv.enable_prefix_caching:
-                self.kv.cache_computed(req, computed + n)
+            self.kv.cache_computed(req, computed + n)
             if req.num_preemptions == 0:
                 req.num_cached_tokens = computed
                 out.num_new_prompt_tokens += req.num_prompt_tokens
