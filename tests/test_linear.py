@@ -27,6 +27,17 @@ def test_packed_linear_matches_f_linear(rows):
         assert torch.allclose(out.float(), plain.float(), rtol=1e-2, atol=5e-2)
 
 
+def test_bf16_without_bf16_instructions_takes_the_float32_copy(monkeypatch):
+    """oneDNN reports bf16 support on plain AVX-512 too, where it converts in software (4x slower
+    than float32 from 32 rows on an Ice Lake-class Xeon): only AVX512-BF16 or AMX count as native."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not bf16_matmul_native()
+    layer = Linear(torch.randn(960, 576).to(torch.bfloat16))
+    layer.pack()
+    assert layer.packed is None and layer.upcast is not None and layer.upcast.dtype == torch.float32
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 5])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_gemv_matches_a_float32_reference_on_strided_rows(rows, with_bias):

@@ -10,13 +10,14 @@ weight at memory speed without oneDNN's per-call cost. The copies are kept side 
 is only done for models small enough that they cost little (`PACK_LIMIT_BYTES`); measurements
 in docs/reproduction.md.
 
-Where oneDNN has no bf16 matmul (AVX2-only CPUs, such as the AMD EPYC hosts here), torch multiplies
-bf16 in a reference loop, 7x slower than float32. There the model stays bf16 (its weights, KV cache
-and roundings as on any host): steps of up to `GEMV_MAX_ROWS_EMULATED` rows take our kernel (bf16
-weights, float32 sums; ahead of oneDNN's float32 call to 16 rows, level at 32-64), larger ones an
-exact float32 copy of the weight, prepacked by oneDNN (1.3-2.5x torch's MKL call at 1-512 rows on
-the EPYC), the result rounded to bf16 once: what oneDNN's bf16 matmul computes, float32 sums of
-exact products.
+Where the CPU has no bf16 instructions, bf16 matmuls are slow: torch's reference loop on AVX2-only
+CPUs (the AMD EPYC hosts here, 7x slower than float32), oneDNN's software conversion on AVX-512
+without AVX512-BF16 (an Ice Lake-class Xeon here, 4x slower from 32 rows). There the model stays
+bf16 (its weights, KV cache and roundings as on any host): steps of up to `GEMV_MAX_ROWS_EMULATED`
+rows take our kernel (bf16 weights, float32 sums; ahead of oneDNN's float32 call to 16 rows on the
+EPYC, level at 32-64), larger ones an exact float32 copy of the weight, prepacked by oneDNN
+(1.3-2.5x torch's MKL call at 1-512 rows on the EPYC), the result rounded to bf16 once: what
+oneDNN's bf16 matmul computes, float32 sums of exact products.
 """
 
 from __future__ import annotations
@@ -33,9 +34,12 @@ PACK_LIMIT_BYTES = 2 * 2**30  # weights of every packed layer together (bf16 byt
 
 
 def bf16_matmul_native() -> bool:
-    """Whether oneDNN multiplies bf16 in hardware here (AVX-512 or AMX). Without it torch falls
-    back to a reference loop: on an AVX2-only EPYC a bf16 matmul ran 7x slower than float32."""
-    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). oneDNN also reports bf16
+    support on plain AVX-512, where it converts in software: 4x slower than float32 from 32 rows
+    on an Ice Lake-class Xeon (docs/reproduction.md); on AVX2-only CPUs torch falls back to a
+    reference loop, 7x slower. Both take the float32 path."""
+    return (torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
 
 
 def pack_all(layers: list[Linear]) -> bool:
