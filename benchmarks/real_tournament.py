@@ -70,6 +70,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--scale", type=int, default=120, help="requests per workload (long outputs: half)")
     p.add_argument("--static", default="8,16,32,64,256")
+    p.add_argument("--policies", default=None, help=f"comma list of {', '.join(POLICIES)} (default: all)")
     p.add_argument("--workloads", default=None, help="comma list (default: all)")
     p.add_argument("--repeats", type=int, default=1, help="rounds of the whole order; the median counts")
     p.add_argument("--output-json", default=None)
@@ -79,7 +80,8 @@ def main() -> int:
         all_work = workloads(Path(tmp), args.scale)
         chosen = args.workloads.split(",") if args.workloads else list(all_work)
         configs = {f"static-{n}": ["--batch-controller", "static", "--max-num-seqs", n]
-                   for n in args.static.split(",")} | POLICIES
+                   for n in args.static.split(",")}
+        configs |= {name: POLICIES[name] for name in (args.policies.split(",") if args.policies else POLICIES)}
         for wname in chosen:
             names = list(configs)
             # Alternate: statics and controllers interleaved, so host drift spreads over both.

