@@ -128,16 +128,22 @@ def test_the_memory_limit_falls_as_blocks_fill(monkeypatch, clock):
     assert used <= 199
 
 
-def test_the_sla_loop_settles_on_a_synthetic_latency_curve(monkeypatch, clock):
+def test_the_sla_loop_settles_on_a_synthetic_latency_curve_without_evicting(monkeypatch, clock, tmp_path):
     # a step at batch b takes 10 ms + 2 ms x b: a 50 ms TPOT target fits about 20 sequences;
-    # requests of 60 tokens come and go, so the batch can follow the limit
-    s = make_scheduler(monkeypatch, {"name": "combined", "sla_tpot_ms": 50, "sla_percentile": 0})
+    # requests of 60 tokens come and go, so the batch can follow the limit down from 32
+    trace = tmp_path / "trace.jsonl"
+    s = make_scheduler(monkeypatch, {"name": "combined", "sla_tpot_ms": 50, "sla_percentile": 0,
+                                     "trace_path": str(trace)})
     for r in requests(400, 16, 60):
         s.add_request(r)
     rows = run(s, clock, lambda b: 0.010 + 0.002 * b, 600)
     settled = [limit for _, _, limit in rows[-200:]]
     assert 15 <= min(settled) and max(settled) <= 25, settled
     assert max(n for n, _, _ in rows[-200:]) <= 26
+    assert max(n for n, _, _ in rows[:40]) >= 30  # it started above the settled limit ...
+    s.trace.close()
+    steps = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert sum(r["num_preemptions"] for r in steps) == 0  # ... and came down by admitting less, never evicting
 
 
 def test_finished_lengths_reach_the_memory_controller(monkeypatch, clock):
