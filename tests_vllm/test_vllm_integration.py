@@ -88,7 +88,7 @@ def test_the_limit_moves_with_load_and_is_exported(vllm_server):
 def test_version_guard_names_the_supported_versions():
     from batchpilot.integrations.vllm import check_vllm
 
-    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.32\.x.*lacks"):
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.32\.x, 0\.33\.x; .*lacks"):
         check_vllm(types.SimpleNamespace(running=[], waiting=[]))
 
 

@@ -66,8 +66,9 @@ def check_vllm(scheduler: Scheduler) -> None:
     if not hasattr(pool, "get_num_free_blocks") or not hasattr(pool, "num_gpu_blocks"):
         missing.append("kv_cache_manager.block_pool.get_num_free_blocks/num_gpu_blocks")
     if missing or not vllm.__version__.startswith(SUPPORTED_VLLM):
-        raise RuntimeError(f"batchpilot.integrations.vllm supports vLLM {', '.join(SUPPORTED_VLLM)}.x; this is vLLM "
-                           f"{vllm.__version__}" + (f", which lacks {missing}" if missing else ""))
+        supported = ", ".join(f"{v}.x" for v in SUPPORTED_VLLM)
+        raise RuntimeError(f"batchpilot.integrations.vllm supports vLLM {supported}; this is vLLM {vllm.__version__}"
+                           + (f", which lacks {missing}" if missing else ""))
 
 
 def _state(request, max_model_len: int) -> SeqState:
