@@ -34,21 +34,9 @@ import tempfile
 from pathlib import Path
 
 from batchpilot.bench.compare import VLLM_BENCH_CLIENT, VLLM_SCHEDULER, server
+from batchpilot.bench.metrics import SLA
 
 COLUMNS = ("request_throughput", "output_throughput", "p90_ttft_ms", "p90_tpot_ms", "request_goodput")
-
-
-def sla_goodput(sla: str) -> list[str]:
-    """ttft:MS,tpot:MS -> vLLM's --goodput ttft:MS tpot:MS."""
-    return [part.strip() for part in sla.split(",") if part.strip()]
-
-
-def sla_tpot(sla: str) -> float | None:
-    for part in sla_goodput(sla):
-        key, _, value = part.partition(":")
-        if key == "tpot":
-            return float(value)
-    return None
 
 
 def sharegpt_run(url: str, args: argparse.Namespace, out: Path) -> dict:
@@ -56,7 +44,7 @@ def sharegpt_run(url: str, args: argparse.Namespace, out: Path) -> dict:
            "--served-model-name", "default", "--dataset-name", "sharegpt", "--dataset-path", args.sharegpt,
            "--num-prompts", str(args.num_prompts), "--request-rate", str(args.request_rate), "--seed", "0",
            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
-           "--goodput", *sla_goodput(args.sla), "--save-result", "--result-dir", str(out.parent),
+           "--goodput", *args.sla.replace(",", " ").split(), "--save-result", "--result-dir", str(out.parent),
            "--result-filename", out.name, "--disable-tqdm"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
@@ -74,7 +62,7 @@ def trace_run(url: str, args: argparse.Namespace, out: Path) -> dict:
 def contenders(args: argparse.Namespace) -> dict[str, tuple[list[str], dict[str, str]]]:
     base = [*shlex.split(args.vllm_cmd), args.model, "--served-model-name", "default", *shlex.split(args.vllm_args)]
     env = os.environ | dict(e.split("=", 1) for e in args.env)
-    ours = {"name": "combined", "sla_tpot_ms": sla_tpot(args.sla)}
+    ours = {"name": "combined", "sla_tpot_ms": SLA.parse(args.sla).tpot_ms}
     return {
         "stock": ([*base, "--max-num-seqs", "256"], env),
         "batchpilot": ([*base, "--max-num-seqs", str(args.b_max), "--scheduler-cls", VLLM_SCHEDULER],
@@ -118,6 +106,10 @@ def main() -> int:
     p.add_argument("--startup-timeout", type=float, default=1800)
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
+    try:
+        SLA.parse(args.sla)
+    except ValueError as e:
+        p.error(str(e))
     if not args.sharegpt and not args.trace:
         p.error("give --sharegpt, --trace or both")
     workloads = [w for w, path in (("sharegpt", args.sharegpt), ("trace", args.trace)) if path]
