@@ -23,7 +23,8 @@ from pathlib import Path
 import batchpilot.cli
 import batchpilot.llm
 from batchpilot.executors.simulated import StepShape
-from batchpilot.sim.profile import NO_CORRECTION, ProfileModel, TimedRunner
+from batchpilot.sim.measure import TimedRunner
+from batchpilot.sim.profile import NO_CORRECTION, ProfileModel
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sim_fidelity import CONTROLLERS, WORKLOADS, bench_args, recalibrated  # noqa: E402

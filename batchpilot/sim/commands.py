@@ -18,17 +18,15 @@ from batchpilot.bench.serve import arrival_times
 from batchpilot.bench.traces import add_trace_args, at_rate, trace_requests
 from batchpilot.config import DTYPES, CacheConfig, ControllerConfig, EngineConfig, SchedulerConfig
 from batchpilot.sim.driver import SimRequest, make_workload, simulate
-from batchpilot.sim.profile import (
-    CALIBRATION_KV_TOKENS,
+from batchpilot.sim.measure import (
     CALIBRATION_RUNS,
     DEFAULT_BATCH_SIZES,
     DEFAULT_CONTEXT_LENS,
     DEFAULT_PREFILL_TOKENS,
-    ProfileGrid,
-    ProfileModel,
     measure_profile,
     recalibrate,
 )
+from batchpilot.sim.profile import CALIBRATION_KV_TOKENS, ProfileGrid, ProfileModel
 from batchpilot.sim.roofline import Hardware, ModelShape, RooflineModel
 from batchpilot.sim.tournament import add_tournament_parser
 
@@ -37,7 +35,8 @@ from batchpilot.sim.tournament import add_tournament_parser
 SHAREGPT_LIKE = {"input": "lognormal:170:1.0", "output": "lognormal:150:1.0", "max_prompt": 1024, "max_total": 2048}
 
 
-def add_workload_args(p: argparse.ArgumentParser) -> None:
+def add_simulation_args(p: argparse.ArgumentParser) -> None:
+    """The simulated machine (roofline preset or measured profile), its workload and its SLA."""
     p.add_argument("--hardware", default="A100-80GB", help="roofline: preset in batchpilot/sim/hardware.json")
     p.add_argument("--model", default="Llama-2-7B", help="roofline: preset in batchpilot/sim/models.json")
     p.add_argument("--tp", type=int, default=1, help="roofline: tensor-parallel degree")
@@ -72,12 +71,12 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
 
 def add_simulate_parser(sub, add_controller_args, controller_config) -> None:
     sim = sub.add_parser("simulate", help="the scheduler and controllers on modelled hardware (no model)")
-    add_workload_args(sim)
+    add_simulation_args(sim)
     add_controller_args(sim)
     sim.set_defaults(func=lambda a: cmd_simulate(a, controller_config(a)))
     modes = sim.add_subparsers(dest="sim_command")
     sweep = modes.add_parser("sweep", help="static limits vs controllers over request rates, with capacity")
-    add_workload_args(sweep)
+    add_simulation_args(sweep)
     add_controller_args(sweep)
     sweep.add_argument("--static", default="8,32,64,128,256,512")
     sweep.add_argument("--controllers", default="memory,combined")
@@ -85,7 +84,7 @@ def add_simulate_parser(sub, add_controller_args, controller_config) -> None:
     sweep.add_argument("--plot", default=None, metavar="PNG",
                        help="throughput per configuration, and SLA attainment over request rate (with --sla)")
     sweep.set_defaults(func=lambda a: cmd_sweep(a, controller_config(a)))
-    add_tournament_parser(modes, add_workload_args)
+    add_tournament_parser(modes, add_simulation_args)
     paper = modes.add_parser("paper", help="the paper's comparison (Llama-2-7B/13B on A100-80GB)")
     paper.add_argument("--num-prompts", type=int, default=2000)
     paper.add_argument("--seed", type=int, default=0)
@@ -283,7 +282,7 @@ def cmd_sweep(args: argparse.Namespace, base: ControllerConfig) -> int:
             row |= setup.capacity_search(cfg, args.target, start)
         results[name] = row
         print(f"{name:>12}: {json.dumps({k: v for k, v in row.items() if k != 'capacity_curve'})}", flush=True)
-    from batchpilot.bench.compare import markdown_table
+    from batchpilot.bench.results import markdown_table
 
     print(markdown_table(results, baseline=next(iter(results))))
     if args.output_json:
