@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from datetime import datetime
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 
 from batchpilot.bench.capacity import search_capacity
 from batchpilot.bench.metrics import DEFAULT_PERCENTILES, SLA
-from batchpilot.bench.results import write_json
+from batchpilot.bench.results import print_result, write_json
 from batchpilot.bench.serve import benchmark
 from batchpilot.bench.workload import add_workload_args, build_payloads
 from batchpilot.config import DEFAULT_MODEL_NAME
@@ -127,7 +126,7 @@ def run_serve(args: argparse.Namespace, rate: float, num_prompts: int, sla: SLA 
 def cmd_serve(args: argparse.Namespace) -> int:
     sla = check_client_args(args)
     result = run_serve(args, args.request_rate, args.num_prompts, sla)
-    print_table(result, f"bench serve: {args.base_url} ({args.dataset_name}, rate {args.request_rate})")
+    print_result(result, f"bench serve: {args.base_url} ({args.dataset_name}, rate {args.request_rate})", TABLE_KEYS)
     _write(args.output_json, result)
     if args.save_result:
         _write(str(Path(args.result_dir or ".") / (args.result_filename or _vllm_result_name(result))), result)
@@ -167,18 +166,6 @@ def cmd_capacity(args: argparse.Namespace) -> int:
         print(f"  {point['rate']:8.3f} req/s  attainment {point['sla_attainment']:.3f}")
     _write(args.output_json, result)
     return 0
-
-
-def print_table(result: dict[str, Any], title: str) -> None:
-    print(f"==== {title} ====")
-    for key in TABLE_KEYS:
-        if key in result:
-            value = result[key]
-            print(f"{key:<26}{value:>14.2f}" if isinstance(value, float) else f"{key:<26}{value:>14}")
-    if result.get("error_counts"):
-        print(f"{'errors':<26}{json.dumps(result['error_counts'])}")
-    if result.get("interrupted"):
-        print("(interrupted: partial result)")
 
 
 def _write(path: str | None, result: dict[str, Any]) -> None:

@@ -12,9 +12,11 @@ from batchpilot.bench.traces import read_trace
 
 @dataclass
 class BenchRequest:
-    prompt: str | list[int]
+    prompt: str | list[int]  # text or token ids (a chat's prompt: rendered by the chat template)
     prompt_len: int
     max_tokens: int
+    messages: list[dict[str, str]] | None = None  # a chat request's messages (sent as such to a server)
+    arrival_s: float | None = None  # a trace's own arrival time
 
 
 @dataclass(frozen=True)
