@@ -20,8 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from batchpilot.bench.compare import server, wait_for_replicas
 from batchpilot.bench.metrics import PER_REQUEST_KEYS
+from batchpilot.bench.servers import server, wait_for_replicas
 
 CONFIGS = {"1x2": ["--threads", "2"], "2x1": ["--replicas", "2", "--threads", "1"]}
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from batchpilot.bench.compare import server
+from batchpilot.bench.servers import server
 
 MODEL = "SmolLM2-135M-Instruct"
 KINDS = ("stream", "plain", "chat", "chat-stream", "abandon-stream", "abandon-timeout", "bad")

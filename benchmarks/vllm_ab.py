@@ -33,8 +33,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from batchpilot.bench.compare import VLLM_BENCH_CLIENT, VLLM_SCHEDULER, server
+from batchpilot.bench.compare import VLLM_BENCH_CLIENT, VLLM_SCHEDULER
 from batchpilot.bench.metrics import SLA
+from batchpilot.bench.servers import server
 
 COLUMNS = ("request_throughput", "output_throughput", "p90_ttft_ms", "p90_tpot_ms", "request_goodput")
 

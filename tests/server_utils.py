@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from batchpilot.bench.compare import free_port, server
+from batchpilot.bench.servers import free_port, server
 
 __all__ = ["free_port", "metric", "running_server"]
 

@@ -250,7 +250,7 @@ def test_compare_configurations_for_both_engines(tmp_path):
 def test_free_ports_are_distinct_bindable_and_outside_the_ephemeral_range():
     import socket
 
-    from batchpilot.bench.compare import _ephemeral_range
+    from batchpilot.bench.servers import _ephemeral_range
 
     low, high = _ephemeral_range()
     ports = [free_port() for _ in range(50)]

@@ -9,8 +9,9 @@ import time
 import httpx
 import pytest
 
-from batchpilot.bench.compare import wait_for_replicas
-from batchpilot.deploy.ray import ReplicaFailureMiddleware, merge_metrics
+from batchpilot.bench.servers import wait_for_replicas
+from batchpilot.deploy.metrics import merge_metrics
+from batchpilot.deploy.proxy import ReplicaFailureMiddleware
 from batchpilot.deploy.routing import REPLICA_HEADER
 from tests.server_utils import running_server
 

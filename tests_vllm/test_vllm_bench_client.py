@@ -12,7 +12,8 @@ import sys
 import httpx
 import pytest
 
-from batchpilot.bench.compare import VLLM_BENCH_CLIENT, server
+from batchpilot.bench.compare import VLLM_BENCH_CLIENT
+from batchpilot.bench.servers import server
 
 NUM_PROMPTS = 12
 OUTPUT_LEN = 16

@@ -14,7 +14,7 @@ import types
 import httpx
 import pytest
 
-from batchpilot.bench.compare import free_port, server
+from batchpilot.bench.servers import free_port, server
 from batchpilot.model.loader import default_model_dir
 
 B_MAX = 32

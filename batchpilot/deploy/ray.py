@@ -10,14 +10,12 @@ Ray Serve replaces a replica that dies; requests that were on it fail, the other
 
 From a Ray Serve config file: `import_path: batchpilot.cli:ray_app_from_env` with the
 `batchpilot serve` flags in BATCHPILOT_SERVE_ARGS (and, for OpenAI-shaped errors from a dead
-replica, RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=batchpilot.deploy.ray:proxy_middlewares in
+replica, RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=batchpilot.deploy.proxy:proxy_middlewares in
 the environment Ray starts with); or `batchpilot serve --replicas N`, which does both.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import random
 import threading
@@ -31,10 +29,11 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from batchpilot.config import EngineConfig
+from batchpilot.deploy.metrics import merge_metrics
+from batchpilot.deploy.proxy import proxy_middlewares
 from batchpilot.deploy.routing import REPLICA_HEADER, ReplicaLoad, replica_load, two_choices
 from batchpilot.server.app import ServerConfig
 
-logger = logging.getLogger(__name__)
 METRICS_ACTOR = "batchpilot-metrics"
 STATS_PERIOD_S = 0.5
 _STALE_S = 10.0  # a replica silent this long (dead, or replaced) leaves /metrics
@@ -89,88 +88,6 @@ class MetricsHub:
     def get(self) -> dict[str, str]:
         now = time.time()
         return {name: text for name, (t, text) in self.texts.items() if now - t < _STALE_S}
-
-
-def merge_metrics(texts: dict[str, str]) -> str:
-    """One exposition of several replicas' metrics, each sample labelled with its replica."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    families: dict[str, tuple[str, str, list[str]]] = {}
-    for replica, text in sorted(texts.items()):
-        for fam in text_string_to_metric_families(text):
-            # the parser drops a counter's `_total`; the text format keeps it in HELP and TYPE
-            name = f"{fam.name}_total" if fam.type == "counter" else fam.name
-            _, _, lines = families.setdefault(name, (fam.type, fam.documentation, []))
-            for s in fam.samples:
-                labels = {**s.labels, "replica": replica}
-                body = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-                lines.append(f"{s.name}{{{body}}} {s.value}")
-    out = []
-    for name, (kind, doc, lines) in families.items():
-        out += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}", *lines]
-    return "\n".join(out) + "\n"
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-class ReplicaFailureMiddleware:
-    """Proxy side: a request whose replica dies ends in an OpenAI-shaped error, not a cut connection.
-
-    Ray Serve's proxy sends nothing when a replica fails after the response started (the client
-    sees a truncated chunked body) and an empty 500 when it fails before. This pure ASGI
-    middleware sees the response end unfinished and completes it: an SSE stream gets an error
-    event and `[DONE]`, the shape our server uses for errors mid-stream; an unstarted response
-    gets a 503 with an OpenAI error body. Installed in the proxy by `proxy_middlewares`.
-    """
-
-    MESSAGE = "the replica serving this request failed (Ray Serve replaces it); retry the request"
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        state = {"started": False, "sse": False, "done": False}
-
-        async def watched_send(message) -> None:
-            if message["type"] == "http.response.start":
-                content_type = dict(message.get("headers", [])).get(b"content-type", b"")
-                state.update(started=True, sse=content_type.startswith(b"text/event-stream"))
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                state["done"] = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, watched_send)
-        except Exception:  # noqa: BLE001 - answered below; the client must not get a cut connection
-            logger.exception("request failed in the proxy")
-        if not state["done"]:
-            await self._finish(send, state["started"], state["sse"])
-
-    async def _finish(self, send, started: bool, is_sse: bool) -> None:
-        from batchpilot.server.errors import error_body
-        from batchpilot.server.protocol import SSE_DONE, sse
-
-        body = error_body(503, self.MESSAGE, code="replica_failed")
-        try:
-            if not started:
-                await send({"type": "http.response.start", "status": 503,
-                            "headers": [(b"content-type", b"application/json")]})
-                await send({"type": "http.response.body", "body": json.dumps(body).encode()})
-            elif is_sse:
-                await send({"type": "http.response.body", "body": (sse(body) + SSE_DONE).encode()})
-        except Exception:  # noqa: BLE001 - the client is gone: nobody to tell
-            pass
-
-
-def proxy_middlewares() -> list:
-    """Ray Serve's proxy calls this (RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH) for its middlewares."""
-    from starlette.middleware import Middleware
-
-    return [Middleware(ReplicaFailureMiddleware)]
 
 
 def _build_replica_app(engine_config: EngineConfig, server_config: ServerConfig):
@@ -254,7 +171,7 @@ def run(engine_config: EngineConfig, server_config: ServerConfig, replicas: int,
     import signal
 
     # NOTE: read by the proxy process at import; Ray's processes inherit this process's environment.
-    os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = f"{__name__}:proxy_middlewares"
+    os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = f"{proxy_middlewares.__module__}:proxy_middlewares"
     ray.init(num_cpus=max(os.cpu_count() or 1, replicas * threads), include_dashboard=False, namespace="batchpilot")
     serve.start(http_options={"host": host, "port": port})
     serve.run(deployment(engine_config, server_config, replicas, threads), name="batchpilot", route_prefix="/")
