@@ -12,6 +12,13 @@ run on the machine meanwhile.
 Single runs on a 2-core cloud host differ by up to ~15%, more than most regrets: `--repeats N` runs
 the whole alternated order N times (the order reversed on odd rounds) and scores each policy by its
 median, with the spread (max / min - 1) beside it.
+
+The host's own speed drifts by 10-45% within minutes. With `--probe` a fixed piece of work (the
+model's matmul shapes and a memory sweep, `host_seconds`) is timed right before and right after each
+run, and each run's throughput is also reported scaled by how fast the host was then against the
+median of all probes (`output_throughput_probed`): the regret columns use the scaled value.
+`--static 32 --policies none --repeats 6 --probe` is the A/A check: one configuration six times,
+its spread raw and scaled.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from batchpilot.bench.results import write_json
@@ -50,6 +58,27 @@ def workloads(tmp: Path, scale: int) -> dict[str, list[str]]:
     }
 
 
+def host_seconds(threads: int, reps: int = 7) -> float:
+    """Seconds of a fixed piece of work on this host now (median of reps): float32 matmuls of the
+    default model's MLP shape at 32 rows (float32: full speed on every host, bf16 or not) and a sweep
+    over 256 MB. Only its ratio between calls is used."""
+    import torch
+
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 576, generator=gen)
+    w = torch.randn(1536, 576, generator=gen)
+    big = torch.ones(64 * 1024 * 1024, dtype=torch.float32)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(40):
+            torch.nn.functional.linear(x, w)
+        big.sum()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def run(args: list[str], out: Path) -> dict:
     cmd = [sys.executable, "-m", "batchpilot.cli", "--log-level", "WARNING", "bench", "throughput", "--no-progress",
            "--output-json", str(out), *args]
@@ -57,12 +86,26 @@ def run(args: list[str], out: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def _median_row(runs: list[dict]) -> dict:
-    """One policy's repeats: the median of each measure, and the throughput's spread."""
-    row = {k: statistics.median(r[k] for r in runs)
-           for k in ("output_throughput", "p90_tpot_ms", "num_preemptions", "duration")}
-    tput = [r["output_throughput"] for r in runs]
-    return row | {"repeats": len(runs), "throughput_spread": max(tput) / min(tput) - 1}
+def scale_by_host(runs: dict[str, list[dict]]) -> str:
+    """Adds each run's throughput scaled to the median host speed of the workload's probes; returns its key."""
+    typical = statistics.median(r["host_seconds"] for rs in runs.values() for r in rs)
+    for rs in runs.values():
+        for r in rs:
+            r["output_throughput_probed"] = r["output_throughput"] * r["host_seconds"] / typical
+    return "output_throughput_probed"
+
+
+def _median_row(runs: list[dict], key: str) -> dict:
+    """One policy's repeats: the median of each measure, and the spread (max / min - 1) of the throughputs."""
+    keys = ("output_throughput", "p90_tpot_ms", "num_preemptions", "duration", "output_throughput_probed")
+    row = {k: statistics.median(r[k] for r in runs) for k in keys if k in runs[0]}
+    spread = {f"{k}_spread": max(r[k] for r in runs) / min(r[k] for r in runs) - 1
+              for k in ("output_throughput", "output_throughput_probed") if k in runs[0]}
+    return row | spread | {"repeats": len(runs), "scored_by": key}
+
+
+def _cv(values: list[float]) -> float:
+    return statistics.stdev(values) / statistics.mean(values) if len(values) > 1 else 0.0
 
 
 def main() -> int:
@@ -73,6 +116,8 @@ def main() -> int:
     p.add_argument("--policies", default=None, help=f"comma list of {', '.join(POLICIES)} (default: all)")
     p.add_argument("--workloads", default=None, help="comma list (default: all)")
     p.add_argument("--repeats", type=int, default=1, help="rounds of the whole order; the median counts")
+    p.add_argument("--probe", action="store_true",
+                   help="time a fixed piece of work between runs and score throughput scaled to the host's speed")
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
     table: dict[str, dict] = {}
@@ -81,24 +126,43 @@ def main() -> int:
         chosen = args.workloads.split(",") if args.workloads else list(all_work)
         configs = {f"static-{n}": ["--batch-controller", "static", "--max-num-seqs", n]
                    for n in args.static.split(",")}
-        configs |= {name: POLICIES[name] for name in (args.policies.split(",") if args.policies else POLICIES)}
+        policies = [] if args.policies == "none" else args.policies.split(",") if args.policies else list(POLICIES)
+        unknown = [name for name in policies if name not in POLICIES]
+        if unknown:
+            p.error(f"--policies: unknown {', '.join(unknown)} (choose from {', '.join(POLICIES)}, or none)")
+        configs |= {name: POLICIES[name] for name in policies}
         for wname in chosen:
             names = list(configs)
             # Alternate: statics and controllers interleaved, so host drift spreads over both.
             order = [n for pair in zip(names[: len(names) // 2], names[len(names) // 2:]) for n in pair]
             order += [n for n in names if n not in order]
             runs: dict[str, list[dict]] = {name: [] for name in names}
+            probe = host_seconds(args.threads) if args.probe else None
             for rnd in range(args.repeats):
                 for name in order if rnd % 2 == 0 else order[::-1]:
                     r = run([*all_work[wname], *configs[name], "--threads", str(args.threads)], Path(tmp) / "r.json")
+                    if args.probe:
+                        after = host_seconds(args.threads)
+                        r["host_seconds"], probe = (probe + after) / 2, after
                     runs[name].append(r)
                     print(f"{wname:<24} {name:<16} {r['output_throughput']:8.1f} tok/s  p90 TPOT "
-                          f"{r['p90_tpot_ms']:7.1f} ms  preempt {r['num_preemptions']:4d}  (round {rnd})", flush=True)
-            rows = {name: _median_row(rs) for name, rs in runs.items()}
-            for name, value in hindsight_regret(rows, "output_throughput").items():
+                          f"{r['p90_tpot_ms']:7.1f} ms  preempt {r['num_preemptions']:4d}  (round {rnd})"
+                          + (f"  host {1e3 * r['host_seconds']:.1f} ms" if args.probe else ""), flush=True)
+            key = "output_throughput"
+            if args.probe:
+                key = scale_by_host(runs)
+            rows = {name: _median_row(rs, key) for name, rs in runs.items()}
+            for name, value in hindsight_regret(rows, key).items():
                 rows[name]["regret"] = value
             table[wname] = {"results": rows}
-    print(regret_table(table))
+            if args.probe:
+                for name, rs in runs.items():
+                    row = rows[name]
+                    print(f"{wname:<24} {name:<16} spread (max/min - 1) raw {row['output_throughput_spread']:.1%}, "
+                          f"scaled by the host {row['output_throughput_probed_spread']:.1%}; "
+                          f"CV raw {_cv([r['output_throughput'] for r in rs]):.1%}, "
+                          f"scaled {_cv([r[key] for r in rs]):.1%}", flush=True)
+    print(regret_table(table, value_key="output_throughput_probed" if args.probe else None))
     if args.output_json:
         write_json(args.output_json, table)
     return 0

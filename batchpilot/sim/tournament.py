@@ -211,11 +211,12 @@ def _num(value: float | None) -> str:
     return "unbounded" if value is None else f"{value:.2f}"
 
 
-def regret_table(table: dict[str, dict[str, Any]], key: str = "regret") -> str:
-    """Markdown: one row per workload, one column per contender, regret in %, best static named."""
+def regret_table(table: dict[str, dict[str, Any]], key: str = "regret", value_key: str | None = None) -> str:
+    """Markdown: one row per workload, one column per contender, regret in %, best static named (by
+    `value_key`: the measure the regret was computed on; throughput or capacity by default)."""
     contenders = [VLLM_DEFAULT, *POLICIES]
     lines = ["| workload | best static | " + " | ".join(contenders) + " |", "|---" * (len(contenders) + 2) + "|"]
-    value_key = "output_throughput" if key == "regret" else "capacity"
+    value_key = value_key or ("output_throughput" if key == "regret" else "capacity")
     for wname, w in table.items():
         rows = w["results"]
         unbounded = {n for n, r in rows.items() if r.get(f"{value_key}_unbounded")}
@@ -230,9 +231,9 @@ def regret_table(table: dict[str, dict[str, Any]], key: str = "regret") -> str:
     return "\n".join(lines)
 
 
-def add_tournament_parser(modes, add_workload_args) -> None:
+def add_tournament_parser(modes, add_simulation_args) -> None:
     p = modes.add_parser("tournament", help="policies x workloads, regret against the hindsight-best static limit")
-    add_workload_args(p)
+    add_simulation_args(p)
     p.add_argument("--scale", type=int, default=200, help="requests per workload (phase-shift: per short phase)")
     p.add_argument("--static", default=",".join(map(str, STATIC_SWEEP)), help="the static sweep")
     p.add_argument("--workloads", default=None, help="comma list of workload names (default: all)")
