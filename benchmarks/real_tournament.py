@@ -13,12 +13,14 @@ Single runs on a 2-core cloud host differ by up to ~15%, more than most regrets:
 the whole alternated order N times (the order reversed on odd rounds) and scores each policy by its
 median, with the spread (max / min - 1) beside it.
 
-The host's own speed drifts by 10-45% within minutes. With `--probe` a fixed piece of work (the
-model's matmul shapes and a memory sweep, `host_seconds`) is timed right before and right after each
-run, and each run's throughput is also reported scaled by how fast the host was then against the
-median of all probes (`output_throughput_probed`): the regret columns use the scaled value.
-`--static 32 --policies none --repeats 6 --probe` is the A/A check: one configuration six times,
-its spread raw and scaled.
+The host's own speed drifts by 10-45% within minutes on some hosts. With `--probe` a fixed piece of
+work (the model's matmul shape and a memory sweep, `host_seconds`) is timed between runs, and each
+run's throughput is also reported scaled by how fast the host was then against the median of all
+probes (`output_throughput_probed`, with its spread beside the raw one). Regret stays on the raw
+throughput: on a steady AMD EPYC (Zen 4) the probe moved by under 7% while runs of one configuration
+moved by 4-17%, and the scaling cut the spread for some configurations and widened it for others
+(docs/reproduction.md). `--static 32 --policies none --repeats 6 --probe` is the A/A check: one
+configuration six times, its spread raw and scaled.
 """
 
 from __future__ import annotations
@@ -95,13 +97,13 @@ def scale_by_host(runs: dict[str, list[dict]]) -> str:
     return "output_throughput_probed"
 
 
-def _median_row(runs: list[dict], key: str) -> dict:
+def _median_row(runs: list[dict]) -> dict:
     """One policy's repeats: the median of each measure, and the spread (max / min - 1) of the throughputs."""
     keys = ("output_throughput", "p90_tpot_ms", "num_preemptions", "duration", "output_throughput_probed")
     row = {k: statistics.median(r[k] for r in runs) for k in keys if k in runs[0]}
     spread = {f"{k}_spread": max(r[k] for r in runs) / min(r[k] for r in runs) - 1
               for k in ("output_throughput", "output_throughput_probed") if k in runs[0]}
-    return row | spread | {"repeats": len(runs), "scored_by": key}
+    return row | spread | {"repeats": len(runs)}
 
 
 def _cv(values: list[float]) -> float:
@@ -117,7 +119,7 @@ def main() -> int:
     p.add_argument("--workloads", default=None, help="comma list (default: all)")
     p.add_argument("--repeats", type=int, default=1, help="rounds of the whole order; the median counts")
     p.add_argument("--probe", action="store_true",
-                   help="time a fixed piece of work between runs and score throughput scaled to the host's speed")
+                   help="time a fixed piece of work between runs; report throughput scaled to the host's speed too")
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
     table: dict[str, dict] = {}
@@ -148,11 +150,9 @@ def main() -> int:
                     print(f"{wname:<24} {name:<16} {r['output_throughput']:8.1f} tok/s  p90 TPOT "
                           f"{r['p90_tpot_ms']:7.1f} ms  preempt {r['num_preemptions']:4d}  (round {rnd})"
                           + (f"  host {1e3 * r['host_seconds']:.1f} ms" if args.probe else ""), flush=True)
-            key = "output_throughput"
-            if args.probe:
-                key = scale_by_host(runs)
-            rows = {name: _median_row(rs, key) for name, rs in runs.items()}
-            for name, value in hindsight_regret(rows, key).items():
+            probed = scale_by_host(runs) if args.probe else None
+            rows = {name: _median_row(rs) for name, rs in runs.items()}
+            for name, value in hindsight_regret(rows, "output_throughput").items():
                 rows[name]["regret"] = value
             table[wname] = {"results": rows}
             if args.probe:
@@ -161,8 +161,8 @@ def main() -> int:
                     print(f"{wname:<24} {name:<16} spread (max/min - 1) raw {row['output_throughput_spread']:.1%}, "
                           f"scaled by the host {row['output_throughput_probed_spread']:.1%}; "
                           f"CV raw {_cv([r['output_throughput'] for r in rs]):.1%}, "
-                          f"scaled {_cv([r[key] for r in rs]):.1%}", flush=True)
-    print(regret_table(table, value_key="output_throughput_probed" if args.probe else None))
+                          f"scaled {_cv([r[probed] for r in rs]):.1%}", flush=True)
+    print(regret_table(table))
     if args.output_json:
         write_json(args.output_json, table)
     return 0

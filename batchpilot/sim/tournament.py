@@ -211,12 +211,11 @@ def _num(value: float | None) -> str:
     return "unbounded" if value is None else f"{value:.2f}"
 
 
-def regret_table(table: dict[str, dict[str, Any]], key: str = "regret", value_key: str | None = None) -> str:
-    """Markdown: one row per workload, one column per contender, regret in %, best static named (by
-    `value_key`: the measure the regret was computed on; throughput or capacity by default)."""
+def regret_table(table: dict[str, dict[str, Any]], key: str = "regret") -> str:
+    """Markdown: one row per workload, one column per contender, regret in %, best static named."""
     contenders = [VLLM_DEFAULT, *POLICIES]
     lines = ["| workload | best static | " + " | ".join(contenders) + " |", "|---" * (len(contenders) + 2) + "|"]
-    value_key = value_key or ("output_throughput" if key == "regret" else "capacity")
+    value_key = "output_throughput" if key == "regret" else "capacity"
     for wname, w in table.items():
         rows = w["results"]
         unbounded = {n for n, r in rows.items() if r.get(f"{value_key}_unbounded")}
