@@ -17,10 +17,10 @@ The host's own speed drifts by 10-45% within minutes on some hosts. With `--prob
 work (the model's matmul shape and a memory sweep, `host_seconds`) is timed between runs, and each
 run's throughput is also reported scaled by how fast the host was then against the median of all
 probes (`output_throughput_probed`, with its spread beside the raw one). Regret stays on the raw
-throughput: on a steady AMD EPYC (Zen 4) the probe moved by under 7% while runs of one configuration
-moved by 4-17%, and the scaling cut the spread for some configurations and widened it for others
-(docs/reproduction.md). `--static 32 --policies none --repeats 6 --probe` is the A/A check: one
-configuration six times, its spread raw and scaled.
+throughput: on an AMD EPYC (Zen 4) the scaling cut the spread of runs of one configuration for some
+configurations and widened it for others, and an A/A run's CV stayed 4.4% / 4.3% (docs/reproduction.md):
+the probe does not see what makes runs differ there. `--static 32 --policies none --repeats 6
+--probe` is the A/A check: one configuration six times, its spread raw and scaled.
 """
 
 from __future__ import annotations
