@@ -152,7 +152,7 @@ class AsyncEngine:
             cmd = self._commands.get()
             if cmd[0] == "add":
                 _, rid, token_ids, params = cmd
-                self.engine.add_request(token_ids, params, request_id=rid)
+                self.engine.add_checked(token_ids, params, request_id=rid)  # checked in generate()
             else:
                 self.engine.abort(cmd[1])
         if not self.engine.has_unfinished_requests():

@@ -104,6 +104,12 @@ class LLMEngine:
             raise ValueError("this engine has no tokenizer: give prompts as token ids")
         token_ids = self.tokenizer.encode(prompt) if text is not None else list(prompt)
         self.check_prompt(token_ids)
+        return self.add_checked(token_ids, params, request_id, text)
+
+    def add_checked(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    text: str | None = None) -> str:
+        """Queue token ids that `check_prompt` has passed (the async engine checks in the caller's
+        thread, so its step thread does not scan the prompt again); returns the request's id."""
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         req = Request(rid, token_ids, params, self.clock(), eos_token_ids=self.eos_token_ids)
         self.scheduler.add_request(req)
