@@ -12,6 +12,14 @@ server to go idle.
 It fails (exit status 1) when a request is lost (no response, a 5xx, or a bad request not
 answered with a 4xx), when KV blocks are still in use once idle, or when RSS grows by more than
 `--max-growth` between the end of the warm-up (first fifth of the run) and the end.
+
+`--overload` is the overload test: offer well above capacity (3x) against a small `--max-queue`.
+A 503 that carries Retry-After and comes back within a second counts as a refusal, not a loss; the
+streamed requests that were admitted report their time per output token, to read against the
+server's `--sla-tpot-ms`.
+
+    python benchmarks/soak.py --overload --minutes 5 --rate 12 \
+        --server-args "--threads 2 --kv-cache-gib 0.25 --max-queue 16 --sla-tpot-ms 80"
 """
 
 from __future__ import annotations
@@ -50,8 +58,15 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def one(client: httpx.AsyncClient, url: str, kind: str, rng: random.Random) -> str:
-    """Send one request of a kind; its outcome ('ok', 'abandoned', '4xx', or a failure)."""
+def refusal(r: httpx.Response, sent: float) -> str:
+    """A non-200 answer: 'refused' for a prompt 503 with Retry-After (overload), else its status."""
+    fast = time.monotonic() - sent < 1.0
+    return "refused" if r.status_code == 503 and "retry-after" in r.headers and fast else f"status:{r.status_code}"
+
+
+async def one(client: httpx.AsyncClient, url: str, kind: str, rng: random.Random, tpots: list[float]) -> str:
+    """Send one request of a kind; its outcome ('ok', 'abandoned', '4xx', 'refused', or a failure).
+    A completed stream's time per output token goes to `tpots`."""
     max_tokens = rng.randint(8, 96)
     prompt = f"Write about topic number {rng.randint(0, 10**6)} in a few sentences."
     if kind == "bad":
@@ -70,28 +85,33 @@ async def one(client: httpx.AsyncClient, url: str, kind: str, rng: random.Random
         except httpx.TimeoutException:
             return "abandoned"
         return "ok"
+    sent = time.monotonic()
     if "stream" in kind:
-        chunks = 0
+        chunks, first = 0, 0.0
         async with client.stream("POST", f"{url}{path}", json=body | {"stream": True}) as r:
             if r.status_code != 200:
-                return f"status:{r.status_code}"
+                return refusal(r, sent)
             async for line in r.aiter_lines():
                 if line == "data: [DONE]":
+                    if chunks > 2:
+                        tpots.append((time.monotonic() - first) / (chunks - 1))
                     return "ok"
                 if line.startswith("data: "):
                     if '"error"' in line:
                         return "stream-error"
                     chunks += 1
+                    first = first or time.monotonic()
                     if kind == "abandon-stream" and chunks == 3:
                         return "abandoned"
         return "truncated"
     r = await client.post(f"{url}{path}", json=body)
-    return "ok" if r.status_code == 200 else f"status:{r.status_code}"
+    return "ok" if r.status_code == 200 else refusal(r, sent)
 
 
 async def load(url: str, pid: int, args: argparse.Namespace) -> dict:
     rng = random.Random(args.seed)
     outcomes: Counter[str] = Counter()
+    tpots: list[float] = []
     samples: list[dict] = []
     end = time.monotonic() + args.minutes * 60
     tasks: set[asyncio.Task] = set()
@@ -107,7 +127,7 @@ async def load(url: str, pid: int, args: argparse.Namespace) -> dict:
 
     async def record(kind: str) -> None:
         try:
-            outcomes[f"{kind}:{await one(client, url, kind, rng)}"] += 1
+            outcomes[f"{kind}:{await one(client, url, kind, rng, tpots)}"] += 1
         except Exception as e:  # noqa: BLE001 - every outcome is counted, none lost
             outcomes[f"{kind}:exception:{type(e).__name__}"] += 1
 
@@ -127,12 +147,15 @@ async def load(url: str, pid: int, args: argparse.Namespace) -> dict:
         sampler.cancel()
     idle = {"kv_usage": metric(url, "batchpilot:kv_cache_usage_perc"),
             "running": metric(url, "batchpilot:num_requests_running")}
-    return {"outcomes": dict(outcomes), "samples": samples, "idle": idle}
+    ordered = sorted(tpots)
+    tpot = {f"p{q}_tpot_ms": 1e3 * ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] for q in (50, 90, 99)
+            } if ordered else {}
+    return {"outcomes": dict(outcomes), "samples": samples, "idle": idle, "streams_timed": len(tpots), **tpot}
 
 
-def verdict(result: dict, max_growth: float) -> list[str]:
-    failures = [f"{k}: {n}" for k, n in result["outcomes"].items()
-                if not k.endswith((":ok", ":abandoned", ":4xx"))]
+def verdict(result: dict, max_growth: float, overload: bool = False) -> list[str]:
+    accepted = (":ok", ":abandoned", ":4xx", ":refused") if overload else (":ok", ":abandoned", ":4xx")
+    failures = [f"{k}: {n}" for k, n in result["outcomes"].items() if not k.endswith(accepted)]
     if result["idle"]["kv_usage"] or result["idle"]["running"]:
         failures.append(f"not idle at the end: {result['idle']}")
     rss = [s["rss_mb"] for s in result["samples"]]
@@ -152,6 +175,8 @@ def main() -> int:
     p.add_argument("--max-growth", type=float, default=0.05, help="allowed RSS growth after warm-up")
     p.add_argument("--server-args", default="--threads 2 --kv-cache-gib 0.25 --max-queue 64")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overload", action="store_true",
+                   help="offered load above capacity: a fast 503 with Retry-After is a refusal, not a loss")
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
     cmd = [sys.executable, "-m", "batchpilot.cli", "--log-level", "WARNING", "serve", *args.server_args.split()]
@@ -160,7 +185,7 @@ def main() -> int:
         with server(cmd, log, 300) as (url, proc):
             result = asyncio.run(load(url, proc.pid, args))
         result["server_log_tracebacks"] = log.read_text().count("Traceback")
-    failures = verdict(result, args.max_growth)
+    failures = verdict(result, args.max_growth, args.overload)
     result["failures"] = failures
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
     if args.output_json:
