@@ -88,13 +88,12 @@ def run(args: list[str], out: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def scale_by_host(runs: dict[str, list[dict]]) -> str:
-    """Adds each run's throughput scaled to the median host speed of the workload's probes; returns its key."""
+def scale_by_host(runs: dict[str, list[dict]]) -> None:
+    """Adds each run's throughput scaled to the median host speed of the workload's probes."""
     typical = statistics.median(r["host_seconds"] for rs in runs.values() for r in rs)
     for rs in runs.values():
         for r in rs:
             r["output_throughput_probed"] = r["output_throughput"] * r["host_seconds"] / typical
-    return "output_throughput_probed"
 
 
 def _median_row(runs: list[dict]) -> dict:
@@ -150,7 +149,8 @@ def main() -> int:
                     print(f"{wname:<24} {name:<16} {r['output_throughput']:8.1f} tok/s  p90 TPOT "
                           f"{r['p90_tpot_ms']:7.1f} ms  preempt {r['num_preemptions']:4d}  (round {rnd})"
                           + (f"  host {1e3 * r['host_seconds']:.1f} ms" if args.probe else ""), flush=True)
-            probed = scale_by_host(runs) if args.probe else None
+            if args.probe:
+                scale_by_host(runs)
             rows = {name: _median_row(rs) for name, rs in runs.items()}
             for name, value in hindsight_regret(rows, "output_throughput").items():
                 rows[name]["regret"] = value
@@ -161,7 +161,7 @@ def main() -> int:
                     print(f"{wname:<24} {name:<16} spread (max/min - 1) raw {row['output_throughput_spread']:.1%}, "
                           f"scaled by the host {row['output_throughput_probed_spread']:.1%}; "
                           f"CV raw {_cv([r['output_throughput'] for r in rs]):.1%}, "
-                          f"scaled {_cv([r[probed] for r in rs]):.1%}", flush=True)
+                          f"scaled {_cv([r['output_throughput_probed'] for r in rs]):.1%}", flush=True)
     print(regret_table(table))
     if args.output_json:
         write_json(args.output_json, table)

@@ -18,7 +18,7 @@ A 503 that carries Retry-After and comes back within a second counts as a refusa
 streamed requests that were admitted report their time per output token, to read against the
 server's `--sla-tpot-ms`.
 
-    python benchmarks/soak.py --overload --minutes 5 --rate 12 \
+    python benchmarks/soak.py --overload --minutes 5 --rate 20 \
         --server-args "--threads 2 --kv-cache-gib 0.25 --max-queue 16 --sla-tpot-ms 80"
 """
 
@@ -35,6 +35,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from batchpilot.bench.servers import server
 
@@ -147,9 +148,8 @@ async def load(url: str, pid: int, args: argparse.Namespace) -> dict:
         sampler.cancel()
     idle = {"kv_usage": metric(url, "batchpilot:kv_cache_usage_perc"),
             "running": metric(url, "batchpilot:num_requests_running")}
-    ordered = sorted(tpots)
-    tpot = {f"p{q}_tpot_ms": 1e3 * ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] for q in (50, 90, 99)
-            } if ordered else {}
+    # percentiles as bench.metrics computes them (numpy's, interpolated)
+    tpot = {f"p{q}_tpot_ms": float(np.percentile(tpots, q)) * 1e3 for q in (50, 90, 99)} if tpots else {}
     return {"outcomes": dict(outcomes), "samples": samples, "idle": idle, "streams_timed": len(tpots), **tpot}
 
 
