@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from batchpilot.model import kernels
-from batchpilot.model.attention import AttentionMetadata, _decode_attention
+from batchpilot.model.attention import AttentionMetadata, PrefillChunk, _decode_attention, paged_attention
 
 
 def make_case(dtype, lens=(1, 5, 16, 17, 40), heads=6, kv_heads=2, head_dim=32, block_size=8, num_blocks=40):
@@ -42,10 +42,61 @@ def test_native_and_torch_decode_attention_match_dense(dtype, sharpness, tol):
     q = (q.float() * sharpness).to(dtype)
     scale = q.shape[-1] ** -0.5
     ref = dense_reference(q, kc, vc, tables, lens, bs, scale)
-    meta = AttentionMetadata(torch.empty(0), bs, len(lens), tables, lens, native_decode=False, prefills=[])
+    meta = AttentionMetadata(torch.empty(0), bs, len(lens), tables, lens, native=False, prefills=[])
     torch_path = _decode_attention(q, kc, vc, meta, scale)
     torch.testing.assert_close(torch_path.float(), ref, atol=tol, rtol=tol)
     assert kernels.native_available(), "gcc is part of the supported setup"
     native = kernels.paged_decode_attention(q, kc, vc, tables, lens, bs, scale)
     assert native.dtype == dtype
     torch.testing.assert_close(native.float(), ref, atol=tol, rtol=tol)
+
+
+def prefill_reference(q, k_cache, v_cache, slots, context_start, scale):
+    """Dense float64 causal attention of a chunk whose query i sits at position context_start + i."""
+    n, h, _ = q.shape
+    kvh = k_cache.shape[0]
+    k = k_cache[:, slots].double().repeat_interleave(h // kvh, dim=0)  # [H, L, D]
+    v = v_cache[:, slots].double().repeat_interleave(h // kvh, dim=0)
+    scores = (q.double().transpose(0, 1) @ k.transpose(1, 2)) * scale  # [H, n, L]
+    visible = torch.arange(len(slots)).unsqueeze(0) <= torch.arange(context_start, context_start + n).unsqueeze(1)
+    scores.masked_fill_(~visible, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ v).transpose(0, 1)  # [n, H, D]
+
+
+# Chunk lengths and offsets across the kernel's 32-key blocks, 16-position tasks and 6-row groups;
+# grouped (9 over 3, 8 over 2) and plain multi-head attention; head_dim 64 and 128.
+@pytest.mark.parametrize("n,context_start,heads,kv_heads,head_dim", [
+    (1, 0, 9, 3, 64), (17, 0, 9, 3, 64), (100, 0, 9, 3, 64), (33, 31, 9, 3, 64), (64, 200, 8, 2, 128),
+    (50, 7, 4, 4, 64)])
+@pytest.mark.parametrize("dtype,sharpness,tol", [(torch.float32, 1.0, 1e-5), (torch.float32, 40.0, 1e-4),
+                                                 (torch.bfloat16, 1.0, 2e-2), (torch.bfloat16, 40.0, 2e-2)])
+def test_prefill_attention_matches_dense(n, context_start, heads, kv_heads, head_dim, dtype, sharpness, tol):
+    """paged_attention's prefill path (our kernel where it is built, torch's elsewhere) on a chunk
+    whose keys sit in shuffled cache slots, queries strided as they come out of the fused qkv."""
+    g = torch.Generator().manual_seed(n + context_start)
+    num_slots = 512
+    k_cache = torch.randn(kv_heads, num_slots, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(kv_heads, num_slots, head_dim, generator=g).to(dtype)
+    slots = torch.randperm(num_slots, generator=g)[: context_start + n]
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * head_dim, generator=g)
+    qkv[:, : heads * head_dim] *= sharpness  # sharp queries; keys stay unit-scale as in the decode test
+    qkv = qkv.to(dtype)
+    q = qkv[:, : heads * head_dim].view(n, heads, head_dim)
+    k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(n, kv_heads, head_dim)
+    v = qkv[:, (heads + kv_heads) * head_dim :].view(n, kv_heads, head_dim)
+    scale = head_dim ** -0.5
+    if context_start:
+        mask = torch.arange(context_start + n).unsqueeze(0) <= torch.arange(context_start, context_start + n).unsqueeze(1)
+        chunk = PrefillChunk(0, n, context_start, slots, mask)
+    else:
+        chunk = PrefillChunk(0, n, 0, None, None)
+    for native in (False, True):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        meta = AttentionMetadata(slots[context_start:], 16, 0, None, None, native=native, prefills=[chunk])
+        out = paged_attention(q, k, v, kc, vc, meta, scale)
+        ref = prefill_reference(q, kc, vc, slots, context_start, scale)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol, msg=lambda m: f"native={native}: {m}")
+    if kernels.prefill_attention_available():
+        direct = kernels.prefill_attention(q, kc, vc, slots, context_start, scale)
+        torch.testing.assert_close(direct.double(), ref, atol=tol, rtol=tol)

@@ -130,7 +130,7 @@ class TorchRunner:
             num_decodes=len(decodes),
             decode_tables=decode_tables,
             decode_lens=decode_lens,
-            native_decode=self.native_attention,
+            native=self.native_attention,
             prefills=prefills,
         )
         return (torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),

@@ -6,8 +6,9 @@ lead so that gathering whole blocks of every sequence yields [KVH, B, L, D] in o
 copy, which batched matmuls consume without a further transpose copy.
 
 The batch's tokens are laid out decodes first (one token each), then prefill chunks. Decodes
-are attended together; each prefill chunk runs through scaled_dot_product_attention (causal,
-with an offset when earlier chunks of the same prompt are already in the cache).
+are attended together; each prefill chunk is attended causally (with an offset when earlier
+chunks of the same prompt are already in the cache) by our kernel where it is built, 2-3x
+torch's flash attention (docs/reproduction.md), else by scaled_dot_product_attention.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class AttentionMetadata:
     num_decodes: int  # rows [0, num_decodes) are single decode tokens
     decode_tables: torch.Tensor | None  # [B, W] block tables of the decodes, padded to W blocks
     decode_lens: torch.Tensor | None  # [B] context length of each decode, its new token included
-    native_decode: bool  # use the C kernels (kernels.py) for decodes and cache writes, not torch's
+    native: bool  # use the C kernels (kernels.py) for cache writes, decodes and prefills, not torch's
     prefills: list[PrefillChunk]
 
 
@@ -56,7 +57,7 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Write this step's K/V into the cache, then attend every query row. Returns [T, H, D]."""
-    if meta.native_decode:
+    if meta.native:
         kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     else:
         k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
@@ -64,13 +65,20 @@ def paged_attention(
     out = torch.empty_like(q)
     if meta.num_decodes:
         q_dec = q[: meta.num_decodes]
-        if meta.native_decode:
+        if meta.native:
             out[: meta.num_decodes] = kernels.paged_decode_attention(
                 q_dec, k_cache, v_cache, meta.decode_tables, meta.decode_lens, meta.block_size, scale)
         else:
             out[: meta.num_decodes] = _decode_attention(q_dec, k_cache, v_cache, meta, scale)
     for chunk in meta.prefills:
-        out[chunk.start : chunk.end] = _prefill_attention(q, k, v, k_cache, v_cache, chunk, scale)
+        o = None
+        if meta.native and kernels.prefill_attention_available():
+            slots = meta.slot_mapping[chunk.start : chunk.end] if chunk.context_slots is None else chunk.context_slots
+            o = kernels.prefill_attention(q[chunk.start : chunk.end], k_cache, v_cache, slots, chunk.context_start,
+                                          scale)
+        if o is None:
+            o = _prefill_attention(q, k, v, k_cache, v_cache, chunk, scale)
+        out[chunk.start : chunk.end] = o
     return out
 
 

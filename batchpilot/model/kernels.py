@@ -73,6 +73,8 @@ def _library() -> ctypes.CDLL | None:
     ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     signatures = {  # name: (restype, argtypes), as declared in csrc/
         "paged_decode_attention": (i32, [ptr] * 6 + [i32] * 6 + [i64, f32, i32, i32]),
+        "prefill_attention": (i32, [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i32, i32, i32, i64, f32, i32, i32]),
+        "prefill_attention_available": (i32, []),
         "argmax_rows": (None, [ptr, i64, i64, ptr, i32]),
         "add_rms_norm": (None, [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, f32, i32, i32]),
         "rope_in_place": (None, [ptr, i64, ptr, ptr, i64, i32, i32, i32, i32]),
@@ -111,6 +113,32 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if rc != 0:
         raise ValueError(f"paged attention kernel: unsupported shape (heads {h}, head_dim {d}, block {block_size})")
     return out
+
+
+@functools.cache
+def prefill_attention_available() -> bool:
+    """Our prefill kernel is used only where it was built for AVX-512 (csrc/prefill_attention.c)."""
+    lib = _library()
+    return lib is not None and bool(lib.prefill_attention_available())
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                      context_start: int, scale: float) -> torch.Tensor | None:
+    """Causal attention of one prompt chunk. q: [n, H, D] (rows may be strided, heads contiguous);
+    caches [KVH, S, D] already holding the chunk's keys; slots: int64 [context_start + n], the slot of
+    every position. Returns [n, H, D], or None for a shape the kernel does not take (head_dim not a
+    multiple of 64): the caller uses torch's kernel then."""
+    n, h, d = q.shape
+    if q.stride()[1:] != (d, 1):
+        q = q.contiguous()
+    out = torch.empty(n, h, d, dtype=q.dtype)
+    rc = _library().prefill_attention(
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), out.stride(0),
+        slots.data_ptr(), n, context_start, h, k_cache.shape[0], d, k_cache.shape[1], scale,
+        int(q.dtype == torch.bfloat16), torch.get_num_threads())
+    if rc == -2:
+        raise MemoryError("prefill attention: cannot allocate the key/value panels")
+    return None if rc != 0 else out
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:

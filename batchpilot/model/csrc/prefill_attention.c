@@ -1,0 +1,204 @@
+/*
+ * Causal attention of one prompt chunk, keys and values read from the paged cache: the prefill
+ * counterpart of paged_attention.c. Torch's CPU flash attention runs this at about 35 GFLOP/s on
+ * a 2-core EPYC with the default model's shapes (9 query heads over 3 KV heads, head_dim 64), near
+ * half of a prefill step whose matmuls run at 850; docs/reproduction.md has the measurements.
+ *
+ * Two phases. First the chunk's keys and values (all context positions, earlier chunks included)
+ * are gathered once from their slots into float32 panels: keys transposed per block of BK keys,
+ * [KVH][blocks][D][BK], so that a vector load holds one dimension of BK consecutive keys; values
+ * as [KVH][L][D]. Then each task takes one KV head and TQ query positions with the G query heads
+ * that share it, MR rows at a time: scores for BK keys by broadcast-multiply of each query element
+ * into the key panel (MR x BK float sums kept in registers), an online softmax in float32, and the
+ * weighted values summed in registers, 64 dimensions at a time. Keys past a row's own position
+ * are masked; key blocks past every row of the group are not visited. Products and sums are
+ * float32 throughout, as torch's kernel computes them for bf16 inputs.
+ *
+ * Written with gcc's vector extensions (16 floats: one AVX-512 register). It is used only where
+ * the build has AVX-512 (prefill_attention_available); with half the registers (AVX2) the
+ * accumulators would spill, and torch's kernel is kept there until measured.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dtype.h"
+#include "fast_exp.h"
+
+typedef float v16 __attribute__((vector_size(64)));
+
+#define BK 32  /* keys per score block: two vectors */
+#define MR 6   /* rows (query position x head) per register block */
+#define TQ 16  /* query positions per task */
+#define DC 64  /* output dimensions summed in registers at a time: four vectors */
+#define MAX_D 256
+
+int prefill_attention_available(void) {
+#ifdef __AVX512F__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static inline v16 load16(const float *p) {
+    v16 v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+static inline void store16(float *p, v16 v) { memcpy(p, &v, sizeof(v)); }
+
+/* One group of up to MR rows: q (MR x D, float, scaled) attends keys [0, limit[m]] of its KV head. */
+static inline __attribute__((always_inline)) void attend_rows(
+        const float *qf, const int64_t *limit, const float *kt, const float *vf, int64_t L, int D, float *o,
+        int rows) {
+    float mx[MR], den[MR];
+    float s[MR][BK];
+    for (int m = 0; m < MR; m++) {
+        mx[m] = -INFINITY;
+        den[m] = 0.0f;
+        memset(o + m * D, 0, (size_t)D * sizeof(float));
+    }
+    int64_t last = 0;
+    for (int m = 0; m < rows; m++) last = limit[m] > last ? limit[m] : last;
+    const int64_t nblocks = last / BK + 1;
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        const float *kb = kt + blk * (int64_t)D * BK;
+        v16 acc[MR][2];
+        for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = (v16){0};
+        for (int d = 0; d < D; d++) {
+            const v16 k0 = load16(kb + d * BK), k1 = load16(kb + d * BK + 16);
+            for (int m = 0; m < MR; m++) {
+                const float qv = qf[m * D + d];
+                acc[m][0] += qv * k0;
+                acc[m][1] += qv * k1;
+            }
+        }
+        const int64_t key0 = blk * BK;
+        for (int m = 0; m < MR; m++) {
+            store16(s[m], acc[m][0]);
+            store16(s[m] + 16, acc[m][1]);
+        }
+        for (int m = 0; m < rows; m++) {
+            const int64_t visible = limit[m] - key0 + 1; /* keys of this block the row may see */
+            for (int j = (int)(visible < 0 ? 0 : visible); j < BK; j++) s[m][j] = -INFINITY;
+            float top = mx[m];
+            for (int j = 0; j < BK; j++) top = s[m][j] > top ? s[m][j] : top;
+            if (top == -INFINITY) { /* nothing visible yet (cannot happen for causal rows) */
+                for (int j = 0; j < BK; j++) s[m][j] = 0.0f;
+                continue;
+            }
+            const float correction = fast_exp(mx[m] - top); /* exp(-inf) = 0 on the first block */
+            float sum = 0.0f;
+            for (int j = 0; j < BK; j++) s[m][j] = fast_exp(s[m][j] - top);
+            for (int j = 0; j < BK; j++) sum += s[m][j];
+            den[m] = den[m] * correction + sum;
+            mx[m] = top;
+            if (correction != 1.0f)
+                for (int i = 0; i < D; i++) o[m * D + i] *= correction;
+        }
+        for (int m = rows; m < MR; m++)
+            for (int j = 0; j < BK; j++) s[m][j] = 0.0f;
+        const int64_t keys = L - key0 < BK ? L - key0 : BK;
+        for (int d0 = 0; d0 < D; d0 += DC) {
+            v16 out[MR][4];
+            for (int m = 0; m < MR; m++)
+                for (int c = 0; c < 4; c++) out[m][c] = load16(o + m * D + d0 + 16 * c);
+            for (int64_t j = 0; j < keys; j++) {
+                const float *vr = vf + (key0 + j) * D + d0;
+                const v16 v0 = load16(vr), v1 = load16(vr + 16), v2 = load16(vr + 32), v3 = load16(vr + 48);
+                for (int m = 0; m < MR; m++) {
+                    const float p = s[m][j];
+                    out[m][0] += p * v0;
+                    out[m][1] += p * v1;
+                    out[m][2] += p * v2;
+                    out[m][3] += p * v3;
+                }
+            }
+            for (int m = 0; m < MR; m++)
+                for (int c = 0; c < 4; c++) store16(o + m * D + d0 + 16 * c, out[m][c]);
+        }
+    }
+    for (int m = 0; m < rows; m++) {
+        const float inv = 1.0f / den[m];
+        for (int i = 0; i < D; i++) o[m * D + i] *= inv;
+    }
+}
+
+/*
+ * q: [n, H, D] rows with stride q_stride (elements); out likewise with out_stride. k_cache and
+ * v_cache: [KVH, S, D]; slots[j] is the slot of context position j, j < L = context_start + n (the
+ * chunk's own keys already written). Query i sits at position context_start + i and attends
+ * positions 0..context_start + i. Returns 0, -1 for a head_dim that is not a multiple of 64 or
+ * above MAX_D, -2 when the panels cannot be allocated.
+ */
+int prefill_attention(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out,
+                      int64_t out_stride, const int64_t *slots, int64_t n, int64_t context_start, int num_heads,
+                      int num_kv_heads, int D, int64_t num_slots, float scale, int is_bf16, int num_threads) {
+    if (D % DC != 0 || D > MAX_D) return -1;
+    const int64_t L = context_start + n, nblocks = (L + BK - 1) / BK, G = num_heads / num_kv_heads;
+    const size_t esize = is_bf16 ? 2 : 4;
+    float *kt = aligned_alloc(64, (size_t)num_kv_heads * nblocks * D * BK * sizeof(float));
+    float *vf = aligned_alloc(64, ((size_t)num_kv_heads * L * D + 64) * sizeof(float));
+    if (kt == NULL || vf == NULL) {
+        free(kt);
+        free(vf);
+        return -2;
+    }
+#pragma omp parallel for collapse(2) schedule(static) num_threads(num_threads)
+    for (int kh = 0; kh < num_kv_heads; kh++)
+        for (int64_t blk = 0; blk < nblocks; blk++) {
+            float *panel = kt + ((int64_t)kh * nblocks + blk) * D * BK;
+            for (int j = 0; j < BK; j++) {
+                const int64_t pos = blk * BK + j;
+                float *vrow = vf + ((int64_t)kh * L + pos) * D;
+                if (pos >= L) {
+                    for (int d = 0; d < D; d++) panel[d * BK + j] = 0.0f;
+                    continue;
+                }
+                const int64_t offset = ((int64_t)kh * num_slots + slots[pos]) * D;
+                const char *krow = (const char *)k_cache + offset * esize;
+                const char *vsrc = (const char *)v_cache + offset * esize;
+                for (int d = 0; d < D; d++) {
+                    panel[d * BK + j] = get(krow, is_bf16, d);
+                    vrow[d] = get(vsrc, is_bf16, d);
+                }
+            }
+        }
+    const int64_t tiles = (n + TQ - 1) / TQ;
+    /* Tasks from the last positions (the most keys) down, so that the short ones fill the gaps. */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+    for (int64_t task = 0; task < tiles * num_kv_heads; task++) {
+        const int64_t tile = tiles - 1 - task / num_kv_heads;
+        const int kh = (int)(task % num_kv_heads);
+        const int64_t i0 = tile * TQ, i1 = i0 + TQ < n ? i0 + TQ : n;
+        const int64_t total = (i1 - i0) * G;
+        float qf[MR * MAX_D], o[MR * MAX_D];
+        int64_t limit[MR];
+        for (int64_t r0 = 0; r0 < total; r0 += MR) {
+            const int rows = (int)(total - r0 < MR ? total - r0 : MR);
+            for (int m = 0; m < MR; m++) {
+                if (m >= rows) {
+                    memset(qf + m * D, 0, (size_t)D * sizeof(float));
+                    limit[m] = 0;
+                    continue;
+                }
+                const int64_t i = i0 + (r0 + m) / G, h = kh * G + (r0 + m) % G;
+                const char *qrow = (const char *)q + (i * q_stride + h * D) * esize;
+                for (int d = 0; d < D; d++) qf[m * D + d] = get(qrow, is_bf16, d) * scale;
+                limit[m] = context_start + i;
+            }
+            attend_rows(qf, limit, kt + (int64_t)kh * nblocks * D * BK, vf + (int64_t)kh * L * D, L, D, o, rows);
+            for (int m = 0; m < rows; m++) {
+                const int64_t i = i0 + (r0 + m) / G, h = kh * G + (r0 + m) % G;
+                char *orow = (char *)out + (i * out_stride + h * D) * esize;
+                for (int d = 0; d < D; d++) put(orow, is_bf16, d, o[m * D + d]);
+            }
+        }
+    }
+    free(kt);
+    free(vf);
+    return 0;
+}
