@@ -86,7 +86,8 @@ def test_prefill_attention_matches_dense(n, context_start, heads, kv_heads, head
     v = qkv[:, (heads + kv_heads) * head_dim :].view(n, kv_heads, head_dim)
     scale = head_dim ** -0.5
     if context_start:
-        mask = torch.arange(context_start + n).unsqueeze(0) <= torch.arange(context_start, context_start + n).unsqueeze(1)
+        positions = torch.arange(context_start, context_start + n).unsqueeze(1)
+        mask = torch.arange(context_start + n).unsqueeze(0) <= positions
         chunk = PrefillChunk(0, n, context_start, slots, mask)
     else:
         chunk = PrefillChunk(0, n, 0, None, None)
@@ -96,7 +97,7 @@ def test_prefill_attention_matches_dense(n, context_start, heads, kv_heads, head
         out = paged_attention(q, k, v, kc, vc, meta, scale)
         ref = prefill_reference(q, kc, vc, slots, context_start, scale)
         assert out.dtype == dtype
-        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol, msg=lambda m: f"native={native}: {m}")
+        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol, msg=lambda m, native=native: f"native={native}: {m}")
     if kernels.prefill_attention_available():
         direct = kernels.prefill_attention(q, kc, vc, slots, context_start, scale)
         torch.testing.assert_close(direct.double(), ref, atol=tol, rtol=tol)
