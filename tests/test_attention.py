@@ -97,7 +97,8 @@ def test_prefill_attention_matches_dense(n, context_start, heads, kv_heads, head
         out = paged_attention(q, k, v, kc, vc, meta, scale)
         ref = prefill_reference(q, kc, vc, slots, context_start, scale)
         assert out.dtype == dtype
-        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol, msg=lambda m, native=native: f"native={native}: {m}")
+        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol,
+                                   msg=lambda m, native=native: f"native={native}: {m}")
     if kernels.prefill_attention_available():
         direct = kernels.prefill_attention(q, kc, vc, slots, context_start, scale)
         torch.testing.assert_close(direct.double(), ref, atol=tol, rtol=tol)
