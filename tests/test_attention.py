@@ -35,10 +35,15 @@ def dense_reference(q, k_cache, v_cache, tables, lens, block_size, scale):
 
 # sharpness 40: score gaps past exp's range, near one-hot. Its float32 logits reach ~40, whose
 # rounding (1e-5 relative, in a different summation order than the dense reference's) enters exp.
+# Shapes: the generic kernel's (head_dim 32, blocks of 8) and the bf16 vector kernel's (head_dim 64
+# and 128, blocks of 16 and 32, contexts ending mid-tile and on an odd key).
+@pytest.mark.parametrize("shape", [
+    dict(), dict(head_dim=64, block_size=16, heads=9, kv_heads=3, lens=(1, 15, 16, 33, 70)),
+    dict(head_dim=128, block_size=32, heads=8, kv_heads=2, lens=(2, 31, 47, 64, 65))])
 @pytest.mark.parametrize("dtype,sharpness,tol", [(torch.float32, 1.0, 1e-5), (torch.float32, 40.0, 1e-4),
                                                  (torch.bfloat16, 1.0, 2e-2), (torch.bfloat16, 40.0, 2e-2)])
-def test_native_and_torch_decode_attention_match_dense(dtype, sharpness, tol):
-    q, kc, vc, tables, lens, bs = make_case(dtype)
+def test_native_and_torch_decode_attention_match_dense(shape, dtype, sharpness, tol):
+    q, kc, vc, tables, lens, bs = make_case(dtype, **shape)
     q = (q.float() * sharpness).to(dtype)
     scale = q.shape[-1] ** -0.5
     ref = dense_reference(q, kc, vc, tables, lens, bs, scale)
