@@ -13,6 +13,7 @@ from batchpilot.config import (
     CONTROLLERS,
     DEFAULT_MODEL_NAME,
     DTYPES,
+    QUANTIZATIONS,
     CacheConfig,
     ControllerConfig,
     EngineConfig,
@@ -26,6 +27,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by every command that builds an engine."""
     p.add_argument("--model", default=None, help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    p.add_argument("--quantization", "-q", default=None, choices=QUANTIZATIONS,
+                   help="weight-only quantization of the layers' weights (default: none)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--kv-cache-gib", type=float, default=None, help="KV pool size (default: from free memory)")
     p.add_argument("--block-size", type=int, default=16)
@@ -81,7 +84,7 @@ def controller_config(args: argparse.Namespace) -> ControllerConfig:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """EngineConfig from the flags; raises ValueError naming the bad flag."""
     return EngineConfig(
-        model=args.model, dtype=args.dtype, threads=args.threads, seed=args.seed,
+        model=args.model, dtype=args.dtype, quantization=args.quantization, threads=args.threads, seed=args.seed,
         cache=CacheConfig(block_size=args.block_size, kv_cache_gib=args.kv_cache_gib,
                           enable_prefix_caching=args.enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,

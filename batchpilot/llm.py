@@ -33,7 +33,7 @@ def build_engine(config: EngineConfig) -> LLMEngine:
         torch.set_num_threads(config.threads)
     ckpt = load_checkpoint(config.model)
     dtype = getattr(torch, config.dtype)
-    model = LlamaModel(ckpt.args, ckpt.weights, dtype)
+    model = LlamaModel(ckpt.args, ckpt.weights, dtype, config.quantization)
     del ckpt.weights
     elem = torch.finfo(dtype).bits // 8
     num_blocks = num_kv_blocks(config.cache, ckpt.args.kv_bytes_per_token * elem)
@@ -44,8 +44,9 @@ def build_engine(config: EngineConfig) -> LLMEngine:
     scheduler = Scheduler(config.scheduler, kv, make_controller(config.controller),
                           ckpt.args.max_position_embeddings)
     logger.info(
-        "model %s (%s, %s); KV cache %d blocks x %d tokens = %d tokens (%.2f GiB)",
-        ckpt.path, ckpt.args.architecture, config.dtype, num_blocks, block_size,
+        "model %s (%s, %s%s); KV cache %d blocks x %d tokens = %d tokens (%.2f GiB)",
+        ckpt.path, ckpt.args.architecture, config.dtype,
+        f", {config.quantization} weights" if config.quantization else "", num_blocks, block_size,
         num_blocks * block_size, num_blocks * block_size * ckpt.args.kv_bytes_per_token * elem / 2**30,
     )
     trace = TraceWriter(config.controller.trace_path) if config.controller.trace_path else None
@@ -57,7 +58,7 @@ def build_engine(config: EngineConfig) -> LLMEngine:
 class LLM:
     """Generate offline from a batch of prompts, through the continuous-batching engine."""
 
-    def __init__(self, model: str | None = None, *, dtype: str = "bfloat16",
+    def __init__(self, model: str | None = None, *, dtype: str = "bfloat16", quantization: str | None = None,
                  kv_cache_gib: float | None = None, max_num_seqs: int = 256,
                  batch_controller: str = "combined", threads: int | None = None, seed: int = 0,
                  max_num_batched_tokens: int = 512, max_model_len: int | None = None,
@@ -66,7 +67,7 @@ class LLM:
         """Args mirror vLLM's; `controller_options` are ControllerConfig fields
         (min_num_seqs, memory_mode, mem_epsilon, sla_tpot_ms, trace_path, ...)."""
         config = EngineConfig(
-            model=model, dtype=dtype, threads=threads, seed=seed,
+            model=model, dtype=dtype, quantization=quantization, threads=threads, seed=seed,
             cache=CacheConfig(block_size=block_size, kv_cache_gib=kv_cache_gib, num_blocks=num_kv_blocks,
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,

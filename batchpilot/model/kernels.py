@@ -81,6 +81,7 @@ def _library() -> ctypes.CDLL | None:
         "silu_mul": (None, [ptr, ptr, i64, i64, i32, i32]),
         "write_kv": (None, [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i32, i32, i64, i32]),
         "gemv_bf16": (i32, [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i32]),
+        "dequant_int4": (None, [ptr, ptr, ptr, i64, i64, i64, i32, i32]),
     }
     for name, (restype, argtypes) in signatures.items():
         if name == "gemv_bf16" and not hasattr(lib, name):  # only built for CPUs with AVX512-BF16 or AVX2
@@ -231,3 +232,12 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> to
     if rc != 0:
         raise ValueError(f"gemv: unsupported shape {tuple(x.shape)} x {tuple(packed.shape)}")
     return y
+
+
+def dequant_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, shape: tuple[int, int], group: int) -> torch.Tensor:
+    """torch's CPU int4 layout back to a [N, K] weight in the scales' dtype (csrc/dequant.c)."""
+    n, k = shape
+    out = torch.empty(n, k, dtype=scales_zeros.dtype)
+    _library().dequant_int4(packed.data_ptr(), scales_zeros.data_ptr(), out.data_ptr(), n, k, group,
+                            int(scales_zeros.dtype == torch.bfloat16), torch.get_num_threads())
+    return out

@@ -25,12 +25,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from batchpilot.model import kernels
+from batchpilot.model import kernels, quant
 
 GEMV_MAX_ROWS = 2
 GEMV_MAX_ROWS_EMULATED = 16  # where bf16 matmul is not native: our kernel leads oneDNN's float32 to 16 rows
 PACKED_MAX_ROWS = 128
 PACK_LIMIT_BYTES = 2 * 2**30  # weights of every packed layer together (bf16 bytes)
+# Quantized weights: torch's weight-only kernels up to this many rows; beyond, dequantize once and run
+# the float matmul (the kernels are 2-3x slower than bf16 from 16 rows; quant.py).
+QUANT_KERNEL_MAX_ROWS = 16
 
 
 def bf16_matmul_native() -> bool:
@@ -56,7 +59,7 @@ def pack_all(layers: list[Linear]) -> bool:
 class Linear:
     """y = x W^T + b, from the copy of the weight laid out for the step's number of rows."""
 
-    __slots__ = ("weight", "bias", "packed", "gemv", "gemv_rows", "upcast", "upcast_bias")
+    __slots__ = ("weight", "bias", "packed", "gemv", "gemv_rows", "upcast", "upcast_bias", "quantized")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight, self.bias = weight, bias
@@ -65,6 +68,12 @@ class Linear:
         self.gemv_rows = GEMV_MAX_ROWS
         self.upcast: torch.Tensor | None = None  # float32 prepacked, where bf16 matmul is not native
         self.upcast_bias: torch.Tensor | None = None
+        self.quantized: quant.Int8Weight | quant.Int4Weight | None = None
+
+    def quantize(self, mode: str) -> None:
+        """Keep only the quantized weight (quant.QUANTIZATIONS), in place of every float copy."""
+        self.quantized = quant.quantize(self.weight, mode, self.weight.dtype)
+        self.weight = self.packed = self.gemv = self.upcast = None
 
     def pack(self) -> None:
         """Keep the copies this CPU multiplies fastest: oneDNN-prepacked where bf16 is native, float32
@@ -79,6 +88,13 @@ class Linear:
             self.gemv = kernels.pack_gemv_weight(self.weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:
+            x2 = x.reshape(-1, x.shape[-1])
+            y = (self.quantized.matmul(x2.contiguous()) if x2.shape[0] <= QUANT_KERNEL_MAX_ROWS
+                 else F.linear(x2, self.quantized.dequantize()))
+            if self.bias is not None:
+                y = y + self.bias
+            return y.view(*x.shape[:-1], y.shape[-1])
         if x.dim() == 2:
             if self.gemv is not None and x.shape[0] <= self.gemv_rows:
                 return kernels.gemv(x, self.gemv, self.bias)

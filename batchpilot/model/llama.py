@@ -49,9 +49,11 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 class LlamaModel:
     """Weights of one model in one dtype, and the forward pass over a paged KV cache."""
 
-    def __init__(self, args: ModelArgs, weights: dict[str, torch.Tensor], dtype: torch.dtype):
+    def __init__(self, args: ModelArgs, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+                 quantization: str | None = None):
         self.args = args
         self.dtype = dtype
+        self.quantization = quantization  # quant.QUANTIZATIONS: the layers' weights, weight-only
 
         def w(name: str) -> torch.Tensor:
             return weights[name].to(dtype).contiguous()
@@ -75,14 +77,21 @@ class LlamaModel:
                     down=Linear(w(p + "mlp.down_proj.weight")),
                 )
             )
-        pack_all([self.lm_head] + [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up,
-                                                                             layer.down)])
+            if quantization is not None:  # layer by layer: a large model's float weights never all in memory
+                for lin in self._linears(self.layers[-1]):
+                    lin.quantize(quantization)
+        # lm_head stays in the model's dtype when the layers are quantized, as vLLM leaves it by default.
+        pack_all([self.lm_head] + ([] if quantization else [lin for ly in self.layers for lin in self._linears(ly)]))
         inv_freq = rope_inv_freq(args)
         angles = torch.outer(torch.arange(args.max_position_embeddings, dtype=torch.float32), inv_freq)
         self.rope_cos = angles.cos()  # [max_pos, D/2]
         self.rope_sin = angles.sin()
         # The fused element-wise kernels (kernels.py), or the torch code they reproduce.
         self.fused = kernels.layer_ops_supports(dtype)
+
+    @staticmethod
+    def _linears(layer: LayerWeights) -> tuple[Linear, ...]:
+        return layer.qkv, layer.o, layer.gate_up, layer.down
 
     def forward(
         self,
