@@ -51,15 +51,25 @@ def prompts(case: str, vocab: int, seed: int = 0) -> tuple[list[list[int]], int,
     return [rng.integers(100, vocab, size=n).tolist() for _ in range(16)], 1, 16
 
 
-def run_batchpilot(model: str, case: str) -> dict:
+def rss_mib() -> dict:
+    """This process's resident memory now and at its peak (MiB)."""
+    import resource
+
+    with open("/proc/self/status") as f:
+        now = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return {"rss_mib": now / 1024, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_batchpilot(model: str, case: str, quantization: str | None = None) -> dict:
     from batchpilot.llm import LLM
     from batchpilot.sampling_params import SamplingParams
 
     kind, _ = case.split(":")
     probe, max_tokens, seqs = prompts(case, 49152)
     warmup = prompts(case, 49152, seed=1)[0]
-    llm = LLM(model, dtype="bfloat16", threads=THREADS, kv_cache_gib=KV_GIB, max_num_seqs=seqs,
-              batch_controller="static", enable_prefix_caching=False)  # timed prompts repeat: compute them
+    llm = LLM(model, dtype="bfloat16", quantization=quantization, threads=THREADS, kv_cache_gib=KV_GIB,
+              max_num_seqs=seqs, batch_controller="static",
+              enable_prefix_caching=False)  # timed prompts repeat: compute them
 
     def timed(max_tokens: int, prompts: list[list[int]] = probe) -> float:
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -67,7 +77,8 @@ def run_batchpilot(model: str, case: str) -> dict:
         llm.generate(prompts, params)
         return time.perf_counter() - start
 
-    return _measure(kind, probe, warmup, max_tokens, timed) | {"budget": llm.config.scheduler.max_num_batched_tokens}
+    return (_measure(kind, probe, warmup, max_tokens, timed) | {"budget": llm.config.scheduler.max_num_batched_tokens}
+            | rss_mib())
 
 
 def run_vllm(model: str, case: str, dtype: str = "bfloat16") -> dict:
@@ -88,7 +99,7 @@ def run_vllm(model: str, case: str, dtype: str = "bfloat16") -> dict:
         return time.perf_counter() - start
 
     budget = llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
-    return _measure(kind, probe, warmup, max_tokens, timed) | {"budget": budget}
+    return _measure(kind, probe, warmup, max_tokens, timed) | {"budget": budget} | rss_mib()
 
 
 def _measure(kind: str, probe: list[list[int]], warmup: list[list[int]], max_tokens: int, timed) -> dict:
@@ -103,18 +114,19 @@ def _measure(kind: str, probe: list[list[int]], warmup: list[list[int]], max_tok
     return {"prefill_tok_s": sum(map(len, probe)) / t, "seconds": t}
 
 
-def worker(engine: str, model: str, case: str, vllm_dtype: str) -> dict:
+def worker(engine: str, model: str, case: str, vllm_dtype: str, quantization: str | None = None) -> dict:
     env = os.environ | {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": str(KV_GIB), "OMP_NUM_THREADS": str(THREADS),
                         "VLLM_CPU_OMP_THREADS_BIND": f"0-{THREADS - 1}", "TOKENIZERS_PARALLELISM": "false"}
+    extra = ["--quantization", quantization] if quantization else []
     r = subprocess.run([str(PYTHONS[engine]), __file__, "--worker", engine, "--model", model, "--cases", case,
-                        "--vllm-dtype", vllm_dtype],
+                        "--vllm-dtype", vllm_dtype, *extra],
                        capture_output=True, text=True, env=env, timeout=3600)
     if r.returncode != 0:
         raise RuntimeError(f"{engine} {case} failed:\n{r.stderr[-3000:]}")
     # vLLM prints to stdout too: the result is the line after the marker
     line = next(x for x in reversed(r.stdout.splitlines()) if x.startswith(MARKER))
     result = json.loads(line[len(MARKER):])
-    print(f"  {engine} {case}: {result}", file=sys.stderr, flush=True)
+    print(f"  {engine}{'-' + quantization if quantization else ''} {case}: {result}", file=sys.stderr, flush=True)
     return result
 
 
@@ -131,10 +143,12 @@ def main() -> int:
     p.add_argument("--output-json", default=None)
     p.add_argument("--vllm-dtype", default="bfloat16", choices=("bfloat16", "float32"),
                    help="vLLM's dtype (ours stays bf16)")
+    p.add_argument("--quantization", default=None, choices=("int8", "int4"),
+                   help="batchpilot's weight-only quantization (vLLM stays in --vllm-dtype)")
     p.add_argument("--worker", choices=sorted(PYTHONS), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        result = (run_batchpilot(args.model, args.cases) if args.worker == "batchpilot"
+        result = (run_batchpilot(args.model, args.cases, args.quantization) if args.worker == "batchpilot"
                   else run_vllm(args.model, args.cases, args.vllm_dtype))
         print(MARKER + json.dumps(result), flush=True)
         return 0
@@ -146,14 +160,15 @@ def main() -> int:
         model = out.stdout.strip()
     with open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
-    print(f"host: {cpu}, {os.cpu_count()} vCPUs; model {model}; ours bf16, vLLM {args.vllm_dtype}, {THREADS} threads, "
-          f"{KV_GIB} GiB KV")
+    ours = f"bf16{', ' + args.quantization + ' weights' if args.quantization else ''}"
+    print(f"host: {cpu}, {os.cpu_count()} vCPUs; model {model}; ours {ours}, vLLM {args.vllm_dtype}, "
+          f"{THREADS} threads, {KV_GIB} GiB KV")
     rows = []
     for case in args.cases.split(","):
         kind = case.split(":")[0]
         for rnd in range(args.rounds):
             order = ["batchpilot", "vllm"] if rnd % 2 == 0 else ["vllm", "batchpilot"]
-            res = {engine: worker(engine, model, case, args.vllm_dtype) for engine in order}
+            res = {engine: worker(engine, model, case, args.vllm_dtype, args.quantization) for engine in order}
             ours, theirs = headline(kind, res["batchpilot"]), headline(kind, res["vllm"])
             # ratio > 1: batchpilot ahead (a step time is better when smaller)
             ratio = theirs / ours if kind == "decode" else ours / theirs
