@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from batchpilot.model import kernels, quant
-from batchpilot.model.linear import QUANT_KERNEL_MAX_ROWS, Linear
+from batchpilot.model.linear import Linear
 
 
 def q4_blocks(n, k, seed, group=quant.INT4_GROUP, dtype=torch.bfloat16):
@@ -18,12 +18,15 @@ def q4_blocks(n, k, seed, group=quant.INT4_GROUP, dtype=torch.bfloat16):
     return q, scale, low
 
 
-def q4_reference(q, scale, low, group=quant.INT4_GROUP):
-    """The float32 weight the blocks stand for, as torch's kernel forms it: (q - 8) * s + (low + 8 s)."""
-    n, k = q.shape
-    s = scale.repeat_interleave(group, dim=1)
-    zero = (low + 8 * scale).to(torch.bfloat16).float().repeat_interleave(group, dim=1)
-    return (q.float() - 8) * s + zero
+# Our tiled kernel where the CPU has AVX512-BF16 (csrc/qgemv.c), and torch's layout everywhere.
+LAYOUTS = ["torch"] + (["tiled"] if kernels.qgemv_available() else [])
+
+
+@pytest.fixture(params=LAYOUTS)
+def layout(request, monkeypatch):
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "qgemv_available", lambda: False)
+    return request.param
 
 
 def test_int4_layout_round_trips_through_torchs_packing():
@@ -32,76 +35,77 @@ def test_int4_layout_round_trips_through_torchs_packing():
     assert torch.equal(quant.unpack_int4(packed, 192, 96).to(torch.int32), q)
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_int4_dequantize_matches_torchs_kernel(native, monkeypatch):
-    """Our dequantization (C, or torch ops without a compiler) gives the weight torch's int4 kernel
-    multiplies by: x = identity rows read it back, one product per output."""
-    if not native:
-        monkeypatch.setattr(kernels, "native_available", lambda: False)
-    q, scale, low = q4_blocks(128, 64, seed=1)
-    w = quant.int4_from_blocks(q, scale, low, torch.bfloat16)
+@pytest.mark.parametrize("mode", quant.QUANTIZATIONS)
+def test_dequantize_is_the_weight_the_kernel_multiplies_by(mode, layout):
+    """dequantize() is reference() rounded once to bf16; the kernel, fed identity rows, reads back
+    reference() rounded to bf16 (one product per output)."""
+    g = torch.Generator().manual_seed(1)
+    w = quant.quantize(torch.randn(128, 64, generator=g).to(torch.bfloat16), mode, torch.bfloat16)
+    assert w.tiled == (layout == "tiled")
+    ref = w.reference()
     deq = w.dequantize()
-    assert deq.dtype == torch.bfloat16 and deq.shape == (128, 64)
-    torch.testing.assert_close(deq.float(), q4_reference(q, scale, low).to(torch.bfloat16).float(), rtol=0, atol=0)
-    read_back = w.matmul(torch.eye(64, dtype=torch.bfloat16)).t()  # [N, K]: w[n, k], rounded to bf16
-    torch.testing.assert_close(deq.float(), read_back.float(), rtol=0, atol=0)
+    assert deq.shape == (128, 64)
+    assert torch.equal(deq.to(torch.bfloat16), ref.to(torch.bfloat16))
+    read_back = w.matmul(torch.eye(64, dtype=torch.bfloat16)).t()  # [N, K]
+    assert torch.equal(read_back, ref.to(torch.bfloat16))
 
 
-def test_int4_quantize_recovers_q4_1_blocks():
+def test_int4_dequantize_without_a_compiler_matches_the_native_one(monkeypatch):
+    monkeypatch.setattr(kernels, "qgemv_available", lambda: False)
+    q, scale, low = q4_blocks(128, 64, seed=3)
+    w = quant.int4_from_blocks(q, scale, low, torch.bfloat16)
+    native = w.dequantize()
+    monkeypatch.setattr(kernels, "native_available", lambda: False)
+    assert torch.equal(w.dequantize(), native)
+
+
+def test_int4_quantize_recovers_q4_1_blocks(layout):
     """A weight on a Q4_1 grid (what the default model's folder holds) quantizes back to its integers."""
     q, scale, low = q4_blocks(64, 128, seed=2)
     q[:, ::32], q[:, 1::32] = 0, 15  # every group spans the full range, as the Q4_1 quantizer makes it
     weight = (q.float() * scale.repeat_interleave(32, 1) + low.repeat_interleave(32, 1)).to(torch.bfloat16)
     w = quant.quantize_int4(weight, torch.bfloat16)
-    assert torch.equal(quant.unpack_int4(w.packed, 64, 128).to(torch.int32), q)
-
-
-def exact_weight(w):
-    """The float32 weight a quantized one stands for, before any rounding to bf16."""
-    if isinstance(w, quant.Int8Weight):
-        return w.q.float() * w.scales.float().unsqueeze(1)
-    n, k = w.shape
-    q = quant.unpack_int4(w.packed, n, k).float().view(n, k // w.group_size, w.group_size)
-    scale, zero = w.scales_zeros.float().transpose(0, 1).unbind(-1)
-    return ((q - 8) * scale.unsqueeze(-1) + zero.unsqueeze(-1)).view(n, k)
+    assert torch.equal(w.integers().to(torch.int32), q)
 
 
 @pytest.mark.parametrize("mode", quant.QUANTIZATIONS)
-@pytest.mark.parametrize("rows", [1, 3, QUANT_KERNEL_MAX_ROWS, QUANT_KERNEL_MAX_ROWS + 1, 200])
-def test_quantized_linear_matches_its_weight(mode, rows):
-    """Up to QUANT_KERNEL_MAX_ROWS rows torch's kernel multiplies by the exact float weight; beyond,
-    the weight dequantized to bf16 goes through the matmul. Either equals x times that weight summed
-    in float32, up to a bf16 rounding of the result; and the quantized weight is within half a step
-    (and bf16 roundings) of the float one."""
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 128, 129, 200])
+def test_quantized_linear_matches_its_weight(mode, rows, layout):
+    """Up to the kernel's rows the kernel multiplies by reference(); beyond, the dequantized weight
+    goes through the float matmul. Either equals x times that weight summed in float32, up to a bf16
+    rounding of the result; and the quantized weight is within half a step (and bf16 roundings) of
+    the float one."""
     g = torch.Generator().manual_seed(rows)
     weight = torch.randn(192, 128, generator=g).to(torch.bfloat16)
     bias = torch.randn(192, generator=g).to(torch.bfloat16)
-    x = torch.randn(rows, 128, generator=g).to(torch.bfloat16)
+    x = torch.randn(rows, 3 * 128, generator=g).to(torch.bfloat16)[:, 128:256]  # strided rows, as in a step
     layer = Linear(weight, bias)
     layer.quantize(mode)
     assert layer.weight is None and layer.quantized is not None
-    exact, w = exact_weight(layer.quantized), weight.float()
+    w = weight.float()
+    ref = layer.quantized.reference()
     step = w.abs().amax(1, keepdim=True) / 127 if mode == "int8" else 2 * w.abs().amax() / 15
-    assert ((exact - w).abs() <= step / 2 * 1.1 + w.abs() * 2**-8).all()
-    deq = layer.quantized.dequantize()
-    assert torch.equal(deq, exact.to(torch.bfloat16))
-    used = exact if rows <= QUANT_KERNEL_MAX_ROWS else deq.float()
+    assert ((ref - w).abs() <= step / 2 * 1.1 + w.abs() * 2**-7).all()
+    used = ref if rows <= layer.quantized.kernel_max_rows else layer.quantized.dequantize().float()
     out = layer(x)
     assert out.dtype == torch.bfloat16 and out.shape == (rows, 192)
     torch.testing.assert_close(out.float(), F.linear(x.float(), used, bias.float()), rtol=8e-3, atol=1e-2)
 
 
-def test_quantized_layer_takes_the_kernel_for_few_rows_and_the_dequantized_weight_beyond(monkeypatch):
+def test_quantized_layer_takes_the_kernel_for_few_rows_and_the_dequantized_weight_beyond(monkeypatch, layout):
     calls = []
     layer = Linear(torch.randn(64, 64).to(torch.bfloat16))
     layer.quantize("int8")
-    monkeypatch.setattr(quant.Int8Weight, "matmul", lambda self, x: calls.append("kernel") or x @ self.dequantize().t())
+    limit = layer.quantized.kernel_max_rows
+    assert limit == (quant.QGEMV_MAX_ROWS if layout == "tiled" else quant.TORCH_KERNEL_MAX_ROWS)
+    monkeypatch.setattr(quant.Int8Weight, "matmul",
+                        lambda self, x: calls.append("kernel") or x @ self.dequantize().to(x.dtype).t())
     monkeypatch.setattr(quant.Int8Weight, "dequantize",
                         lambda self, orig=quant.Int8Weight.dequantize: calls.append("dequantize") or orig(self))
-    layer(torch.randn(QUANT_KERNEL_MAX_ROWS, 64).to(torch.bfloat16))
+    layer(torch.randn(limit, 64).to(torch.bfloat16))
     assert calls[0] == "kernel"
     calls.clear()
-    layer(torch.randn(QUANT_KERNEL_MAX_ROWS + 1, 64).to(torch.bfloat16))
+    layer(torch.randn(limit + 1, 64).to(torch.bfloat16))
     assert calls == ["dequantize"]
 
 

@@ -82,9 +82,11 @@ def _library() -> ctypes.CDLL | None:
         "write_kv": (None, [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i32, i32, i64, i32]),
         "gemv_bf16": (i32, [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i32]),
         "dequant_int4": (None, [ptr, ptr, ptr, i64, i64, i64, i32, i32]),
+        "qgemv_bf16": (i32, [ptr, i64, ptr, ptr, ptr, i32, i64, ptr, ptr, i64, i64, i64, i64, i32]),
+        "qdequant_bf16": (i32, [ptr, ptr, ptr, i32, i64, ptr, i64, i64, i32]),
     }
     for name, (restype, argtypes) in signatures.items():
-        if name == "gemv_bf16" and not hasattr(lib, name):  # only built for CPUs with AVX512-BF16 or AVX2
+        if name in ("gemv_bf16", "qgemv_bf16", "qdequant_bf16") and not hasattr(lib, name):  # built per CPU
             continue
         getattr(lib, name).restype = restype
         getattr(lib, name).argtypes = argtypes
@@ -240,4 +242,40 @@ def dequant_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, shape: tuple[
     out = torch.empty(n, k, dtype=scales_zeros.dtype)
     _library().dequant_int4(packed.data_ptr(), scales_zeros.data_ptr(), out.data_ptr(), n, k, group,
                             int(scales_zeros.dtype == torch.bfloat16), torch.get_num_threads())
+    return out
+
+
+@functools.cache
+def qgemv_available() -> bool:
+    """Our int8/int4 matmul (csrc/qgemv.c) is built only where the CPU has AVX512-BF16."""
+    lib = _library()
+    return lib is not None and hasattr(lib, "qgemv_bf16")
+
+
+def qgemv(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group: int,
+          n: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] bf16 (rows may be strided) times a weight in qgemv.c's tiles: [M, N] bf16."""
+    if x.stride(-1) != 1 or x.stride(0) % 2:
+        x = x.contiguous()
+    k = x.shape[1]
+    y = x.new_empty(x.shape[0], n)
+    rc = _library().qgemv_bf16(x.data_ptr(), x.stride(0), q.data_ptr(), scales.data_ptr(),
+                               None if zeros is None else zeros.data_ptr(), bits, group,
+                               None if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0), x.shape[0], k, n,
+                               torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"qgemv: unsupported shape {tuple(x.shape)} x [{n}, {k}] ({bits}-bit)" if rc == -1
+                         else "qgemv: cannot allocate its tile buffer")
+    return y
+
+
+def qdequant(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group: int,
+             shape: tuple[int, int]) -> torch.Tensor:
+    """A weight in qgemv.c's tiles back to [N, K] bf16."""
+    n, k = shape
+    out = torch.empty(n, k, dtype=torch.bfloat16)
+    rc = _library().qdequant_bf16(q.data_ptr(), scales.data_ptr(), None if zeros is None else zeros.data_ptr(), bits,
+                                  group, out.data_ptr(), k, n, torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"qdequant: unsupported shape [{n}, {k}] ({bits}-bit)")
     return out

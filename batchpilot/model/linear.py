@@ -31,9 +31,6 @@ GEMV_MAX_ROWS = 2
 GEMV_MAX_ROWS_EMULATED = 16  # where bf16 matmul is not native: our kernel leads oneDNN's float32 to 16 rows
 PACKED_MAX_ROWS = 128
 PACK_LIMIT_BYTES = 2 * 2**30  # weights of every packed layer together (bf16 bytes)
-# Quantized weights: torch's weight-only kernels up to this many rows; beyond, dequantize once and run
-# the float matmul (the kernels are 2-3x slower than bf16 from 16 rows; quant.py).
-QUANT_KERNEL_MAX_ROWS = 16
 
 
 def bf16_matmul_native() -> bool:
@@ -90,7 +87,7 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized is not None:
             x2 = x.reshape(-1, x.shape[-1])
-            y = (self.quantized.matmul(x2.contiguous()) if x2.shape[0] <= QUANT_KERNEL_MAX_ROWS
+            y = (self.quantized.matmul(x2) if x2.shape[0] <= self.quantized.kernel_max_rows
                  else F.linear(x2, self.quantized.dequantize()))
             if self.bias is not None:
                 y = y + self.bias

@@ -1,17 +1,17 @@
-"""Weight-only quantized weights for the CPU, multiplied by torch's own kernels.
+"""Weight-only quantized weights for the CPU.
 
-- int8: one scale per output channel, symmetric (w ~ q * s, q in [-127, 127]); torch's
-  `_weight_int8pack_mm`.
+- int8: one scale per output channel, symmetric (w ~ q * s, q in [-127, 127]).
 - int4: groups of 32 inputs, asymmetric (w ~ q * s + m, q in [0, 15], s = (max - min) / 15,
   m = min): the scheme of GGUF's Q4_1, so the default model's own Q4_1 blocks, dequantized when its
-  folder was written, quantize back to the same integers. torch's `_weight_int4pack_mm_for_cpu`
-  computes (q - 8) * scale + zero, so zero = m + 8 s.
+  folder was written, quantize back to the same integers. Values are (q - 8) * scale + zero with
+  zero = m + 8 s, the form torch's int4 kernel takes.
 
-Activations stay in the model's dtype and the kernels sum in float32. Scales are kept in the
-activations' dtype, as the kernels require: bf16 scales round a group's scale and offset by up to
-2^-9 of their value, which the quality check (docs/reproduction.md) includes. Measured on a Zen 4
-EPYC, these kernels read a weight faster than the bf16 matmul at one to a few rows, where decode is
-bound by memory, and are 2-3x slower from 16 rows, where it is bound by compute.
+Where the CPU has AVX512-BF16, weights are laid out in tiles for our kernel (csrc/qgemv.c), which
+expands a tile to bf16 once and multiplies every row of the step by it, up to QGEMV_MAX_ROWS rows.
+Elsewhere torch's weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) serve up
+to TORCH_KERNEL_MAX_ROWS rows; their scales must be in the activations' dtype (bf16 rounds a
+group's scale and offset by up to 2^-9). Beyond those rows the weight is dequantized once per step
+and the float matmul runs. Measurements: docs/reproduction.md.
 """
 
 from __future__ import annotations
@@ -24,65 +24,123 @@ from batchpilot.config import QUANTIZATIONS
 from batchpilot.model import kernels
 
 INT4_GROUP = 32
+# Rows up to which a quantized matmul beats dequantizing the weight and running the float matmul:
+# torch's kernels are 2-3x slower than bf16 from 16 rows; ours expands each tile once for all rows.
+TORCH_KERNEL_MAX_ROWS = 16
+QGEMV_MAX_ROWS = 128
+
+TILE = 64  # outputs per tile of csrc/qgemv.c
 
 
 @dataclass
 class Int8Weight:
-    q: torch.Tensor  # [N, K] int8
-    scales: torch.Tensor  # [N], the activations' dtype
+    """Tiled for our kernel (csrc/qgemv.c, where the CPU has AVX512-BF16), else torch's layout."""
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(x, self.q, self.scales)
-
-    def dequantize(self) -> torch.Tensor:
-        """The weight in the scales' dtype (q is exact in bf16; one rounding per product)."""
-        return self.q.to(self.scales.dtype) * self.scales.unsqueeze(1)
+    q: torch.Tensor  # tiled: [N / 64][K / 2][64][2] int8; else [N, K] int8
+    scales: torch.Tensor  # [N]: float32 when tiled, else the activations' dtype (torch's kernel wants it)
+    shape: tuple[int, int]
+    tiled: bool
 
     @property
-    def nbytes(self) -> int:
-        return self.q.nbytes + self.scales.nbytes
+    def kernel_max_rows(self) -> int:
+        return QGEMV_MAX_ROWS if self.tiled else TORCH_KERNEL_MAX_ROWS
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tiled:
+            return kernels.qgemv(x, self.q, self.scales, None, 8, 0, self.shape[0], None)
+        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.q, self.scales)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight in bf16 (tiled) or the scales' dtype: q * s, rounded once."""
+        if self.tiled:
+            return kernels.qdequant(self.q, self.scales, None, 8, 0, self.shape)
+        return self.q.to(self.scales.dtype) * self.scales.unsqueeze(1)
+
+    def reference(self) -> torch.Tensor:
+        """The float32 weight `matmul` multiplies by (its sums are float32, rounded once)."""
+        n, k = self.shape
+        q = self.q.transpose(1, 2).reshape(n, k) if self.tiled else self.q
+        return q.float() * self.scales.float().unsqueeze(1)
 
 
 @dataclass
 class Int4Weight:
-    packed: torch.Tensor  # torch's CPU int4 layout of [N, K]
-    scales_zeros: torch.Tensor  # [K / group, N, 2]: (scale, zero), the activations' dtype
+    """Tiled for our kernel (csrc/qgemv.c), else torch's packed layout."""
+
+    packed: torch.Tensor  # tiled: [N / 64][K / 2][64] bytes (k even low, k + 1 high); else torch's layout
+    scales_zeros: torch.Tensor  # tiled: [2][N / 64][K / group][64] float32; else [K / group][N][2], activations' dtype
     group_size: int
     shape: tuple[int, int]
-
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_zeros)
-
-    def dequantize(self) -> torch.Tensor:
-        """The weight in the scales' dtype: (q - 8) * scale + zero, rounded once."""
-        if kernels.native_available():
-            return kernels.dequant_int4(self.packed, self.scales_zeros, self.shape, self.group_size)
-        n, k = self.shape
-        q = unpack_int4(self.packed, n, k).float().view(n, k // self.group_size, self.group_size)
-        scale, zero = self.scales_zeros.float().transpose(0, 1).unbind(-1)  # [N, K / group] each
-        return ((q - 8) * scale.unsqueeze(-1) + zero.unsqueeze(-1)).view(n, k).to(self.scales_zeros.dtype)
+    tiled: bool
 
     @property
-    def nbytes(self) -> int:
-        return self.packed.nbytes + self.scales_zeros.nbytes
+    def kernel_max_rows(self) -> int:
+        return QGEMV_MAX_ROWS if self.tiled else TORCH_KERNEL_MAX_ROWS
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tiled:
+            return kernels.qgemv(x, self.packed, self.scales_zeros[0], self.scales_zeros[1], 4, self.group_size,
+                                 self.shape[0], None)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group_size,
+                                                          self.scales_zeros)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight in bf16 (tiled) or the scales' dtype: (q - 8) * scale + zero, rounded once."""
+        if self.tiled:
+            return kernels.qdequant(self.packed, self.scales_zeros[0], self.scales_zeros[1], 4, self.group_size,
+                                    self.shape)
+        if kernels.native_available():
+            return kernels.dequant_int4(self.packed, self.scales_zeros, self.shape, self.group_size)
+        return self._exact().to(self.scales_zeros.dtype)
+
+    def reference(self) -> torch.Tensor:
+        """The float32 weight `matmul` multiplies by: our kernel uses the bf16 values of dequantize,
+        torch's the exact ones."""
+        return self.dequantize().float() if self.tiled else self._exact()
+
+    def integers(self) -> torch.Tensor:
+        """q [N, K] (0-15)."""
+        n, k = self.shape
+        if self.tiled:
+            pairs = self.packed.transpose(1, 2).reshape(n, k // 2)
+            return torch.stack([pairs & 0xF, pairs >> 4], dim=-1).view(n, k)
+        return unpack_int4(self.packed, n, k)
+
+    def _exact(self) -> torch.Tensor:
+        n, k = self.shape
+        q = self.integers().float().view(n, k // self.group_size, self.group_size)
+        scale, zero = self.scales_zeros.float().transpose(0, 1).unbind(-1)  # [N, K / group] each
+        return ((q - 8) * scale.unsqueeze(-1) + zero.unsqueeze(-1)).view(n, k)
+
+
+def _tiled(n: int, k: int, dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and n % TILE == 0 and k % 2 == 0 and kernels.qgemv_available()
 
 
 def quantize_int8(weight: torch.Tensor, dtype: torch.dtype) -> Int8Weight:
+    n, k = weight.shape
+    tiled = _tiled(n, k, dtype)
     w = weight.float()
-    scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny).to(dtype)
-    q = (w / scales.float().unsqueeze(1)).round().clamp(-127, 127).to(torch.int8)
-    return Int8Weight(q.contiguous(), scales)
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    if not tiled:
+        scales = scales.to(dtype).float()
+    q = (w / scales.unsqueeze(1)).round().clamp(-127, 127).to(torch.int8)
+    if tiled:
+        return Int8Weight(q.view(n // TILE, TILE, k // 2, 2).transpose(1, 2).contiguous(), scales, (n, k), True)
+    return Int8Weight(q.contiguous(), scales.to(dtype), (n, k), False)
 
 
 def quantize_int4(weight: torch.Tensor, dtype: torch.dtype, group_size: int = INT4_GROUP) -> Int4Weight:
     n, k = weight.shape
     if k % group_size:
         raise ValueError(f"int4 needs input features divisible by {group_size}, got {k}")
+    tiled = _tiled(n, k, dtype)
     groups = weight.float().view(n, k // group_size, group_size)
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-    scale = ((high - low) / 15).to(dtype).float()
+    scale = (high - low) / 15
+    if not tiled:  # torch's kernel takes them in the activations' dtype: quantize against those values
+        scale, low = scale.to(dtype).float(), low.to(dtype).float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: q = 0, value = low
-    low = low.to(dtype).float()
     q = ((groups - low.unsqueeze(-1)) / scale.unsqueeze(-1)).round().clamp(0, 15).to(torch.int32).view(n, k)
     return int4_from_blocks(q, scale, low, dtype, group_size)
 
@@ -90,12 +148,17 @@ def quantize_int4(weight: torch.Tensor, dtype: torch.dtype, group_size: int = IN
 def int4_from_blocks(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, dtype: torch.dtype,
                      group_size: int = INT4_GROUP) -> Int4Weight:
     """Q4_1-style blocks (value = q * scale + low; q int [N, K] in [0, 15], scale and low [N, K / group])
-    in torch's int4 layout."""
+    in our tiles where the kernel runs, else in torch's int4 layout."""
     n, k = q.shape
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
     zeros = low.float() + 8 * scale.float()
+    if _tiled(n, k, dtype):
+        pairs = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)  # [N, K / 2]
+        tiles = pairs.view(n // TILE, TILE, k // 2).transpose(1, 2).contiguous()
+        sz = torch.stack([scale.float(), zeros]).view(2, n // TILE, TILE, k // group_size).transpose(2, 3)
+        return Int4Weight(tiles, sz.contiguous(), group_size, (n, k), True)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
     scales_zeros = torch.stack([scale.float(), zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)
-    return Int4Weight(packed, scales_zeros, group_size, (n, k))
+    return Int4Weight(packed, scales_zeros, group_size, (n, k), False)
 
 
 def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
