@@ -137,3 +137,23 @@ def test_default_model_quantized_greedy_agrees_with_bf16(mode, min_agreement):
         same += next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
     total = sum(len(a.outputs[0].token_ids) for a in reference)
     assert same / total >= min_agreement, f"{mode}: {same} of {total} tokens before the first difference"
+
+
+def test_default_model_int4_keeps_its_gguf_q4_1_integers():
+    """The default model is a Q4_1 GGUF; with --quantization int4 a layer holds the file's own 4-bit
+    integers (scales to float32 / bf16 rounding), not a re-quantization of rounded values."""
+    import numpy as np
+
+    from batchpilot.model import gguf_file, loader
+    from batchpilot.model.llama import LlamaModel
+
+    reader = gguf_file.open_gguf(loader.default_gguf_path())
+    tensor = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
+    assert tensor.tensor_type.name == "Q4_1"
+    blocks = np.asarray(tensor.data, dtype=np.uint8).reshape(-1, 20)  # per block: d, m (f16), 16 bytes of nibbles
+    nibbles = blocks[:, 4:]
+    q_file = torch.from_numpy(np.concatenate([nibbles & 0xF, nibbles >> 4], axis=1).astype(np.int32))
+    ckpt = loader.load_checkpoint(None)
+    model = LlamaModel(ckpt.args, ckpt.weights, torch.bfloat16, "int4")
+    down = model.layers[0].down.quantized
+    assert torch.equal(down.integers().to(torch.int32).reshape(-1, 32), q_file)

@@ -67,9 +67,10 @@ class Linear:
         self.upcast_bias: torch.Tensor | None = None
         self.quantized: quant.Int8Weight | quant.Int4Weight | None = None
 
-    def quantize(self, mode: str) -> None:
-        """Keep only the quantized weight (quant.QUANTIZATIONS), in place of every float copy."""
-        self.quantized = quant.quantize(self.weight, mode, self.weight.dtype)
+    def quantize(self, mode: str, dtype: torch.dtype | None = None) -> None:
+        """Keep only the quantized weight (quant.QUANTIZATIONS) for activations of `dtype` (default: the
+        weight's), in place of every float copy."""
+        self.quantized = quant.quantize(self.weight, mode, dtype or self.weight.dtype)
         self.weight = self.packed = self.gemv = self.upcast = None
 
     def pack(self) -> None:

@@ -58,11 +58,20 @@ class LlamaModel:
         def w(name: str) -> torch.Tensor:
             return weights[name].to(dtype).contiguous()
 
+        def linear(*names: str, bias: torch.Tensor | None = None) -> Linear:
+            """One Linear of the named weights stacked; quantized straight from the checkpoint's values
+            (float32), so a GGUF's Q4_1 blocks come back as they were, not after a bf16 rounding."""
+            if quantization is None:
+                return Linear(torch.cat([w(n) for n in names]), bias)
+            layer = Linear(torch.cat([weights[n].float() for n in names]), bias)
+            layer.quantize(quantization, dtype)
+            return layer
+
         self.embed = w("model.embed_tokens.weight")
         self.norm = w("model.norm.weight")
         self.lm_head = Linear(self.embed if args.tie_word_embeddings else w("lm_head.weight"))
         self.layers = []
-        for i in range(args.num_layers):
+        for i in range(args.num_layers):  # layer by layer: a quantized model's float weights never all in memory
             p = f"model.layers.{i}."
             bias = None
             if args.qkv_bias:
@@ -70,16 +79,13 @@ class LlamaModel:
             self.layers.append(
                 LayerWeights(
                     attn_norm=w(p + "input_layernorm.weight"),
-                    qkv=Linear(torch.cat([w(p + f"self_attn.{x}_proj.weight") for x in "qkv"]), bias),
-                    o=Linear(w(p + "self_attn.o_proj.weight")),
+                    qkv=linear(*(p + f"self_attn.{x}_proj.weight" for x in "qkv"), bias=bias),
+                    o=linear(p + "self_attn.o_proj.weight"),
                     ffn_norm=w(p + "post_attention_layernorm.weight"),
-                    gate_up=Linear(torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])),
-                    down=Linear(w(p + "mlp.down_proj.weight")),
+                    gate_up=linear(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+                    down=linear(p + "mlp.down_proj.weight"),
                 )
             )
-            if quantization is not None:  # layer by layer: a large model's float weights never all in memory
-                for lin in self._linears(self.layers[-1]):
-                    lin.quantize(quantization)
         # lm_head stays in the model's dtype when the layers are quantized, as vLLM leaves it by default.
         pack_all([self.lm_head] + ([] if quantization else [lin for ly in self.layers for lin in self._linears(ly)]))
         inv_freq = rope_inv_freq(args)

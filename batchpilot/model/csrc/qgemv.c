@@ -21,74 +21,94 @@
 #include <immintrin.h>
 
 #define TILE_N 64
-#define MAX_M 4
+#define MAX_M 6       /* rows per pass over an expanded tile: 24 float accumulators */
+#define FUSED_MAX_M 4 /* up to this many rows, no buffer: each k-pair expanded in registers */
 
-/* Expand one tile's k-pairs [k2_0, k2_1) into buf [K / 2][64][2] bf16 (as 32-bit pairs). */
-static inline void expand_int8(const int8_t *qt, int64_t k2_0, int64_t k2_1, uint32_t *buf) {
-    for (int64_t k2 = k2_0; k2 < k2_1; k2++) {
-        const int8_t *src = qt + k2 * TILE_N * 2;
-        for (int c = 0; c < 4; c++) { /* 16 outputs x 2 inputs = 32 bytes -> 32 bf16 in pair order */
-            const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + 32 * c))));
-            const __m512 hi = _mm512_cvtepi32_ps(
-                _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + 32 * c + 16))));
-            _mm512_storeu_si512(buf + k2 * TILE_N + 16 * c, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-        }
+/* Each thread's tile buffer, kept between calls: a fresh allocation per call is a fresh mapping at
+ * these sizes (above malloc's mmap threshold), whose page faults cost more than the matmul at one row. */
+static __thread uint32_t *tile_buffer = NULL;
+static __thread size_t tile_buffer_size = 0;
+
+static uint32_t *thread_buffer(size_t bytes) {
+    if (bytes > tile_buffer_size) {
+        free(tile_buffer);
+        tile_buffer = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        tile_buffer_size = tile_buffer == NULL ? 0 : bytes;
+    }
+    return tile_buffer;
+}
+
+/* One k-pair of a tile (64 outputs x 2 inputs) as four vectors of bf16 pairs, 16 outputs each. */
+static inline __attribute__((always_inline)) void expand_int8(const int8_t *src, __m512bh *w) {
+    for (int c = 0; c < 4; c++) { /* 16 outputs x 2 inputs = 32 bytes -> 32 bf16 in pair order */
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + 32 * c))));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + 32 * c + 16))));
+        w[c] = _mm512_cvtne2ps_pbh(hi, lo);
     }
 }
 
-static inline void expand_int4(const uint8_t *qt, const float *st, const float *zt, int64_t k2_0, int64_t k2_1,
-                               int64_t group, uint32_t *buf) {
+static inline __attribute__((always_inline)) void expand_int4(const uint8_t *src, const float *s, const float *z,
+                                                              __m512bh *w) {
     /* cvtne2ps gives [16 values of k, 16 of k + 1]; this permutation interleaves them into pairs */
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                                 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const __m512i low4 = _mm512_set1_epi32(0xF), eight = _mm512_set1_epi32(8);
-    for (int64_t k2 = k2_0; k2 < k2_1; k2++) {
-        const uint8_t *src = qt + k2 * TILE_N;
-        const int64_t g = 2 * k2 / group;
-        for (int c = 0; c < 4; c++) {
-            const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + 16 * c)));
-            const __m512 q0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b, low4), eight));
-            const __m512 q1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 4), eight));
-            const __m512 s = _mm512_loadu_ps(st + g * TILE_N + 16 * c), z = _mm512_loadu_ps(zt + g * TILE_N + 16 * c);
-            const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(q1, s, z), _mm512_fmadd_ps(q0, s, z));
-            _mm512_storeu_si512(buf + k2 * TILE_N + 16 * c, _mm512_permutexvar_epi16(interleave, (__m512i)v));
-        }
+    for (int c = 0; c < 4; c++) {
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + 16 * c)));
+        const __m512 q0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b, low4), eight));
+        const __m512 q1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 4), eight));
+        const __m512 sc = _mm512_loadu_ps(s + 16 * c), zc = _mm512_loadu_ps(z + 16 * c);
+        const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(q1, sc, zc), _mm512_fmadd_ps(q0, sc, zc));
+        w[c] = (__m512bh)_mm512_permutexvar_epi16(interleave, (__m512i)v);
     }
 }
 
-/* The rows of x times one expanded tile; bias (bf16) and per-output scales (float, or NULL) applied. */
-static inline void tile_rows(const uint16_t *x, int64_t x_stride, const uint32_t *buf, int64_t K2, int64_t M,
-                             const float *scale, const uint16_t *bias, uint16_t *y, int64_t y_stride) {
-    for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
-        const int rows = (int)(M - m0 < MAX_M ? M - m0 : MAX_M);
-        __m512 acc[MAX_M][4];
-        for (int m = 0; m < MAX_M; m++)
-            for (int j = 0; j < 4; j++) acc[m][j] = _mm512_setzero_ps();
-        for (int64_t k2 = 0; k2 < K2; k2++) {
-            const uint32_t *wk = buf + k2 * TILE_N;
-            const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wk), w1 = (__m512bh)_mm512_loadu_si512(wk + 16);
-            const __m512bh w2 = (__m512bh)_mm512_loadu_si512(wk + 32), w3 = (__m512bh)_mm512_loadu_si512(wk + 48);
-            for (int m = 0; m < rows; m++) {
-                int32_t pair;
-                memcpy(&pair, x + (m0 + m) * x_stride + 2 * k2, sizeof(pair));
-                const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
-                acc[m][0] = _mm512_dpbf16_ps(acc[m][0], xv, w0);
-                acc[m][1] = _mm512_dpbf16_ps(acc[m][1], xv, w1);
-                acc[m][2] = _mm512_dpbf16_ps(acc[m][2], xv, w2);
-                acc[m][3] = _mm512_dpbf16_ps(acc[m][3], xv, w3);
-            }
-        }
-        for (int m = 0; m < rows; m++)
-            for (int j = 0; j < 4; j++) {
-                __m512 v = acc[m][j];
-                if (scale != NULL) v = _mm512_mul_ps(v, _mm512_loadu_ps(scale + 16 * j));
-                if (bias != NULL) {
-                    const __m256i b16 = _mm256_loadu_si256((const __m256i *)(bias + 16 * j));
-                    v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b16), 16)));
-                }
-                _mm256_storeu_si256((__m256i *)(y + (m0 + m) * y_stride + 16 * j), (__m256i)_mm512_cvtneps_pbh(v));
-            }
+/* k-pair k2 of tile t, expanded. */
+static inline __attribute__((always_inline)) void expand(const void *q, const float *scales, const float *zeros,
+                                                         int bits, int64_t group, int64_t K, int64_t t, int64_t k2,
+                                                         __m512bh *w) {
+    const int64_t K2 = K / 2;
+    if (bits == 8) {
+        expand_int8((const int8_t *)q + (t * K2 + k2) * TILE_N * 2, w);
+    } else {
+        const int64_t sg = (t * (K / group) + 2 * k2 / group) * TILE_N;
+        expand_int4((const uint8_t *)q + (t * K2 + k2) * TILE_N, scales + sg, zeros + sg, w);
     }
+}
+
+/* The whole tile into buf [K / 2][64] bf16 pairs. */
+static void expand_tile(const void *q, const float *scales, const float *zeros, int bits, int64_t group, int64_t K,
+                        int64_t t, uint32_t *buf) {
+    for (int64_t k2 = 0; k2 < K / 2; k2++) {
+        __m512bh w[4];
+        expand(q, scales, zeros, bits, group, K, t, k2, w);
+        for (int c = 0; c < 4; c++) _mm512_storeu_si512(buf + k2 * TILE_N + 16 * c, (__m512i)w[c]);
+    }
+}
+
+static inline __attribute__((always_inline)) void accumulate(__m512 acc[MAX_M][4], const uint16_t *x,
+                                                             int64_t x_stride, int rows, int64_t k2, const __m512bh *w) {
+    for (int m = 0; m < rows; m++) {
+        int32_t pair;
+        memcpy(&pair, x + m * x_stride + 2 * k2, sizeof(pair));
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+        for (int c = 0; c < 4; c++) acc[m][c] = _mm512_dpbf16_ps(acc[m][c], xv, w[c]);
+    }
+}
+
+/* Scales (float per output, or NULL), bias (bf16, or NULL), then bf16 into y. */
+static inline __attribute__((always_inline)) void finish(__m512 acc[MAX_M][4], int rows, const float *scale,
+                                                         const uint16_t *bias, uint16_t *y, int64_t y_stride) {
+    for (int m = 0; m < rows; m++)
+        for (int j = 0; j < 4; j++) {
+            __m512 v = acc[m][j];
+            if (scale != NULL) v = _mm512_mul_ps(v, _mm512_loadu_ps(scale + 16 * j));
+            if (bias != NULL) {
+                const __m256i b16 = _mm256_loadu_si256((const __m256i *)(bias + 16 * j));
+                v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b16), 16)));
+            }
+            _mm256_storeu_si256((__m256i *)(y + m * y_stride + 16 * j), (__m256i)_mm512_cvtneps_pbh(v));
+        }
 }
 
 /* bits 4: int4 (scales and zeros per group), 8: int8 (scales per output, zeros NULL). x: [M, K] bf16
@@ -102,26 +122,41 @@ int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const float *
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {
-        uint32_t *buf = aligned_alloc(64, (size_t)K2 * TILE_N * sizeof(uint32_t));
-        if (buf == NULL) {
+        /* up to FUSED_MAX_M rows: each k-pair expanded in registers and used at once; more: the tile
+         * expanded once into the thread's buffer, then every row group reads it from L2 */
+        uint32_t *buf = M > FUSED_MAX_M ? thread_buffer((size_t)K2 * TILE_N * sizeof(uint32_t)) : NULL;
+        if (M > FUSED_MAX_M && buf == NULL) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles; t++) {
+            const float *scale = bits == 8 ? scales + t * TILE_N : NULL;
+            const uint16_t *b = bias ? bias + t * TILE_N : NULL;
+            if (M <= FUSED_MAX_M) {
+                __m512 acc[MAX_M][4];
+                for (int m = 0; m < MAX_M; m++)
+                    for (int c = 0; c < 4; c++) acc[m][c] = _mm512_setzero_ps();
+                for (int64_t k2 = 0; k2 < K2; k2++) {
+                    __m512bh w[4];
+                    expand(q, scales, zeros, bits, group, K, t, k2, w);
+                    accumulate(acc, x, x_stride, (int)M, k2, w);
+                }
+                finish(acc, (int)M, scale, b, y + t * TILE_N, y_stride);
+                continue;
+            }
             if (buf == NULL) continue;
-            if (bits == 8) {
-                expand_int8((const int8_t *)q + t * K2 * TILE_N * 2, 0, K2, buf);
-                tile_rows(x, x_stride, buf, K2, M, scales + t * TILE_N, bias ? bias + t * TILE_N : NULL,
-                          y + t * TILE_N, y_stride);
-            } else {
-                expand_int4((const uint8_t *)q + t * K2 * TILE_N, scales + t * (K / group) * TILE_N,
-                            zeros + t * (K / group) * TILE_N, 0, K2, group, buf);
-                tile_rows(x, x_stride, buf, K2, M, NULL, bias ? bias + t * TILE_N : NULL, y + t * TILE_N,
-                          y_stride);
+            expand_tile(q, scales, zeros, bits, group, K, t, buf);
+            for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
+                const int rows = (int)(M - m0 < MAX_M ? M - m0 : MAX_M);
+                __m512 acc[MAX_M][4];
+                for (int m = 0; m < MAX_M; m++)
+                    for (int c = 0; c < 4; c++) acc[m][c] = _mm512_setzero_ps();
+                for (int64_t k2 = 0; k2 < K2; k2++)
+                    accumulate(acc, x + m0 * x_stride, x_stride, rows, k2, (const __m512bh *)(buf + k2 * TILE_N));
+                finish(acc, rows, scale, b, y + m0 * y_stride + t * TILE_N, y_stride);
             }
         }
-        free(buf);
     }
     return failed ? -2 : 0;
 }
@@ -135,7 +170,7 @@ int qdequant_bf16(const void *q, const float *scales, const float *zeros, int bi
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {
-        uint32_t *buf = aligned_alloc(64, (size_t)K2 * TILE_N * sizeof(uint32_t));
+        uint32_t *buf = thread_buffer((size_t)K2 * TILE_N * sizeof(uint32_t));
         if (buf == NULL) {
 #pragma omp atomic write
             failed = 1;
@@ -143,11 +178,7 @@ int qdequant_bf16(const void *q, const float *scales, const float *zeros, int bi
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles; t++) {
             if (buf == NULL) continue;
-            if (bits == 8)
-                expand_int8((const int8_t *)q + t * K2 * TILE_N * 2, 0, K2, buf);
-            else
-                expand_int4((const uint8_t *)q + t * K2 * TILE_N, scales + t * (K / group) * TILE_N,
-                            zeros + t * (K / group) * TILE_N, 0, K2, group, buf);
+            expand_tile(q, scales, zeros, bits, group, K, t, buf);
             for (int n = 0; n < TILE_N; n++) {
                 uint32_t *row = (uint32_t *)(out + (t * TILE_N + n) * K);
                 const float s = bits == 8 ? scales[t * TILE_N + n] : 1.0f;
@@ -164,7 +195,6 @@ int qdequant_bf16(const void *q, const float *scales, const float *zeros, int bi
                 }
             }
         }
-        free(buf);
     }
     return failed ? -2 : 0;
 }
