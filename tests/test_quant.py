@@ -42,7 +42,7 @@ def test_dequantize_is_the_weight_the_kernel_multiplies_by(mode, layout):
     g = torch.Generator().manual_seed(1)
     w = quant.quantize(torch.randn(128, 64, generator=g).to(torch.bfloat16), mode, torch.bfloat16)
     assert w.tiled == (layout == "tiled")
-    ref = w.reference()
+    ref = w.reference(rows=64)
     deq = w.dequantize()
     assert deq.shape == (128, 64)
     assert torch.equal(deq.to(torch.bfloat16), ref.to(torch.bfloat16))
@@ -69,7 +69,7 @@ def test_int4_quantize_recovers_q4_1_blocks(layout):
 
 
 @pytest.mark.parametrize("mode", quant.QUANTIZATIONS)
-@pytest.mark.parametrize("rows", [1, 3, 16, 17, 128, 129, 200])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 17, 128, 129, 200])
 def test_quantized_linear_matches_its_weight(mode, rows, layout):
     """Up to the kernel's rows the kernel multiplies by reference(); beyond, the dequantized weight
     goes through the float matmul. Either equals x times that weight summed in float32, up to a bf16
@@ -83,7 +83,7 @@ def test_quantized_linear_matches_its_weight(mode, rows, layout):
     layer.quantize(mode)
     assert layer.weight is None and layer.quantized is not None
     w = weight.float()
-    ref = layer.quantized.reference()
+    ref = layer.quantized.reference(rows)
     step = w.abs().amax(1, keepdim=True) / 127 if mode == "int8" else 2 * w.abs().amax() / 15
     assert ((ref - w).abs() <= step / 2 * 1.1 + w.abs() * 2**-7).all()
     used = ref if rows <= layer.quantized.kernel_max_rows else layer.quantized.dequantize().float()
@@ -116,7 +116,7 @@ def test_unknown_quantization_is_refused_naming_the_flag():
         EngineConfig(quantization="fp8")
 
 
-@pytest.mark.parametrize("mode,min_agreement", [("int8", 0.6), ("int4", 0.55)])
+@pytest.mark.parametrize("mode,min_agreement", [("int8", 0.5), ("int4", 0.8)])
 def test_default_model_quantized_greedy_agrees_with_bf16(mode, min_agreement):
     """Greedy text of the quantized default model against its bf16 weights: the share of tokens
     generated before the first difference, over varied prompts (measured: docs/reproduction.md)."""

@@ -28,6 +28,7 @@ INT4_GROUP = 32
 # torch's kernels are 2-3x slower than bf16 from 16 rows; ours expands each tile once for all rows.
 TORCH_KERNEL_MAX_ROWS = 16
 QGEMV_MAX_ROWS = 128
+QGEMV_FUSED_MAX_ROWS = 4  # FUSED_MAX_M of csrc/qgemv.c: int4 sums exact products per group up to here
 
 TILE = 64  # outputs per tile of csrc/qgemv.c
 
@@ -56,8 +57,8 @@ class Int8Weight:
             return kernels.qdequant(self.q, self.scales, None, 8, 0, self.shape)
         return self.q.to(self.scales.dtype) * self.scales.unsqueeze(1)
 
-    def reference(self) -> torch.Tensor:
-        """The float32 weight `matmul` multiplies by (its sums are float32, rounded once)."""
+    def reference(self, rows: int = 1) -> torch.Tensor:
+        """The float32 weight `matmul` of `rows` rows multiplies by (its sums are float32, rounded once)."""
         n, k = self.shape
         q = self.q.transpose(1, 2).reshape(n, k) if self.tiled else self.q
         return q.float() * self.scales.float().unsqueeze(1)
@@ -93,10 +94,11 @@ class Int4Weight:
             return kernels.dequant_int4(self.packed, self.scales_zeros, self.shape, self.group_size)
         return self._exact().to(self.scales_zeros.dtype)
 
-    def reference(self) -> torch.Tensor:
-        """The float32 weight `matmul` multiplies by: our kernel uses the bf16 values of dequantize,
-        torch's the exact ones."""
-        return self.dequantize().float() if self.tiled else self._exact()
+    def reference(self, rows: int = 1) -> torch.Tensor:
+        """The float32 weight `matmul` of `rows` rows multiplies by: the exact values (torch's kernel,
+        and ours up to QGEMV_FUSED_MAX_ROWS, which scales each group's sums), else the bf16 values of
+        dequantize (our kernel's expanded tiles)."""
+        return self.dequantize().float() if self.tiled and rows > QGEMV_FUSED_MAX_ROWS else self._exact()
 
     def integers(self) -> torch.Tensor:
         """q [N, K] (0-15)."""
@@ -109,7 +111,10 @@ class Int4Weight:
     def _exact(self) -> torch.Tensor:
         n, k = self.shape
         q = self.integers().float().view(n, k // self.group_size, self.group_size)
-        scale, zero = self.scales_zeros.float().transpose(0, 1).unbind(-1)  # [N, K / group] each
+        if self.tiled:  # [2][N / 64][K / group][64]
+            scale, zero = self.scales_zeros.transpose(2, 3).reshape(2, n, k // self.group_size).unbind(0)
+        else:  # [K / group][N][2]
+            scale, zero = self.scales_zeros.float().transpose(0, 1).unbind(-1)  # [N, K / group] each
         return ((q - 8) * scale.unsqueeze(-1) + zero.unsqueeze(-1)).view(n, k)
 
 

@@ -63,6 +63,17 @@ static inline __attribute__((always_inline)) void expand_int4(const uint8_t *src
     }
 }
 
+/* One k-pair of an int4 tile as the bf16 of q - 8 (exact), scales and zeros left for the group's end:
+ * a table lookup instead of the float arithmetic of expand_int4. table: bf16(i - 8) in lanes 0-15. */
+static inline __attribute__((always_inline)) void raw_int4(const uint8_t *src, __m512i table, __m512bh *w) {
+    const __m512i low4 = _mm512_set1_epi32(0xF), high4 = _mm512_set1_epi32(0xF0);
+    for (int c = 0; c < 4; c++) {
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + 16 * c)));
+        const __m512i idx = _mm512_or_si512(_mm512_and_si512(b, low4), _mm512_slli_epi32(_mm512_and_si512(b, high4), 12));
+        w[c] = (__m512bh)_mm512_permutexvar_epi16(idx, table);
+    }
+}
+
 /* k-pair k2 of tile t, expanded. */
 static inline __attribute__((always_inline)) void expand(const void *q, const float *scales, const float *zeros,
                                                          int bits, int64_t group, int64_t K, int64_t t, int64_t k2,
@@ -120,6 +131,25 @@ int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const float *
     if (N % TILE_N != 0 || K % 2 != 0 || (bits == 4 && K % group != 0)) return -1;
     const int64_t tiles = N / TILE_N, K2 = K / 2;
     int failed = 0;
+    float xsum[FUSED_MAX_M * 1024]; /* int4, few rows: each row's sum over each group */
+    if (bits == 4 && M <= FUSED_MAX_M) {
+        if (K / group > 1024) return -1;
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t g = 0; g < K / group; g++) {
+                float sum = 0.0f;
+                for (int64_t k = g * group; k < (g + 1) * group; k++) {
+                    const uint32_t bits32 = (uint32_t)x[m * x_stride + k] << 16;
+                    float v;
+                    memcpy(&v, &bits32, sizeof(v));
+                    sum += v;
+                }
+                xsum[m * (K / group) + g] = sum;
+            }
+    }
+    const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(
+        _mm512_setzero_ps(), _mm512_cvtepi32_ps(_mm512_sub_epi32(
+                                 _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                 _mm512_set1_epi32(8))));
 #pragma omp parallel num_threads(num_threads)
     {
         /* up to FUSED_MAX_M rows: each k-pair expanded in registers and used at once; more: the tile
@@ -133,6 +163,31 @@ int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const float *
         for (int64_t t = 0; t < tiles; t++) {
             const float *scale = bits == 8 ? scales + t * TILE_N : NULL;
             const uint16_t *b = bias ? bias + t * TILE_N : NULL;
+            if (M <= FUSED_MAX_M && bits == 4) {
+                /* sum_k x (q - 8) per group in exact bf16 products, then * scale + zero * sum_k x */
+                __m512 acc[MAX_M][4];
+                for (int m = 0; m < MAX_M; m++)
+                    for (int c = 0; c < 4; c++) acc[m][c] = _mm512_setzero_ps();
+                for (int64_t g = 0; g < K / group; g++) {
+                    __m512 part[MAX_M][4];
+                    for (int m = 0; m < MAX_M; m++)
+                        for (int c = 0; c < 4; c++) part[m][c] = _mm512_setzero_ps();
+                    for (int64_t k2 = g * group / 2; k2 < (g + 1) * group / 2; k2++) {
+                        __m512bh w[4];
+                        raw_int4((const uint8_t *)q + (t * K2 + k2) * TILE_N, table, w);
+                        accumulate(part, x, x_stride, (int)M, k2, w);
+                    }
+                    const int64_t sg = (t * (K / group) + g) * TILE_N;
+                    for (int c = 0; c < 4; c++) {
+                        const __m512 sc = _mm512_loadu_ps(scales + sg + 16 * c), zc = _mm512_loadu_ps(zeros + sg + 16 * c);
+                        for (int m = 0; m < M; m++)
+                            acc[m][c] = _mm512_fmadd_ps(_mm512_set1_ps(xsum[m * (K / group) + g]), zc,
+                                                        _mm512_fmadd_ps(part[m][c], sc, acc[m][c]));
+                    }
+                }
+                finish(acc, (int)M, NULL, b, y + t * TILE_N, y_stride);
+                continue;
+            }
             if (M <= FUSED_MAX_M) {
                 __m512 acc[MAX_M][4];
                 for (int m = 0; m < MAX_M; m++)
