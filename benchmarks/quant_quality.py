@@ -39,7 +39,7 @@ def perplexity(model, token_lists: list[list[int]]) -> float:
         meta = AttentionMetadata(torch.arange(n), 16, 0, None, None, kernels.native_available(),
                                  [PrefillChunk(0, n, 0, None, None)])
         with torch.inference_mode():
-            logits = model.forward(torch.tensor(tokens), torch.arange(n), caches, meta, torch.arange(n - 1))
+            logits = model.forward(torch.tensor(tokens), torch.arange(n), caches, meta, torch.arange(n - 1)).float()
         nll += F.cross_entropy(logits, torch.tensor(tokens[1:]), reduction="sum").item()
         count += n - 1
     return math.exp(nll / count)

@@ -13,8 +13,9 @@ def test_gcc_builds_the_kernels():
 
 @settings(max_examples=60, deadline=None)
 @given(rows=st.integers(1, 9), cols=st.integers(1, 300), seed=st.integers(0, 2**31), ties=st.booleans(),
-       specials=st.sampled_from(["none", "inf", "-inf", "nan"]))
-def test_argmax_rows_matches_torch(rows, cols, seed, ties, specials):
+       specials=st.sampled_from(["none", "inf", "-inf", "nan"]), bf16=st.booleans())
+def test_argmax_rows_matches_torch(rows, cols, seed, ties, specials, bf16):
+    """float32, and bf16 (whose argmax must be that of its exact float32 values; bf16 rounding makes ties)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, cols, generator=g)
     if ties:  # few distinct values: maxima repeat within a row
@@ -22,7 +23,9 @@ def test_argmax_rows_matches_torch(rows, cols, seed, ties, specials):
     if specials != "none":
         mask = torch.rand(rows, cols, generator=g) < 0.05
         x[mask] = float(specials)
-    torch.testing.assert_close(kernels.argmax_rows(x), x.argmax(dim=-1), rtol=0, atol=0)
+    if bf16:
+        x = x.to(torch.bfloat16)
+    torch.testing.assert_close(kernels.argmax_rows(x), x.float().argmax(dim=-1), rtol=0, atol=0)
 
 
 def test_argmax_rows_all_negative_infinity_and_long_rows():

@@ -24,6 +24,22 @@ def test_greedy_is_argmax():
     assert tokens == logits.argmax(dim=-1).tolist()
 
 
+def test_bf16_logits_give_the_tokens_and_logprobs_of_their_float32_values(monkeypatch):
+    """The model hands bf16 logits over: a plain greedy batch takes its argmax from them without a
+    float32 copy; penalties and logprobs work on float32. Either way, as if given the float32 values."""
+    logits = random_logits().to(torch.bfloat16)
+    copies = []
+    original = torch.Tensor.float
+    monkeypatch.setattr(torch.Tensor, "float", lambda self: copies.append(self.dtype) or original(self))
+    tokens, _ = sample(logits.clone(), rows(8, temperature=0))
+    assert tokens == original(logits).argmax(dim=-1).tolist() and copies == []
+    for kw in (dict(logprobs=2), dict(frequency_penalty=1.0, outputs=[int(t) for t in tokens])):
+        got = sample(logits.clone(), rows(8, temperature=0, **kw))
+        want = sample(original(logits), rows(8, temperature=0, **kw))
+        assert got == want and copies and copies[0] == torch.bfloat16
+        copies.clear()
+
+
 def test_top_k_one_equals_greedy():
     logits = random_logits()
     tokens, _ = sample(logits.clone(), rows(8, temperature=1.5, top_k=1))

@@ -75,7 +75,7 @@ def _library() -> ctypes.CDLL | None:
         "paged_decode_attention": (i32, [ptr] * 6 + [i32] * 6 + [i64, f32, i32, i32]),
         "prefill_attention": (i32, [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i32, i32, i32, i64, f32, i32, i32]),
         "prefill_attention_available": (i32, []),
-        "argmax_rows": (None, [ptr, i64, i64, ptr, i32]),
+        "argmax_rows": (None, [ptr, i64, i64, ptr, i32, i32]),
         "add_rms_norm": (None, [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, f32, i32, i32]),
         "rope_in_place": (None, [ptr, i64, ptr, ptr, i64, i32, i32, i32, i32]),
         "silu_mul": (None, [ptr, ptr, i64, i64, i32, i32]),
@@ -146,14 +146,15 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """The first index of each row's maximum (or first NaN), as torch.argmax(dim=-1) gives it.
-    logits: float32 [R, V]. Returns int64 [R]."""
+    logits: float32 or bf16 [R, V]. Returns int64 [R]."""
     lib = _library()
     assert lib is not None, "call native_available() first"
-    if logits.dtype != torch.float32 or logits.dim() != 2:
-        raise ValueError(f"argmax_rows takes float32 [R, V], got {logits.dtype} {tuple(logits.shape)}")
+    if logits.dtype not in (torch.float32, torch.bfloat16) or logits.dim() != 2:
+        raise ValueError(f"argmax_rows takes float32 or bf16 [R, V], got {logits.dtype} {tuple(logits.shape)}")
     logits = logits.contiguous()
     out = torch.empty(logits.shape[0], dtype=torch.long)
-    lib.argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr(), torch.get_num_threads())
+    lib.argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr(),
+                    int(logits.dtype == torch.bfloat16), torch.get_num_threads())
     return out
 
 

@@ -107,7 +107,8 @@ class LlamaModel:
         meta: AttentionMetadata,
         logits_rows: torch.Tensor,  # [R] rows whose next-token logits are wanted
     ) -> torch.Tensor:
-        """Run the batch through the model; returns float32 logits [R, vocab]."""
+        """Run the batch through the model; returns logits [R, vocab] in the model's dtype (the sampler
+        converts to float32 only what needs it: a greedy batch takes its argmax from bf16 directly)."""
         if self.fused:
             return self._forward_fused(token_ids, positions, kv_caches, meta, logits_rows)
         a = self.args
@@ -129,7 +130,7 @@ class LlamaModel:
             gate, up = layer.gate_up(y).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
         x = _rms_norm(x[logits_rows], self.norm, a.rms_norm_eps)
-        return self.lm_head(x).float()
+        return self.lm_head(x)
 
     def _forward_fused(self, token_ids, positions, kv_caches, meta, logits_rows) -> torch.Tensor:
         """forward() with its element-wise steps fused: ~12 calls a layer instead of ~45."""
@@ -151,7 +152,7 @@ class LlamaModel:
             o = paged_attention(q, k, v, k_cache, v_cache, meta, scale)
             kernels.add_rms_norm(x, layer.o(o.view(t, h * d)), layer.ffn_norm, y, a.rms_norm_eps)
             kernels.add_rms_norm(x, layer.down(kernels.silu_mul(layer.gate_up(y))), next_norm, y, a.rms_norm_eps)
-        return self.lm_head(y[logits_rows]).float()
+        return self.lm_head(y[logits_rows])
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
