@@ -33,18 +33,24 @@ QGEMV_FUSED_MAX_ROWS = 4  # FUSED_MAX_M of csrc/qgemv.c: int4 sums exact product
 TILE = 64  # outputs per tile of csrc/qgemv.c
 
 
+class _Layout:
+    """Where a quantized weight's matmul beats dequantizing it, by layout."""
+
+    tiled: bool  # our kernel's tiles (csrc/qgemv.c), else torch's layout
+
+    @property
+    def kernel_max_rows(self) -> int:
+        return QGEMV_MAX_ROWS if self.tiled else TORCH_KERNEL_MAX_ROWS
+
+
 @dataclass
-class Int8Weight:
+class Int8Weight(_Layout):
     """Tiled for our kernel (csrc/qgemv.c, where the CPU has AVX512-BF16), else torch's layout."""
 
     q: torch.Tensor  # tiled: [N / 64][K / 2][64][2] int8; else [N, K] int8
     scales: torch.Tensor  # [N]: float32 when tiled, else the activations' dtype (torch's kernel wants it)
     shape: tuple[int, int]
     tiled: bool
-
-    @property
-    def kernel_max_rows(self) -> int:
-        return QGEMV_MAX_ROWS if self.tiled else TORCH_KERNEL_MAX_ROWS
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.tiled:
@@ -65,7 +71,7 @@ class Int8Weight:
 
 
 @dataclass
-class Int4Weight:
+class Int4Weight(_Layout):
     """Tiled for our kernel (csrc/qgemv.c), else torch's packed layout."""
 
     packed: torch.Tensor  # tiled: [N / 64][K / 2][64] bytes (k even low, k + 1 high); else torch's layout
@@ -73,10 +79,6 @@ class Int4Weight:
     group_size: int
     shape: tuple[int, int]
     tiled: bool
-
-    @property
-    def kernel_max_rows(self) -> int:
-        return QGEMV_MAX_ROWS if self.tiled else TORCH_KERNEL_MAX_ROWS
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.tiled:

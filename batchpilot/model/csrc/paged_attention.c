@@ -270,15 +270,15 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
     if (is_bf16 && (head_dim == 64 || head_dim == 128) && block_size % 16 == 0) {
 #define ATTEND_BF16(DC) attend_bf16(b, kh, q, k_cache, v_cache, out, block_tables, context_lens, num_heads, \
                                     num_kv_heads, table_width, block_size, num_slots, scale, DC)
-        if (head_dim == 64) {
+        /* two inlined copies, each with its head_dim a literal; the branch between them is per task */
 #pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)
-            for (int b = 0; b < num_seqs; b++)
-                for (int kh = 0; kh < num_kv_heads; kh++) ATTEND_BF16(2);
-        } else {
-#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)
-            for (int b = 0; b < num_seqs; b++)
-                for (int kh = 0; kh < num_kv_heads; kh++) ATTEND_BF16(4);
-        }
+        for (int b = 0; b < num_seqs; b++)
+            for (int kh = 0; kh < num_kv_heads; kh++) {
+                if (head_dim == 64)
+                    ATTEND_BF16(2);
+                else
+                    ATTEND_BF16(4);
+            }
         return 0;
     }
 #endif
