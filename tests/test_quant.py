@@ -116,7 +116,7 @@ def test_unknown_quantization_is_refused_naming_the_flag():
         EngineConfig(quantization="fp8")
 
 
-@pytest.mark.parametrize("mode,min_agreement", [("int8", 0.5), ("int4", 0.8)])
+@pytest.mark.parametrize("mode,min_agreement", [("int8", 0.5), ("int4", 0.7)])
 def test_default_model_quantized_greedy_agrees_with_bf16(mode, min_agreement):
     """Greedy text of the quantized default model against its bf16 weights: the share of tokens
     generated before the first difference, over varied prompts (measured: docs/reproduction.md)."""
@@ -130,6 +130,7 @@ def test_default_model_quantized_greedy_agrees_with_bf16(mode, min_agreement):
     llm = LLM(kv_cache_gib=0.05, threads=2, quantization=mode)
     layer = llm.engine.executor.model.layers[0]
     assert layer.qkv.weight is None and layer.qkv.quantized is not None  # the float weights are gone
+    assert isinstance(llm.engine.executor.model.lm_head.quantized, quant.Int8Weight)  # lm_head at 8 bits
     outputs = llm.generate(prompts, params)
     same = 0
     for a, b in zip(reference, outputs, strict=True):

@@ -58,18 +58,17 @@ class LlamaModel:
         def w(name: str) -> torch.Tensor:
             return weights[name].to(dtype).contiguous()
 
-        def linear(*names: str, bias: torch.Tensor | None = None) -> Linear:
+        def linear(*names: str, bias: torch.Tensor | None = None, mode: str | None = quantization) -> Linear:
             """One Linear of the named weights stacked; quantized straight from the checkpoint's values
             (float32), so a GGUF's Q4_1 blocks come back as they were, not after a bf16 rounding."""
-            if quantization is None:
+            if mode is None:
                 return Linear(torch.cat([w(n) for n in names]), bias)
             layer = Linear(torch.cat([weights[n].float() for n in names]), bias)
-            layer.quantize(quantization, dtype)
+            layer.quantize(mode, dtype)
             return layer
 
         self.embed = w("model.embed_tokens.weight")
         self.norm = w("model.norm.weight")
-        self.lm_head = Linear(self.embed if args.tie_word_embeddings else w("lm_head.weight"))
         self.layers = []
         for i in range(args.num_layers):  # layer by layer: a quantized model's float weights never all in memory
             p = f"model.layers.{i}."
@@ -86,8 +85,13 @@ class LlamaModel:
                     down=linear(p + "mlp.down_proj.weight"),
                 )
             )
-        # lm_head stays in the model's dtype when the layers are quantized, as vLLM leaves it by default.
-        pack_all([self.lm_head] + ([] if quantization else [lin for ly in self.layers for lin in self._linears(ly)]))
+        if quantization is None:
+            self.lm_head = Linear(self.embed if args.tie_word_embeddings else w("lm_head.weight"))
+            pack_all([self.lm_head] + [lin for ly in self.layers for lin in self._linears(ly)])
+        else:  # lm_head in int8 under either mode, as llama.cpp's Q4 files keep their output matrix at 8 bits:
+            # at one sequence its bf16 read was a fifth of an int4 step (docs/reproduction.md)
+            self.lm_head = linear("model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight",
+                                  mode="int8")
         inv_freq = rope_inv_freq(args)
         angles = torch.outer(torch.arange(args.max_position_embeddings, dtype=torch.float32), inv_freq)
         self.rope_cos = angles.cos()  # [max_pos, D/2]
