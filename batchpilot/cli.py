@@ -28,7 +28,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     p.add_argument("--quantization", "-q", default=None, choices=QUANTIZATIONS,
-                   help="weight-only quantization of the layers' weights (default: none)")
+                   help="weight-only quantization of the layers' weights (lm_head: int8) (default: none)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--kv-cache-gib", type=float, default=None, help="KV pool size (default: from free memory)")
     p.add_argument("--block-size", type=int, default=16)

