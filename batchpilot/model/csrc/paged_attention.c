@@ -36,6 +36,20 @@ static inline __attribute__((always_inline)) void store_row(void *base, int is_b
     for (int i = 0; i < d; i++) put(row, is_bf16, i, src[i] * mul);
 }
 
+/* Blocks lie anywhere in the cache, where the hardware prefetcher does not follow: fetch the rows of
+ * the sequence's block after the one starting at `start` (if any) while this one is computed. */
+static inline __attribute__((always_inline)) void prefetch_next_block(
+        const void *k_cache, const void *v_cache, size_t esize, const int64_t *table, int64_t start, int64_t len,
+        int BS, int kh, int64_t num_slots, int D) {
+    if (start + BS >= len) return;
+    const int64_t next = ((int64_t)kh * num_slots + table[start / BS + 1] * BS) * D;
+    const char *kn = (const char *)k_cache + next * esize, *vn = (const char *)v_cache + next * esize;
+    for (int64_t off = 0; off < (int64_t)BS * D * (int64_t)esize; off += 64) {
+        __builtin_prefetch(kn + off, 0, 3);
+        __builtin_prefetch(vn + off, 0, 3);
+    }
+}
+
 /* One (sequence, KV head) task; inlined with a constant dtype (see paged_decode_attention). */
 static inline __attribute__((always_inline)) void attend(
         int b, int kh, const void *q, const void *k_cache, const void *v_cache, void *out,
@@ -57,17 +71,8 @@ static inline __attribute__((always_inline)) void attend(
         const int n = (int)((len - start) < BS ? (len - start) : BS);
         const int64_t slot0 = block_tables[(int64_t)b * table_width + start / BS] * BS;
         const int64_t base = ((int64_t)kh * num_slots + slot0) * D;
-        if (start + BS < len) { /* the next block's rows, fetched while this one is computed */
-            const int64_t next = ((int64_t)kh * num_slots
-                                  + block_tables[(int64_t)b * table_width + start / BS + 1] * BS) * D;
-            const int64_t bytes = (int64_t)BS * D * (is_bf16 ? 2 : 4);
-            const char *kn = (const char *)k_cache + next * (is_bf16 ? 2 : 4);
-            const char *vn = (const char *)v_cache + next * (is_bf16 ? 2 : 4);
-            for (int64_t off = 0; off < bytes; off += 64) {
-                __builtin_prefetch(kn + off, 0, 3);
-                __builtin_prefetch(vn + off, 0, 3);
-            }
-        }
+        prefetch_next_block(k_cache, v_cache, is_bf16 ? 2 : 4, block_tables + (int64_t)b * table_width, start, len,
+                            BS, kh, num_slots, D);
 #ifdef __AVX512BF16__
         if (is_bf16 && D % 32 == 0) {
             /* bf16 pairs straight into float sums (vdpbf16ps): no conversion of K, half the FMAs;
@@ -185,14 +190,8 @@ static inline __attribute__((always_inline)) void attend_bf16(
         const int n = (int)((len - start) < BS ? (len - start) : BS);
         const int64_t slot0 = block_tables[(int64_t)b * table_width + start / BS] * BS;
         const int64_t base = ((int64_t)kh * num_slots + slot0) * D;
-        if (start + BS < len) {
-            const int64_t next = ((int64_t)kh * num_slots
-                                  + block_tables[(int64_t)b * table_width + start / BS + 1] * BS) * D;
-            for (int64_t off = 0; off < (int64_t)BS * D; off += 32) {
-                __builtin_prefetch(k_cache + next + off, 0, 3);
-                __builtin_prefetch(v_cache + next + off, 0, 3);
-            }
-        }
+        prefetch_next_block(k_cache, v_cache, 2, block_tables + (int64_t)b * table_width, start, len, BS, kh,
+                            num_slots, D);
         for (int t0 = 0; t0 < n; t0 += 16) {
             /* All 16 rows of the tile lie inside the block (BS % 16 == 0); lanes past the context are
              * masked after the sums, which never mix lanes, and their value rows are never read. */
