@@ -15,6 +15,8 @@ import torch
 import vllm
 from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
 from vllm.sampling_params import SamplingParams
+from vllm.utils.hashing import sha256
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request
@@ -45,13 +47,13 @@ def clock(monkeypatch):
 
 
 def make_scheduler(monkeypatch, config: dict, *, max_num_seqs: int = 64, num_blocks: int = 2000,
-                   async_scheduling: bool = False, batched_tokens: int = 2048):
+                   async_scheduling: bool = False, batched_tokens: int = 2048, prefix_caching: bool = False):
     monkeypatch.setenv("BATCHPILOT_VLLM_CONFIG", json.dumps(config))
     monkeypatch.delenv("BATCHPILOT_VLLM_METRICS_PORT", raising=False)
     model = ModelConfig(model=str(default_model_dir()), dtype="float32", seed=0, max_model_len=4096)
     sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=batched_tokens, max_model_len=4096,
                             enable_chunked_prefill=True, async_scheduling=async_scheduling, is_encoder_decoder=False)
-    cache = CacheConfig(block_size=BLOCK, cache_dtype="auto", enable_prefix_caching=False)
+    cache = CacheConfig(block_size=BLOCK, cache_dtype="auto", enable_prefix_caching=prefix_caching)
     vllm_config = VllmConfig(scheduler_config=sched, model_config=model, cache_config=cache)
     # vLLM turns async scheduling off where its executor cannot overlap steps (this CPU); on a GPU it is on
     vllm_config.scheduler_config.async_scheduling = async_scheduling
@@ -68,6 +70,16 @@ def requests(n: int, prompt_len: int, max_tokens: int) -> list[Request]:
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     return [Request(request_id=str(i), prompt_token_ids=[3 + i % 1000] * prompt_len, sampling_params=params,
                     pooling_params=None)
+            for i in range(n)]
+
+
+def shared_prefix_requests(n: int, prefix_len: int, max_tokens: int) -> list[Request]:
+    """Requests that share a prefix of prefix_len tokens (block-hashed, for vLLM's prefix cache)."""
+    init_none_hash(sha256)
+    hasher = get_request_block_hasher(BLOCK, sha256)
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    return [Request(request_id=str(i), prompt_token_ids=list(range(100, 100 + prefix_len)) + [5000 + i] * 3,
+                    sampling_params=params, pooling_params=None, block_hasher=hasher)
             for i in range(n)]
 
 
@@ -128,6 +140,19 @@ def test_the_memory_limit_falls_as_blocks_fill(monkeypatch, clock):
     assert limits[0] == 64  # nothing known yet: B_max
     assert min(limits[10:]) < 40  # the pool binds: the limit follows the blocks a sequence holds
     assert max(limits[150:]) < max(limits[:20])  # sequences grew, so the limit fell
+
+
+def test_the_view_counts_blocks_shared_by_prefix_caching(monkeypatch, clock):
+    s = make_scheduler(monkeypatch, {"name": "static", "max_num_seqs": 8}, prefix_caching=True)
+    first, *rest = shared_prefix_requests(6, 10 * BLOCK, 20)
+    s.add_request(first)
+    run(s, clock, lambda b: 0.01, 2)  # the prefix is computed and cached
+    for r in rest:
+        s.add_request(r)
+    run(s, clock, lambda b: 0.01, 2)
+    assert len(s.running) == 6
+    # each of the five later requests holds the 10 prefix blocks of the first: 50 references saved
+    assert s._view().num_saved_blocks == 50
 
 
 def test_the_sla_loop_settles_on_a_synthetic_latency_curve_without_evicting(monkeypatch, clock, tmp_path):

@@ -140,15 +140,22 @@ class DynamicBatchScheduler(Scheduler):
     def _view(self) -> SchedulerView:
         pool = self.kv_cache_manager.block_pool
         running = self.running
+        free = pool.get_num_free_blocks()
+        total = pool.num_gpu_blocks - 1  # vLLM reserves one null block
+        # vLLM's pool counts a block shared by prefix caching once; the running requests' block
+        # tables count it once per holder: the difference is what sharing saves.
+        held = sum(len(manager.req_to_blocks.get(r.request_id, ()))
+                   for manager in self.kv_cache_manager.coordinator.single_type_managers for r in running)
         return SchedulerView(
             num_running=len(running),
             num_waiting=len(self.waiting),
             num_decoding=sum(r.num_computed_tokens >= r.num_prompt_tokens for r in running),
-            num_free_blocks=pool.get_num_free_blocks(),
-            num_total_blocks=pool.num_gpu_blocks - 1,  # vLLM reserves one null block
+            num_free_blocks=free,
+            num_total_blocks=total,
             block_size=self.block_size,
             running=lambda: [_state(r, self.max_model_len) for r in running],
             waiting=lambda k: [_state(r, self.max_model_len) for r in itertools.islice(self.waiting, k)],
+            num_saved_blocks=max(0, held - (total - free)),
         )
 
     def schedule(self, *args, **kwargs):
