@@ -14,10 +14,12 @@ from batchpilot.config import (
     DEFAULT_MODEL_NAME,
     DTYPES,
     QUANTIZATIONS,
+    SCHEDULING_POLICIES,
     CacheConfig,
     ControllerConfig,
     EngineConfig,
     SchedulerConfig,
+    SLAClass,
 )
 from batchpilot.model.args import ModelLoadError
 from batchpilot.sampling_params import SamplingParams
@@ -38,6 +40,21 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     add_controller_args(p)
+    add_request_class_args(p)
+
+
+def add_request_class_args(p: argparse.ArgumentParser) -> None:
+    """Per-request priorities and SLA classes."""
+    g = p.add_argument_group("priorities and SLA classes")
+    g.add_argument("--scheduling-policy", default="fcfs", choices=SCHEDULING_POLICIES,
+                   help="fcfs, or priority: requests' `priority` field, lower first (vLLM's flag)")
+    g.add_argument("--priority-aging-s", type=float, default=60.0,
+                   help="seconds of waiting one priority level (or having no TTFT target) is worth: bounds starvation")
+    g.add_argument("--sla-class", action="append", default=[], metavar="NAME:tpot=MS,ttft=MS",
+                   help="a latency class requests may name (body field sla_class or header x-batchpilot-sla); "
+                        "repeat for several; tpot and ttft are optional")
+    g.add_argument("--default-sla-class", default=None, metavar="NAME",
+                   help="the class of requests that name none (default: none; --sla-tpot-ms holds for them)")
 
 
 def add_controller_args(p: argparse.ArgumentParser) -> None:
@@ -88,7 +105,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         cache=CacheConfig(block_size=args.block_size, kv_cache_gib=args.kv_cache_gib,
                           enable_prefix_caching=args.enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
-                                  max_model_len=args.max_model_len),
+                                  max_model_len=args.max_model_len, scheduling_policy=args.scheduling_policy,
+                                  priority_aging_s=args.priority_aging_s,
+                                  sla_classes=tuple(SLAClass.parse(c) for c in args.sla_class),
+                                  default_sla_class=args.default_sla_class),
         controller=controller_config(args),
     )
 

@@ -27,18 +27,71 @@ class CacheConfig:
             raise ValueError(f"num_blocks must be at least 1, got {self.num_blocks}")
 
 
+SCHEDULING_POLICIES = ("fcfs", "priority")  # vLLM's --scheduling-policy
+
+
+@dataclass(frozen=True)
+class SLAClass:
+    """A latency target requests can name (`--sla-class NAME:tpot=MS,ttft=MS`); either may be absent."""
+
+    name: str
+    tpot_ms: float | None = None
+    ttft_ms: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> SLAClass:
+        """'interactive:tpot=60,ttft=2000' or 'batch' (no targets); ValueError names the flag."""
+        name, _, spec = text.partition(":")
+        targets: dict[str, float] = {}
+        for item in filter(None, spec.split(",")):
+            key, eq, value = item.partition("=")
+            if key not in ("tpot", "ttft") or not eq or key in targets:
+                raise ValueError(f"--sla-class {text!r}: expected NAME:tpot=MS,ttft=MS, got {item!r}")
+            try:
+                targets[key] = float(value)
+            except ValueError:
+                raise ValueError(f"--sla-class {text!r}: {key} must be a number of milliseconds") from None
+        return cls(name.strip(), targets.get("tpot"), targets.get("ttft"))
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("--sla-class needs a name")
+        for key, value in (("tpot", self.tpot_ms), ("ttft", self.ttft_ms)):
+            if value is not None and not 0 < value < float("inf"):
+                raise ValueError(f"--sla-class {self.name}: {key} must be a positive number of ms, got {value}")
+
+
 @dataclass
 class SchedulerConfig:
-    """Per-step budget. The context cap is the smaller of this and the model's own."""
+    """Per-step budget, admission order and the SLA classes requests may name. The context cap is
+    the smaller of max_model_len and the model's own."""
 
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None
+    # fcfs: requests' `priority` must be 0; priority: lower values first (vLLM's rule)
+    scheduling_policy: str = "fcfs"
+    # What one priority level (or having no TTFT target) is worth in seconds of waiting: a waiting
+    # request overtakes newer requests of better priority once it has waited this much longer.
+    priority_aging_s: float = 60.0
+    sla_classes: tuple[SLAClass, ...] = ()
+    default_sla_class: str | None = None  # the class of requests that name none
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"--max-num-batched-tokens must be at least 1, got {self.max_num_batched_tokens}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"--max-model-len must be at least 2, got {self.max_model_len}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"--scheduling-policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
+                             f"got {self.scheduling_policy!r}")
+        if not 0 < self.priority_aging_s < float("inf"):
+            raise ValueError(f"--priority-aging-s must be positive, got {self.priority_aging_s}")
+        names = [c.name for c in self.sla_classes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"--sla-class: a class is defined twice ({', '.join(names)})")
+        if self.default_sla_class is not None and self.default_sla_class not in names:
+            raise ValueError(f"--default-sla-class {self.default_sla_class!r} is not a defined --sla-class "
+                             f"({', '.join(names) or 'none defined'})")
 
 
 CONTROLLERS = ("static", "memory", "sla", "combined", "sglang")
@@ -90,7 +143,7 @@ class ControllerConfig:
         if not 0 < self.mem_epsilon < 1:
             raise ValueError(f"--mem-epsilon must be in (0, 1), got {self.mem_epsilon}")
         if self.name == "sla" and self.sla_tpot_ms is None:
-            raise ValueError("--batch-controller sla needs --sla-tpot-ms")
+            raise ValueError("--batch-controller sla needs --sla-tpot-ms (per-class targets refine it)")
         if self.sla_tpot_ms is not None and self.sla_tpot_ms <= 0:
             raise ValueError(f"--sla-tpot-ms must be positive, got {self.sla_tpot_ms}")
         if self.sla_tolerance_ms is not None and self.sla_tolerance_ms < 0:
@@ -127,6 +180,11 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
+
+    @property
+    def class_tpots_ms(self) -> tuple[float, ...]:
+        """The TPOT targets of the SLA classes (the controller runs one SLA loop per target)."""
+        return tuple(c.tpot_ms for c in self.scheduler.sla_classes if c.tpot_ms is not None)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

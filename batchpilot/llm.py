@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from batchpilot.config import CacheConfig, ControllerConfig, EngineConfig, SchedulerConfig
+from batchpilot.config import CacheConfig, ControllerConfig, EngineConfig, SchedulerConfig, SLAClass
 from batchpilot.controllers import make_controller
 from batchpilot.engine.block_pool import BlockPool, KVCacheManager
 from batchpilot.engine.engine import LLMEngine
@@ -41,7 +41,7 @@ def build_engine(config: EngineConfig) -> LLMEngine:
     pool = BlockPool(num_blocks, block_size)
     runner = TorchRunner(model, num_blocks, block_size, seed=config.seed)
     kv = KVCacheManager(pool, enable_prefix_caching=config.cache.enable_prefix_caching)
-    scheduler = Scheduler(config.scheduler, kv, make_controller(config.controller),
+    scheduler = Scheduler(config.scheduler, kv, make_controller(config.controller, config.class_tpots_ms),
                           ckpt.args.max_position_embeddings)
     logger.info(
         "model %s (%s, %s%s); KV cache %d blocks x %d tokens = %d tokens (%.2f GiB)",
@@ -63,15 +63,21 @@ class LLM:
                  batch_controller: str = "combined", threads: int | None = None, seed: int = 0,
                  max_num_batched_tokens: int = 512, max_model_len: int | None = None,
                  block_size: int = 16, num_kv_blocks: int | None = None, enable_prefix_caching: bool = True,
+                 scheduling_policy: str = "fcfs", sla_classes: Sequence[str | SLAClass] = (),
+                 default_sla_class: str | None = None, priority_aging_s: float = 60.0,
                  **controller_options: Any):
-        """Args mirror vLLM's; `controller_options` are ControllerConfig fields
-        (min_num_seqs, memory_mode, mem_epsilon, sla_tpot_ms, trace_path, ...)."""
+        """Args mirror vLLM's; `sla_classes` as --sla-class ('interactive:tpot=60,ttft=2000') or
+        SLAClass; `controller_options` are ControllerConfig fields (min_num_seqs, memory_mode,
+        mem_epsilon, sla_tpot_ms, trace_path, ...)."""
         config = EngineConfig(
             model=model, dtype=dtype, quantization=quantization, threads=threads, seed=seed,
             cache=CacheConfig(block_size=block_size, kv_cache_gib=kv_cache_gib, num_blocks=num_kv_blocks,
                               enable_prefix_caching=enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
-                                      max_model_len=max_model_len),
+            scheduler=SchedulerConfig(
+                max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+                scheduling_policy=scheduling_policy, priority_aging_s=priority_aging_s,
+                sla_classes=tuple(c if isinstance(c, SLAClass) else SLAClass.parse(c) for c in sla_classes),
+                default_sla_class=default_sla_class),
             controller=ControllerConfig(name=batch_controller, max_num_seqs=max_num_seqs, **controller_options),
         )
         self._init(config)
@@ -89,12 +95,15 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = False, priority: Sequence[int] | None = None,
+                 sla_class: str | Sequence[str | None] | None = None) -> list[RequestOutput]:
         """Run every prompt to completion; results in prompt order.
 
         Args:
             prompts: a string, a list of token ids, or a list of either.
             sampling_params: one for all prompts, or one per prompt.
+            priority: one per prompt, lower first (needs scheduling_policy="priority"), as vLLM's.
+            sla_class: one SLA class name for all prompts, or one per prompt (None: the default).
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
@@ -105,7 +114,14 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError("sampling_params: need one per prompt, or a single one")
-        return self._run(prompts, params_list, use_tqdm)
+        priorities = list(priority) if priority is not None else [0] * len(prompts)
+        classes = [sla_class] * len(prompts) if sla_class is None or isinstance(sla_class, str) else list(sla_class)
+        for name, values in (("priority", priorities), ("sla_class", classes)):
+            if len(values) != len(prompts):
+                raise ValueError(f"{name}: need one per prompt")
+        for p, c in zip(priorities, classes):  # all checked before any is queued
+            self.engine.check_options(p, c)
+        return self._run(prompts, params_list, use_tqdm, priorities, classes)
 
     def default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the model's generation_config.json defaults (vLLM's behaviour)."""
@@ -121,15 +137,16 @@ class LLM:
         prompts = [self.tokenizer.apply_chat_template(c, **kwargs) for c in conversations]  # type: ignore[arg-type]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def _run(self, prompts: list[PromptType], params_list: list[SamplingParams],
-             use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, prompts: list[PromptType], params_list: list[SamplingParams], use_tqdm: bool,
+             priorities: list[int] | None = None, classes: list[str | None] | None = None) -> list[RequestOutput]:
         engine = self.engine
         results: dict[str, RequestOutput] = {}
         # n > 1 becomes n engine requests "{i}:{k}", merged back into one result per prompt.
         owners: dict[str, tuple[int, int]] = {}
         for i, (prompt, params) in enumerate(zip(prompts, params_list)):
             for k, child in enumerate(fan_out(params)):
-                rid = engine.add_request(prompt, child, request_id=f"{i}:{k}:{id(self)}")
+                rid = engine.add_request(prompt, child, f"{i}:{k}:{id(self)}", priorities[i] if priorities else 0,
+                                         classes[i] if classes else None)
                 owners[rid] = (i, k)
         merged: list[RequestOutput | None] = [None] * len(prompts)
         bar = tqdm(total=len(owners), disable=not use_tqdm, desc="requests")
@@ -157,6 +174,7 @@ def _accumulate(results: dict[str, RequestOutput], delta: RequestOutput) -> Requ
         acc.finished = delta.finished
         acc.num_preemptions = delta.num_preemptions
         acc.num_cached_tokens = delta.num_cached_tokens
+        acc.queue_time_s = delta.queue_time_s
     return acc
 
 
@@ -164,8 +182,10 @@ def _merge_child(parent: RequestOutput | None, child: RequestOutput, k: int, rid
     completion: CompletionOutput = replace(child.outputs[0], index=k)
     if parent is None:
         return RequestOutput(rid, child.prompt, child.prompt_token_ids, [completion], True,
-                             child.num_preemptions, num_cached_tokens=child.num_cached_tokens)
+                             child.num_preemptions, child.queue_time_s, child.num_cached_tokens)
     parent.outputs.append(completion)
     parent.outputs.sort(key=lambda o: o.index)
     parent.num_preemptions += child.num_preemptions
+    if child.queue_time_s is not None:  # the request waited until its first sequence ran
+        parent.queue_time_s = min(parent.queue_time_s or child.queue_time_s, child.queue_time_s)
     return parent

@@ -52,6 +52,31 @@ def metric(url: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith((name + "{", name + " ")))
 
 
+def histogram_percentiles(url: str, name: str, qs: tuple[int, ...]) -> dict[int, float]:
+    """Percentiles of a Prometheus histogram on /metrics, interpolated inside its buckets."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    buckets: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name + "_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float(le)] = buckets.get(float(le), 0.0) + float(line.rsplit(" ", 1)[1])
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]] if bounds else 0.0
+    result = {}
+    for q in qs:
+        if not total:
+            break
+        rank, low, below = q / 100 * total, 0.0, 0.0
+        for bound in bounds:
+            if buckets[bound] >= rank:
+                span = buckets[bound] - below
+                high = bound if bound != float("inf") else low
+                result[q] = low + (high - low) * ((rank - below) / span if span else 1.0)
+                break
+            low, below = bound, buckets[bound]
+    return result
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -146,11 +171,20 @@ async def load(url: str, pid: int, args: argparse.Namespace) -> dict:
             await asyncio.sleep(1)
         await asyncio.sleep(args.sample_seconds)
         sampler.cancel()
+    # the server's own view of the same SLA: each finished request's TPOT, as the controller holds it
+    server_tpot = histogram_percentiles(url, "batchpilot:request_time_per_output_token_seconds", (50, 90, 99))
+    tpot_server = {f"server_p{q}_tpot_ms": v * 1e3 for q, v in server_tpot.items()}
+    # the gaps between a request's outputs as the server's event loop hands them on (delivery lag
+    # included), against the engine's TPOT above
+    gaps = metric(url, "batchpilot:inter_token_latency_seconds_count")
+    tpot_server["server_mean_itl_ms"] = metric(url, "batchpilot:inter_token_latency_seconds_sum") / gaps * 1e3 \
+        if gaps else None
     idle = {"kv_usage": metric(url, "batchpilot:kv_cache_usage_perc"),
             "running": metric(url, "batchpilot:num_requests_running")}
     # percentiles as bench.metrics computes them (numpy's, interpolated)
     tpot = {f"p{q}_tpot_ms": float(np.percentile(tpots, q)) * 1e3 for q in (50, 90, 99)} if tpots else {}
-    return {"outcomes": dict(outcomes), "samples": samples, "idle": idle, "streams_timed": len(tpots), **tpot}
+    return {"outcomes": dict(outcomes), "samples": samples, "idle": idle, "streams_timed": len(tpots), **tpot,
+            **tpot_server}
 
 
 def verdict(result: dict, max_growth: float, overload: bool = False) -> list[str]:

@@ -7,12 +7,13 @@ from batchpilot.controllers.base import BatchController, SchedulerView, StepStat
 from batchpilot.controllers.combined import CombinedController
 from batchpilot.controllers.memory import MemoryController
 from batchpilot.controllers.sglang import SGLangController
-from batchpilot.controllers.sla import SLAController
+from batchpilot.controllers.sla import ClassSLAController, SLAController
 from batchpilot.controllers.static import StaticController
 
 
-def make_controller(config: ControllerConfig) -> BatchController:
-    """Build the controller the config names (the config has been validated)."""
+def make_controller(config: ControllerConfig, class_tpots_ms: tuple[float, ...] = ()) -> BatchController:
+    """Build the controller the config names (the config has been validated). `class_tpots_ms`:
+    the TPOT targets of the SLA classes requests may name (SchedulerConfig.sla_classes)."""
     if config.name == "static":
         return StaticController(config.max_num_seqs)
     if config.name == "sglang":
@@ -20,11 +21,16 @@ def make_controller(config: ControllerConfig) -> BatchController:
                                 config.sglang_clip_max_new_tokens, config.min_num_seqs, config.max_num_seqs)
     memory = MemoryController(config.memory_mode, config.memory_factor, config.mem_epsilon,
                               config.min_num_seqs, config.max_num_seqs)
-    sla = None
-    if config.sla_tpot_ms is not None:
-        sla = SLAController(config.sla_tpot_ms, config.sla_tolerance_ms, config.sla_alpha, config.sla_delta,
-                            config.sla_window, config.min_num_seqs, config.max_num_seqs, config.sla_signal,
-                            config.sla_percentile)
+    def sla_loop(tpot_ms: float) -> SLAController:
+        tolerance = config.sla_tolerance_ms if tpot_ms == config.sla_tpot_ms else None
+        return SLAController(tpot_ms, tolerance, config.sla_alpha, config.sla_delta, config.sla_window,
+                             config.min_num_seqs, config.max_num_seqs, config.sla_signal, config.sla_percentile)
+
+    sla: SLAController | ClassSLAController | None = None
+    if class_tpots_ms:
+        sla = ClassSLAController(config.sla_tpot_ms, class_tpots_ms, sla_loop, config.max_num_seqs)
+    elif config.sla_tpot_ms is not None:
+        sla = sla_loop(config.sla_tpot_ms)
     if config.name == "memory":
         return memory
     if config.name == "sla":
@@ -33,4 +39,4 @@ def make_controller(config: ControllerConfig) -> BatchController:
 
 
 __all__ = ["BatchController", "SchedulerView", "StepStats", "CombinedController", "MemoryController",
-           "SGLangController", "SLAController", "StaticController", "make_controller"]
+           "SGLangController", "SLAController", "ClassSLAController", "StaticController", "make_controller"]

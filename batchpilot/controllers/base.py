@@ -46,6 +46,11 @@ class SchedulerView:
     num_shared_blocks: int = 0
     num_saved_blocks: int = 0
     num_cached_free_blocks: int = 0
+    # Per-request SLA classes: the strictest TPOT target (ms) among the classes of unfinished
+    # requests (None: none sets one), and whether some unfinished request names no class (the
+    # controller's own --sla-tpot-ms holds for those).
+    sla_tpot_ms: float | None = None
+    has_classless: bool = True
 
 
 @dataclass(frozen=True)

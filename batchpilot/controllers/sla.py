@@ -24,6 +24,7 @@ percentile, not the mean, inside the band.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from batchpilot.controllers.base import SchedulerView, StepStats
 
@@ -95,3 +96,43 @@ class SLAController:
         self.b_low = max(self.b_low, self.b_min)
         self.b_high = min(max(self.b_high, self.b_low), self.b_max)
         self.b_sla = (self.b_low + self.b_high) // 2
+
+
+class ClassSLAController:
+    """Per-request SLA classes: one SLA loop per TPOT target, the limit of the strictest target
+    that an unfinished request holds.
+
+    Every loop learns from every step (a step's time per token is the same for all the requests
+    in it), so a class that comes back finds its loop where the measurements left it. With no
+    target in force (only requests of classes without one), the limit is B_max: throughput.
+    """
+
+    name = "sla"
+
+    def __init__(self, default_tpot_ms: float | None, class_tpots_ms: tuple[float, ...],
+                 make_loop: Callable[[float], SLAController], max_num_seqs: int):
+        self.default_tpot_ms = default_tpot_ms
+        self.make_loop = make_loop
+        self.b_max = max_num_seqs
+        targets = {*class_tpots_ms, *([default_tpot_ms] if default_tpot_ms is not None else [])}
+        self.loops = {t: make_loop(t) for t in sorted(targets)}
+        self.target_ms: float | None = None  # the target in force at the last limit()
+
+    @property
+    def trace(self) -> dict[str, float]:
+        if self.target_ms is None:
+            return {"b_sla": self.b_max, "sla_target_ms": 0.0}
+        return {**self.loops[self.target_ms].trace, "sla_target_ms": self.target_ms}
+
+    def limit(self, view: SchedulerView) -> int:
+        default = self.default_tpot_ms if view.has_classless else None
+        self.target_ms = min((t for t in (view.sla_tpot_ms, default) if t is not None), default=None)
+        if self.target_ms is None:
+            return self.b_max
+        if self.target_ms not in self.loops:  # a class the controller was not told about
+            self.loops[self.target_ms] = self.make_loop(self.target_ms)
+        return self.loops[self.target_ms].limit(view)
+
+    def observe(self, stats: StepStats) -> None:
+        for loop in self.loops.values():
+            loop.observe(stats)

@@ -73,8 +73,8 @@ class AsyncEngine:
             self._loop_task = None
         self._worker.shutdown(wait=True)
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                       priority: int = 0, sla_class: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream a request's deltas until it finishes. Leaving early aborts it.
 
         Raises:
@@ -87,12 +87,13 @@ class AsyncEngine:
         self.start()
         token_ids = self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.engine.check_prompt(token_ids)
+        self.engine.check_options(priority, sla_class)
         rid = request_id if request_id is not None else f"areq-{next(self._ids)}"
         if rid in self._streams:
             raise RequestRejectedError(f"request id {rid!r} is already in use")
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[rid] = stream
-        self._commands.put(("add", rid, token_ids, params))
+        self._commands.put(("add", rid, token_ids, params, priority, sla_class))
         self._wakeup.set()
         finished = False
         try:
@@ -151,8 +152,9 @@ class AsyncEngine:
         while not self._commands.empty():
             cmd = self._commands.get()
             if cmd[0] == "add":
-                _, rid, token_ids, params = cmd
-                self.engine.add_checked(token_ids, params, request_id=rid)  # checked in generate()
+                _, rid, token_ids, params, priority, sla_class = cmd
+                # checked in generate()
+                self.engine.add_checked(token_ids, params, rid, priority=priority, sla_class=sla_class)
             else:
                 self.engine.abort(cmd[1])
         if not self.engine.has_unfinished_requests():

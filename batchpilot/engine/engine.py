@@ -92,11 +92,13 @@ class LLMEngine:
         return self.scheduler.controller
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Queue a prompt (text or token ids); returns its id.
+                    request_id: str | None = None, priority: int = 0, sla_class: str | None = None) -> str:
+        """Queue a prompt (text or token ids); returns its id. `priority`: lower runs first (under
+        --scheduling-policy priority); `sla_class`: one of the engine's --sla-class names.
 
         Raises:
-            RequestRejectedError: the prompt is empty or longer than the context or the pool.
+            RequestRejectedError: the prompt is empty or longer than the context or the pool, the
+                priority is not honoured or the SLA class is unknown.
         """
         params = params or SamplingParams()
         text = prompt if isinstance(prompt, str) else None
@@ -104,18 +106,25 @@ class LLMEngine:
             raise ValueError("this engine has no tokenizer: give prompts as token ids")
         token_ids = self.tokenizer.encode(prompt) if text is not None else list(prompt)
         self.check_prompt(token_ids)
-        return self.add_checked(token_ids, params, request_id, text)
+        return self.add_checked(token_ids, params, request_id, text, priority, sla_class)
 
     def add_checked(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    text: str | None = None) -> str:
+                    text: str | None = None, priority: int = 0, sla_class: str | None = None) -> str:
         """Queue token ids that `check_prompt` has passed (the async engine checks in the caller's
         thread, so its step thread does not scan the prompt again); returns the request's id."""
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        req = Request(rid, token_ids, params, self.clock(), eos_token_ids=self.eos_token_ids)
+        req = Request(rid, token_ids, params, self.clock(), eos_token_ids=self.eos_token_ids, priority=priority,
+                      sla_class=self.scheduler.sla_class(sla_class))
         self.scheduler.add_request(req)
         self.output_processor.add(req, text)
         self.counters.num_requests_added += 1
         return rid
+
+    def check_options(self, priority: int, sla_class: str | None) -> None:
+        """Raise RequestRejectedError for a priority the policy ignores or an unknown SLA class.
+        Safe from any thread."""
+        self.scheduler.check_priority(priority)
+        self.scheduler.sla_class(sla_class)
 
     def check_prompt(self, token_ids: list[int]) -> None:
         """Raise RequestRejectedError for a prompt that could never run. Safe from any thread."""

@@ -6,6 +6,7 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+from batchpilot.config import SLAClass
 from batchpilot.sampling_params import SamplingParams
 
 
@@ -53,6 +54,10 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first admitted
     # Names of its full blocks (block_pool.block_hash), computed once: tokens are only appended.
     block_hashes: list[bytes] = field(default_factory=list)
+    priority: int = 0  # lower runs first (vLLM's convention), under --scheduling-policy priority
+    sla_class: SLAClass | None = None  # its latency targets; None: the server-wide --sla-tpot-ms
+    # Its place in the waiting order (smaller first), set by the scheduler when it is queued.
+    queue_key: float = 0.0
 
     def __post_init__(self) -> None:
         # Derived once (the prompt and the parameters never change): the scheduler reads them

@@ -1,19 +1,26 @@
 """Continuous batching at the iteration level.
 
-Admission is FCFS and gated by exactly three things: the controller's `limit()` on running
-sequences, free KV blocks (the hard limit) and the per-step token budget. A request admitted
-with a cached prefix (block_pool.py) starts after it: those tokens cost no budget. Long prompts are
-prefilled in chunks so they never stall the decodes. When a running request needs a block
-and none is free, the most recently admitted request is preempted by recompute.
+Admission is in queue order and gated by exactly three things: the controller's `limit()` on
+running sequences, free KV blocks (the hard limit) and the per-step token budget. A request
+admitted with a cached prefix (block_pool.py) starts after it: those tokens cost no budget. Long
+prompts are prefilled in chunks so they never stall the decodes. When a running request needs
+a block and none is free, the last running request is preempted by recompute: the most recently
+admitted one, or, once requests carry priorities or TTFT targets (`running` is then kept in
+queue order too), the one latest in queue order.
+
+Queue order is by a key in seconds: arrival + priority x aging + the request's TTFT target (or
+the aging time for a request without one). With no priorities and no TTFT targets that is
+arrival order (FCFS); a TTFT target makes it earliest-deadline-first; one priority level is worth
+`priority_aging_s` of waiting, so a request of worse priority waits a bounded time.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable
 
-from batchpilot.config import SchedulerConfig
+from batchpilot.config import SchedulerConfig, SLAClass
 from batchpilot.controllers.base import BatchController, SchedulerView, SeqState
 from batchpilot.engine.block_pool import KVCacheManager
 from batchpilot.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
@@ -39,6 +46,10 @@ class Scheduler:
         self.num_preemptions_total = 0
         self.last_limit = 0
         self._finished_ids: list[str] = []
+        self.sla_classes = {c.name: c for c in config.sla_classes}
+        self._ordered = False  # some request has had a priority or a TTFT target: queue by key
+        self._active_classes: Counter[str] = Counter()  # unfinished requests per SLA class name
+        self._num_classless = 0
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -53,13 +64,53 @@ class Scheduler:
                 f"(prompt plus at least one generated token)"
             )
 
+    def sla_class(self, name: str | None) -> SLAClass | None:
+        """The class a request naming `name` runs under (the default class when None); raises
+        RequestRejectedError for a name not defined. Reads only config."""
+        name = name if name is not None else self.config.default_sla_class
+        if name is None:
+            return None
+        if name not in self.sla_classes:
+            raise RequestRejectedError(f"unknown SLA class {name!r} (defined: {', '.join(self.sla_classes) or 'none'})")
+        return self.sla_classes[name]
+
+    def check_priority(self, priority: int) -> None:
+        """Raise RequestRejectedError for a priority the policy does not honour (vLLM's rule)."""
+        if priority and self.config.scheduling_policy != "priority":
+            raise RequestRejectedError(f"priority {priority} needs --scheduling-policy priority (it is fcfs)")
+
     def add_request(self, request: Request) -> None:
         """Queue a request; raises RequestRejectedError if it could never run."""
         self.check_prompt(request.num_prompt_tokens)
+        self.check_priority(request.priority)
         if request.request_id in self.requests:
             raise RequestRejectedError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        cls = request.sla_class
+        aging = self.config.priority_aging_s
+        ttft_s = cls.ttft_ms / 1000 if cls is not None and cls.ttft_ms is not None else None
+        request.queue_key = request.arrival_time + request.priority * aging + (aging if ttft_s is None else ttft_s)
+        if cls is None:
+            self._num_classless += 1
+        else:
+            self._active_classes[cls.name] += 1
+        if not self._ordered and (request.priority or ttft_s is not None):
+            # From now on both queues are kept in key order (FCFS order until then is arrival order).
+            self._ordered = True
+            self.waiting = deque(sorted(self.waiting, key=lambda r: r.queue_key))
+            self.running.sort(key=lambda r: r.queue_key)
+        self._enqueue(self.waiting, request)
+
+    def _enqueue(self, queue: deque[Request] | list[Request], req: Request) -> None:
+        """Put req in a queue: at the end, or at its key's place when ordered (searched from the
+        back, where most requests go)."""
+        if not self._ordered or not queue or queue[-1].queue_key <= req.queue_key:
+            queue.append(req)
+            return
+        i = len(queue) - 1
+        while i > 0 and queue[i - 1].queue_key > req.queue_key:
+            i -= 1
+        queue.insert(i, req)
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
         """Finish (abort, or stop on a stop string) requests wherever they are; frees their blocks."""
@@ -94,6 +145,9 @@ class Scheduler:
             num_shared_blocks=pool.num_shared_blocks,
             num_saved_blocks=pool.num_saved_blocks,
             num_cached_free_blocks=pool.num_cached_free_blocks,
+            sla_tpot_ms=min((self.sla_classes[name].tpot_ms for name in self._active_classes
+                             if self.sla_classes[name].tpot_ms is not None), default=None),
+            has_classless=self._num_classless > 0,
         )
 
     def _state(self, r: Request) -> SeqState:
@@ -175,7 +229,7 @@ class Scheduler:
                 out.num_new_prompt_tokens += req.num_prompt_tokens
                 out.started.append(req)
             req.status = RequestStatus.RUNNING
-            self.running.append(req)
+            self._enqueue(self.running, req)
             self._add(out, req, n, table, n == todo)
             budget -= n
 
@@ -194,7 +248,10 @@ class Scheduler:
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions_total += 1
-        self.waiting.appendleft(req)
+        if self._ordered:
+            self._enqueue(self.waiting, req)
+        else:
+            self.waiting.appendleft(req)
 
     def update_from_output(self, out: SchedulerOutput, result: RunnerOutput) -> list[Request]:
         """Advance each scheduled request by its computed tokens, append samples, finish stops.
@@ -233,6 +290,13 @@ class Scheduler:
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
+        if req.sla_class is None:
+            self._num_classless -= 1
+        else:
+            counts = self._active_classes
+            counts[req.sla_class.name] -= 1
+            if not counts[req.sla_class.name]:
+                del counts[req.sla_class.name]
         self.kv.free(req.request_id)
         del self.requests[req.request_id]
         self._finished_ids.append(req.request_id)

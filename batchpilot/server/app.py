@@ -27,7 +27,7 @@ from batchpilot.server.errors import (
 from batchpilot.server.guard import Guard
 from batchpilot.server.metrics import ServerMetrics
 from batchpilot.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from batchpilot.server.serving import Serving
+from batchpilot.server.serving import SLA_HEADER, Serving
 
 
 @dataclass
@@ -114,14 +114,14 @@ def build_app(engine: AsyncEngine, config: ServerConfig,
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        job = await serving.completion_job(body)
+        job = await serving.completion_job(body, request.headers.get(SLA_HEADER))
         if body.stream:
             return _event_stream(serving.stream(body, job, chat=False))
         return await _unless_disconnected(request, serving.completion(body, job))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        job = await serving.chat_job(body)
+        job = await serving.chat_job(body, request.headers.get(SLA_HEADER))
         if body.stream:
             return _event_stream(serving.stream(body, job, chat=True))
         return await _unless_disconnected(request, serving.chat(body, job))

@@ -87,6 +87,8 @@ class _SamplingFields(_RequestBody):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)  # vLLM's extra: lower runs first
+    sla_class: str | None = None  # one of the server's --sla-class names (or the x-batchpilot-sla header)
 
     @field_validator("stop")
     @classmethod

@@ -52,6 +52,9 @@ class Choice:
     num_cached_tokens: int = 0  # of its prompt, served from the prefix cache
 
 
+SLA_HEADER = "x-batchpilot-sla"  # names the request's SLA class when its body does not
+
+
 @dataclass(eq=False)
 class Job:
     """A validated request: prompts as token ids and one SamplingParams per choice.
@@ -63,6 +66,8 @@ class Job:
     request_id: str
     prompts: list[list[int]]
     params: SamplingParams
+    priority: int = 0
+    sla_class: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     release: Callable[[], Any] = field(default=lambda: None, repr=False)
 
@@ -91,7 +96,7 @@ class Serving:
             raise APIError(404, f"model {model!r} does not exist (served: {', '.join(self.model_names)})",
                            "model", "model_not_found")
 
-    async def completion_job(self, req: CompletionRequest) -> Job:
+    async def completion_job(self, req: CompletionRequest, sla_header: str | None = None) -> Job:
         self.check_model(req.model)
         for name, bad in (("echo", req.echo), ("suffix", req.suffix is not None), ("logit_bias", bool(req.logit_bias))):
             if bad:
@@ -99,9 +104,9 @@ class Serving:
         if req.best_of is not None and req.best_of != (req.n or 1):
             raise APIError(400, "best_of must equal n (beam search is not supported)", "best_of")
         prompts = await self._completion_prompts(req.prompt)
-        return self._job("cmpl", prompts, req, req.max_tokens, req.logprobs, "prompt")
+        return self._job("cmpl", prompts, req, req.max_tokens, req.logprobs, "prompt", sla_header)
 
-    async def chat_job(self, req: ChatCompletionRequest) -> Job:
+    async def chat_job(self, req: ChatCompletionRequest, sla_header: str | None = None) -> Job:
         self.check_model(req.model)
         if req.tools:
             raise APIError(400, "tools are not supported", "tools", "unsupported_parameter")
@@ -115,7 +120,8 @@ class Serving:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        return self._job("chatcmpl", [await self._encode(text, "messages")], req, max_tokens, logprobs, "messages")
+        return self._job("chatcmpl", [await self._encode(text, "messages")], req, max_tokens, logprobs, "messages",
+                         sla_header)
 
     async def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
         """vLLM's /tokenize answer: the ids (and their strings when asked), count and context size."""
@@ -169,8 +175,22 @@ class Serving:
             raise APIError(400, "prompt must not be empty", "prompt")
         return [await self._encode(p, "prompt") if isinstance(p, str) else list(p) for p in items]
 
+    def _options(self, req: Any, sla_header: str | None) -> tuple[int, str | None]:
+        """The request's priority and SLA class name (the body's field, else the header), checked."""
+        sla_class = req.sla_class if req.sla_class is not None else sla_header
+        try:
+            self.engine.engine.check_options(0, sla_class)
+        except RequestRejectedError as e:
+            raise APIError(400, f"sla_class: {e}", "sla_class" if req.sla_class is not None else SLA_HEADER) from e
+        try:
+            self.engine.engine.check_options(req.priority, None)
+        except RequestRejectedError as e:
+            raise APIError(400, f"priority: {e}", "priority") from e
+        return req.priority, sla_class
+
     def _job(self, kind: str, prompts: list[list[int]], req: Any, max_tokens: int | None,
-             logprobs: int | None, prompt_param: str) -> Job:
+             logprobs: int | None, prompt_param: str, sla_header: str | None = None) -> Job:
+        priority, sla_class = self._options(req, sla_header)
         longest = max(len(p) for p in prompts)
         for p in prompts:
             try:
@@ -197,7 +217,7 @@ class Serving:
             )
         except SamplingParamsError as e:
             raise APIError(400, str(e), e.param) from e
-        job = Job(f"{kind}-{uuid.uuid4().hex}", prompts, params)
+        job = Job(f"{kind}-{uuid.uuid4().hex}", prompts, params, priority, sla_class)
         if job.num_choices > self.max_queue:  # could never be queued: not a retryable 503
             raise APIError(400, f"{len(prompts)} prompt(s) x n={params.n} = {job.num_choices} sequences, more "
                            f"than the server queues at once (--max-queue {self.max_queue})",
@@ -222,7 +242,8 @@ class Serving:
         streams = []
         for i, prompt in enumerate(job.prompts):
             for k, p in enumerate(fan_out(job.params)):
-                streams.append(self.engine.generate(prompt, p, request_id=f"{job.request_id}-{i * job.params.n + k}"))
+                streams.append(self.engine.generate(prompt, p, f"{job.request_id}-{i * job.params.n + k}",
+                                                    job.priority, job.sla_class))
         start = time.perf_counter()
         try:
             async for index, delta in _merge(streams):
