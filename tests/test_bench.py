@@ -121,6 +121,24 @@ def test_capacity_command_on_a_fake_endpoint_whose_latency_depends_on_load(tmp_p
     assert "capacity:" in r.stdout
 
 
+def test_capacity_can_hold_one_classs_sla(tmp_path):
+    out = tmp_path / "cap.json"
+    with RateLimitedEndpoint(capacity=8.0) as url:
+        r = subprocess.run(
+            [sys.executable, "-m", "batchpilot.cli", "bench", "capacity", "--base-url", url, "--sla-mix",
+             "strict:0.5,loose:0.5", "--sla-class", "strict:tpot=20", "--capacity-class", "strict",
+             "--start-rate", "2", "--tolerance", "0.15", "--probe-seconds", "3", "--num-prompts", "12",
+             "--burstiness", "1000", "--input-len", "4", "--output-len", "5", "--no-progress",
+             "--output-json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert 8.0 / 1.15 * 0.95 <= result["capacity"] <= 8.0 * 1.03, result["curve"]
+    assert result["capacity_class"] == "strict" and "class strict's SLA" in r.stdout
+    probe = result["probes"][0]["classes"]
+    assert set(probe) == {"strict", "loose"} and "sla_attainment" not in probe["loose"]
+    assert probe["strict"]["completed"] + probe["loose"]["completed"] == result["probes"][0]["completed"]
+
+
 def _strict_json(text: str):
     def refuse(name):
         raise ValueError(f"not JSON: {name}")
@@ -172,6 +190,10 @@ def test_bench_serve_replays_a_trace_at_its_times_and_time_scale(tmp_path):
     (["--metric-percentiles", "150"], "--metric-percentiles"),
     (["--percentile-metrics", "ttft,speed"], "--percentile-metrics"),
     (["--random-range-ratio", "1.5"], "--random-range-ratio"),
+    (["--sla-mix", "interactive:-1"], "--sla-mix"),
+    (["--sla-mix", "a:1,a:2"], "--sla-mix"),
+    (["--sla-mix", "a:1", "--sla-class", "b:tpot=5"], "--sla-class b"),
+    (["--sla-mix", "a:1", "--sla-class", "a:speed=5"], "--sla-class"),
 ])
 def test_bench_serve_rejects_bad_vllm_flags_naming_them(flags, message):
     r = subprocess.run([sys.executable, "-m", "batchpilot.cli", "bench", "serve", "--base-url", "http://127.0.0.1:9",

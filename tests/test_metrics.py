@@ -142,3 +142,20 @@ def test_vllm_names_alone_keep_the_controllers_own_series():
     assert not any(name.startswith("batchpilot:e2e") or name == "batchpilot:kv_cache_usage_perc" for name in samples)
     assert {"batchpilot:batch_limit", "batchpilot:batch_limit_memory", "batchpilot:num_requests_running"} <= set(
         samples)
+
+
+def test_a_finished_request_is_judged_against_its_sla_class():
+    from batchpilot.config import SLAClass
+    from batchpilot.server.metrics import FinishedRequest, _attained
+
+    cls = SLAClass("interactive", tpot_ms=50, ttft_ms=1000)
+
+    def done(ttft_s, e2e_s, tokens=11, reason="stop"):
+        return FinishedRequest(10, tokens, 16, 1, ttft_s, e2e_s, 0.0, reason, cls)
+
+    assert _attained(done(0.5, 0.5 + 10 * 0.05), cls) == "true"  # exactly 50 ms per token
+    assert _attained(done(0.5, 0.5 + 10 * 0.051), cls) == "false"  # TPOT over
+    assert _attained(done(1.2, 1.3), cls) == "false"  # TTFT over
+    assert _attained(done(0.5, 0.5, tokens=1), cls) == "true"  # one token: no TPOT to judge
+    assert _attained(done(0.1, 0.2, reason=None), cls) == "false"  # aborted
+    assert _attained(done(9.0, 99.0), SLAClass("batch")) == "none"

@@ -2,6 +2,8 @@
 
 import asyncio
 import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -299,3 +301,25 @@ def test_requests_name_their_sla_class_in_the_body_or_a_header(server):
     r = httpx.post(f"{server}/v1/completions", json=body, headers={"x-batchpilot-sla": "gold"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "x-batchpilot-sla"
     assert "gold" in r.json()["error"]["message"] and "interactive" in r.json()["error"]["message"]
+    # /metrics counts each class's finished requests against its targets (the batch class has none)
+    # (whether the interactive one met 60 ms per token on this host is not the point here)
+    labels = 'batchpilot:sla_class_requests_total{{attained="{}",model_name="{}",sla_class="{}"}}'
+    text = httpx.get(f"{server}/metrics").text
+    assert labels.format("true", MODEL, "interactive") in text or labels.format("false", MODEL, "interactive") in text
+    assert metric(server, labels.format("none", MODEL, "batch")) >= 1
+
+
+def test_bench_serve_reports_each_sla_class(server, tmp_path):
+    out = tmp_path / "serve.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "batchpilot.cli", "bench", "serve", "--base-url", server, "--num-prompts", "8",
+         "--input-len", "8", "--output-len", "4", "--ignore-eos", "--sla-mix", "interactive:0.5,batch:0.5",
+         "--sla-class", "interactive:tpot=60000,ttft=60000", "--no-progress", "--output-json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    classes = result["classes"]
+    assert result["completed"] == 8 and set(classes) == {"interactive", "batch"}
+    assert classes["interactive"]["completed"] + classes["batch"]["completed"] == 8
+    assert classes["interactive"]["sla_attainment"] == 1.0 and "sla_attainment" not in classes["batch"]
+    assert "interactive" in r.stdout

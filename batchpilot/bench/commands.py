@@ -12,13 +12,15 @@ from batchpilot.bench.capacity import search_capacity
 from batchpilot.bench.metrics import DEFAULT_PERCENTILES, SLA
 from batchpilot.bench.results import print_result, write_json
 from batchpilot.bench.serve import benchmark
-from batchpilot.bench.workload import add_workload_args, build_payloads
-from batchpilot.config import DEFAULT_MODEL_NAME
+from batchpilot.bench.workload import add_workload_args, assign_sla_classes, build_payloads, parse_sla_mix
+from batchpilot.config import DEFAULT_MODEL_NAME, SLAClass
 
 TABLE_KEYS = ["completed", "failed", "duration", "request_throughput", "output_throughput", "total_token_throughput",
               "mean_ttft_ms", "median_ttft_ms", "p90_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms",
               "p90_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "p99_itl_ms", "mean_e2el_ms", "p99_e2el_ms",
               "sla_attainment", "request_goodput"]
+CLASS_KEYS = ["completed", "failed", "output_throughput", "p90_ttft_ms", "p90_tpot_ms", "sla_attainment",
+              "request_goodput"]
 
 
 def _rate(text: str) -> float:
@@ -39,6 +41,10 @@ def add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sla", default=None, help="ttft:MS,tpot:MS,e2el:MS for SLA attainment and goodput")
     p.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS",
                    help="vLLM's spelling of --sla: ttft:MS tpot:MS e2el:MS")
+    p.add_argument("--sla-mix", default=None, metavar="NAME:SHARE,...",
+                   help="send each request in an SLA class (body field sla_class), e.g. interactive:0.3,batch:0.7")
+    p.add_argument("--sla-class", action="append", default=[], metavar="NAME:tpot=MS,ttft=MS",
+                   help="a class's targets (the server's syntax), for per-class attainment and goodput")
     p.add_argument("--timeout", type=float, default=600, help="seconds per request")
     p.add_argument("--output-json", default=None)
     p.add_argument("--save-result", action="store_true", help="vLLM's: write the result to --result-dir")
@@ -66,6 +72,9 @@ def add_bench_commands(sub) -> None:
     cap.add_argument("--tolerance", type=float, default=0.1, help="relative width of the final bracket")
     cap.add_argument("--probe-seconds", type=float, default=60, help="arrivals per probe span this long")
     cap.add_argument("--max-probes", type=int, default=10)
+    cap.add_argument("--capacity-class", default=None, metavar="NAME",
+                     help="search the rate at which this --sla-mix class keeps its --sla-class targets (the other "
+                          "classes ride along: the report gives the total throughput at each probe)")
     cap.set_defaults(func=cmd_capacity)
 
 
@@ -100,9 +109,24 @@ def check_client_args(args: argparse.Namespace) -> SLA | None:
     percentiles(args)  # bad percentile flags fail before any load, not after it
     if args.sla and args.goodput:
         raise ValueError("--sla and --goodput are two spellings of the same targets: give one")
+    class_slas(args)
     if args.goodput:
         return SLA.parse(" ".join(args.goodput), "--goodput")
     return SLA.parse(args.sla) if args.sla else None
+
+
+def class_slas(args: argparse.Namespace) -> dict[str, SLA | None]:
+    """Each class of --sla-mix (and --sla-class) with its targets (None: none stated)."""
+    targets = {c.name: SLA(ttft_ms=c.ttft_ms, tpot_ms=c.tpot_ms) if c.tpot_ms or c.ttft_ms else None
+               for c in (SLAClass.parse(text) for text in args.sla_class)}
+    mix = parse_sla_mix(args.sla_mix) if args.sla_mix else {}
+    missing = sorted(set(targets) - set(mix))
+    if mix and missing:
+        raise ValueError(f"--sla-class {', '.join(missing)}: not in --sla-mix ({args.sla_mix})")
+    if getattr(args, "capacity_class", None) and targets.get(args.capacity_class) is None:
+        raise ValueError(f"--capacity-class {args.capacity_class}: give its targets with --sla-class "
+                         f"{args.capacity_class}:tpot=MS,ttft=MS")
+    return {name: targets.get(name) for name in mix}
 
 
 def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -116,7 +140,10 @@ def run_serve(args: argparse.Namespace, rate: float, num_prompts: int, sla: SLA 
 
     tokenizer = load_tokenizer(args.tokenizer)
     payloads = build_payloads(args, tokenizer, args.model, num_prompts, args.seed)
-    result = benchmark(args.base_url.rstrip("/"), payloads, rate, sla, **load_kwargs(args))
+    if args.sla_mix:
+        assign_sla_classes(payloads, parse_sla_mix(args.sla_mix), args.seed)
+    result = benchmark(args.base_url.rstrip("/"), payloads, rate, sla, class_slas=class_slas(args),
+                       **load_kwargs(args))
     chat = any(p.path.endswith("/chat/completions") for p in payloads)
     return {"date": datetime.now().strftime("%Y%m%d-%H%M%S"), "backend": "openai-chat" if chat else "openai",
             "model_id": args.model, "tokenizer_id": args.tokenizer or args.model, "num_prompts": num_prompts,
@@ -127,6 +154,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sla = check_client_args(args)
     result = run_serve(args, args.request_rate, args.num_prompts, sla)
     print_result(result, f"bench serve: {args.base_url} ({args.dataset_name}, rate {args.request_rate})", TABLE_KEYS)
+    for name, summary in result.get("classes", {}).items():
+        print_result(summary, f"SLA class {name}", CLASS_KEYS)
     _write(args.output_json, result)
     if args.save_result:
         _write(str(Path(args.result_dir or ".") / (args.result_filename or _vllm_result_name(result))), result)
@@ -140,28 +169,34 @@ def _vllm_result_name(result: dict[str, Any]) -> str:
     return f"{result['backend']}-{concurrency}{result['request_rate']}qps-{model}-{result['date']}.json"
 
 
-def capacity(args: argparse.Namespace, sla: SLA) -> dict[str, Any]:
-    """Run the capacity search against args.base_url; returns the rate, the curve and the probes."""
+def capacity(args: argparse.Namespace, sla: SLA | None) -> dict[str, Any]:
+    """Run the capacity search against args.base_url; returns the rate, the curve and the probes.
+    With --capacity-class, the attainment searched is that class's, against its own targets."""
     probes: list[dict[str, Any]] = []
+    held = args.capacity_class
 
     def probe(rate: float) -> float:
         n = max(args.num_prompts, int(rate * args.probe_seconds))
         result = run_serve(args, rate, n, sla)
         probes.append(result)
-        print(f"  probe {rate:.3f} req/s: SLA attainment {result['sla_attainment']:.3f} ({n} requests)", flush=True)
-        return result["sla_attainment"]
+        attainment = result["classes"][held]["sla_attainment"] if held else result["sla_attainment"]
+        print(f"  probe {rate:.3f} req/s: SLA attainment {attainment:.3f}{f' ({held})' if held else ''}, "
+              f"{result['output_throughput']:.1f} out tok/s ({n} requests)", flush=True)
+        return attainment
 
     found = search_capacity(probe, args.target, args.start_rate, args.tolerance, args.max_probes)
     return {"capacity": found.capacity, "capacity_bounded": found.bounded, "target": args.target, "sla": args.sla,
+            "capacity_class": held,
             "curve": [{"rate": r, "sla_attainment": a} for r, a in found.curve], "probes": probes}
 
 
 def cmd_capacity(args: argparse.Namespace) -> int:
     sla = check_client_args(args)
-    if sla is None:
-        raise ValueError("--sla is required for bench capacity (for example --sla tpot:100)")
+    if sla is None and not args.capacity_class:
+        raise ValueError("--sla (or --capacity-class) is required for bench capacity (for example --sla tpot:100)")
     result = capacity(args, sla)
-    print(f"capacity: {result['capacity']:.3f} req/s at SLA {args.sla} for {args.target:.0%} of requests")
+    held = f"class {args.capacity_class}'s SLA" if args.capacity_class else f"SLA {args.sla}"
+    print(f"capacity: {result['capacity']:.3f} req/s at {held} for {args.target:.0%} of requests")
     for point in result["curve"]:
         print(f"  {point['rate']:8.3f} req/s  attainment {point['sla_attainment']:.3f}")
     _write(args.output_json, result)

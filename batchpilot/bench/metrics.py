@@ -21,6 +21,7 @@ class RequestRecord:
     success: bool = True
     error: str | None = None
     start_s: float = 0.0  # when the request was sent, from the start of the run
+    sla_class: str | None = None  # the SLA class it named, if any
 
     @property
     def tpot_s(self) -> float | None:
@@ -106,6 +107,14 @@ def summarize(records: list[RequestRecord], duration_s: float, sla: SLA | None =
         result["sla_attainment"] = good / len(records) if records else 0.0
         result["request_goodput"] = good / duration_s
     return result
+
+
+def summarize_classes(records: list[RequestRecord], duration_s: float, slas: dict[str, SLA | None]
+                      ) -> dict[str, dict[str, float]]:
+    """`summarize` for each SLA class's requests, judged against that class's targets (None: no
+    target, so attainment is not reported for it)."""
+    return {name: summarize([r for r in records if r.sla_class == name], duration_s, sla)
+            for name, sla in slas.items()}
 
 
 PER_REQUEST_KEYS = ("input_lens", "output_lens", "ttfts", "itls", "e2els", "start_times", "errors")

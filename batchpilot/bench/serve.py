@@ -18,7 +18,14 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from batchpilot.bench.metrics import DEFAULT_PERCENTILES, SLA, RequestRecord, per_request_lists, summarize
+from batchpilot.bench.metrics import (
+    DEFAULT_PERCENTILES,
+    SLA,
+    RequestRecord,
+    per_request_lists,
+    summarize,
+    summarize_classes,
+)
 from batchpilot.bench.traces import at_rate
 
 
@@ -75,7 +82,8 @@ async def send(client: httpx.AsyncClient, base_url: str, payload: Payload, heade
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")[:300]
                 return RequestRecord(payload.prompt_len or 0, 0, 0.0, time.perf_counter() - start, success=False,
-                                     error=f"HTTP {response.status_code}: {text}", start_s=sent)
+                                     error=f"HTTP {response.status_code}: {text}", start_s=sent,
+                                     sla_class=payload.body.get("sla_class"))
             async for event in _sse_events(response):
                 if "error" in event:
                     raise RuntimeError(event["error"].get("message", "stream error"))
@@ -94,13 +102,13 @@ async def send(client: httpx.AsyncClient, base_url: str, payload: Payload, heade
                     chunks += 1
     except (httpx.HTTPError, RuntimeError, json.JSONDecodeError) as e:
         return RequestRecord(payload.prompt_len or 0, 0, 0.0, time.perf_counter() - start, success=False,
-                             error=f"{type(e).__name__}: {e}", start_s=sent)
+                             error=f"{type(e).__name__}: {e}", start_s=sent, sla_class=payload.body.get("sla_class"))
     e2e = time.perf_counter() - start
     output_len = usage["completion_tokens"] if usage else chunks
     prompt_len = usage["prompt_tokens"] if usage else (payload.prompt_len or 0)
     if ttft is None:  # nothing streamed: count it as done at the end
         ttft = e2e
-    return RequestRecord(prompt_len, output_len, ttft, e2e, gaps, start_s=sent)
+    return RequestRecord(prompt_len, output_len, ttft, e2e, gaps, start_s=sent, sla_class=payload.body.get("sla_class"))
 
 
 async def run_load(base_url: str, payloads: list[Payload], rate: float | None, burstiness: float = 1.0,
@@ -152,14 +160,18 @@ def error_summary(records: Iterable[RequestRecord]) -> dict[str, int]:
 
 
 def benchmark(base_url: str, payloads: list[Payload], rate: float | None, sla: SLA | None = None,
-              percentiles: tuple[float, ...] = DEFAULT_PERCENTILES, **kwargs: Any) -> dict[str, Any]:
-    """Run a load and summarise it (vLLM's keys and per-request lists, plus SLA attainment and goodput)."""
+              percentiles: tuple[float, ...] = DEFAULT_PERCENTILES, class_slas: dict[str, SLA | None] | None = None,
+              **kwargs: Any) -> dict[str, Any]:
+    """Run a load and summarise it (vLLM's keys and per-request lists, plus SLA attainment and goodput;
+    with `class_slas`, the same per SLA class under "classes", each against its own targets)."""
     try:
         records, duration = asyncio.run(run_load(base_url, payloads, rate, **kwargs))
         interrupted = False
     except KeyboardInterrupt:  # asyncio.run cancelled the load; nothing more to report than this
         records, duration, interrupted = [], 0.0, True
     result: dict[str, Any] = summarize(records, duration, sla, percentiles)
+    if class_slas:
+        result["classes"] = summarize_classes(records, duration, class_slas)
     result["request_rate"] = ("trace" if payloads and payloads[0].arrival_s is not None else float("inf")
                               ) if rate is None else rate
     result |= per_request_lists(records)

@@ -100,3 +100,29 @@ def build_payloads(args: argparse.Namespace, tokenizer: TextTokenizer, model: st
             body = {**common, "prompt": r.prompt, "max_tokens": r.max_tokens, "ignore_eos": ignore_eos}
             payloads.append(Payload("/v1/completions", body, r.prompt_len, r.arrival_s))
     return payloads
+
+
+def parse_sla_mix(text: str) -> dict[str, float]:
+    """'interactive:0.3,batch:0.7' -> {name: share}; shares are normalised to sum to 1."""
+    mix: dict[str, float] = {}
+    for item in filter(None, text.split(",")):
+        name, _, share = item.partition(":")
+        try:
+            value = float(share)
+        except ValueError:
+            raise ValueError(f"--sla-mix: expected NAME:SHARE,..., got {item!r}") from None
+        if not name or name in mix or not 0 < value < float("inf"):
+            raise ValueError(f"--sla-mix: expected NAME:SHARE with a positive share and each name once, got {item!r}")
+        mix[name] = value
+    if not mix:
+        raise ValueError(f"--sla-mix: expected NAME:SHARE,..., got {text!r}")
+    total = sum(mix.values())
+    return {name: share / total for name, share in mix.items()}
+
+
+def assign_sla_classes(payloads: list[Payload], mix: dict[str, float], seed: int) -> None:
+    """Put each payload in a class drawn from the mix (seeded: the same requests get the same classes)."""
+    rng = np.random.default_rng(seed + 7)
+    names = list(mix)
+    for payload, k in zip(payloads, rng.choice(len(names), size=len(payloads), p=list(mix.values()))):
+        payload.body["sla_class"] = names[k]

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from batchpilot.config import SLAClass
 from batchpilot.controllers.base import BatchController, StepStats
 from batchpilot.engine.output_processor import OutputProcessor, RequestOutput
 from batchpilot.engine.outputs import RequestUpdate, RunnerOutput, SchedulerOutput
@@ -120,11 +121,11 @@ class LLMEngine:
         self.counters.num_requests_added += 1
         return rid
 
-    def check_options(self, priority: int, sla_class: str | None) -> None:
-        """Raise RequestRejectedError for a priority the policy ignores or an unknown SLA class.
-        Safe from any thread."""
+    def check_options(self, priority: int, sla_class: str | None) -> SLAClass | None:
+        """The SLA class a request naming `sla_class` runs under; raises RequestRejectedError for a
+        priority the policy ignores or an unknown class. Safe from any thread."""
         self.scheduler.check_priority(priority)
-        self.scheduler.sla_class(sla_class)
+        return self.scheduler.sla_class(sla_class)
 
     def check_prompt(self, token_ids: list[int]) -> None:
         """Raise RequestRejectedError for a prompt that could never run. Safe from any thread."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from batchpilot.config import SLAClass
 from batchpilot.controllers.base import StepStats
 from batchpilot.engine.engine import LLMEngine
 
@@ -55,6 +56,7 @@ class FinishedRequest:
     e2e_s: float
     queue_s: float | None  # until the scheduler first admitted it
     finish_reason: str | None
+    sla_class: SLAClass | None = None  # the SLA class it ran under
 
 
 class EngineCollector:
@@ -152,6 +154,10 @@ class ServerMetrics:
         self.series = [_Series(p, self.registry, engine.snapshot().max_model_len) for p in prefixes]
         self.rejected = Counter(f"{OWN_PREFIX}:request_rejected", "Requests refused before reaching the engine.",
                                 ["model_name", "status"], registry=self.registry)
+        self.class_requests = Counter(
+            f"{OWN_PREFIX}:sla_class_requests", "Finished requests per SLA class, and whether they met the class's "
+            "TTFT and TPOT targets (attained: true, false, or none for a class without targets).",
+            ["model_name", "sla_class", "attained"], registry=self.registry)
 
     def observe_step(self, stats: StepStats) -> None:
         """Called after every engine step (on the engine's thread)."""
@@ -183,3 +189,19 @@ class ServerMetrics:
             s.max_tokens.labels(m).observe(r.max_tokens)
             s.n.labels(m).observe(r.n)
             s.success.labels(m, r.finish_reason or "abort").inc()
+        if r.sla_class is not None:
+            self.class_requests.labels(m, r.sla_class.name, _attained(r, r.sla_class)).inc()
+
+
+def _attained(r: FinishedRequest, cls: SLAClass) -> str:
+    """'true' when a finished request met its class's targets, 'false' when not, 'none' without targets."""
+    if cls.ttft_ms is None and cls.tpot_ms is None:
+        return "none"
+    if r.finish_reason is None or r.ttft_s is None:  # aborted, or no token
+        return "false"
+    if cls.ttft_ms is not None and r.ttft_s * 1000 > cls.ttft_ms:
+        return "false"
+    if cls.tpot_ms is not None and r.num_generation_tokens > 1 \
+            and (r.e2e_s - r.ttft_s) / (r.num_generation_tokens - 1) * 1000 > cls.tpot_ms:
+        return "false"
+    return "true"

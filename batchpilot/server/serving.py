@@ -18,6 +18,7 @@ from typing import Any
 
 from jinja2 import TemplateError
 
+from batchpilot.config import SLAClass
 from batchpilot.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from batchpilot.engine.output_processor import RequestOutput
 from batchpilot.engine.scheduler import RequestRejectedError
@@ -67,7 +68,8 @@ class Job:
     prompts: list[list[int]]
     params: SamplingParams
     priority: int = 0
-    sla_class: str | None = None
+    sla_class: str | None = None  # the name the request gave (None: the server's default class)
+    sla: SLAClass | None = None  # the class it runs under
     created: int = field(default_factory=lambda: int(time.time()))
     release: Callable[[], Any] = field(default=lambda: None, repr=False)
 
@@ -175,22 +177,22 @@ class Serving:
             raise APIError(400, "prompt must not be empty", "prompt")
         return [await self._encode(p, "prompt") if isinstance(p, str) else list(p) for p in items]
 
-    def _options(self, req: Any, sla_header: str | None) -> tuple[int, str | None]:
-        """The request's priority and SLA class name (the body's field, else the header), checked."""
-        sla_class = req.sla_class if req.sla_class is not None else sla_header
+    def _options(self, req: Any, sla_header: str | None) -> tuple[int, str | None, SLAClass | None]:
+        """The request's priority, SLA class name (the body's field, else the header) and class, checked."""
+        name = req.sla_class if req.sla_class is not None else sla_header
         try:
-            self.engine.engine.check_options(0, sla_class)
+            cls = self.engine.engine.check_options(0, name)
         except RequestRejectedError as e:
             raise APIError(400, f"sla_class: {e}", "sla_class" if req.sla_class is not None else SLA_HEADER) from e
         try:
             self.engine.engine.check_options(req.priority, None)
         except RequestRejectedError as e:
             raise APIError(400, f"priority: {e}", "priority") from e
-        return req.priority, sla_class
+        return req.priority, name, cls
 
     def _job(self, kind: str, prompts: list[list[int]], req: Any, max_tokens: int | None,
              logprobs: int | None, prompt_param: str, sla_header: str | None = None) -> Job:
-        priority, sla_class = self._options(req, sla_header)
+        priority, sla_class, sla = self._options(req, sla_header)
         longest = max(len(p) for p in prompts)
         for p in prompts:
             try:
@@ -217,7 +219,7 @@ class Serving:
             )
         except SamplingParamsError as e:
             raise APIError(400, str(e), e.param) from e
-        job = Job(f"{kind}-{uuid.uuid4().hex}", prompts, params, priority, sla_class)
+        job = Job(f"{kind}-{uuid.uuid4().hex}", prompts, params, priority, sla_class, sla)
         if job.num_choices > self.max_queue:  # could never be queued: not a retryable 503
             raise APIError(400, f"{len(prompts)} prompt(s) x n={params.n} = {job.num_choices} sequences, more "
                            f"than the server queues at once (--max-queue {self.max_queue})",
@@ -270,7 +272,8 @@ class Serving:
             for i, c in enumerate(choices):
                 self.metrics.observe_request(FinishedRequest(
                     len(job.prompts[i // job.params.n]), len(c.token_ids), job.params.max_tokens, job.params.n,
-                    c.first_token_s, e2e if c.finished_s is None else c.finished_s, c.queue_s, c.finish_reason))
+                    c.first_token_s, e2e if c.finished_s is None else c.finished_s, c.queue_s, c.finish_reason,
+                    job.sla))
             first = min((c.first_token_s for c in choices if c.first_token_s is not None), default=None)
             access_log.info(json.dumps({
                 "id": job.request_id, "prompt_tokens": sum(len(p) for p in job.prompts),

@@ -35,6 +35,8 @@ class SimRequest:
     # The client's cap, when the model chooses the length (stops at output_len below it); None: the
     # output is forced to output_len (max_tokens = output_len, ignore_eos), as vLLM's random dataset.
     max_tokens: int | None = None
+    priority: int = 0
+    sla_class: str | None = None  # one of the SchedulerConfig's classes
 
 
 def make_workload(n: int, rate: float, input_dist: LengthDist, output_dist: LengthDist, seed: int = 0,
@@ -96,7 +98,8 @@ def _simulate(workload: list[SimRequest], step_time: Callable[[StepShape], float
         # NOTE: no prefix caching: simulated prompts are placeholder tokens ([0] * length), not text.
         pool = BlockPool(kv_capacity_tokens // block_size, block_size)
         sched = Scheduler(scheduler, KVCacheManager(pool, enable_prefix_caching=False),
-                          make_controller(controller), max_model_len)
+                          make_controller(controller, tuple(c.tpot_ms for c in scheduler.sla_classes
+                                                            if c.tpot_ms is not None)), max_model_len)
         path = trace_path if replicas == 1 or trace_path is None else f"{trace_path}.r{k}"
         trace = TraceWriter(path) if path else None
         engines.append(LLMEngine(sched, SimulatedExecutor(step_time, clock, stop_at), tokenizer=None, clock=clock,
@@ -123,7 +126,7 @@ def _simulate(workload: list[SimRequest], step_time: Callable[[StepShape], float
                 params = SamplingParams(temperature=0, max_tokens=w.max_tokens, stop_token_ids=[STOP_TOKEN])
                 stop_at[str(i)] = w.output_len
             try:
-                engines[k].add_request([0] * w.prompt_len, params, request_id=str(i))
+                engines[k].add_request([0] * w.prompt_len, params, str(i), w.priority, w.sla_class)
                 served[k] += 1
                 free_at[k] = max(free_at[k], w.arrival_s)
             except RequestRejectedError:
@@ -141,7 +144,7 @@ def _simulate(workload: list[SimRequest], step_time: Callable[[StepShape], float
                 stop_at.pop(rid, None)
                 w = workload[int(rid)]
                 records[rid] = RequestRecord(w.prompt_len, w.output_len, first[rid] - w.arrival_s,
-                                             clock.t - w.arrival_s)
+                                             clock.t - w.arrival_s, sla_class=w.sla_class)
         free_at[next_step] = clock.t
     for e in engines:
         if e.trace is not None:
