@@ -50,9 +50,34 @@ def run_one(args, server_args: list[str], rate: float, tmp: Path) -> dict:
             "batch_p90_ttft_ms": result["classes"]["batch"].get("p90_ttft_ms"), "failed": result["failed"]}
 
 
+def find_lstar(args, statics: list[int], tmp: Path) -> float:
+    """The highest rate at which a static limit keeps --lstar-target of requests inside the
+    interactive SLA when every request is interactive (bench capacity, one server per limit)."""
+    best = 0.0
+    for b in statics:
+        out = tmp / "capacity.json"
+        cmd = [*SERVE, *args.server_args.split(), "--batch-controller", "static", "--max-num-seqs", str(b), *NAMES]
+        with server(cmd, tmp / "server.log", 300) as (url, _):
+            subprocess.run([sys.executable, "-m", "batchpilot.cli", "bench", "capacity", "--base-url", url,
+                            "--input-dist", "uniform:100:300", "--output-dist", "uniform:64:192", "--ignore-eos",
+                            "--sla-mix", "interactive:1", "--sla-class", f"interactive:{args.interactive}",
+                            "--capacity-class", "interactive", "--target", str(args.lstar_target),
+                            "--start-rate", "1", "--tolerance", "0.15", "--probe-seconds", str(args.probe_seconds),
+                            "--num-prompts", "40", "--seed", str(args.seed), "--no-progress",
+                            "--output-json", str(out)], check=True, capture_output=True, text=True, timeout=3600)
+        found = json.loads(out.read_text())
+        curve = ", ".join(f"{c['rate']:.2f}: {c['sla_attainment']:.2f}" for c in found["curve"])
+        print(f"  one class, static-{b}: capacity {found['capacity']:.2f} req/s ({curve})", file=sys.stderr, flush=True)
+        best = max(best, found["capacity"])
+    return best
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rates", default="3,5")
+    p.add_argument("--rates", default="3,5", help="request rates, or 'lstar' to measure L* first (--lstar-statics)")
+    p.add_argument("--lstar-statics", default="16,32", help="static limits whose one-class capacity defines L*")
+    p.add_argument("--lstar-target", type=float, default=0.99)
+    p.add_argument("--probe-seconds", type=float, default=40)
     p.add_argument("--rounds", type=int, default=1, help="each round runs every policy, in reversed order")
     p.add_argument("--num-prompts", type=int, default=200)
     p.add_argument("--interactive", default="tpot=40,ttft=2000")
@@ -65,8 +90,15 @@ def main() -> int:
     targets = dict(item.split("=") for item in args.interactive.split(","))
     configs = policies(float(targets["tpot"]), float(targets["ttft"]), [int(b) for b in args.statics.split(",")])
     results: dict[str, dict[str, list[dict]]] = {}
+    lstar = None
     with tempfile.TemporaryDirectory() as tmp:
-        for rate in (float(r) for r in args.rates.split(",")):
+        if args.rates == "lstar":
+            lstar = find_lstar(args, [int(b) for b in args.lstar_statics.split(",")], Path(tmp))
+            print(f"L* = {lstar:.2f} req/s (all traffic interactive, {args.lstar_target:.0%} in SLA)", flush=True)
+            rates = [lstar]
+        else:
+            rates = [float(r) for r in args.rates.split(",")]
+        for rate in rates:
             runs = results.setdefault(str(rate), {name: [] for name in configs})
             for k in range(args.rounds):
                 for name in (list(configs) if k % 2 == 0 else list(reversed(configs))):
@@ -85,7 +117,8 @@ def main() -> int:
                       f" | {cells('interactive_p90_tpot_ms', '{:.0f}')} | {cells('interactive_p90_ttft_ms', '{:.0f}')}"
                       f" | {cells('batch_p90_ttft_ms', '{:.0f}')} |", flush=True)
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+        report = {"args": vars(args), "lstar": lstar, "results": results}
+        Path(args.output_json).write_text(json.dumps(report, indent=2))
     return 0
 
 
