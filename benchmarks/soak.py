@@ -77,6 +77,23 @@ def histogram_percentiles(url: str, name: str, qs: tuple[int, ...]) -> dict[int,
     return result
 
 
+def server_tpot_percentiles(log_text: str) -> dict[str, float]:
+    """Each finished request's TPOT from the server's access lines (TTFT and E2E as the server
+    measured them, before the client's own delays): P50/P90/P99 in ms."""
+    tpots = []
+    for line in log_text.splitlines():
+        start = line.find('{"id": ')
+        if start < 0:
+            continue
+        entry = json.loads(line[start:])
+        if entry["ttft_ms"] is not None and entry["completion_tokens"] > 1 and entry["finish_reasons"] != ["abort"]:
+            tpots.append((entry["e2e_ms"] - entry["ttft_ms"]) / (entry["completion_tokens"] - 1))
+    if not tpots:
+        return {}
+    return {f"server_access_p{q}_tpot_ms": float(np.percentile(tpots, q)) for q in (50, 90, 99)} | {
+        "server_access_requests": len(tpots)}
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -213,12 +230,15 @@ def main() -> int:
                    help="offered load above capacity: a fast 503 with Retry-After is a refusal, not a loss")
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
-    cmd = [sys.executable, "-m", "batchpilot.cli", "--log-level", "WARNING", "serve", *args.server_args.split()]
+    # INFO: the server logs one access line per request (its TTFT and E2E as the engine saw them)
+    cmd = [sys.executable, "-m", "batchpilot.cli", "--log-level", "INFO", "serve", *args.server_args.split()]
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "server.log"
         with server(cmd, log, 300) as (url, proc):
             result = asyncio.run(load(url, proc.pid, args))
-        result["server_log_tracebacks"] = log.read_text().count("Traceback")
+        text = log.read_text()
+        result["server_log_tracebacks"] = text.count("Traceback")
+        result |= server_tpot_percentiles(text)
     failures = verdict(result, args.max_growth, args.overload)
     result["failures"] = failures
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
