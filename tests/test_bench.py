@@ -107,32 +107,29 @@ class RateLimitedEndpoint:
         self.thread.join(timeout=10)
 
 
-def test_capacity_command_on_a_fake_endpoint_whose_latency_depends_on_load(tmp_path):
+def _capacity_on_a_fake_endpoint(tmp_path, *flags: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """`bench capacity` against an endpoint whose latency jumps above 8 req/s; its run and result."""
     out = tmp_path / "cap.json"
     with RateLimitedEndpoint(capacity=8.0) as url:
         r = subprocess.run(
-            [sys.executable, "-m", "batchpilot.cli", "bench", "capacity", "--base-url", url, "--sla", "tpot:20",
+            [sys.executable, "-m", "batchpilot.cli", "bench", "capacity", "--base-url", url, *flags,
              "--start-rate", "2", "--tolerance", "0.15", "--probe-seconds", "3", "--num-prompts", "12",
              "--burstiness", "1000", "--input-len", "4", "--output-len", "5", "--no-progress",
              "--output-json", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
     assert 8.0 / 1.15 * 0.95 <= result["capacity"] <= 8.0 * 1.03, result["curve"]
+    return r, result
+
+
+def test_capacity_command_on_a_fake_endpoint_whose_latency_depends_on_load(tmp_path):
+    r, _ = _capacity_on_a_fake_endpoint(tmp_path, "--sla", "tpot:20")
     assert "capacity:" in r.stdout
 
 
 def test_capacity_can_hold_one_classs_sla(tmp_path):
-    out = tmp_path / "cap.json"
-    with RateLimitedEndpoint(capacity=8.0) as url:
-        r = subprocess.run(
-            [sys.executable, "-m", "batchpilot.cli", "bench", "capacity", "--base-url", url, "--sla-mix",
-             "strict:0.5,loose:0.5", "--sla-class", "strict:tpot=20", "--capacity-class", "strict",
-             "--start-rate", "2", "--tolerance", "0.15", "--probe-seconds", "3", "--num-prompts", "12",
-             "--burstiness", "1000", "--input-len", "4", "--output-len", "5", "--no-progress",
-             "--output-json", str(out)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    result = json.loads(out.read_text())
-    assert 8.0 / 1.15 * 0.95 <= result["capacity"] <= 8.0 * 1.03, result["curve"]
+    r, result = _capacity_on_a_fake_endpoint(tmp_path, "--sla-mix", "strict:0.5,loose:0.5", "--sla-class",
+                                             "strict:tpot=20", "--capacity-class", "strict")
     assert result["capacity_class"] == "strict" and "class strict's SLA" in r.stdout
     probe = result["probes"][0]["classes"]
     assert set(probe) == {"strict", "loose"} and "sla_attainment" not in probe["loose"]
