@@ -13,7 +13,8 @@ from batchpilot.controllers.static import StaticController
 
 def make_controller(config: ControllerConfig, class_tpots_ms: tuple[float, ...] = ()) -> BatchController:
     """Build the controller the config names (the config has been validated). `class_tpots_ms`:
-    the TPOT targets of the SLA classes requests may name (SchedulerConfig.sla_classes)."""
+    the TPOT targets of the SLA classes requests may name (SchedulerConfig.sla_classes); each gets its
+    own loop, with a band of 10% of its target (--sla-tolerance-ms sets --sla-tpot-ms's band only)."""
     if config.name == "static":
         return StaticController(config.max_num_seqs)
     if config.name == "sglang":
