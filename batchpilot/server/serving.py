@@ -68,8 +68,7 @@ class Job:
     prompts: list[list[int]]
     params: SamplingParams
     priority: int = 0
-    sla_class: str | None = None  # the name the request gave (None: the server's default class)
-    sla: SLAClass | None = None  # the class it runs under
+    sla: SLAClass | None = None  # the class it runs under (named by the request, or the default)
     created: int = field(default_factory=lambda: int(time.time()))
     release: Callable[[], Any] = field(default=lambda: None, repr=False)
 
@@ -177,8 +176,8 @@ class Serving:
             raise APIError(400, "prompt must not be empty", "prompt")
         return [await self._encode(p, "prompt") if isinstance(p, str) else list(p) for p in items]
 
-    def _options(self, req: Any, sla_header: str | None) -> tuple[int, str | None, SLAClass | None]:
-        """The request's priority, SLA class name (the body's field, else the header) and class, checked."""
+    def _options(self, req: Any, sla_header: str | None) -> tuple[int, SLAClass | None]:
+        """The request's priority and SLA class (named by the body's field, else the header), checked."""
         name = req.sla_class if req.sla_class is not None else sla_header
         try:
             cls = self.engine.engine.check_options(0, name)
@@ -188,11 +187,11 @@ class Serving:
             self.engine.engine.check_options(req.priority, None)
         except RequestRejectedError as e:
             raise APIError(400, f"priority: {e}", "priority") from e
-        return req.priority, name, cls
+        return req.priority, cls
 
     def _job(self, kind: str, prompts: list[list[int]], req: Any, max_tokens: int | None,
              logprobs: int | None, prompt_param: str, sla_header: str | None = None) -> Job:
-        priority, sla_class, sla = self._options(req, sla_header)
+        priority, sla = self._options(req, sla_header)
         longest = max(len(p) for p in prompts)
         for p in prompts:
             try:
@@ -219,7 +218,7 @@ class Serving:
             )
         except SamplingParamsError as e:
             raise APIError(400, str(e), e.param) from e
-        job = Job(f"{kind}-{uuid.uuid4().hex}", prompts, params, priority, sla_class, sla)
+        job = Job(f"{kind}-{uuid.uuid4().hex}", prompts, params, priority, sla)
         if job.num_choices > self.max_queue:  # could never be queued: not a retryable 503
             raise APIError(400, f"{len(prompts)} prompt(s) x n={params.n} = {job.num_choices} sequences, more "
                            f"than the server queues at once (--max-queue {self.max_queue})",
@@ -245,7 +244,7 @@ class Serving:
         for i, prompt in enumerate(job.prompts):
             for k, p in enumerate(fan_out(job.params)):
                 streams.append(self.engine.generate(prompt, p, f"{job.request_id}-{i * job.params.n + k}",
-                                                    job.priority, job.sla_class))
+                                                    job.priority, job.sla.name if job.sla else None))
         start = time.perf_counter()
         try:
             async for index, delta in _merge(streams):
