@@ -11,7 +11,8 @@ run on the machine meanwhile.
 
 Single runs on a 2-core cloud host differ by up to ~15%, more than most regrets: `--repeats N` runs
 the whole alternated order N times (the order reversed on odd rounds) and scores each policy by its
-median, with the spread (max / min - 1) beside it.
+median, with the spread (max / min - 1) beside it, and by its paired regret: the median over rounds
+of its regret against the best static's run of the same round (drift between rounds cancels).
 
 The host's own speed drifts by 10-45% within minutes on some hosts. With `--probe` a fixed piece of
 work (the model's matmul shape and a memory sweep, `host_seconds`) is timed between runs, and each
@@ -105,6 +106,23 @@ def _median_row(runs: list[dict]) -> dict:
     return row | spread | {"repeats": len(runs)}
 
 
+def paired_regret(runs: dict[str, list[dict]], best: str) -> dict[str, dict]:
+    """Each policy's regret against the best static (`best`, chosen by median) round by round: the
+    two runs of a round sit close together in the alternated order, so host drift between rounds
+    cancels in their ratio. The median of the rounds' regrets, their range, and in how many rounds
+    the policy beat static 256 (vLLM's default) when it was run."""
+    out = {}
+    for name, rs in runs.items():
+        per_round = [1 - r["output_throughput"] / b["output_throughput"] for r, b in zip(rs, runs[best])]
+        row = {"paired_regret": statistics.median(per_round),
+               "paired_regret_range": [min(per_round), max(per_round)]}
+        if "static-256" in runs:
+            row["rounds_ahead_of_static_256"] = sum(
+                r["output_throughput"] > s["output_throughput"] for r, s in zip(rs, runs["static-256"]))
+        out[name] = row
+    return out
+
+
 def _cv(values: list[float]) -> float:
     return statistics.stdev(values) / statistics.mean(values) if len(values) > 1 else 0.0
 
@@ -154,6 +172,14 @@ def main() -> int:
             rows = {name: _median_row(rs) for name, rs in runs.items()}
             for name, value in hindsight_regret(rows, "output_throughput").items():
                 rows[name]["regret"] = value
+            best = max((n for n in rows if n.startswith("static-")), key=lambda n: rows[n]["output_throughput"])
+            for name, paired in paired_regret(runs, best).items():
+                rows[name] |= paired
+                lo, hi = paired["paired_regret_range"]
+                print(f"{wname:<24} {name:<16} paired regret vs {best}: median {paired['paired_regret']:+.1%} "
+                      f"(rounds {lo:+.1%} .. {hi:+.1%})"
+                      + (f"; ahead of static-256 in {paired['rounds_ahead_of_static_256']} of {args.repeats} rounds"
+                         if "rounds_ahead_of_static_256" in paired else ""), flush=True)
             table[wname] = {"results": rows}
             if args.probe:
                 for name, rs in runs.items():
