@@ -119,8 +119,11 @@ class LLM:
         for name, values in (("priority", priorities), ("sla_class", classes)):
             if len(values) != len(prompts):
                 raise ValueError(f"{name}: need one per prompt")
-        for p, c in zip(priorities, classes):  # all checked before any is queued
+        for p, c, params in zip(priorities, classes, params_list):  # all checked before any is queued
             self.engine.check_options(p, c)
+            self.engine.check_params(params)
+            if params.structured_outputs is not None:
+                self.engine.compile_grammar(params)  # a spec that does not compile fails here, not mid-run
         return self._run(prompts, params_list, use_tqdm, priorities, classes)
 
     def default_sampling_params(self) -> SamplingParams:

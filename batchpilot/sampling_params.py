@@ -2,7 +2,39 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """What a sequence's output must match (vLLM's StructuredOutputsParams): exactly one of
+    `json` (a JSON schema, as a dict or its text), `json_object` (any JSON object), `regex`,
+    `choice` (one of these strings) or `grammar` (Lark or GBNF)."""
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise SamplingParamsError("structured_outputs", "give exactly one of json, json_object, regex, "
+                                      f"choice and grammar, got {', '.join(given) or 'none'}")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
+            raise SamplingParamsError("structured_outputs", "choice must be a non-empty list of strings")
+
+    def key(self) -> str:
+        """A canonical text naming the spec (its cache key)."""
+        body = self.json if not isinstance(self.json, dict) else json.dumps(self.json, sort_keys=True)
+        return json.dumps([body, self.json_object, self.regex, self.choice, self.grammar])
+
 
 # Temperatures below this are treated as greedy decoding (as vLLM does).
 GREEDY_EPSILON = 1e-5
@@ -27,12 +59,19 @@ class SamplingParams:
     logprobs: int | None = None  # number of top alternatives to return with each token
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None  # the output must match this grammar
+    logit_bias: dict[int, float] | None = None  # added to a token's logit before sampling
+    allowed_token_ids: list[int] | None = None  # only these tokens may be sampled
+    bad_words: list[str] = field(default_factory=list)  # never generated (as vLLM: with and without a leading space)
+    min_tokens: int = 0  # stop tokens are not sampled before this many tokens
+    repetition_penalty: float = 1.0  # >1 discourages tokens of the prompt and output (as in HF / vLLM)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.bad_words = list(self.bad_words or [])
         if self.top_k == -1:
             self.top_k = 0
         checks = [
@@ -46,6 +85,14 @@ class SamplingParams:
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be at least 1"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
+            (self.min_tokens >= 0 and (self.max_tokens is None or self.min_tokens <= self.max_tokens), "min_tokens",
+             "must be in [0, max_tokens]"),
+            (self.repetition_penalty > 0, "repetition_penalty", "must be positive"),
+            (all(-100 <= v <= 100 for v in (self.logit_bias or {}).values()), "logit_bias",
+             "values must be in [-100, 100]"),
+            (self.allowed_token_ids is None or len(self.allowed_token_ids) > 0, "allowed_token_ids",
+             "must not be empty"),
+            (all(isinstance(w, str) and w.strip() for w in self.bad_words), "bad_words", "must be non-empty strings"),
         ]
         for ok, name, message in checks:
             if not ok:
@@ -54,6 +101,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPSILON
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Anything besides temperature/top-k/top-p/min-p changes the logits before sampling."""
+        return bool(self.structured_outputs or self.logit_bias or self.allowed_token_ids or self.bad_words
+                    or self.min_tokens or self.repetition_penalty != 1.0)
 
 
 def fan_out(params: SamplingParams) -> list[SamplingParams]:

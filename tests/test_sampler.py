@@ -114,3 +114,69 @@ def test_invalid_params_name_the_field(field, value):
     with pytest.raises(SamplingParamsError) as e:
         SamplingParams(**{field: value})
     assert e.value.param == field and field in str(e.value)
+
+
+class AllowOnly:
+    """A stand-in grammar that allows a fixed set of tokens."""
+
+    def __init__(self, allowed):
+        self.allowed = allowed
+
+    def fill_bitmask(self, pointer, num_bytes):
+        words = torch.zeros(num_bytes // 4, dtype=torch.int32)
+        for t in self.allowed:
+            words[t // 32] |= torch.tensor(1 << (t % 32), dtype=torch.int64).to(torch.int32)
+        torch.frombuffer((torch.ctypes.c_char * num_bytes).from_address(pointer), dtype=torch.int32).copy_(words)
+
+
+def shaped(logits, **kw):
+    extra = {k: kw.pop(k) for k in ("grammar", "bad_word_ids", "stop_token_ids", "prompt_token_ids", "outputs")
+             if k in kw}
+    row = SamplingRow(SamplingParams(**kw), list(extra.get("outputs", [])), torch.Generator().manual_seed(0),
+                      extra.get("prompt_token_ids", ()), extra.get("grammar"), extra.get("bad_word_ids", ()),
+                      frozenset(extra.get("stop_token_ids", ())))
+    return sample(logits.clone(), [row])[0][0]
+
+
+def test_logit_bias_forbids_and_forces():
+    logits = random_logits(1)
+    best = int(logits.argmax())
+    assert shaped(logits, temperature=0, logit_bias={best: -100}) != best
+    assert shaped(logits, temperature=0, logit_bias={7: 100}) == 7
+    assert shaped(logits, temperature=1.0, seed=3, logit_bias={7: 100}) == 7
+
+
+def test_allowed_token_ids_and_a_grammar_mask_restrict_the_choice():
+    logits = random_logits(1, vocab=100)
+    for seed in range(20):
+        assert shaped(logits, temperature=1.5, seed=seed, allowed_token_ids=[3, 40, 77]) in {3, 40, 77}
+        # bits in the second and fourth int32 words, and a vocabulary that is not a multiple of 32
+        assert shaped(logits, temperature=1.5, seed=seed, grammar=AllowOnly([33, 99])) in {33, 99}
+    allowed = [3, 40, 77]
+    masked = logits[0, allowed]
+    assert shaped(logits, temperature=0, allowed_token_ids=allowed) == allowed[int(masked.argmax())]
+
+
+def test_bad_words_forbid_the_last_token_only_after_the_rest():
+    logits = torch.zeros(1, 10)
+    logits[0, 5] = 9.0
+    logits[0, 6] = 8.0
+    assert shaped(logits, temperature=0, bad_word_ids=((5,),)) == 6
+    assert shaped(logits, temperature=0, bad_word_ids=((2, 5),), outputs=[1]) == 5  # "2" not generated last
+    assert shaped(logits, temperature=0, bad_word_ids=((2, 5),), outputs=[1, 2]) == 6
+
+
+def test_min_tokens_hold_back_stop_tokens_until_reached():
+    logits = torch.zeros(1, 10)
+    logits[0, 2] = 9.0  # the stop token is the best
+    assert shaped(logits, temperature=0, min_tokens=3, stop_token_ids=[2], outputs=[7, 7]) != 2
+    assert shaped(logits, temperature=0, min_tokens=3, stop_token_ids=[2], outputs=[7, 7, 7]) == 2
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    logits = torch.tensor([[2.0, 1.9, -1.0, -1.1]])
+    # token 0 seen: 2.0 / 2 = 1.0 < 1.9
+    assert shaped(logits, temperature=0, repetition_penalty=2.0, prompt_token_ids=[0]) == 1
+    # negative logits: -1.0 * 2 = -2.0 falls below -1.1
+    only_negative = torch.tensor([[-1.0, -1.1]])
+    assert shaped(only_negative, temperature=0, repetition_penalty=2.0, outputs=[0]) == 1

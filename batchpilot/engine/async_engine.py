@@ -19,6 +19,7 @@ from batchpilot.controllers.base import StepStats
 from batchpilot.engine.engine import LLMEngine
 from batchpilot.engine.output_processor import RequestOutput
 from batchpilot.engine.scheduler import RequestRejectedError
+from batchpilot.model.grammar import Grammar
 from batchpilot.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -74,8 +75,11 @@ class AsyncEngine:
         self._worker.shutdown(wait=True)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                       priority: int = 0, sla_class: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream a request's deltas until it finishes. Leaving early aborts it.
+                       priority: int = 0, sla_class: str | None = None,
+                       grammar: Grammar | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's deltas until it finishes. Leaving early aborts it. `grammar`: this
+        sequence's matcher for params.structured_outputs (`engine.compile_grammar`, which callers
+        run off the event loop); compiled here when not given.
 
         Raises:
             RequestRejectedError: invalid prompt or duplicate id (before anything is queued).
@@ -88,12 +92,15 @@ class AsyncEngine:
         token_ids = self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.engine.check_prompt(token_ids)
         self.engine.check_options(priority, sla_class)
+        self.engine.check_params(params)
+        if params.structured_outputs is not None and grammar is None:
+            grammar = self.engine.compile_grammar(params)
         rid = request_id if request_id is not None else f"areq-{next(self._ids)}"
         if rid in self._streams:
             raise RequestRejectedError(f"request id {rid!r} is already in use")
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[rid] = stream
-        self._commands.put(("add", rid, token_ids, params, priority, sla_class))
+        self._commands.put(("add", rid, token_ids, params, priority, sla_class, grammar))
         self._wakeup.set()
         finished = False
         try:
@@ -152,9 +159,10 @@ class AsyncEngine:
         while not self._commands.empty():
             cmd = self._commands.get()
             if cmd[0] == "add":
-                _, rid, token_ids, params, priority, sla_class = cmd
+                _, rid, token_ids, params, priority, sla_class, grammar = cmd
                 # checked in generate()
-                self.engine.add_checked(token_ids, params, rid, priority=priority, sla_class=sla_class)
+                self.engine.add_checked(token_ids, params, rid, priority=priority, sla_class=sla_class,
+                                        grammar=grammar)
             else:
                 self.engine.abort(cmd[1])
         if not self.engine.has_unfinished_requests():

@@ -20,8 +20,9 @@ from batchpilot.engine.outputs import RequestUpdate, RunnerOutput, SchedulerOutp
 from batchpilot.engine.request import Request, RequestStatus
 from batchpilot.engine.scheduler import RequestRejectedError, Scheduler
 from batchpilot.engine.trace import TraceWriter
+from batchpilot.model.grammar import Grammar, GrammarCompiler
 from batchpilot.model.tokenizer import TextTokenizer
-from batchpilot.sampling_params import SamplingParams
+from batchpilot.sampling_params import SamplingParams, SamplingParamsError
 
 
 class Executor(Protocol):
@@ -80,6 +81,8 @@ class LLMEngine:
         self.vocab_size = vocab_size
         self.executor = executor
         self.tokenizer = tokenizer
+        self.grammars = (GrammarCompiler(tokenizer, vocab_size or tokenizer.vocab_size, eos_token_ids)
+                         if tokenizer is not None else None)
         self.clock = clock
         self.trace = trace
         self.start_time = clock()
@@ -107,19 +110,54 @@ class LLMEngine:
             raise ValueError("this engine has no tokenizer: give prompts as token ids")
         token_ids = self.tokenizer.encode(prompt) if text is not None else list(prompt)
         self.check_prompt(token_ids)
+        self.check_params(params)
         return self.add_checked(token_ids, params, request_id, text, priority, sla_class)
 
     def add_checked(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    text: str | None = None, priority: int = 0, sla_class: str | None = None) -> str:
+                    text: str | None = None, priority: int = 0, sla_class: str | None = None,
+                    grammar: Grammar | None = None) -> str:
         """Queue token ids that `check_prompt` has passed (the async engine checks in the caller's
-        thread, so its step thread does not scan the prompt again); returns the request's id."""
+        thread, so its step thread does not scan the prompt again); returns the request's id.
+        `grammar`: the sequence's matcher for params.structured_outputs, compiled by the caller off
+        the step loop (compiled here when not given)."""
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if params.structured_outputs is not None and grammar is None:
+            grammar = self.compile_grammar(params)
         req = Request(rid, token_ids, params, self.clock(), eos_token_ids=self.eos_token_ids, priority=priority,
-                      sla_class=self.scheduler.sla_class(sla_class))
+                      sla_class=self.scheduler.sla_class(sla_class), grammar=grammar,
+                      bad_word_ids=self._bad_word_ids(params.bad_words))
         self.scheduler.add_request(req)
         self.output_processor.add(req, text)
         self.counters.num_requests_added += 1
         return rid
+
+    def check_params(self, params: SamplingParams) -> None:
+        """Raise SamplingParamsError (naming the field) for token ids outside the vocabulary, or
+        options this engine cannot honour. Safe from any thread."""
+        if self.vocab_size is not None:
+            for name in ("stop_token_ids", "allowed_token_ids", "logit_bias"):
+                bad = next((t for t in getattr(params, name) or () if not 0 <= int(t) < self.vocab_size), None)
+                if bad is not None:
+                    raise SamplingParamsError(name, f"{name}: token id {bad} is outside the vocabulary "
+                                                    f"[0, {self.vocab_size})")
+        if (params.structured_outputs is not None or params.bad_words) and self.tokenizer is None:
+            raise SamplingParamsError("structured_outputs" if params.structured_outputs else "bad_words",
+                                      "this engine has no tokenizer")
+
+    def compile_grammar(self, params: SamplingParams) -> Grammar:
+        """A fresh matcher for one sequence of params.structured_outputs (compiled once per spec,
+        then copied). Raises GrammarError. Safe from any thread; may take up to a second."""
+        if self.grammars is None or params.structured_outputs is None:
+            raise SamplingParamsError("structured_outputs", "this engine has no tokenizer")
+        return self.grammars.compile(params.structured_outputs)
+
+    def _bad_word_ids(self, words: list[str]) -> tuple[tuple[int, ...], ...]:
+        """Each bad word as tokens, alone and after a space (as vLLM: the word inside a text)."""
+        if not words or self.tokenizer is None:
+            return ()
+        forms = {tuple(self.tokenizer.encode(w, add_special_tokens=False)) for word in words
+                 for w in (word.lstrip(), " " + word.lstrip())}
+        return tuple(f for f in forms if f)
 
     def check_options(self, priority: int, sla_class: str | None) -> SLAClass | None:
         """The SLA class a request naming `sla_class` runs under; raises RequestRejectedError for a

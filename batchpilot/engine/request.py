@@ -5,9 +5,13 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from batchpilot.config import SLAClass
 from batchpilot.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from batchpilot.model.grammar import Grammar
 
 
 class RequestStatus(enum.Enum):
@@ -58,6 +62,8 @@ class Request:
     sla_class: SLAClass | None = None  # its latency targets; None: the server-wide --sla-tpot-ms
     # Its place in the waiting order (smaller first), set by the scheduler when it is queued.
     queue_key: float = 0.0
+    grammar: Grammar | None = None  # its structured-output matcher (sampling_params.structured_outputs)
+    bad_word_ids: tuple[tuple[int, ...], ...] = ()  # sampling_params.bad_words as token sequences
 
     def __post_init__(self) -> None:
         # Derived once (the prompt and the parameters never change): the scheduler reads them

@@ -277,9 +277,13 @@ class Scheduler:
             output.append(token)
             add(req)
             num_output = len(output)
+            if req.grammar is not None:
+                req.grammar.accept(token)
             if token in req.stop_token_set:
                 req.stopped_by_token = True
                 status = RequestStatus.FINISHED_STOPPED
+            elif req.grammar is not None and req.grammar.is_terminated():
+                status = RequestStatus.FINISHED_STOPPED  # the grammar is complete: nothing may follow
             elif num_output >= req.max_output_tokens or req.num_prompt_tokens + num_output >= max_model_len:
                 status = RequestStatus.FINISHED_LENGTH
             else:

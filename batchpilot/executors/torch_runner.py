@@ -8,6 +8,7 @@ import torch
 
 from batchpilot.config import CacheConfig
 from batchpilot.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
+from batchpilot.engine.request import Request
 from batchpilot.model import kernels
 from batchpilot.model.attention import AttentionMetadata, PrefillChunk
 from batchpilot.model.llama import LlamaModel
@@ -42,6 +43,13 @@ def num_kv_blocks(cache: CacheConfig, bytes_per_token: int) -> int:
     return blocks
 
 
+def _sampling_row(req: Request, generator: torch.Generator) -> SamplingRow:
+    if not req.sampling_params.shapes_logits and req.grammar is None:
+        return SamplingRow(req.sampling_params, req.output_token_ids, generator)
+    return SamplingRow(req.sampling_params, req.output_token_ids, generator, req.prompt_token_ids, req.grammar,
+                       req.bad_word_ids, req.stop_token_set)
+
+
 class TorchRunner:
     """Owns the model and its KV cache tensors; executes SchedulerOutputs."""
 
@@ -74,10 +82,7 @@ class TorchRunner:
         token_ids, positions, meta, sample_rows = self._prepare(ordered)
         logits_rows = torch.tensor([row for row, _ in sample_rows], dtype=torch.long)
         logits = self.model.forward(token_ids, positions, self.kv_caches, meta, logits_rows)
-        rows = [
-            SamplingRow(s.request.sampling_params, s.request.output_token_ids, self._generator(s))
-            for _, s in sample_rows
-        ]
+        rows = [_sampling_row(s.request, self._generator(s)) for _, s in sample_rows]
         tokens, logprobs = sample(logits, rows)
         ids = [s.request.request_id for _, s in sample_rows]
         return RunnerOutput(

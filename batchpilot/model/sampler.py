@@ -8,12 +8,17 @@ vocabulary entry as the exponential race needs: at batch 128 that race cost 90 m
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from batchpilot.model import kernels
 from batchpilot.sampling_params import SamplingParams, TokenLogprobs
+
+if TYPE_CHECKING:
+    from batchpilot.model.grammar import Grammar
 
 
 @dataclass
@@ -21,6 +26,10 @@ class SamplingRow:
     params: SamplingParams
     output_token_ids: list[int]
     generator: torch.Generator
+    prompt_token_ids: Sequence[int] = ()  # for repetition_penalty
+    grammar: Grammar | None = None  # the tokens it allows next, if the output is constrained
+    bad_word_ids: tuple[tuple[int, ...], ...] = ()
+    stop_token_ids: frozenset[int] = frozenset()  # not sampled before params.min_tokens
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[TokenLogprobs | None]]:
@@ -34,12 +43,15 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], li
         The sampled token ids, and per row the logprobs asked for (None where not asked).
         Logprobs are of the model's raw distribution, before penalties and temperature.
     """
-    if all(r.params.greedy and r.params.logprobs is None and not _penalised(r) for r in rows):
+    if all(r.params.greedy and r.params.logprobs is None and not _penalised(r) and not _shapes(r) for r in rows):
         return _argmax(logits).tolist(), [None] * len(rows)
     logits = logits.float()
     want_logprobs = [r.params.logprobs is not None for r in rows]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
     _apply_penalties(logits, rows)
+    shaped = [i for i, r in enumerate(rows) if _shapes(r)]
+    if shaped:
+        _shape_logits(logits, [rows[i] for i in shaped], shaped)
     tokens = _argmax(logits)
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     if random_rows:
@@ -73,6 +85,48 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         counts = torch.bincount(torch.tensor(r.output_token_ids), minlength=logits.shape[1])
         counts = counts[: logits.shape[1]].to(logits.dtype)
         logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def _shapes(r: SamplingRow) -> bool:
+    return r.grammar is not None or bool(r.bad_word_ids) or r.params.shapes_logits
+
+
+def _shape_logits(logits: torch.Tensor, rows: list[SamplingRow], index: list[int]) -> None:
+    """Per-request logits processing, in vLLM's order: repetition penalty and logit bias change
+    values; then allowed tokens, bad words, min_tokens and the grammar forbid tokens (-inf)."""
+    vocab = logits.shape[1]
+    forbid = torch.zeros(len(rows), vocab, dtype=torch.bool)
+    grammar_rows = [k for k, r in enumerate(rows) if r.grammar is not None]
+    if grammar_rows:
+        words = -(-vocab // 32)
+        bits = torch.zeros(len(grammar_rows), words, dtype=torch.int32)
+        for j, k in enumerate(grammar_rows):
+            rows[k].grammar.fill_bitmask(bits[j].data_ptr(), words * 4)
+        allowed = ((bits.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).flatten(1)[:, :vocab]
+        forbid[grammar_rows] = allowed == 0
+    for k, (i, r) in enumerate(zip(index, rows)):
+        p, row = r.params, logits[i]
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(list({*r.prompt_token_ids, *r.output_token_ids}), dtype=torch.long)
+            values = row[seen]
+            row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), dtype=torch.long)
+            row[ids] += torch.tensor(list(p.logit_bias.values()), dtype=row.dtype)
+        if p.allowed_token_ids:
+            keep = torch.ones(vocab, dtype=torch.bool)
+            keep[torch.tensor(p.allowed_token_ids, dtype=torch.long)] = False
+            forbid[k] |= keep
+        out = r.output_token_ids
+        for word in r.bad_word_ids:
+            # The word's last token is forbidden when the output ends with the rest of it.
+            if len(word) == 1 or (len(out) >= len(word) - 1 and tuple(out[len(out) - len(word) + 1:]) == word[:-1]):
+                forbid[k, word[-1]] = True
+        if len(out) < p.min_tokens and r.stop_token_ids:
+            forbid[k, list(r.stop_token_ids)] = True
+    sub = logits[index]
+    sub.masked_fill_(forbid, float("-inf"))
+    logits[index] = sub
 
 
 def _sample_random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

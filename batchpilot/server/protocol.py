@@ -86,7 +86,20 @@ class _SamplingFields(_RequestBody):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    # vLLM's sampling extras
+    min_tokens: int = Field(0, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0, le=2)
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    # Structured output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    prompt_logprobs: int | None = None
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)  # vLLM's extra: lower runs first
     sla_class: str | None = None  # one of the server's --sla-class names (or the x-batchpilot-sla header)
 
@@ -141,7 +154,6 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     add_generation_prompt: bool = True

@@ -22,6 +22,7 @@ from batchpilot.config import SLAClass
 from batchpilot.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from batchpilot.engine.output_processor import RequestOutput
 from batchpilot.engine.scheduler import RequestRejectedError
+from batchpilot.model.grammar import GrammarError
 from batchpilot.sampling_params import SamplingParams, SamplingParamsError, TokenLogprobs, fan_out
 from batchpilot.server.errors import APIError, error_body
 from batchpilot.server.metrics import FinishedRequest, ServerMetrics
@@ -33,6 +34,7 @@ from batchpilot.server.protocol import (
     TokenizeRequest,
     sse,
 )
+from batchpilot.server.structured import logit_bias_of, structured_outputs_of
 
 access_log = logging.getLogger("batchpilot.access")
 
@@ -69,6 +71,7 @@ class Job:
     params: SamplingParams
     priority: int = 0
     sla: SLAClass | None = None  # the class it runs under (named by the request, or the default)
+    echo: list[str] | None = None  # completions' echo: each prompt's text, put before its choices' text
     created: int = field(default_factory=lambda: int(time.time()))
     release: Callable[[], Any] = field(default=lambda: None, repr=False)
 
@@ -99,20 +102,24 @@ class Serving:
 
     async def completion_job(self, req: CompletionRequest, sla_header: str | None = None) -> Job:
         self.check_model(req.model)
-        for name, bad in (("echo", req.echo), ("suffix", req.suffix is not None), ("logit_bias", bool(req.logit_bias))):
-            if bad:
-                raise APIError(400, f"{name} is not supported", name, "unsupported_parameter")
+        if req.suffix is not None:
+            raise APIError(400, "suffix is not supported", "suffix", "unsupported_parameter")
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo with logprobs needs prompt logprobs, which are not supported", "echo",
+                           "unsupported_parameter")
         if req.best_of is not None and req.best_of != (req.n or 1):
             raise APIError(400, "best_of must equal n (beam search is not supported)", "best_of")
         prompts = await self._completion_prompts(req.prompt)
-        return self._job("cmpl", prompts, req, req.max_tokens, req.logprobs, "prompt", sla_header)
+        job = await self._job("cmpl", prompts, req, req.max_tokens, req.logprobs, "prompt", sla_header)
+        if req.echo:
+            texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+            job.echo = [t if isinstance(t, str) else self.tokenizer.decode(p) for t, p in zip(texts, prompts)]
+        return job
 
     async def chat_job(self, req: ChatCompletionRequest, sla_header: str | None = None) -> Job:
         self.check_model(req.model)
         if req.tools:
             raise APIError(400, "tools are not supported", "tools", "unsupported_parameter")
-        if req.response_format and req.response_format.get("type") != "text":
-            raise APIError(400, "only response_format {'type': 'text'} is supported", "response_format")
         if req.max_tokens is not None and req.max_completion_tokens is not None \
                 and req.max_tokens != req.max_completion_tokens:
             raise APIError(400, "max_tokens and max_completion_tokens disagree", "max_completion_tokens")
@@ -121,8 +128,8 @@ class Serving:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        return self._job("chatcmpl", [await self._encode(text, "messages")], req, max_tokens, logprobs, "messages",
-                         sla_header)
+        return await self._job("chatcmpl", [await self._encode(text, "messages")], req, max_tokens, logprobs,
+                               "messages", sla_header)
 
     async def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
         """vLLM's /tokenize answer: the ids (and their strings when asked), count and context size."""
@@ -189,8 +196,11 @@ class Serving:
             raise APIError(400, f"priority: {e}", "priority") from e
         return req.priority, cls
 
-    def _job(self, kind: str, prompts: list[list[int]], req: Any, max_tokens: int | None,
-             logprobs: int | None, prompt_param: str, sla_header: str | None = None) -> Job:
+    async def _job(self, kind: str, prompts: list[list[int]], req: Any, max_tokens: int | None,
+                   logprobs: int | None, prompt_param: str, sla_header: str | None = None) -> Job:
+        if req.prompt_logprobs is not None:
+            raise APIError(400, "prompt_logprobs is not supported", "prompt_logprobs", "unsupported_parameter")
+        structured, structured_field = structured_outputs_of(req)
         priority, sla = self._options(req, sla_header)
         longest = max(len(p) for p in prompts)
         for p in prompts:
@@ -214,10 +224,19 @@ class Serving:
                 frequency_penalty=_default(req.frequency_penalty, 0.0), max_tokens=max_tokens or room,
                 stop=req.stop, stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos,
                 logprobs=logprobs, include_stop_str_in_output=req.include_stop_str_in_output,
-                skip_special_tokens=req.skip_special_tokens,
+                skip_special_tokens=req.skip_special_tokens, structured_outputs=structured,
+                logit_bias=logit_bias_of(req), allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words or [],
+                min_tokens=req.min_tokens, repetition_penalty=_default(req.repetition_penalty,
+                                                                      d.get("repetition_penalty", 1.0)),
             )
+            self.engine.engine.check_params(params)
         except SamplingParamsError as e:
             raise APIError(400, str(e), e.param) from e
+        if structured is not None:
+            try:  # compiled (and cached) off the event loop; each choice then copies it
+                await asyncio.to_thread(self.engine.engine.compile_grammar, params)
+            except GrammarError as e:
+                raise APIError(400, f"{structured_field}: {e}", structured_field) from e
         job = Job(f"{kind}-{uuid.uuid4().hex}", prompts, params, priority, sla)
         if job.num_choices > self.max_queue:  # could never be queued: not a retryable 503
             raise APIError(400, f"{len(prompts)} prompt(s) x n={params.n} = {job.num_choices} sequences, more "
@@ -243,8 +262,9 @@ class Serving:
         streams = []
         for i, prompt in enumerate(job.prompts):
             for k, p in enumerate(fan_out(job.params)):
+                grammar = self.engine.engine.compile_grammar(p) if p.structured_outputs is not None else None
                 streams.append(self.engine.generate(prompt, p, f"{job.request_id}-{i * job.params.n + k}",
-                                                    job.priority, job.sla.name if job.sla else None))
+                                                    job.priority, job.sla.name if job.sla else None, grammar))
         start = time.perf_counter()
         try:
             async for index, delta in _merge(streams):
@@ -343,12 +363,16 @@ class Serving:
             "id": job.request_id, "object": "text_completion", "created": job.created,
             "model": self.model_name(req.model),
             "choices": [{
-                "index": i, "text": c.text, "finish_reason": c.finish_reason,
+                "index": i, "text": self._echo(job, i) + c.text, "finish_reason": c.finish_reason,
                 "logprobs": self.completion_logprobs(c.logprobs, c.token_ids) if job.params.logprobs is not None
                 else None,
             } for i, c in enumerate(choices)],
             "usage": self.usage(job, choices),
         }
+
+    @staticmethod
+    def _echo(job: Job, choice: int) -> str:
+        return job.echo[choice // job.params.n] if job.echo else ""
 
     async def chat(self, req: ChatCompletionRequest, job: Job) -> dict[str, Any]:
         choices = await self.collect(job)
@@ -372,6 +396,10 @@ class Serving:
             for i in range(job.num_choices):
                 yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                  "logprobs": None, "finish_reason": None}]})
+        elif job.echo:
+            for i in range(job.num_choices):
+                yield sse({**base, "choices": [{"index": i, "text": self._echo(job, i), "logprobs": None,
+                                                 "finish_reason": None}]})
         try:
             async for index, delta in self._guarded(job, choices):
                 out = delta.outputs[0]

@@ -1,0 +1,155 @@
+"""Structured output and the sampling extras through the official `openai` client (one server)."""
+
+import asyncio
+import json
+import re
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from tests.server_utils import running_server
+
+pytestmark = pytest.mark.slow
+
+MODEL = "SmolLM2-135M-Instruct"
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "city": {"type": "string", "maxLength": 24},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3},
+        "kind": {"enum": ["human", "robot", "cat"]},
+    },
+    "required": ["name", "age", "kind"],
+    "additionalProperties": False,
+}
+
+TOPICS = ["a painter from Lyon", "a retired sailor", "a robot that bakes bread", "my neighbour's cat",
+          "a chess champion", "a young astronaut", "a baker in Rome", "a hacker", "a famous violinist",
+          "a gardener", "a marathon runner", "a lighthouse keeper", "a teacher of maths", "a street musician",
+          "a doctor in Lagos", "a pilot", "a librarian", "a fisherman", "a software engineer", "a poet"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running_server("--max-model-len", "1024", "--max-queue", "64") as (url, proc):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+
+
+def test_json_schema_output_parses_and_validates_on_20_prompts(server):
+    client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused")
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+
+    async def one(topic: str, temperature: float):
+        return await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Describe {topic} as a JSON object."}],
+            response_format=fmt, temperature=temperature, seed=3, max_tokens=200)
+
+    async def main():
+        return await asyncio.gather(*(one(t, 0.0 if i % 2 else 0.8) for i, t in enumerate(TOPICS)))
+
+    for r in asyncio.run(main()):
+        choice = r.choices[0]
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), PERSON)
+
+
+def test_streamed_json_equals_the_non_streamed_result(client):
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "A city as JSON."}], temperature=0,
+                  max_tokens=200,
+                  response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}})
+    full = client.chat.completions.create(**kwargs).choices[0].message.content
+    jsonschema.validate(json.loads(full), PERSON)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kwargs, stream=True)
+                       if c.choices)
+    assert streamed == full
+
+
+def test_json_object_gives_an_object(client):
+    ask = [{"role": "user", "content": 'Reply with {"ok": true} and nothing else.'}]
+    r = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=100, messages=ask,
+                                       response_format={"type": "json_object"})
+    assert r.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_vllm_fields_choice_regex_and_grammar(client):
+    choices = ["red", "green", "blue"]
+    for extra in ({"guided_choice": choices}, {"structured_outputs": {"choice": choices}}):
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Pick a colour."}],
+                                           temperature=1.0, n=4, seed=5, max_tokens=10, extra_body=extra)
+        assert {c.message.content for c in r.choices} <= set(choices)
+    r = client.completions.create(model=MODEL, prompt="My phone number is", temperature=0.7, seed=1, max_tokens=30,
+                                  extra_body={"guided_regex": r"\(\d{3}\) \d{3}-\d{4}"})
+    assert re.fullmatch(r"\(\d{3}\) \d{3}-\d{4}", r.choices[0].text), r.choices[0].text
+    grammar = 'start: "yes" | "no" | "maybe " NUMBER\nNUMBER: /[0-9]+/'
+    r = client.completions.create(model=MODEL, prompt="Will it rain?", temperature=0, max_tokens=10,
+                                  extra_body={"guided_grammar": grammar})
+    assert re.fullmatch(r"yes|no|maybe [0-9]+", r.choices[0].text), r.choices[0].text
+
+
+def test_constrained_and_free_requests_run_side_by_side(client):
+    """A free request in the same batch as constrained ones is unchanged (the mask is per row)."""
+    free = dict(model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=16)
+    alone = client.completions.create(**free).choices[0].text
+
+    async def main():
+        c = openai.AsyncOpenAI(base_url=client.base_url, api_key="unused")
+        jobs = [c.completions.create(**free)] + [
+            c.completions.create(model=MODEL, prompt=f"Item {i}:", temperature=0, max_tokens=40,
+                                 extra_body={"structured_outputs": {"json": PERSON}}) for i in range(3)]
+        return await asyncio.gather(*jobs)
+
+    first, *constrained = asyncio.run(main())
+    assert first.choices[0].text == alone
+    for r in constrained:
+        assert r.choices[0].text.startswith("{")
+
+
+def _token(server: str, text: str) -> int:
+    ids = httpx.post(f"{server}/tokenize", json={"model": MODEL, "prompt": text, "add_special_tokens": False}).json()
+    assert len(ids["tokens"]) == 1, ids
+    return ids["tokens"][0]
+
+
+def test_logit_bias_forbids_and_forces_tokens(server, client):
+    prompt = "The capital of France is"
+    greedy = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=1, logprobs=0)
+    first = greedy.choices[0].logprobs.tokens[0]
+    banned = _token(server, first)
+    r = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=1, logprobs=0,
+                                  logit_bias={str(banned): -100})
+    assert r.choices[0].logprobs.tokens[0] != first
+    forced = _token(server, " banana")
+    r = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=5,
+                                  logit_bias={str(forced): 100})
+    assert r.choices[0].text == " banana" * 5
+
+
+def test_echo_puts_the_prompt_before_the_text(client):
+    prompt = "The three primary colours are"
+    plain = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=8)
+    echoed = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=8, echo=True)
+    assert echoed.choices[0].text == prompt + plain.choices[0].text
+    stream = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=8, echo=True, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == echoed.choices[0].text
+    assert echoed.usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_min_tokens_holds_back_the_stop_token(client):
+    q = [{"role": "user", "content": "Say hi."}]
+    short = client.chat.completions.create(model=MODEL, messages=q, temperature=0, max_tokens=100)
+    assert short.choices[0].finish_reason == "stop"
+    n = short.usage.completion_tokens + 10
+    longer = client.chat.completions.create(model=MODEL, messages=q, temperature=0, max_tokens=100,
+                                            extra_body={"min_tokens": n})
+    assert longer.usage.completion_tokens >= n
