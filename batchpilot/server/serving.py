@@ -23,7 +23,13 @@ from batchpilot.engine.async_engine import AsyncEngine, EngineDeadError, Request
 from batchpilot.engine.output_processor import RequestOutput
 from batchpilot.engine.scheduler import RequestRejectedError
 from batchpilot.model.grammar import GrammarError
-from batchpilot.sampling_params import SamplingParams, SamplingParamsError, TokenLogprobs, fan_out
+from batchpilot.sampling_params import (
+    SamplingParams,
+    SamplingParamsError,
+    StructuredOutputsParams,
+    TokenLogprobs,
+    fan_out,
+)
 from batchpilot.server.errors import APIError, error_body
 from batchpilot.server.metrics import FinishedRequest, ServerMetrics
 from batchpilot.server.protocol import (
@@ -35,6 +41,7 @@ from batchpilot.server.protocol import (
     sse,
 )
 from batchpilot.server.structured import logit_bias_of, structured_outputs_of
+from batchpilot.server.tools import ToolPlan, ToolStream, hermes_messages, template_renders_tools, tool_plan
 
 access_log = logging.getLogger("batchpilot.access")
 
@@ -72,6 +79,7 @@ class Job:
     priority: int = 0
     sla: SLAClass | None = None  # the class it runs under (named by the request, or the default)
     echo: list[str] | None = None  # completions' echo: each prompt's text, put before its choices' text
+    tools: ToolPlan | None = None  # chat: what the request asks of tools
     created: int = field(default_factory=lambda: int(time.time()))
     release: Callable[[], Any] = field(default=lambda: None, repr=False)
 
@@ -118,18 +126,26 @@ class Serving:
 
     async def chat_job(self, req: ChatCompletionRequest, sla_header: str | None = None) -> Job:
         self.check_model(req.model)
-        if req.tools:
-            raise APIError(400, "tools are not supported", "tools", "unsupported_parameter")
+        plan = tool_plan(req.tools, req.tool_choice)
+        structured = None
+        if plan is not None and plan.constrains:
+            _, other = structured_outputs_of(req)
+            if other is not None:
+                raise APIError(400, f"tool_choice {plan.mode!r} constrains the output already; drop {other}",
+                               other)
+            structured = (plan.constraint(), "tools")
         if req.max_tokens is not None and req.max_completion_tokens is not None \
                 and req.max_tokens != req.max_completion_tokens:
             raise APIError(400, "max_tokens and max_completion_tokens disagree", "max_completion_tokens")
-        text = self._render(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+        text = self._render(req.messages, req.add_generation_prompt, req.chat_template_kwargs, plan)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        return await self._job("chatcmpl", [await self._encode(text, "messages")], req, max_tokens, logprobs,
-                               "messages", sla_header)
+        job = await self._job("chatcmpl", [await self._encode(text, "messages")], req, max_tokens, logprobs,
+                              "messages", sla_header, structured)
+        job.tools = plan
+        return job
 
     async def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
         """vLLM's /tokenize answer: the ids (and their strings when asked), count and context size."""
@@ -155,10 +171,16 @@ class Serving:
         return {"prompt": self.tokenizer.decode(req.tokens)}
 
     def _render(self, messages: list[Any], add_generation_prompt: bool,
-                template_kwargs: dict[str, Any] | None) -> str:
+                template_kwargs: dict[str, Any] | None, plan: ToolPlan | None = None) -> str:
+        dicts = [m.as_dict() for m in messages]
+        kwargs = dict(template_kwargs or {})
+        if template_renders_tools(self.tokenizer.chat_template):
+            if plan is not None and plan.mode != "none":
+                kwargs.setdefault("tools", [{"type": "function", "function": f} for f in plan.functions])
+        elif plan is not None or any(m.tool_calls or m.role == "tool" for m in messages):
+            dicts = hermes_messages(dicts, plan)
         try:
-            return self.tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages],
-                                                      add_generation_prompt, **(template_kwargs or {}))
+            return self.tokenizer.apply_chat_template(dicts, add_generation_prompt, **kwargs)
         except (TemplateError, ValueError, TypeError) as e:  # TypeError: chat_template_kwargs that clash
             raise APIError(400, f"messages: cannot render the chat template: {e}", "messages") from e
 
@@ -197,10 +219,13 @@ class Serving:
         return req.priority, cls
 
     async def _job(self, kind: str, prompts: list[list[int]], req: Any, max_tokens: int | None,
-                   logprobs: int | None, prompt_param: str, sla_header: str | None = None) -> Job:
+                   logprobs: int | None, prompt_param: str, sla_header: str | None = None,
+                   constraint: tuple[StructuredOutputsParams | None, str] | None = None) -> Job:
+        """`constraint`: the output constraint and the field that set it, when not the request's own
+        structured-output fields (tool_choice)."""
         if req.prompt_logprobs is not None:
             raise APIError(400, "prompt_logprobs is not supported", "prompt_logprobs", "unsupported_parameter")
-        structured, structured_field = structured_outputs_of(req)
+        structured, structured_field = constraint or structured_outputs_of(req)
         priority, sla = self._options(req, sla_header)
         longest = max(len(p) for p in prompts)
         for p in prompts:
@@ -380,12 +405,20 @@ class Serving:
             "id": job.request_id, "object": "chat.completion", "created": job.created,
             "model": self.model_name(req.model),
             "choices": [{
-                "index": i, "message": {"role": "assistant", "content": c.text},
+                "index": i, **self._chat_message(job, c),
                 "logprobs": self.chat_logprobs(c.logprobs, c.token_ids) if job.params.logprobs is not None else None,
-                "finish_reason": c.finish_reason,
             } for i, c in enumerate(choices)],
             "usage": self.usage(job, choices),
         }
+
+    @staticmethod
+    def _chat_message(job: Job, c: Choice) -> dict[str, Any]:
+        """A choice's message and finish_reason, with its tool calls read from the text."""
+        if job.tools is None:
+            return {"message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}
+        content, calls = job.tools.parse(c.text)
+        message = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+        return {"message": message, "finish_reason": job.tools.finish_reason(c.finish_reason, calls)}
 
     async def stream(self, req: CompletionRequest | ChatCompletionRequest, job: Job, chat: bool) -> AsyncIterator[str]:
         """Server-sent events: one chunk per delta, a usage chunk if asked, then [DONE]."""
@@ -400,6 +433,7 @@ class Serving:
             for i in range(job.num_choices):
                 yield sse({**base, "choices": [{"index": i, "text": self._echo(job, i), "logprobs": None,
                                                  "finish_reason": None}]})
+        tool_streams = {i: ToolStream(job.tools) for i in range(job.num_choices)} if job.tools else {}
         try:
             async for index, delta in self._guarded(job, choices):
                 out = delta.outputs[0]
@@ -410,6 +444,10 @@ class Serving:
                 if job.params.logprobs is not None and out.logprobs:
                     builder = self.chat_logprobs if chat else self.completion_logprobs
                     lps = builder(out.logprobs, out.token_ids)
+                if index in tool_streams:
+                    for event in self._tool_deltas(base, index, tool_streams[index], out.text, lps, reason):
+                        yield event
+                    continue
                 if chat:
                     choice = {"index": index, "delta": {"content": out.text} if out.text else {},
                               "logprobs": lps, "finish_reason": reason}
@@ -423,6 +461,23 @@ class Serving:
         if req.stream_options is not None and req.stream_options.include_usage:
             yield sse({**base, "choices": [], "usage": self.usage(job, choices)})
         yield SSE_DONE
+
+
+    @staticmethod
+    def _tool_deltas(base: dict[str, Any], index: int, ts: ToolStream, text: str, lps: Any,
+                     reason: str | None) -> list[str]:
+        """A choice's chunks for one text delta under a tool plan (the finish chunk last)."""
+        deltas = ts.feed(text)
+        calls: list[dict[str, Any]] = []
+        if reason is not None:
+            last, calls = ts.finish()
+            deltas += last
+        events = [sse({**base, "choices": [{"index": index, "delta": d, "logprobs": lps if k == 0 else None,
+                                            "finish_reason": None}]}) for k, d in enumerate(deltas)]
+        if reason is not None:
+            events.append(sse({**base, "choices": [{"index": index, "delta": {}, "logprobs": None,
+                                                    "finish_reason": ts.plan.finish_reason(reason, calls)}]}))
+        return events
 
 
 def _default(value: Any, default: Any) -> Any:
