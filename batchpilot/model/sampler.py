@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from batchpilot.model import kernels
@@ -93,18 +94,20 @@ def _shapes(r: SamplingRow) -> bool:
 
 def _shape_logits(logits: torch.Tensor, rows: list[SamplingRow], index: list[int]) -> None:
     """Per-request logits processing, in vLLM's order: repetition penalty and logit bias change
-    values; then allowed tokens, bad words, min_tokens and the grammar forbid tokens (-inf)."""
+    values; then allowed tokens, bad words, min_tokens and the grammar forbid tokens (-inf).
+    `rows` are the shaped rows, at `index` in `logits`."""
     vocab = logits.shape[1]
-    forbid = torch.zeros(len(rows), vocab, dtype=torch.bool)
-    grammar_rows = [k for k, r in enumerate(rows) if r.grammar is not None]
+    forbid = torch.zeros(logits.shape[0], vocab, dtype=torch.bool)
+    grammar_rows = [(i, r.grammar) for i, r in zip(index, rows) if r.grammar is not None]
     if grammar_rows:
         words = -(-vocab // 32)
-        bits = torch.zeros(len(grammar_rows), words, dtype=torch.int32)
-        for j, k in enumerate(grammar_rows):
-            rows[k].grammar.fill_bitmask(bits[j].data_ptr(), words * 4)
-        allowed = ((bits.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).flatten(1)[:, :vocab]
-        forbid[grammar_rows] = allowed == 0
-    for k, (i, r) in enumerate(zip(index, rows)):
+        bits = np.zeros((len(grammar_rows), words), dtype=np.int32)
+        for j, (_, grammar) in enumerate(grammar_rows):
+            grammar.fill_bitmask(bits[j].ctypes.data, words * 4)
+        # token t is bit t % 32 of word t // 32: little-endian words, little bit order
+        allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+        forbid[[i for i, _ in grammar_rows]] = torch.from_numpy(allowed) == 0
+    for i, r in zip(index, rows):
         p, row = r.params, logits[i]
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(list({*r.prompt_token_ids, *r.output_token_ids}), dtype=torch.long)
@@ -116,17 +119,15 @@ def _shape_logits(logits: torch.Tensor, rows: list[SamplingRow], index: list[int
         if p.allowed_token_ids:
             keep = torch.ones(vocab, dtype=torch.bool)
             keep[torch.tensor(p.allowed_token_ids, dtype=torch.long)] = False
-            forbid[k] |= keep
+            forbid[i] |= keep
         out = r.output_token_ids
         for word in r.bad_word_ids:
             # The word's last token is forbidden when the output ends with the rest of it.
             if len(word) == 1 or (len(out) >= len(word) - 1 and tuple(out[len(out) - len(word) + 1:]) == word[:-1]):
-                forbid[k, word[-1]] = True
+                forbid[i, word[-1]] = True
         if len(out) < p.min_tokens and r.stop_token_ids:
-            forbid[k, list(r.stop_token_ids)] = True
-    sub = logits[index]
-    sub.masked_fill_(forbid, float("-inf"))
-    logits[index] = sub
+            forbid[i, list(r.stop_token_ids)] = True
+    logits.masked_fill_(forbid, float("-inf"))
 
 
 def _sample_random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
