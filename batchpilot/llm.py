@@ -185,7 +185,8 @@ def _merge_child(parent: RequestOutput | None, child: RequestOutput, k: int, rid
     completion: CompletionOutput = replace(child.outputs[0], index=k)
     if parent is None:
         return RequestOutput(rid, child.prompt, child.prompt_token_ids, [completion], True,
-                             child.num_preemptions, child.queue_time_s, child.num_cached_tokens)
+                             child.num_preemptions, child.queue_time_s, child.num_cached_tokens, child.prompt_logprobs)
+    parent.prompt_logprobs = parent.prompt_logprobs or child.prompt_logprobs
     parent.outputs.append(completion)
     parent.outputs.sort(key=lambda o: o.index)
     parent.num_preemptions += child.num_preemptions

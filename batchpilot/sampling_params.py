@@ -65,6 +65,7 @@ class SamplingParams:
     bad_words: list[str] = field(default_factory=list)  # never generated (as vLLM: with and without a leading space)
     min_tokens: int = 0  # stop tokens are not sampled before this many tokens
     repetition_penalty: float = 1.0  # >1 discourages tokens of the prompt and output (as in HF / vLLM)
+    prompt_logprobs: int | None = None  # the prompt tokens' logprobs, with this many top alternatives each
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -84,6 +85,7 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be at least 1"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs", "must be in [0, 20]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
             (self.min_tokens >= 0 and (self.max_tokens is None or self.min_tokens <= self.max_tokens), "min_tokens",
              "must be in [0, max_tokens]"),
@@ -131,3 +133,4 @@ class TokenLogprobs:
 
     logprob: float
     top: list[tuple[int, float]]
+    rank: int | None = None  # the token's rank in the distribution (1: the most likely), when known

@@ -67,3 +67,21 @@ def test_a_spec_that_does_not_compile_fails_before_anything_runs(llm_fp32):
     with pytest.raises(SamplingParamsError) as e:
         llm_fp32.generate("x", SamplingParams(logit_bias={10**9: 1.0}))
     assert e.value.param == "logit_bias"
+
+
+def test_prompt_logprobs_equal_the_logprobs_of_the_same_tokens_when_generated(llm_fp32):
+    """A prompt of 700 tokens (two prefill chunks) then 12 generated ones: asked again as a prompt,
+    the last 12 prompt logprobs are the logprobs they had when sampled; a cached prefix is not
+    used for them (the whole prompt is computed)."""
+    text = " ".join(f"word{i}" for i in range(300))
+    prompt = llm_fp32.tokenizer.encode(text)[:700]
+    gen = llm_fp32.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2))[0]
+    sampled = gen.outputs[0]
+    full = prompt + sampled.token_ids
+    again = llm_fp32.generate(full, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=3))[0]
+    lps = again.prompt_logprobs
+    assert len(lps) == len(full) and lps[0] is None and again.num_cached_tokens == 0
+    for mine, want in zip(lps[-12:], sampled.logprobs):
+        assert mine.logprob == pytest.approx(want.logprob, abs=2e-3)
+        assert [t for t, _ in mine.top[:2]] == [t for t, _ in want.top]
+    assert all(len(lp.top) == 3 for lp in lps[1:])

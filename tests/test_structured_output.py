@@ -233,3 +233,30 @@ def test_bad_tools_get_a_400_naming_the_field(server, body, param):
     r = httpx.post(f"{server}/v1/chat/completions", json={"model": MODEL, "messages": ASK, **body}, timeout=60)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_echo_with_logprobs_and_prompt_logprobs_shapes(server, client):
+    prompt = "The capital of France is"
+    n_prompt = len(httpx.post(f"{server}/tokenize", json={"model": MODEL, "prompt": prompt}).json()["tokens"])
+    r = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=4, logprobs=2, echo=True,
+                                  extra_body={"prompt_logprobs": 1})
+    c = r.choices[0]
+    lp = c.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == n_prompt + 4
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
+    assert "".join(lp.tokens) == c.text and c.text.startswith(prompt)
+    prompt_lps = c.model_extra["prompt_logprobs"]
+    assert len(prompt_lps) == n_prompt and prompt_lps[0] is None
+    for entry, value in zip(prompt_lps[1:], lp.token_logprobs[1:n_prompt]):
+        ranks = sorted(e["rank"] for e in entry.values())
+        assert ranks[0] >= 1 and any(e["logprob"] == pytest.approx(value, abs=1e-4) for e in entry.values())
+    stream = list(client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=4, logprobs=2,
+                                            echo=True, stream=True))
+    assert "".join(ch.choices[0].text for ch in stream) == c.text
+    streamed = [v for ch in stream if ch.choices[0].logprobs for v in ch.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-4)
+    chat = httpx.post(f"{server}/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "prompt_logprobs": 0},
+        timeout=60).json()
+    assert chat["prompt_logprobs"][0] is None and len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]

@@ -40,6 +40,9 @@ class RequestOutput:
     num_preemptions: int = 0
     queue_time_s: float | None = None  # arrival to first admission; set on the finished output
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # Asked for with sampling_params.prompt_logprobs: None for the first prompt token, then one per
+    # token; on the first output of a request (its prompt is computed by then).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass
@@ -116,7 +119,8 @@ class OutputProcessor:
             del self._states[req.request_id]
         return RequestOutput(req.request_id, st.prompt, req.prompt_token_ids,
                              [CompletionOutput(0, delta, update.new_token_ids, logprobs, reason)], done,
-                             req.num_preemptions, _queue_time(req) if done else None, req.num_cached_tokens)
+                             req.num_preemptions, _queue_time(req) if done else None, req.num_cached_tokens,
+                             _prompt_logprobs(req))
 
 
 def _token_output(update: RequestUpdate) -> RequestOutput:
@@ -127,7 +131,14 @@ def _token_output(update: RequestUpdate) -> RequestOutput:
     return RequestOutput(req.request_id, None, req.prompt_token_ids,
                          [CompletionOutput(0, "", update.new_token_ids, logprobs, status.finish_reason)],
                          status.finished, req.num_preemptions, _queue_time(req) if status.finished else None,
-                         req.num_cached_tokens)
+                         req.num_cached_tokens, _prompt_logprobs(req))
+
+
+def _prompt_logprobs(req: Request) -> list[TokenLogprobs | None] | None:
+    """The prompt's logprobs on a request's first output only."""
+    if req.sampling_params.prompt_logprobs is None or len(req.output_token_ids) != 1:
+        return None
+    return [None, *req.prompt_logprobs]
 
 
 def _queue_time(req: Request) -> float | None:

@@ -42,6 +42,9 @@ class RunnerOutput:
 
     sampled_token_ids: dict[str, int]
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # Requests that asked for prompt logprobs: (the first prompt position they are for, one per
+    # prompt token from there on), for the prompt tokens this step computed.
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

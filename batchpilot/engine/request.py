@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from batchpilot.config import SLAClass
-from batchpilot.sampling_params import SamplingParams
+from batchpilot.sampling_params import SamplingParams, TokenLogprobs
 
 if TYPE_CHECKING:
     from batchpilot.model.grammar import Grammar
@@ -64,6 +64,8 @@ class Request:
     queue_key: float = 0.0
     grammar: Grammar | None = None  # its structured-output matcher (sampling_params.structured_outputs)
     bad_word_ids: tuple[tuple[int, ...], ...] = ()  # sampling_params.bad_words as token sequences
+    # Logprobs of prompt tokens 1.. (sampling_params.prompt_logprobs), as the prompt is computed.
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # Derived once (the prompt and the parameters never change): the scheduler reads them

@@ -213,7 +213,8 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.last_limit:
             req = self.waiting[0]  # NOTE: a waiting request holds no blocks and has computed nothing
-            cached = self.kv.cached_prefix(req)
+            # A request that wants its prompt's logprobs computes the whole prompt (as vLLM).
+            cached = self.kv.cached_prefix(req) if req.sampling_params.prompt_logprobs is None else []
             computed = len(cached) * self.kv.block_size
             todo = req.num_tokens - computed
             n = min(todo, budget)
@@ -263,6 +264,10 @@ class Scheduler:
         # NOTE: the hottest loop of a simulation (every running request, every step): the stop
         # checks are inlined and read the request's precomputed stop set and output cap, and
         # nothing is built per request (docs/design_notes.md).
+        for rid, (first, lps) in result.prompt_logprobs.items():
+            collected = self.requests[rid].prompt_logprobs
+            if first <= len(collected):  # a recompute after preemption repeats what is known
+                collected.extend(lps[len(collected) - first:])
         advanced: list[Request] = []
         add = advanced.append
         sampled = result.sampled_token_ids

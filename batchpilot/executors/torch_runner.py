@@ -13,6 +13,7 @@ from batchpilot.model import kernels
 from batchpilot.model.attention import AttentionMetadata, PrefillChunk
 from batchpilot.model.llama import LlamaModel
 from batchpilot.model.sampler import SamplingRow, sample
+from batchpilot.sampling_params import TokenLogprobs
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,39 @@ def _sampling_row(req: Request, generator: torch.Generator) -> SamplingRow:
                        req.bad_word_ids, req.stop_token_set)
 
 
+def _prompt_logprob_rows(ordered: list[ScheduledRequest]) -> list[tuple[ScheduledRequest, int, list[int]]]:
+    """For requests that want prompt logprobs: the batch rows of this step whose logits predict
+    a prompt token (position p predicts token p + 1), and the first such position."""
+    out, row0 = [], 0
+    for s in ordered:
+        req = s.request
+        last = min(s.start + s.num_new_tokens, req.num_prompt_tokens - 1)
+        if req.sampling_params.prompt_logprobs is not None and s.start < last:
+            out.append((s, s.start, list(range(row0, row0 + last - s.start))))
+        row0 += s.num_new_tokens
+    return out
+
+
+def _prompt_logprobs(logits: torch.Tensor, prompt_rows: list[tuple[ScheduledRequest, int, list[int]]]
+                     ) -> dict[str, tuple[int, list[TokenLogprobs]]]:
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    out, k = {}, 0
+    for s, first, rows in prompt_rows:
+        lp = logprobs[k: k + len(rows)]
+        k += len(rows)
+        # the prompt token each row predicts (the last may be in the next chunk, not this batch)
+        actual = torch.tensor(s.request.prompt_token_ids[first + 1: first + 1 + len(rows)], dtype=torch.long)
+        chosen = lp.gather(1, actual.unsqueeze(1))
+        ranks = (lp > chosen).sum(dim=1) + 1
+        n = s.request.sampling_params.prompt_logprobs or 0
+        top_values, top_ids = lp.topk(n, dim=-1) if n else (lp[:, :0], lp[:, :0].long())
+        out[s.request.request_id] = (first, [
+            TokenLogprobs(v, list(zip(ids, vals)), rank)
+            for v, ids, vals, rank in zip(chosen.squeeze(1).tolist(), top_ids.tolist(), top_values.tolist(),
+                                          ranks.tolist())])
+    return out
+
+
 class TorchRunner:
     """Owns the model and its KV cache tensors; executes SchedulerOutputs."""
 
@@ -80,14 +114,18 @@ class TorchRunner:
         # Single-token rows first: they share one batched attention call.
         ordered = sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1)
         token_ids, positions, meta, sample_rows = self._prepare(ordered)
-        logits_rows = torch.tensor([row for row, _ in sample_rows], dtype=torch.long)
-        logits = self.model.forward(token_ids, positions, self.kv_caches, meta, logits_rows)
+        prompt_rows = _prompt_logprob_rows(ordered)
+        wanted = [row for row, _ in sample_rows] + [row for _, _, rows in prompt_rows for row in rows]
+        logits = self.model.forward(token_ids, positions, self.kv_caches, meta,
+                                    torch.tensor(wanted, dtype=torch.long))
+        prompt_lps = _prompt_logprobs(logits[len(sample_rows):], prompt_rows) if prompt_rows else {}
         rows = [_sampling_row(s.request, self._generator(s)) for _, s in sample_rows]
-        tokens, logprobs = sample(logits, rows)
+        tokens, logprobs = sample(logits[: len(sample_rows)], rows)
         ids = [s.request.request_id for _, s in sample_rows]
         return RunnerOutput(
             dict(zip(ids, tokens)),
             {rid: lp for rid, lp in zip(ids, logprobs) if lp is not None},
+            prompt_lps,
         )
 
     def _generator(self, s: ScheduledRequest) -> torch.Generator:

@@ -99,7 +99,7 @@ class _SamplingFields(_RequestBody):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
-    prompt_logprobs: int | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM: logprobs of the prompt tokens
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)  # vLLM's extra: lower runs first
     sla_class: str | None = None  # one of the server's --sla-class names (or the x-batchpilot-sla header)
 

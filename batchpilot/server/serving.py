@@ -13,7 +13,7 @@ import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from jinja2 import TemplateError
@@ -60,6 +60,7 @@ class Choice:
     finished_s: float | None = None
     queue_s: float | None = None  # the engine's arrival to first admission
     num_cached_tokens: int = 0  # of its prompt, served from the prefix cache
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # when asked (prompt_logprobs, or echo with logprobs)
 
 
 SLA_HEADER = "x-batchpilot-sla"  # names the request's SLA class when its body does not
@@ -112,9 +113,6 @@ class Serving:
         self.check_model(req.model)
         if req.suffix is not None:
             raise APIError(400, "suffix is not supported", "suffix", "unsupported_parameter")
-        if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo with logprobs needs prompt logprobs, which are not supported", "echo",
-                           "unsupported_parameter")
         if req.best_of is not None and req.best_of != (req.n or 1):
             raise APIError(400, "best_of must equal n (beam search is not supported)", "best_of")
         prompts = await self._completion_prompts(req.prompt)
@@ -223,8 +221,6 @@ class Serving:
                    constraint: tuple[StructuredOutputsParams | None, str] | None = None) -> Job:
         """`constraint`: the output constraint and the field that set it, when not the request's own
         structured-output fields (tool_choice)."""
-        if req.prompt_logprobs is not None:
-            raise APIError(400, "prompt_logprobs is not supported", "prompt_logprobs", "unsupported_parameter")
         structured, structured_field = constraint or structured_outputs_of(req)
         priority, sla = self._options(req, sla_header)
         longest = max(len(p) for p in prompts)
@@ -253,6 +249,7 @@ class Serving:
                 logit_bias=logit_bias_of(req), allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words or [],
                 min_tokens=req.min_tokens, repetition_penalty=_default(req.repetition_penalty,
                                                                       d.get("repetition_penalty", 1.0)),
+                prompt_logprobs=_prompt_logprobs_wanted(req, logprobs),
             )
             self.engine.engine.check_params(params)
         except SamplingParamsError as e:
@@ -306,6 +303,8 @@ class Serving:
                 c.token_ids += out.token_ids
                 c.logprobs += out.logprobs or []
                 c.num_cached_tokens = delta.num_cached_tokens
+                if delta.prompt_logprobs is not None:
+                    c.prompt_logprobs = delta.prompt_logprobs
                 if delta.finished:
                     c.finish_reason = out.finish_reason
                     c.queue_s, c.finished_s = delta.queue_time_s, time.perf_counter() - start
@@ -356,7 +355,8 @@ class Serving:
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def completion_logprobs(self, lps: list[TokenLogprobs], token_ids: list[int]) -> dict[str, Any]:
+    def completion_logprobs(self, lps: list[TokenLogprobs | None], token_ids: list[int]) -> dict[str, Any]:
+        """OpenAI's completions logprobs; a None entry (an echoed prompt's first token) has none."""
         tokens = [self.token_text(t) for t in token_ids[: len(lps)]]
         offsets, pos = [], 0
         for t in tokens:
@@ -364,10 +364,35 @@ class Serving:
             pos += len(t)
         return {
             "tokens": tokens,
-            "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{self.token_text(t): v for t, v in lp.top} for lp in lps],
+            "token_logprobs": [lp.logprob if lp else None for lp in lps],
+            "top_logprobs": [{self.token_text(t): v for t, v in lp.top} if lp else None for lp in lps],
             "text_offset": offsets,
         }
+
+    def vllm_prompt_logprobs(self, prompt: list[int], lps: list[TokenLogprobs | None] | None) -> list[Any] | None:
+        """vLLM's prompt_logprobs: per prompt token None (the first) or {token id: {logprob, rank,
+        decoded_token}} for the token itself and the top alternatives."""
+        if lps is None:
+            return None
+        out: list[Any] = []
+        for token, lp in zip(prompt, lps):
+            if lp is None:
+                out.append(None)
+                continue
+            entry = {str(token): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": self.token_text(token)}}
+            for rank, (t, v) in enumerate(lp.top, 1):
+                entry.setdefault(str(t), {"logprob": v, "rank": rank, "decoded_token": self.token_text(t)})
+            out.append(entry)
+        return out
+
+    def _completion_choice_logprobs(self, job: Job, i: int, c: Choice) -> dict[str, Any] | None:
+        if job.params.logprobs is None:
+            return None
+        if job.echo:
+            prompt = job.prompts[i // job.params.n]
+            return self.completion_logprobs([*(c.prompt_logprobs or [None] * len(prompt)), *c.logprobs],
+                                            prompt + c.token_ids)
+        return self.completion_logprobs(c.logprobs, c.token_ids)
 
     def chat_logprobs(self, lps: list[TokenLogprobs], token_ids: list[int]) -> dict[str, Any]:
         def entry(t: int, v: float) -> dict[str, Any]:
@@ -389,8 +414,9 @@ class Serving:
             "model": self.model_name(req.model),
             "choices": [{
                 "index": i, "text": self._echo(job, i) + c.text, "finish_reason": c.finish_reason,
-                "logprobs": self.completion_logprobs(c.logprobs, c.token_ids) if job.params.logprobs is not None
-                else None,
+                "logprobs": self._completion_choice_logprobs(job, i, c),
+                **({"prompt_logprobs": self.vllm_prompt_logprobs(job.prompts[i // job.params.n], c.prompt_logprobs)}
+                   if req.prompt_logprobs is not None else {}),
             } for i, c in enumerate(choices)],
             "usage": self.usage(job, choices),
         }
@@ -404,6 +430,8 @@ class Serving:
         return {
             "id": job.request_id, "object": "chat.completion", "created": job.created,
             "model": self.model_name(req.model),
+            **({"prompt_logprobs": self.vllm_prompt_logprobs(job.prompts[0], choices[0].prompt_logprobs)}
+               if req.prompt_logprobs is not None else {}),
             "choices": [{
                 "index": i, **self._chat_message(job, c),
                 "logprobs": self.chat_logprobs(c.logprobs, c.token_ids) if job.params.logprobs is not None else None,
@@ -429,19 +457,30 @@ class Serving:
             for i in range(job.num_choices):
                 yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                  "logprobs": None, "finish_reason": None}]})
-        elif job.echo:
-            for i in range(job.num_choices):
-                yield sse({**base, "choices": [{"index": i, "text": self._echo(job, i), "logprobs": None,
-                                                 "finish_reason": None}]})
+        first_delta = set(range(job.num_choices))  # choices whose first delta is still to come
         tool_streams = {i: ToolStream(job.tools) for i in range(job.num_choices)} if job.tools else {}
         try:
             async for index, delta in self._guarded(job, choices):
                 out = delta.outputs[0]
                 reason = out.finish_reason if delta.finished else None
-                if not out.text and reason is None:
+                # a completion's prompt text and logprobs go with its first delta (computed by then)
+                with_prompt = not chat and index in first_delta and (job.echo or req.prompt_logprobs is not None)
+                first_delta.discard(index)
+                if not out.text and reason is None and not with_prompt:
                     continue
                 lps = None
-                if job.params.logprobs is not None and out.logprobs:
+                extra: dict[str, Any] = {}
+                if with_prompt:
+                    prompt = job.prompts[index // job.params.n]
+                    if req.prompt_logprobs is not None:
+                        extra["prompt_logprobs"] = self.vllm_prompt_logprobs(prompt, delta.prompt_logprobs)
+                    if job.echo:
+                        out = replace(out, text=self._echo(job, index) + out.text)
+                        if job.params.logprobs is not None:
+                            lps = self.completion_logprobs(
+                                [*(delta.prompt_logprobs or [None] * len(prompt)), *(out.logprobs or [])],
+                                prompt + out.token_ids)
+                if lps is None and job.params.logprobs is not None and out.logprobs:
                     builder = self.chat_logprobs if chat else self.completion_logprobs
                     lps = builder(out.logprobs, out.token_ids)
                 if index in tool_streams:
@@ -452,7 +491,7 @@ class Serving:
                     choice = {"index": index, "delta": {"content": out.text} if out.text else {},
                               "logprobs": lps, "finish_reason": reason}
                 else:
-                    choice = {"index": index, "text": out.text, "logprobs": lps, "finish_reason": reason}
+                    choice = {"index": index, "text": out.text, "logprobs": lps, "finish_reason": reason, **extra}
                 yield sse({**base, "choices": [choice]})
         except APIError as e:
             yield sse(error_body(e.status, e.message, e.param, e.code))
@@ -478,6 +517,13 @@ class Serving:
             events.append(sse({**base, "choices": [{"index": index, "delta": {}, "logprobs": None,
                                                     "finish_reason": ts.plan.finish_reason(reason, calls)}]}))
         return events
+
+
+def _prompt_logprobs_wanted(req: Any, logprobs: int | None) -> int | None:
+    """Top alternatives per prompt token to compute: vLLM's prompt_logprobs, or as many as
+    `logprobs` when a completion echoes its prompt with logprobs."""
+    wanted = [n for n in (req.prompt_logprobs, logprobs if getattr(req, "echo", False) else None) if n is not None]
+    return max(wanted) if wanted else None
 
 
 def _default(value: Any, default: Any) -> Any:
