@@ -85,3 +85,14 @@ def test_prompt_logprobs_equal_the_logprobs_of_the_same_tokens_when_generated(ll
         assert mine.logprob == pytest.approx(want.logprob, abs=2e-3)
         assert [t for t, _ in mine.top[:2]] == [t for t, _ in want.top]
     assert all(len(lp.top) == 3 for lp in lps[1:])
+
+
+def test_gbnf_and_lark_grammars_both_compile_and_hold(llm_fp32):
+    gbnf = 'root ::= answer " " digit\nanswer ::= "yes" | "no"\ndigit ::= [0-9]'
+    lark = 'start: ANSWER " " DIGIT\nANSWER: "yes" | "no"\nDIGIT: /[0-9]/'
+    for grammar in (gbnf, lark):
+        out = llm_fp32.generate("Is it raining? Answer and rate:", SamplingParams(
+            n=3, temperature=1.0, seed=4, max_tokens=10,
+            structured_outputs=StructuredOutputsParams(grammar=grammar)))[0]
+        for o in out.outputs:
+            assert o.text.split(" ")[0] in ("yes", "no") and o.text[-1].isdigit() and o.finish_reason == "stop"

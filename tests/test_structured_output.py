@@ -260,3 +260,12 @@ def test_echo_with_logprobs_and_prompt_logprobs_shapes(server, client):
         "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "prompt_logprobs": 0},
         timeout=60).json()
     assert chat["prompt_logprobs"][0] is None and len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(server, client):
+    prompt = "one two three four five six seven eight nine ten"
+    ids = httpx.post(f"{server}/tokenize", json={"model": MODEL, "prompt": prompt}).json()["tokens"]
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0,
+                                  extra_body={"truncate_prompt_tokens": 4})
+    same = client.completions.create(model=MODEL, prompt=ids[-4:], max_tokens=3, temperature=0)
+    assert r.usage.prompt_tokens == 4 and r.choices[0].text == same.choices[0].text

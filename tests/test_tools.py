@@ -86,3 +86,11 @@ def test_bad_plans_name_the_field(tools, choice, param):
     with pytest.raises(APIError) as e:
         tool_plan(tools, choice)
     assert e.value.param == param
+
+
+def test_parallel_tool_calls_false_keeps_one_call():
+    plan = tool_plan(TOOLS, "required", parallel=False)
+    assert plan.constraint().json["maxItems"] == 1
+    auto = tool_plan(TOOLS, None, parallel=False)
+    text = '<tool_call>{"name": "get_weather", "arguments": {}}</tool_call><tool_call>{"name": "x", "arguments": {}}'
+    assert len(auto.parse(text)[1]) == 1

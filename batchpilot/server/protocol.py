@@ -1,9 +1,11 @@
 """OpenAI request bodies (pydantic), with the ranges OpenAI and vLLM document.
 
 Types are strict (no "yes" for a boolean, no "0.5" for a number). Unknown fields are ignored,
-as vLLM does, so clients that send vendor extras keep working.
-Sampling fields accept JSON null as "use the default". Parameters we do not implement are
-rejected with a 400 that names them, never silently ignored.
+as vLLM does, so clients that send vendor extras keep working; of OpenAI's own fields, those that
+do not change the output (`store`, `metadata`, `service_tier`, `user`, `stream_options.
+continuous_usage_stats`) are accepted and ignored. Sampling fields accept JSON null as "use the
+default". Fields that would change the output and that we do not implement (`UNSUPPORTED`) are a
+400 naming them, never silently ignored.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 MAX_N = 16
@@ -66,6 +68,11 @@ class _RequestBody(BaseModel):
         return self
 
 
+# OpenAI and vLLM fields that change the output and are not implemented: a 400 naming the field.
+UNSUPPORTED = ("functions", "function_call", "audio", "prediction", "web_search_options", "use_beam_search",
+               "length_penalty")
+
+
 class _SamplingFields(_RequestBody):
     model_config = ConfigDict(extra="ignore", strict=True)
 
@@ -102,6 +109,32 @@ class _SamplingFields(_RequestBody):
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM: logprobs of the prompt tokens
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)  # vLLM's extra: lower runs first
     sla_class: str | None = None  # one of the server's --sla-class names (or the x-batchpilot-sla header)
+
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    use_beam_search: Any = None
+    length_penalty: Any = None
+    truncate_prompt_tokens: int | None = Field(None, ge=1)  # vLLM: keep only the prompt's last N tokens
+    modalities: list[str] | None = None
+    parallel_tool_calls: bool = True
+
+    @field_validator(*UNSUPPORTED)
+    @classmethod
+    def _unsupported(cls, v: Any, info: ValidationInfo) -> Any:
+        neutral = (None, False) if info.field_name != "length_penalty" else (None, 1, 1.0)
+        if not any(v is n or (type(v) is type(n) and v == n) for n in neutral):
+            raise ValueError("not supported")
+        return v
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_only(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and v != ["text"]:
+            raise ValueError("only ['text'] is supported")
+        return v
 
     @field_validator("stop")
     @classmethod

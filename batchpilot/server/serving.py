@@ -124,7 +124,7 @@ class Serving:
 
     async def chat_job(self, req: ChatCompletionRequest, sla_header: str | None = None) -> Job:
         self.check_model(req.model)
-        plan = tool_plan(req.tools, req.tool_choice)
+        plan = tool_plan(req.tools, req.tool_choice, req.parallel_tool_calls)
         structured = None
         if plan is not None and plan.constrains:
             _, other = structured_outputs_of(req)
@@ -222,6 +222,8 @@ class Serving:
         """`constraint`: the output constraint and the field that set it, when not the request's own
         structured-output fields (tool_choice)."""
         structured, structured_field = constraint or structured_outputs_of(req)
+        if req.truncate_prompt_tokens is not None:
+            prompts = [p[-req.truncate_prompt_tokens:] for p in prompts]
         priority, sla = self._options(req, sla_header)
         longest = max(len(p) for p in prompts)
         for p in prompts:

@@ -35,6 +35,7 @@ class ToolPlan:
     mode: str
     functions: list[dict[str, Any]] = field(default_factory=list)  # each {"name", "description"?, "parameters"?}
     name: str | None = None  # the named function
+    parallel: bool = True  # parallel_tool_calls: more than one call per answer
 
     @property
     def constrains(self) -> bool:
@@ -48,7 +49,8 @@ class ToolPlan:
             one_of = [{"type": "object", "properties": {"name": {"const": f["name"]},
                                                         "parameters": f.get("parameters") or {"type": "object"}},
                        "required": ["name", "parameters"], "additionalProperties": False} for f in self.functions]
-            return StructuredOutputsParams(json={"type": "array", "minItems": 1, "items": {"anyOf": one_of}})
+            array = {"type": "array", "minItems": 1, "items": {"anyOf": one_of}}
+            return StructuredOutputsParams(json=array if self.parallel else {**array, "maxItems": 1})
         return None
 
     def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
@@ -72,7 +74,7 @@ class ToolPlan:
                 except (ValueError, TypeError, KeyError, AttributeError):
                     return text, []  # not a well-formed call: the text stands as it is
             content = text[: text.index(CALL_OPEN)]
-            return content if content.strip() else None, calls
+            return content if content.strip() else None, calls if self.parallel else calls[:1]
         return text, []
 
     def finish_reason(self, reason: str | None, calls: list[dict[str, Any]]) -> str | None:
@@ -86,7 +88,8 @@ def _call(name: str, arguments: str) -> dict[str, Any]:
     return {"id": call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
-def tool_plan(tools: list[dict[str, Any]] | None, choice: str | dict[str, Any] | None) -> ToolPlan | None:
+def tool_plan(tools: list[dict[str, Any]] | None, choice: str | dict[str, Any] | None,
+              parallel: bool = True) -> ToolPlan | None:
     """The request's plan, or None without tools; a malformed field is a 400 naming it."""
     if not tools:
         if choice not in (None, "none", "auto"):  # auto / none without tools: nothing to call
@@ -103,14 +106,14 @@ def tool_plan(tools: list[dict[str, Any]] | None, choice: str | dict[str, Any] |
             raise APIError(400, f"tools.{i}: function.parameters must be a JSON schema object", "tools")
         functions.append(fn)
     if choice is None or choice in ("auto", "none", "required"):
-        return ToolPlan(choice or "auto", functions)
+        return ToolPlan(choice or "auto", functions, parallel=parallel)
     name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
     if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
         raise APIError(400, "tool_choice must be none, auto, required or {'type': 'function', 'function': "
                             "{'name': ...}}", "tool_choice")
     if name not in {f["name"] for f in functions}:
         raise APIError(400, f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
-    return ToolPlan("named", functions, name)
+    return ToolPlan("named", functions, name, parallel)
 
 
 def template_renders_tools(template: str | None) -> bool:
