@@ -12,8 +12,8 @@ import logging
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from jinja2 import TemplateError
@@ -27,10 +27,11 @@ from batchpilot.sampling_params import (
     SamplingParams,
     SamplingParamsError,
     StructuredOutputsParams,
-    TokenLogprobs,
     fan_out,
 )
 from batchpilot.server.errors import APIError, error_body
+from batchpilot.server.jobs import Choice, Job, merge_streams
+from batchpilot.server.logprobs import LogprobFormat
 from batchpilot.server.metrics import FinishedRequest, ServerMetrics
 from batchpilot.server.protocol import (
     SSE_DONE,
@@ -46,47 +47,7 @@ from batchpilot.server.tools import ToolPlan, ToolStream, hermes_messages, templ
 access_log = logging.getLogger("batchpilot.access")
 
 
-@dataclass
-class Choice:
-    """One generated sequence as it accumulates."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
-    finish_reason: str | None = None
-    # Seconds from the job's start, for the metrics.
-    first_token_s: float | None = None
-    last_token_s: float = 0.0
-    finished_s: float | None = None
-    queue_s: float | None = None  # the engine's arrival to first admission
-    num_cached_tokens: int = 0  # of its prompt, served from the prefix cache
-    prompt_logprobs: list[TokenLogprobs | None] | None = None  # when asked (prompt_logprobs, or echo with logprobs)
-
-
 SLA_HEADER = "x-batchpilot-sla"  # names the request's SLA class when its body does not
-
-
-@dataclass(eq=False)
-class Job:
-    """A validated request: prompts as token ids and one SamplingParams per choice.
-
-    It holds `num_choices` places in the server's queue from creation until `release()`,
-    which runs when generation ends, or when the job is dropped without ever running.
-    """
-
-    request_id: str
-    prompts: list[list[int]]
-    params: SamplingParams
-    priority: int = 0
-    sla: SLAClass | None = None  # the class it runs under (named by the request, or the default)
-    echo: list[str] | None = None  # completions' echo: each prompt's text, put before its choices' text
-    tools: ToolPlan | None = None  # chat: what the request asks of tools
-    created: int = field(default_factory=lambda: int(time.time()))
-    release: Callable[[], Any] = field(default=lambda: None, repr=False)
-
-    @property
-    def num_choices(self) -> int:
-        return len(self.prompts) * self.params.n
 
 
 class Serving:
@@ -99,6 +60,7 @@ class Serving:
         self.metrics = metrics
         self.max_queue = max_queue
         self.tokenizer = engine.engine.tokenizer
+        self.logprobs = LogprobFormat(self.tokenizer)
         self.max_model_len = engine.engine.snapshot().max_model_len
         self.num_reserved = 0  # choices accepted and not yet finished (running ones included)
 
@@ -119,7 +81,9 @@ class Serving:
         job = await self._job("cmpl", prompts, req, req.max_tokens, req.logprobs, "prompt", sla_header)
         if req.echo:
             texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-            job.echo = [t if isinstance(t, str) else self.tokenizer.decode(p) for t, p in zip(texts, prompts)]
+            keep_text = req.truncate_prompt_tokens is None  # else the text of the tokens kept
+            job.echo = [t if isinstance(t, str) and keep_text else self.tokenizer.decode(p)
+                        for t, p in zip(texts, job.prompts)]
         return job
 
     async def chat_job(self, req: ChatCompletionRequest, sla_header: str | None = None) -> Job:
@@ -291,7 +255,7 @@ class Serving:
                                                     job.priority, job.sla.name if job.sla else None, grammar))
         start = time.perf_counter()
         try:
-            async for index, delta in _merge(streams):
+            async for index, delta in merge_streams(streams):
                 out = delta.outputs[0]
                 c = choices[index]
                 if out.token_ids:
@@ -354,57 +318,14 @@ class Serving:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": cached}}
 
-    def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
-
-    def completion_logprobs(self, lps: list[TokenLogprobs | None], token_ids: list[int]) -> dict[str, Any]:
-        """OpenAI's completions logprobs; a None entry (an echoed prompt's first token) has none."""
-        tokens = [self.token_text(t) for t in token_ids[: len(lps)]]
-        offsets, pos = [], 0
-        for t in tokens:
-            offsets.append(pos)
-            pos += len(t)
-        return {
-            "tokens": tokens,
-            "token_logprobs": [lp.logprob if lp else None for lp in lps],
-            "top_logprobs": [{self.token_text(t): v for t, v in lp.top} if lp else None for lp in lps],
-            "text_offset": offsets,
-        }
-
-    def vllm_prompt_logprobs(self, prompt: list[int], lps: list[TokenLogprobs | None] | None) -> list[Any] | None:
-        """vLLM's prompt_logprobs: per prompt token None (the first) or {token id: {logprob, rank,
-        decoded_token}} for the token itself and the top alternatives."""
-        if lps is None:
-            return None
-        out: list[Any] = []
-        for token, lp in zip(prompt, lps):
-            if lp is None:
-                out.append(None)
-                continue
-            entry = {str(token): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": self.token_text(token)}}
-            for rank, (t, v) in enumerate(lp.top, 1):
-                entry.setdefault(str(t), {"logprob": v, "rank": rank, "decoded_token": self.token_text(t)})
-            out.append(entry)
-        return out
-
     def _completion_choice_logprobs(self, job: Job, i: int, c: Choice) -> dict[str, Any] | None:
         if job.params.logprobs is None:
             return None
         if job.echo:
             prompt = job.prompts[i // job.params.n]
-            return self.completion_logprobs([*(c.prompt_logprobs or [None] * len(prompt)), *c.logprobs],
+            return self.logprobs.completion([*(c.prompt_logprobs or [None] * len(prompt)), *c.logprobs],
                                             prompt + c.token_ids)
-        return self.completion_logprobs(c.logprobs, c.token_ids)
-
-    def chat_logprobs(self, lps: list[TokenLogprobs], token_ids: list[int]) -> dict[str, Any]:
-        def entry(t: int, v: float) -> dict[str, Any]:
-            s = self.token_text(t)
-            return {"token": s, "logprob": v, "bytes": list(s.encode())}
-
-        return {"content": [
-            {**entry(t, lp.logprob), "top_logprobs": [entry(a, v) for a, v in lp.top]}
-            for t, lp in zip(token_ids, lps)
-        ]}
+        return self.logprobs.completion(c.logprobs, c.token_ids)
 
     def model_name(self, requested: str | None) -> str:
         return requested or self.model_names[0]
@@ -417,7 +338,7 @@ class Serving:
             "choices": [{
                 "index": i, "text": self._echo(job, i) + c.text, "finish_reason": c.finish_reason,
                 "logprobs": self._completion_choice_logprobs(job, i, c),
-                **({"prompt_logprobs": self.vllm_prompt_logprobs(job.prompts[i // job.params.n], c.prompt_logprobs)}
+                **({"prompt_logprobs": self.logprobs.vllm_prompt(job.prompts[i // job.params.n], c.prompt_logprobs)}
                    if req.prompt_logprobs is not None else {}),
             } for i, c in enumerate(choices)],
             "usage": self.usage(job, choices),
@@ -432,11 +353,11 @@ class Serving:
         return {
             "id": job.request_id, "object": "chat.completion", "created": job.created,
             "model": self.model_name(req.model),
-            **({"prompt_logprobs": self.vllm_prompt_logprobs(job.prompts[0], choices[0].prompt_logprobs)}
+            **({"prompt_logprobs": self.logprobs.vllm_prompt(job.prompts[0], choices[0].prompt_logprobs)}
                if req.prompt_logprobs is not None else {}),
             "choices": [{
                 "index": i, **self._chat_message(job, c),
-                "logprobs": self.chat_logprobs(c.logprobs, c.token_ids) if job.params.logprobs is not None else None,
+                "logprobs": self.logprobs.chat(c.logprobs, c.token_ids) if job.params.logprobs is not None else None,
             } for i, c in enumerate(choices)],
             "usage": self.usage(job, choices),
         }
@@ -475,19 +396,19 @@ class Serving:
                 if with_prompt:
                     prompt = job.prompts[index // job.params.n]
                     if req.prompt_logprobs is not None:
-                        extra["prompt_logprobs"] = self.vllm_prompt_logprobs(prompt, delta.prompt_logprobs)
+                        extra["prompt_logprobs"] = self.logprobs.vllm_prompt(prompt, delta.prompt_logprobs)
                     if job.echo:
                         out = replace(out, text=self._echo(job, index) + out.text)
                         if job.params.logprobs is not None:
-                            lps = self.completion_logprobs(
+                            lps = self.logprobs.completion(
                                 [*(delta.prompt_logprobs or [None] * len(prompt)), *(out.logprobs or [])],
                                 prompt + out.token_ids)
                 if lps is None and job.params.logprobs is not None and out.logprobs:
-                    builder = self.chat_logprobs if chat else self.completion_logprobs
+                    builder = self.logprobs.chat if chat else self.logprobs.completion
                     lps = builder(out.logprobs, out.token_ids)
                 if index in tool_streams:
-                    for event in self._tool_deltas(base, index, tool_streams[index], out.text, lps, reason):
-                        yield event
+                    for choice in tool_streams[index].choices(index, out.text, lps, reason):
+                        yield sse({**base, "choices": [choice]})
                     continue
                 if chat:
                     choice = {"index": index, "delta": {"content": out.text} if out.text else {},
@@ -504,23 +425,6 @@ class Serving:
         yield SSE_DONE
 
 
-    @staticmethod
-    def _tool_deltas(base: dict[str, Any], index: int, ts: ToolStream, text: str, lps: Any,
-                     reason: str | None) -> list[str]:
-        """A choice's chunks for one text delta under a tool plan (the finish chunk last)."""
-        deltas = ts.feed(text)
-        calls: list[dict[str, Any]] = []
-        if reason is not None:
-            last, calls = ts.finish()
-            deltas += last
-        events = [sse({**base, "choices": [{"index": index, "delta": d, "logprobs": lps if k == 0 else None,
-                                            "finish_reason": None}]}) for k, d in enumerate(deltas)]
-        if reason is not None:
-            events.append(sse({**base, "choices": [{"index": index, "delta": {}, "logprobs": None,
-                                                    "finish_reason": ts.plan.finish_reason(reason, calls)}]}))
-        return events
-
-
 def _prompt_logprobs_wanted(req: Any, logprobs: int | None) -> int | None:
     """Top alternatives per prompt token to compute: vLLM's prompt_logprobs, or as many as
     `logprobs` when a completion echoes its prompt with logprobs."""
@@ -530,38 +434,3 @@ def _prompt_logprobs_wanted(req: Any, logprobs: int | None) -> int | None:
 
 def _default(value: Any, default: Any) -> Any:
     return default if value is None else value
-
-
-async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave several request streams; cancelling the consumer cancels (and aborts) all of them."""
-    if len(streams) == 1:
-        async for out in streams[0]:
-            yield 0, out
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
-        try:
-            async for out in stream:
-                queue.put_nowait((i, out))
-        except Exception as e:  # delivered to the consumer, which re-raises it
-            queue.put_nowait((i, e))
-        finally:
-            queue.put_nowait((i, done))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            i, item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)

@@ -190,6 +190,20 @@ class ToolStream:
             return [{"content": chunk}]
         return []
 
+    def choices(self, index: int, text: str, logprobs: Any, reason: str | None) -> list[dict[str, Any]]:
+        """The stream chunks' choices for one text delta of choice `index` (the finish one last)."""
+        deltas = self.feed(text)
+        calls: list[dict[str, Any]] = []
+        if reason is not None:
+            last, calls = self.finish()
+            deltas += last
+        out = [{"index": index, "delta": d, "logprobs": logprobs if k == 0 else None, "finish_reason": None}
+               for k, d in enumerate(deltas)]
+        if reason is not None:
+            out.append({"index": index, "delta": {}, "logprobs": None,
+                        "finish_reason": self.plan.finish_reason(reason, calls)})
+        return out
+
     def finish(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """The last deltas, and the calls made (empty when none)."""
         if self.plan.mode == "named":
