@@ -158,3 +158,46 @@ def test_default_model_int4_keeps_its_gguf_q4_1_integers():
     model = LlamaModel(ckpt.args, ckpt.weights, torch.bfloat16, "int4")
     down = model.layers[0].down.quantized
     assert torch.equal(down.integers().to(torch.int32).reshape(-1, 32), q_file)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])  # llama: Q/K rows unpermuted as the file's floats
+def test_gguf_q4_blocks_are_the_files_own_values(tmp_path, kind, model_type):
+    """A Q4_0 or Q4_1 tensor read as blocks gives exactly the values the file dequantizes to."""
+    import gguf
+    import numpy as np
+
+    from batchpilot.model import gguf_file
+
+    qtype = gguf.GGMLQuantizationType[kind]
+    data = np.random.default_rng(0).standard_normal((128, 96)).astype(np.float32)
+    writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), model_type)
+    writer.add_tensor("blk.0.attn_q.weight", gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    writer.add_tensor("blk.0.ffn_down.weight", data)  # float32: not 4-bit blocks
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader = gguf_file.open_gguf(tmp_path / "t.gguf")
+    weights = gguf_file.GGUFWeights(reader, {"model_type": model_type, "num_attention_heads": 4,
+                                             "num_key_value_heads": 2})
+    q, scale, low = weights.int4_blocks("model.layers.0.self_attn.q_proj.weight")
+    values = q.float().view(128, 3, 32) * scale.unsqueeze(-1) + low.unsqueeze(-1)
+    assert torch.equal(values.view(128, 96), weights["model.layers.0.self_attn.q_proj.weight"])
+    assert int(q.min()) >= 0 and int(q.max()) <= 15
+    assert weights.int4_blocks("model.layers.0.mlp.down_proj.weight") is None
+
+
+def test_a_q4_1_gguf_loaded_with_int4_runs_its_blocks_as_the_folder_does():
+    """The default model's GGUF file given as --model with int4: its layers take the file's blocks
+    directly and generate exactly what the converted folder's re-quantized layers do."""
+    from batchpilot import LLM, SamplingParams
+    from batchpilot.model import loader
+
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompts = ["The capital of France is", "def add(a, b):"]
+    from_file = LLM(str(loader.default_gguf_path()), kv_cache_gib=0.05, threads=2, quantization="int4")
+    from_folder = LLM(kv_cache_gib=0.05, threads=2, quantization="int4")
+    a = [o.outputs[0].token_ids for o in from_file.generate(prompts, params)]
+    b = [o.outputs[0].token_ids for o in from_folder.generate(prompts, params)]
+    assert a == b

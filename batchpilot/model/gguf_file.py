@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
@@ -47,6 +47,8 @@ _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+# Bytes per block of 32 weights: an f16 scale (and an f16 minimum for Q4_1), then 16 bytes of nibbles.
+_Q4_BLOCK_BYTES = {GGMLQuantizationType.Q4_0: 18, GGMLQuantizationType.Q4_1: 20}
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
@@ -126,6 +128,29 @@ class GGUFWeights(Mapping[str, torch.Tensor]):
         if not data.flags.writeable:  # an unquantised tensor is a view of the read-only file mapping
             data = data.copy()
         return torch.from_numpy(data)
+
+    def int4_blocks(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """A Q4_0 or Q4_1 weight's own 4-bit blocks, for --quantization int4 to run as they are:
+        integers [N, K] in 0..15, scale and low [N, K / 32] (value = q * scale + low, exactly what
+        the file's dequantization gives); None for any other type."""
+        t = self._tensors[name]
+        kind = GGMLQuantizationType(t.tensor_type)
+        if kind not in _Q4_BLOCK_BYTES:
+            return None
+        size = _Q4_BLOCK_BYTES[kind]
+        rows = int(t.shape[1])
+        blocks = np.asarray(t.data, dtype=np.uint8).reshape(rows, -1, size)
+        scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        if kind == GGMLQuantizationType.Q4_0:  # value = d * (q - 8)
+            low, nibbles = -8 * scale, blocks[..., 2:]
+        else:  # Q4_1: value = d * q + m
+            low, nibbles = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32), blocks[..., 4:]
+        q = np.concatenate([nibbles & 0xF, nibbles >> 4], axis=-1).reshape(rows, -1)  # element j, then j + 16
+        heads = self._heads.get(name.rpartition(".")[0].rpartition(".")[2]) if name.endswith(".weight") else None
+        if heads is not None:
+            q, scale, low = (_unpermute(a, heads) for a in (q, scale, low))
+        return (torch.from_numpy(np.ascontiguousarray(q)), torch.from_numpy(np.ascontiguousarray(scale)),
+                torch.from_numpy(np.ascontiguousarray(low)))
 
     def __contains__(self, name: object) -> bool:
         return name in self._tensors

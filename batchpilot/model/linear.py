@@ -67,6 +67,13 @@ class Linear:
         self.upcast_bias: torch.Tensor | None = None
         self.quantized: quant.Int8Weight | quant.Int4Weight | None = None
 
+    @classmethod
+    def from_quantized(cls, weight: quant.Int8Weight | quant.Int4Weight, bias: torch.Tensor | None = None) -> Linear:
+        """A layer whose weight exists only quantized (a GGUF's own 4-bit blocks)."""
+        layer = cls(None, bias)  # type: ignore[arg-type]
+        layer.quantized = weight
+        return layer
+
     def quantize(self, mode: str, dtype: torch.dtype | None = None) -> None:
         """Keep only the quantized weight (quant.QUANTIZATIONS) for activations of `dtype` (default: the
         weight's), in place of every float copy."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from batchpilot.model import kernels
+from batchpilot.model import kernels, quant
 from batchpilot.model.args import ModelArgs
 from batchpilot.model.attention import AttentionMetadata, paged_attention
 from batchpilot.model.linear import Linear, pack_all
@@ -63,6 +63,11 @@ class LlamaModel:
             (float32), so a GGUF's Q4_1 blocks come back as they were, not after a bf16 rounding."""
             if mode is None:
                 return Linear(torch.cat([w(n) for n in names]), bias)
+            blocks = [weights.int4_blocks(n) for n in names] if mode == "int4" and hasattr(weights, "int4_blocks") \
+                else []
+            if blocks and all(b is not None for b in blocks):  # a GGUF's Q4_0 / Q4_1 blocks, run as they are
+                q, scale, low = (torch.cat(parts) for parts in zip(*blocks))
+                return Linear.from_quantized(quant.int4_from_blocks(q.to(torch.int32), scale, low, dtype), bias)
             layer = Linear(torch.cat([weights[n].float() for n in names]), bias)
             layer.quantize(mode, dtype)
             return layer
