@@ -57,9 +57,10 @@ def _prompt_logprob_rows(ordered: list[ScheduledRequest]) -> list[tuple[Schedule
     out, row0 = [], 0
     for s in ordered:
         req = s.request
-        last = min(s.start + s.num_new_tokens, req.num_prompt_tokens - 1)
-        if req.sampling_params.prompt_logprobs is not None and s.start < last:
-            out.append((s, s.start, list(range(row0, row0 + last - s.start))))
+        if req.sampling_params.prompt_logprobs is not None:
+            last = min(s.start + s.num_new_tokens, req.num_prompt_tokens - 1)
+            if s.start < last:
+                out.append((s, s.start, list(range(row0, row0 + last - s.start))))
         row0 += s.num_new_tokens
     return out
 

@@ -97,17 +97,17 @@ def _shape_logits(logits: torch.Tensor, rows: list[SamplingRow], index: list[int
     values; then allowed tokens, bad words, min_tokens and the grammar forbid tokens (-inf).
     `rows` are the shaped rows, at `index` in `logits`."""
     vocab = logits.shape[1]
-    forbid = torch.zeros(logits.shape[0], vocab, dtype=torch.bool)
-    grammar_rows = [(i, r.grammar) for i, r in zip(index, rows) if r.grammar is not None]
+    forbid = torch.zeros(len(rows), vocab, dtype=torch.bool)  # row k: logits row index[k]
+    grammar_rows = [k for k, r in enumerate(rows) if r.grammar is not None]
     if grammar_rows:
         words = -(-vocab // 32)
         bits = np.zeros((len(grammar_rows), words), dtype=np.int32)
-        for j, (_, grammar) in enumerate(grammar_rows):
-            grammar.fill_bitmask(bits[j].ctypes.data, words * 4)
+        for j, k in enumerate(grammar_rows):
+            rows[k].grammar.fill_bitmask(bits[j].ctypes.data, words * 4)
         # token t is bit t % 32 of word t // 32: little-endian words, little bit order
         allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :vocab]
-        forbid[[i for i, _ in grammar_rows]] = torch.from_numpy(allowed) == 0
-    for i, r in zip(index, rows):
+        forbid[grammar_rows] = torch.from_numpy(allowed) == 0
+    for k, (i, r) in enumerate(zip(index, rows)):
         p, row = r.params, logits[i]
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(list({*r.prompt_token_ids, *r.output_token_ids}), dtype=torch.long)
@@ -119,15 +119,19 @@ def _shape_logits(logits: torch.Tensor, rows: list[SamplingRow], index: list[int
         if p.allowed_token_ids:
             keep = torch.ones(vocab, dtype=torch.bool)
             keep[torch.tensor(p.allowed_token_ids, dtype=torch.long)] = False
-            forbid[i] |= keep
+            forbid[k] |= keep
         out = r.output_token_ids
         for word in r.bad_word_ids:
             # The word's last token is forbidden when the output ends with the rest of it.
             if len(word) == 1 or (len(out) >= len(word) - 1 and tuple(out[len(out) - len(word) + 1:]) == word[:-1]):
-                forbid[i, word[-1]] = True
+                forbid[k, word[-1]] = True
         if len(out) < p.min_tokens and r.stop_token_ids:
-            forbid[i, list(r.stop_token_ids)] = True
-    logits.masked_fill_(forbid, float("-inf"))
+            forbid[k, list(r.stop_token_ids)] = True
+    if len(index) == logits.shape[0]:  # every row: in place, no copy
+        logits.masked_fill_(forbid, float("-inf"))
+    else:
+        at = torch.tensor(index, dtype=torch.long)
+        logits[at] = logits[at].masked_fill(forbid, float("-inf"))
 
 
 def _sample_random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
