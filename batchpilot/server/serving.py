@@ -27,6 +27,7 @@ from batchpilot.sampling_params import (
     SamplingParams,
     SamplingParamsError,
     StructuredOutputsParams,
+    TokenLogprobs,
     fan_out,
 )
 from batchpilot.server.errors import APIError, error_body
@@ -322,10 +323,13 @@ class Serving:
         if job.params.logprobs is None:
             return None
         if job.echo:
-            prompt = job.prompts[i // job.params.n]
-            return self.logprobs.completion([*(c.prompt_logprobs or [None] * len(prompt)), *c.logprobs],
-                                            prompt + c.token_ids)
+            return self._echoed_logprobs(job.prompts[i // job.params.n], c.prompt_logprobs, c.logprobs, c.token_ids)
         return self.logprobs.completion(c.logprobs, c.token_ids)
+
+    def _echoed_logprobs(self, prompt: list[int], prompt_lps: list[TokenLogprobs | None] | None,
+                         lps: list[TokenLogprobs], token_ids: list[int]) -> dict[str, Any]:
+        """Completions logprobs of an echoed prompt followed by its generated tokens."""
+        return self.logprobs.completion([*(prompt_lps or [None] * len(prompt)), *lps], prompt + token_ids)
 
     def model_name(self, requested: str | None) -> str:
         return requested or self.model_names[0]
@@ -400,9 +404,8 @@ class Serving:
                     if job.echo:
                         out = replace(out, text=self._echo(job, index) + out.text)
                         if job.params.logprobs is not None:
-                            lps = self.logprobs.completion(
-                                [*(delta.prompt_logprobs or [None] * len(prompt)), *(out.logprobs or [])],
-                                prompt + out.token_ids)
+                            lps = self._echoed_logprobs(prompt, delta.prompt_logprobs, out.logprobs or [],
+                                                        out.token_ids)
                 if lps is None and job.params.logprobs is not None and out.logprobs:
                     builder = self.logprobs.chat if chat else self.logprobs.completion
                     lps = builder(out.logprobs, out.token_ids)
