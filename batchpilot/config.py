@@ -95,7 +95,7 @@ class SchedulerConfig:
 
 
 CONTROLLERS = ("static", "memory", "sla", "combined", "sglang")
-MEMORY_MODES = ("blocks", "clt", "peak")
+MEMORY_MODES = ("blocks", "clt", "peak", "cost")
 SLA_SIGNALS = ("tpot", "decode")
 
 

@@ -336,3 +336,58 @@ def test_sla_loop_holds_the_chosen_percentile_of_requests_tpot():
     assert (mean_only.b_low, mean_only.b_high) == (4, 256)
     with pytest.raises(ValueError, match="--sla-percentile"):
         ControllerConfig(sla_tpot_ms=100, sla_percentile=30)
+
+
+# ---- admission past a predicted overflow, weighed by the measured step cost ------------------------
+
+def test_step_cost_model_recovers_the_terms_of_measured_steps():
+    from batchpilot.controllers.step_cost import StepCostModel
+
+    rng = np.random.default_rng(3)
+    model = StepCostModel(refit_every=1)
+    assert model.cost() is None
+    for i in range(200):
+        prefill = int(rng.integers(1, 512)) if i % 3 == 0 else 0
+        decode = int(rng.integers(1, 64))
+        seconds = 0.011 + 0.0004 * prefill + 0.0006 * decode + rng.normal(0, 0.0002)
+        model.add(StepStats(decode, prefill, decode, seconds, 0.5, 0, decode, 0))
+    cost = model.cost()
+    assert cost.fixed_s == pytest.approx(0.011, rel=0.05)
+    assert cost.per_prefill_s == pytest.approx(0.0004, rel=0.05)
+    assert cost.per_decode_s == pytest.approx(0.0006, rel=0.05)
+
+
+def test_step_cost_model_waits_for_steps_of_both_kinds():
+    from batchpilot.controllers.step_cost import StepCostModel
+
+    model = StepCostModel(refit_every=1)
+    for decode in range(1, 100):  # decode-only steps: the prefill term cannot be told apart
+        model.add(StepStats(decode, 0, decode, 0.01 + 0.001 * decode, 0.5, 0, decode, 0))
+    assert model.cost() is None
+
+
+def test_overflow_is_admitted_only_when_the_batch_gain_pays_the_recompute():
+    from batchpilot.controllers.peak import PeakBound
+    from batchpilot.controllers.step_cost import StepCost
+
+    bound = PeakBound(0.05)
+    # 1600 tokens; each request holds 100 tokens and runs exactly 300 more (25 blocks at its peak): 4 fit.
+    # A 5th overflows ~221 steps from now, all 10 at once from step ~61: worth it only if recompute is cheap.
+    v = states_view([], [(100, 0, 300, True)] * 10, free=100)
+    assert bound.admissible(v, 10) == 4
+    cheap_recompute = StepCost(fixed_s=0.02, per_prefill_s=1e-5, per_decode_s=1e-4)  # a GPU's shape
+    assert bound.admissible(v, 10, cheap_recompute) == 10
+    dear_recompute = StepCost(fixed_s=0.02, per_prefill_s=1e-2, per_decode_s=1e-4)
+    assert bound.admissible(v, 10, dear_recompute) == 4
+    v17 = states_view([], [(100, 0, 300, True)] * 20, free=100)
+    assert bound.admissible(v17, 20, cheap_recompute) == 14  # a 15th does not fit now: 15 x 112 > 1600
+
+
+def test_cost_mode_reads_the_pool_until_lengths_are_known():
+    c = MemoryController("cost", max_num_seqs=100)
+    # No request has finished and none has a known length: the block heuristic's 100 * .95 / 10 = 9.
+    v = states_view([(160, 10, 512)] * 6, [(100, 0, 512)] * 10, free=40)
+    assert c.limit(v) == 9
+    # Known lengths (ignore_eos with max_tokens): the peak of the admitted set decides.
+    exact = states_view([], [(100, 0, 300, True)] * 10, free=100)
+    assert c.limit(exact) == 4

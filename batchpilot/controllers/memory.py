@@ -23,8 +23,12 @@ from statistics import NormalDist
 
 from batchpilot.controllers.base import SchedulerView, StepStats
 from batchpilot.controllers.peak import PeakBound
+from batchpilot.controllers.step_cost import StepCostModel
 
 PEAK_LOOKAHEAD = 32  # waiting requests the peak bound considers per step
+# The cost mode's overflow step: where the predicted use passes the pool by one standard deviation
+# (z = 1). A z sweep in the simulator (docs/reproduction.md) put 1 ahead of 0 and 2.24.
+COST_OVERFLOW_EPSILON = 0.1587
 
 
 def clt_batch_limit(mu: float, sigma: float, capacity_tokens: float, epsilon: float) -> int:
@@ -101,6 +105,9 @@ class MemoryController:
         self.b_min, self.b_max = min_num_seqs, max_num_seqs
         self.stats = TokenStats(window=window)
         self.peak = PeakBound(epsilon) if mode == "peak" else None
+        if mode == "cost":  # the overflow step is located, not avoided: the cost rule decides (docs/method.md)
+            self.peak = PeakBound(COST_OVERFLOW_EPSILON, marginals=1)
+        self.step_cost = StepCostModel() if mode == "cost" else None
         self.b_mem = max_num_seqs  # no information yet: the pool alone gates admission
 
     @property
@@ -108,6 +115,15 @@ class MemoryController:
         return {"b_mem": self.b_mem}
 
     def limit(self, view: SchedulerView) -> int:
+        if self.step_cost is not None:
+            if view.num_waiting:
+                lookahead = min(self.b_max - view.num_running, PEAK_LOOKAHEAD)
+                admitted = self.peak.admissible(view, lookahead, self.step_cost.cost(), cold="defer")
+                if admitted is None:  # no lengths known yet: the pool's current occupancy is all there is
+                    self._blocks_limit(view)
+                else:
+                    self.b_mem = self._clamp(view.num_running + admitted, view.num_running)
+            return max(self.b_mem, view.num_running)
         if self.peak is not None:
             if view.num_waiting:  # only admissions depend on it
                 # A step admits a few prompts at most (its token budget): look a bounded way down the queue.
@@ -115,10 +131,7 @@ class MemoryController:
                 self.b_mem = self._clamp(view.num_running + admitted, view.num_running)
             return max(self.b_mem, view.num_running)
         if self.mode == "blocks":
-            if view.num_waiting > 0 and view.num_running > 0:
-                raw = blocks_batch_limit(view.num_total_blocks, view.num_free_blocks, view.num_running,
-                                         self.memory_factor)
-                self.b_mem = self._clamp(raw, view.num_running)
+            self._blocks_limit(view)
         else:
             estimate = self.stats.estimate(view)
             if estimate is not None:
@@ -132,6 +145,13 @@ class MemoryController:
         self.stats.add_finished(stats.finished_lens)
         if self.peak is not None:
             self.peak.lengths.add(stats.finished_output_lens)
+        if self.step_cost is not None:
+            self.step_cost.add(stats)
+
+    def _blocks_limit(self, view: SchedulerView) -> None:
+        if view.num_waiting > 0 and view.num_running > 0:
+            raw = blocks_batch_limit(view.num_total_blocks, view.num_free_blocks, view.num_running, self.memory_factor)
+            self.b_mem = self._clamp(raw, view.num_running)
 
     def _clamp(self, b: int, num_running: int) -> int:
         return min(max(b, num_running, self.b_min), self.b_max)

@@ -24,6 +24,7 @@ from statistics import NormalDist
 import numpy as np
 
 from batchpilot.controllers.base import SchedulerView
+from batchpilot.controllers.step_cost import StepCost
 
 GRID_POINTS = 24  # future steps at which the peak is checked (0, then geometric to the horizon)
 # The bound holds each future step's use under the pool with probability 1 - epsilon / PEAK_MARGINALS:
@@ -58,8 +59,8 @@ class PeakBound:
     """Admits while Pr(KV use > pool) stays under epsilon at every future step (normal approximation)."""
 
     def __init__(self, epsilon: float = 0.05, window: int = 1024, min_finished: int = 8,
-                 cold_output_cap: int = 4096):
-        self.z = _z(epsilon / PEAK_MARGINALS)
+                 cold_output_cap: int = 4096, marginals: int = PEAK_MARGINALS):
+        self.z = _z(epsilon / marginals)
         self.lengths = OutputLengths(window)
         self.min_finished = min_finished
         self.cold_output_cap = cold_output_cap
@@ -80,13 +81,26 @@ class PeakBound:
         p = np.where(tail, 1.0, p)
         return np.where(later < cap, p, 0.0)
 
-    def admissible(self, view: SchedulerView, candidates: int) -> int:
-        """How many of the first `candidates` waiting requests fit with the running ones."""
+    def knows_lengths(self, states: np.ndarray) -> bool:
+        """Whether every request's remaining length is known or estimated from finished ones."""
+        return len(self.lengths) >= self.min_finished or bool(np.all(states[:, 3] > 0))
+
+    def admissible(self, view: SchedulerView, candidates: int, cost: StepCost | None = None,
+                   cold: str = "cap") -> int | None:
+        """How many of the first `candidates` waiting requests fit with the running ones.
+
+        With a `cost`, a candidate whose admission makes the bound fail at a future step t (not
+        now) is admitted anyway when what it adds to the batch until then is worth more than
+        recomputing it at t (it is the newest request, the one preempted): t * fixed / b seconds
+        saved against (its tokens + t) * per_prefill. `cold="defer"` returns None instead of
+        assuming every request runs to its cap while lengths are unknown."""
         waiting = view.waiting(candidates)
         if not waiting:
             return 0
         running = view.running()
         states = np.array(running + waiting, dtype=np.float64).reshape(-1, 4)  # tokens, output, cap, exact
+        if cold == "defer" and not self.knows_lengths(states):
+            return None
         out, cap = states[:, 1:2], states[:, 2:3]
         bs = view.block_size
         capacity = (view.num_total_blocks + view.num_saved_blocks) * bs  # per-sequence sizes count shared blocks
@@ -106,10 +120,16 @@ class PeakBound:
         for j in range(len(running), len(states)):
             mean = mean + held[j]
             spread = spread + var[j]
-            if np.any(mean + self.z * np.sqrt(spread) > capacity):
+            over = np.flatnonzero(mean + self.z * np.sqrt(spread) > capacity)
+            if over.size and not (cost is not None and self._worth_overflow(cost, steps[over[0]], states[j, 0], j + 1)):
                 break
             admitted += 1
         return admitted
+
+    @staticmethod
+    def _worth_overflow(cost: StepCost, step: float, tokens: float, batch: int) -> bool:
+        """A preemption `step` steps ahead of a request of `tokens` tokens, in a batch of `batch` rows."""
+        return step > 0 and step * cost.fixed_s / batch > (tokens + step) * cost.per_prefill_s
 
     def _longest(self) -> float:
         if len(self.lengths) < self.min_finished:

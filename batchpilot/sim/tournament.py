@@ -35,6 +35,7 @@ POLICIES = {  # the contenders besides the static sweep
     "combined-clt": ControllerConfig(name="combined", memory_mode="clt"),
     "combined-blocks": ControllerConfig(name="combined", memory_mode="blocks"),
     "combined-peak": ControllerConfig(name="combined", memory_mode="peak"),
+    "combined-cost": ControllerConfig(name="combined", memory_mode="cost"),
     "sglang": ControllerConfig(name="sglang"),
 }
 

@@ -1,0 +1,68 @@
+"""What a step costs on this machine, learned from the steps that ran.
+
+A step's time is modelled as `fixed + per_prefill * prefill_tokens + per_decode * decode_tokens`
+and fitted by least squares over a sliding window of `StepStats`. Two numbers follow from it that
+a memory policy weighs against each other (docs/method.md, "Admission past a predicted overflow"):
+
+- what one more running row is worth: in a step of b rows each token costs step_time / b on
+  average, but the extra row adds only `per_decode`, so it saves `fixed / b` seconds of work a step;
+- what a preemption costs: its victim's tokens are prefilled again, `per_prefill` each.
+
+On a GPU the fixed part (reading the weights) dominates a decode step and a prefill token is cheap,
+so a larger batch is worth a late preemption; on a CPU a prefill token costs about what a row
+saves in a step, so it rarely is. The fit is the measurement that tells them apart.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import NamedTuple
+
+import numpy as np
+
+from batchpilot.controllers.base import StepStats
+
+
+class StepCost(NamedTuple):
+    fixed_s: float  # a step's cost that does not depend on its tokens (weights read, launch, Python)
+    per_prefill_s: float  # each prompt (or recomputed) token in a step
+    per_decode_s: float  # each decoding row in a step
+
+
+class StepCostModel:
+    """Least-squares fit of step time on (1, prefill tokens, decode tokens), refitted every
+    `refit_every` steps. `cost()` is None until the window holds `min_steps` steps of both kinds
+    (with prefill and decode-only), so that the three terms can be told apart."""
+
+    def __init__(self, window: int = 512, min_steps: int = 16, refit_every: int = 16):
+        self.rows: deque[tuple[float, float, float]] = deque(maxlen=window)
+        self.min_steps = min_steps
+        self.refit_every = refit_every
+        self._since_fit = 0
+        self._cost: StepCost | None = None
+
+    def add(self, stats: StepStats) -> None:
+        if stats.num_prefill_tokens + stats.num_decode_tokens == 0 or stats.step_time_s <= 0:
+            return
+        self.rows.append((stats.num_prefill_tokens, stats.num_decode_tokens, stats.step_time_s))
+        self._since_fit += 1
+        if self._since_fit >= self.refit_every:
+            self._since_fit = 0
+            self._cost = self._fit()
+
+    def cost(self) -> StepCost | None:
+        return self._cost
+
+    def _fit(self) -> StepCost | None:
+        data = np.asarray(self.rows, dtype=np.float64)
+        prefill, decode, seconds = data[:, 0], data[:, 1], data[:, 2]
+        with_prefill = int(np.count_nonzero(prefill))
+        if with_prefill < self.min_steps // 2 or len(data) - with_prefill < self.min_steps // 2:
+            return None
+        x = np.column_stack([np.ones_like(prefill), prefill, decode])
+        coef, _, rank, _ = np.linalg.lstsq(x, seconds, rcond=None)
+        if rank < 3:
+            return None
+        fixed, per_prefill, per_decode = (float(c) for c in coef)
+        # A negative term is noise around zero: held at zero, it neither inflates nor hides a cost.
+        return StepCost(max(fixed, 0.0), max(per_prefill, 0.0), max(per_decode, 0.0))
