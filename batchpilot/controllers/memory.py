@@ -111,8 +111,12 @@ class MemoryController:
         self.b_mem = max_num_seqs  # no information yet: the pool alone gates admission
 
     @property
-    def trace(self) -> dict[str, int]:
-        return {"b_mem": self.b_mem}
+    def trace(self) -> dict[str, float]:
+        cost = self.step_cost.cost() if self.step_cost is not None else None
+        if cost is None:
+            return {"b_mem": self.b_mem}
+        return {"b_mem": self.b_mem, "step_fixed_ms": cost.fixed_s * 1e3, "prefill_token_ms": cost.per_prefill_s * 1e3,
+                "decode_row_ms": cost.per_decode_s * 1e3}
 
     def limit(self, view: SchedulerView) -> int:
         if self.step_cost is not None:
