@@ -61,6 +61,17 @@ class SLAClass:
                 raise ValueError(f"--sla-class {self.name}: {key} must be a positive number of ms, got {value}")
 
 
+def within_targets(ttft_s: float, tpot_s: float | None, e2el_s: float | None = None, *, ttft_ms: float | None = None,
+                   tpot_ms: float | None = None, e2el_ms: float | None = None) -> bool:
+    """The one rule for "a finished request met its latency targets" (server metrics, benchmarks):
+    each target stated is at or above its measure; a one-token output has no TPOT and passes that one."""
+    if ttft_ms is not None and ttft_s * 1000 > ttft_ms:
+        return False
+    if e2el_ms is not None and e2el_s is not None and e2el_s * 1000 > e2el_ms:
+        return False
+    return not (tpot_ms is not None and tpot_s is not None and tpot_s * 1000 > tpot_ms)
+
+
 @dataclass
 class SchedulerConfig:
     """Per-step budget, admission order and the SLA classes requests may name. The context cap is

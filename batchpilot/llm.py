@@ -27,13 +27,16 @@ logger = logging.getLogger(__name__)
 PromptType = str | list[int]
 
 
-def build_engine(config: EngineConfig) -> LLMEngine:
-    """Load the model and wire pool, scheduler, controller and runner into an engine."""
+def build_engine(config: EngineConfig, model: LlamaModel | None = None) -> LLMEngine:
+    """Load the model and wire pool, scheduler, controller and runner into an engine. `model`: one
+    already built from the same checkpoint, dtype and quantization, shared instead of loaded again
+    (engines side by side in one process, as the lockstep benchmark runs them)."""
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     ckpt = load_checkpoint(config.model)
     dtype = getattr(torch, config.dtype)
-    model = LlamaModel(ckpt.args, ckpt.weights, dtype, config.quantization)
+    if model is None:
+        model = LlamaModel(ckpt.args, ckpt.weights, dtype, config.quantization)
     del ckpt.weights
     elem = torch.finfo(dtype).bits // 8
     num_blocks = num_kv_blocks(config.cache, ckpt.args.kv_bytes_per_token * elem)

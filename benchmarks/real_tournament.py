@@ -4,7 +4,7 @@ limit of the sweep, as `batchpilot simulate tournament` prints it for the simula
 
     python benchmarks/real_tournament.py --threads 2 --output-json docs/results/real_tournament.json
 
-Workloads (all requests at t=0, forced lengths unless said): uniform (0.25 GiB KV, and 2 GiB), long outputs
+Workloads (all requests at t=0, forced lengths unless said): uniform (0.25 GiB KV, and 1 GiB: all 60 fit), long outputs
 on a tight pool (0.1 GiB), the phase shift (short, long, short; a JSON Lines trace), and the
 bundled real text with lengths the model chooses. Runs take minutes each: nothing else should
 run on the machine meanwhile.
@@ -55,7 +55,7 @@ def workloads(tmp: Path, scale: int) -> dict[str, list[str]]:
         "uniform": ["--num-prompts", str(scale), "--input-dist", "uniform:50:400", "--output-dist",
                     "uniform:32:256", "--ignore-eos", "--kv-cache-gib", "0.25"],
         "uniform-ample-kv": ["--num-prompts", str(scale), "--input-dist", "uniform:50:400", "--output-dist",
-                             "uniform:32:256", "--ignore-eos", "--kv-cache-gib", "2"],
+                             "uniform:32:256", "--ignore-eos", "--kv-cache-gib", "1"],
         "long-outputs-tight-kv": ["--num-prompts", str(scale // 2), "--input-dist", "uniform:20:100",
                                   "--output-dist", "uniform:200:500", "--ignore-eos", "--kv-cache-gib", "0.1"],
         "phase-shift": ["--dataset-name", "trace", "--dataset", str(phases), "--num-prompts", str(10 * scale),

@@ -115,11 +115,12 @@ def check_client_args(args: argparse.Namespace) -> SLA | None:
     return SLA.parse(args.sla) if args.sla else None
 
 
-def class_slas(args: argparse.Namespace) -> dict[str, SLA | None]:
-    """Each class of --sla-mix (and --sla-class) with its targets (None: none stated)."""
+def class_slas(args: argparse.Namespace, mix: dict[str, float] | None = None) -> dict[str, SLA | None]:
+    """Each class of --sla-mix (`mix`, parsed here if not given) with its --sla-class targets (None: none)."""
     targets = {c.name: SLA(ttft_ms=c.ttft_ms, tpot_ms=c.tpot_ms) if c.tpot_ms or c.ttft_ms else None
                for c in (SLAClass.parse(text) for text in args.sla_class)}
-    mix = parse_sla_mix(args.sla_mix) if args.sla_mix else {}
+    if mix is None:
+        mix = parse_sla_mix(args.sla_mix) if args.sla_mix else {}
     missing = sorted(set(targets) - set(mix))
     if mix and missing:
         raise ValueError(f"--sla-class {', '.join(missing)}: not in --sla-mix ({args.sla_mix})")
@@ -140,9 +141,10 @@ def run_serve(args: argparse.Namespace, rate: float, num_prompts: int, sla: SLA 
 
     tokenizer = load_tokenizer(args.tokenizer)
     payloads = build_payloads(args, tokenizer, args.model, num_prompts, args.seed)
-    if args.sla_mix:
-        assign_sla_classes(payloads, parse_sla_mix(args.sla_mix), args.seed)
-    result = benchmark(args.base_url.rstrip("/"), payloads, rate, sla, class_slas=class_slas(args),
+    mix = parse_sla_mix(args.sla_mix) if args.sla_mix else {}
+    if mix:
+        assign_sla_classes(payloads, mix, args.seed)
+    result = benchmark(args.base_url.rstrip("/"), payloads, rate, sla, class_slas=class_slas(args, mix),
                        **load_kwargs(args))
     chat = any(p.path.endswith("/chat/completions") for p in payloads)
     return {"date": datetime.now().strftime("%Y%m%d-%H%M%S"), "backend": "openai-chat" if chat else "openai",

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from batchpilot.config import within_targets
+
 
 @dataclass
 class RequestRecord:
@@ -59,14 +61,8 @@ class SLA:
         return cls(**values)
 
     def met(self, r: RequestRecord) -> bool:
-        if not r.success:
-            return False
-        if self.ttft_ms is not None and r.ttft_s * 1000 > self.ttft_ms:
-            return False
-        if self.e2el_ms is not None and r.e2el_s * 1000 > self.e2el_ms:
-            return False
-        tpot = r.tpot_s
-        return not (self.tpot_ms is not None and tpot is not None and tpot * 1000 > self.tpot_ms)
+        return r.success and within_targets(r.ttft_s, r.tpot_s, r.e2el_s, ttft_ms=self.ttft_ms, tpot_ms=self.tpot_ms,
+                                            e2el_ms=self.e2el_ms)
 
 
 DEFAULT_PERCENTILES = (90.0, 99.0)

@@ -28,9 +28,8 @@ from batchpilot.controllers.step_cost import StepCost
 
 GRID_POINTS = 24  # future steps at which the peak is checked (0, then geometric to the horizon)
 # The bound holds each future step's use under the pool with probability 1 - epsilon / PEAK_MARGINALS:
-# overflow at *any* step is likelier than at one. Measured by Monte Carlo (tests/test_controllers.py)
-# on lognormal, uniform and geometric lengths: at epsilon/1 the chance of any overflow was 2-3x
-# epsilon; at epsilon/4 it stayed under epsilon.
+# overflow at *any* step is likelier than at one (the Monte Carlo test in tests/test_controllers.py
+# holds it to epsilon; docs/design_notes.md has the factor's measurement).
 PEAK_MARGINALS = 4
 
 

@@ -11,8 +11,8 @@ Signal (our choice, `--sla-signal`):
   see them; the window (16 steps) smooths the spike one long chunk causes.
 - `decode`: the paper's D(b), measured on decode-only steps; steps with any prefill tokens
   are dropped. It identifies the latency curve cleanly but cannot keep a TPOT SLA when
-  admissions are frequent: measured on our CPU, P90 TPOT ran 44% over the target because
-  mixed steps (3x a decode step) never entered the signal.
+  admissions are frequent: the mixed steps users wait through never enter the signal
+  (docs/design_notes.md).
 
 Percentile (`--sla-percentile`, 90 by default; 0 holds the mean, as the paper): users state an
 SLA as a percentile of requests' TPOT, and requests spread around the mean (prefill stalls hit

@@ -76,10 +76,12 @@ class AsyncEngine:
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                        priority: int = 0, sla_class: str | None = None,
-                       grammar: Grammar | None = None) -> AsyncIterator[RequestOutput]:
+                       grammar: Grammar | None = None, checked: bool = False) -> AsyncIterator[RequestOutput]:
         """Stream a request's deltas until it finishes. Leaving early aborts it. `grammar`: this
         sequence's matcher for params.structured_outputs (`engine.compile_grammar`, which callers
-        run off the event loop); compiled here when not given.
+        run off the event loop); compiled here when not given. `checked`: the caller has passed the
+        prompt's token ids and `params` through `engine.check_prompt` / `check_params` already (the
+        server does, to name the request's field in its 400), so they are not scanned again.
 
         Raises:
             RequestRejectedError: invalid prompt or duplicate id (before anything is queued).
@@ -90,9 +92,10 @@ class AsyncEngine:
             raise EngineDeadError(str(self._error))
         self.start()
         token_ids = self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self.engine.check_prompt(token_ids)
+        if not checked:
+            self.engine.check_prompt(token_ids)
+            self.engine.check_params(params)
         self.engine.check_options(priority, sla_class)
-        self.engine.check_params(params)
         if params.structured_outputs is not None and grammar is None:
             grammar = self.engine.compile_grammar(params)
         rid = request_id if request_id is not None else f"areq-{next(self._ids)}"

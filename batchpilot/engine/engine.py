@@ -19,7 +19,7 @@ from batchpilot.engine.output_processor import OutputProcessor, RequestOutput
 from batchpilot.engine.outputs import RequestUpdate, RunnerOutput, SchedulerOutput
 from batchpilot.engine.request import Request, RequestStatus
 from batchpilot.engine.scheduler import RequestRejectedError, Scheduler
-from batchpilot.engine.trace import TraceWriter
+from batchpilot.engine.trace import TraceWriter, observe_step
 from batchpilot.model.grammar import Grammar, GrammarCompiler
 from batchpilot.model.tokenizer import TextTokenizer
 from batchpilot.sampling_params import SamplingParams, SamplingParamsError
@@ -277,9 +277,7 @@ class LLMEngine:
             finished_tpots=tuple((now - r.first_token_time) / (len(r.output_token_ids) - 1)
                                  for r in finished if len(r.output_token_ids) > 1),
         )
-        if self.trace is not None:  # before observe: the trace shows the limits this step ran under
-            self.trace.write(self.clock() - self.start_time, c.num_steps, c.batch_limit, self.controller.trace, stats)
         t = self.clock()
-        self.controller.observe(stats)
+        observe_step(self.controller, stats, self.trace, t - self.start_time, c.num_steps, c.batch_limit)
         c.schedule_time_s += self.clock() - t
         self.last_stats = stats

@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
 
-from batchpilot.controllers.base import StepStats
+from batchpilot.controllers.base import BatchController, StepStats
 
 
 class TraceWriter:
@@ -25,3 +25,12 @@ class TraceWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+def observe_step(controller: BatchController, stats: StepStats, trace: TraceWriter | None, t: float, step: int,
+                 limit: int) -> None:
+    """Let the controller learn from a step, writing its trace row first, so that the row shows the
+    limits the step ran under (every driver of a controller calls this: the engine, the vLLM plug-in)."""
+    if trace is not None:
+        trace.write(t, step, limit, controller.trace, stats)
+    controller.observe(stats)

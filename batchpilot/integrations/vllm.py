@@ -30,7 +30,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from batchpilot.config import ControllerConfig
 from batchpilot.controllers import make_controller
 from batchpilot.controllers.base import SchedulerView, SeqState, StepStats
-from batchpilot.engine.trace import TraceWriter
+from batchpilot.engine.trace import TraceWriter, observe_step
 
 # Under vLLM's logger, so its handlers (configured for "vllm" only) print our lines in the engine process.
 logger = logging.getLogger("vllm.batchpilot")
@@ -205,9 +205,6 @@ class DynamicBatchScheduler(Scheduler):
         self._finished_lens.clear()
         self._finished_output_lens.clear()
         self._num_steps += 1
-        if self.trace is not None:  # before observe: the trace shows the limits this step ran under
-            self.trace.write(time.perf_counter() - self._start, self._num_steps, self.batch_limit,
-                             self.controller.trace, stats)
         if self.gauges is not None:
             self.gauges.set(self.batch_limit, self.controller.trace, stats.num_running)
         now = time.perf_counter()
@@ -216,7 +213,7 @@ class DynamicBatchScheduler(Scheduler):
             logger.info("batchpilot: batch limit %d (%s), running %d, waiting %d, KV %.0f%%", self.batch_limit,
                         self.controller.trace, stats.num_running, stats.num_waiting, 100 * stats.kv_usage)
             self._logged_limit = self.batch_limit
-        self.controller.observe(stats)
+        observe_step(self.controller, stats, self.trace, now - self._start, self._num_steps, self.batch_limit)
 
 
 class DynamicBatchAsyncScheduler(DynamicBatchScheduler, AsyncScheduler):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from batchpilot.config import SLAClass
+from batchpilot.config import SLAClass, within_targets
 from batchpilot.controllers.base import StepStats
 from batchpilot.engine.engine import LLMEngine
 
@@ -199,9 +199,5 @@ def _attained(r: FinishedRequest, cls: SLAClass) -> str:
         return "none"
     if r.finish_reason is None or r.ttft_s is None:  # aborted, or no token
         return "false"
-    if cls.ttft_ms is not None and r.ttft_s * 1000 > cls.ttft_ms:
-        return "false"
-    if cls.tpot_ms is not None and r.num_generation_tokens > 1 \
-            and (r.e2e_s - r.ttft_s) / (r.num_generation_tokens - 1) * 1000 > cls.tpot_ms:
-        return "false"
-    return "true"
+    tpot_s = (r.e2e_s - r.ttft_s) / (r.num_generation_tokens - 1) if r.num_generation_tokens > 1 else None
+    return "true" if within_targets(r.ttft_s, tpot_s, ttft_ms=cls.ttft_ms, tpot_ms=cls.tpot_ms) else "false"

@@ -253,7 +253,8 @@ class Serving:
             for k, p in enumerate(fan_out(job.params)):
                 grammar = self.engine.engine.compile_grammar(p) if p.structured_outputs is not None else None
                 streams.append(self.engine.generate(prompt, p, f"{job.request_id}-{i * job.params.n + k}",
-                                                    job.priority, job.sla.name if job.sla else None, grammar))
+                                                    job.priority, job.sla.name if job.sla else None, grammar,
+                                                    checked=True))
         start = time.perf_counter()
         try:
             async for index, delta in merge_streams(streams):

@@ -75,7 +75,7 @@ def simulate(workload: list[SimRequest], step_time: Callable[[StepShape], float]
     the replicas' loads at that instant; each replica's trace goes to `trace_path` + `.rN`.
     """
     # NOTE: the run allocates millions of short-lived, acyclic objects (a few per request per
-    # step); the cycle collector's passes over them took 40% of the time, and reclaimed nothing.
+    # step): the cycle collector's passes over them cost time and reclaim nothing (docs/design_notes.md).
     enabled = gc.isenabled()
     gc.disable()
     try:

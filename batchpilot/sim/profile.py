@@ -14,11 +14,9 @@ The grid times one prefill chunk that starts its prompt; a step's chunks are oft
 short prompts, or later parts of a long one. Prefill time grows with the square of the chunk
 (attention: T(512) - T(256) is 1.5x T(256) - T(0) here), so the model takes that square
 term q p^2 and replaces the grid's one-prompt share of it by the step's own attention work:
-sum over chunks of new tokens x context. Without this the grid overpredicted steps with
-512-token chunks by 10-20% inside runs. q is measured where it matters, on one chunk after
-0 to 7k cached tokens of its prompt (`prefill_context`): fitted on the grid's prefill-only row
-alone it came out 0 here, and the simulator then costed a 512-token chunk at context 7k (0.9 s
-on this CPU) like one at context 0 (0.1 s).
+sum over chunks of new tokens x context. q is measured where it matters, on one chunk after
+0 to 7k cached tokens of its prompt (`prefill_context`), not fitted on the grid's prefill-only
+row, which cannot see the context (docs/design_notes.md has the measurements behind both).
 
 Not modelled: host noise (the profile holds medians).
 """

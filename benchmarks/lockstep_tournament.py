@@ -1,0 +1,145 @@
+"""The policy tournament on the real engine, every contender in lockstep inside one process.
+
+    python benchmarks/lockstep_tournament.py --threads 2 --output-json docs/results/lockstep.json
+
+`real_tournament.py` runs each (workload, policy) as its own `bench throughput` process, one after
+the other; on a shared 2-core cloud host the machine's speed drifts by 10-30% within minutes, more
+than most regrets, and runs of one configuration minutes apart differ as much. Here every
+contender of a workload is an engine of its own (its own KV pool, scheduler and controller; the
+model's weights shared) in one process, all given the same requests at t=0, and the engines take one step
+each in turn (in a random order every cycle). Each engine's clock is the sum of its own step times,
+so a slow minute of the host slows every contender alike, a few tens of milliseconds apart.
+Throughput is output tokens over that clock; TTFT and TPOT are read on it too.
+
+What it does not remove: steps of one engine run with the caches the previous engine left (the
+same for all), and outputs sampled by the model can differ between engines where batch shapes
+change the numerics (the real-text workload). Workloads and policies are real_tournament.py's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from real_tournament import POLICIES, workloads  # noqa: E402
+
+from batchpilot.bench.metrics import RequestRecord, summarize  # noqa: E402
+from batchpilot.bench.results import write_json  # noqa: E402
+from batchpilot.bench.workload import workload_requests  # noqa: E402
+from batchpilot.cli import build_parser, engine_config  # noqa: E402
+from batchpilot.llm import build_engine  # noqa: E402
+from batchpilot.sampling_params import SamplingParams  # noqa: E402
+from batchpilot.sim.tournament import hindsight_regret  # noqa: E402
+
+
+def contenders(statics: list[int], policies: list[str]) -> dict[str, list[str]]:
+    """Names -> flags; a name given twice runs twice, the second as NAME#2 (an A/A check of the method)."""
+    flags: dict[str, list[str]] = {}
+    for name, f in [(f"static-{n}", ["--batch-controller", "static", "--max-num-seqs", str(n)]) for n in statics] + [
+            (name, POLICIES[name]) for name in policies]:
+        k = 2
+        while name in flags:
+            name, k = f"{name.split('#')[0]}#{k}", k + 1
+        flags[name] = f
+    return flags
+
+
+def run_lockstep(workload_flags: list[str], configs: dict[str, list[str]], threads: int, seed: int) -> dict[str, dict]:
+    parser = build_parser()
+    base = ["bench", "throughput", *workload_flags, "--threads", str(threads), "--seed", str(seed)]
+    args = {name: parser.parse_args([*base, *flags]) for name, flags in configs.items()}
+    engines: dict = {}
+    for name, a in args.items():  # one model, shared: every engine reads the same weights at the same addresses
+        engines[name] = build_engine(engine_config(a), next(iter(engines.values())).executor.model if engines else None)
+    first = next(iter(args.values()))
+    requests, ignore_eos = workload_requests(first, next(iter(engines.values())).tokenizer, first.num_prompts, seed)
+    meta: dict[str, dict[str, int]] = {name: {} for name in engines}
+    for name, engine in engines.items():
+        for i, r in enumerate(requests):
+            params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=r.max_tokens, ignore_eos=ignore_eos,
+                                    seed=seed + i)
+            meta[name][engine.add_request(r.prompt, params)] = r.prompt_len
+    clock = dict.fromkeys(engines, 0.0)
+    first_token: dict[str, dict[str, float]] = {name: {} for name in engines}
+    produced: dict[str, dict[str, int]] = {name: {} for name in engines}
+    records: dict[str, list[RequestRecord]] = {name: [] for name in engines}
+    active, cycle = list(engines), 0
+    rng = random.Random(seed)  # a fresh order every cycle: no engine always runs after the same one
+    gc.collect()
+    gc.disable()  # collected between cycles, off every engine's clock, rather than inside whichever step it hits
+    while active:
+        if cycle % 64 == 63:
+            gc.collect()
+        for name in rng.sample(active, len(active)):
+            start = time.perf_counter()
+            outputs = engines[name].step()
+            clock[name] += time.perf_counter() - start
+            now = clock[name]
+            for o in outputs:
+                rid = o.request_id
+                produced[name][rid] = produced[name].get(rid, 0) + len(o.outputs[0].token_ids)
+                first_token[name].setdefault(rid, now)
+                if o.finished:
+                    records[name].append(RequestRecord(meta[name][rid], produced[name][rid], first_token[name][rid],
+                                                       now))
+        cycle += 1
+        active = [name for name in active if engines[name].has_unfinished_requests()]
+    gc.enable()
+    rows = {}
+    for name, engine in engines.items():
+        summary = summarize(records[name], clock[name])
+        rows[name] = {"output_throughput": summary["output_throughput"], "p90_tpot_ms": summary["p90_tpot_ms"],
+                      "num_preemptions": engine.snapshot().num_preemptions, "busy_s": clock[name],
+                      "num_steps": engine.counters.num_steps}
+    del engines
+    gc.collect()
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--scale", type=int, default=60, help="requests per workload (long outputs: half)")
+    p.add_argument("--static", default="16,32,64,256")
+    p.add_argument("--policies", default="combined-blocks,combined-cost", help=f"comma list of {', '.join(POLICIES)}")
+    p.add_argument("--workloads", default=None, help="comma list (default: all)")
+    p.add_argument("--seeds", default="0", help="one lockstep run per seed (the workload's draw and sampling)")
+    p.add_argument("--output-json", default=None)
+    args = p.parse_args()
+    configs = contenders([int(n) for n in args.static.split(",")], [s for s in args.policies.split(",") if s])
+    table: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = workloads(Path(tmp), args.scale)
+        names = args.workloads.split(",") if args.workloads else list(work)
+        for wname in names:
+            runs: dict[str, list[dict]] = {name: [] for name in configs}
+            for seed in (int(s) for s in args.seeds.split(",")):
+                rows = run_lockstep(work[wname], configs, args.threads, seed)
+                regret = hindsight_regret(rows, "output_throughput")
+                for name, row in rows.items():
+                    row["regret"] = regret[name]
+                    runs[name].append(row)
+                    print(f"{wname:<24} {name:<16} {row['output_throughput']:7.1f} tok/s  regret "
+                          f"{100 * row['regret']:+6.1f}%  p90 TPOT {row['p90_tpot_ms']:6.1f} ms  "
+                          f"preempt {row['num_preemptions']:3d}  (seed {seed})", flush=True)
+            table[wname] = {name: {"runs": r, "median_regret": statistics.median(x["regret"] for x in r)}
+                            for name, r in runs.items()}
+    print("\n| workload | " + " | ".join(configs) + " |")
+    print("|---" * (len(configs) + 1) + "|")
+    for wname, rows in table.items():
+        print(f"| {wname} | " + " | ".join(f"{100 * rows[c]['median_regret']:+.1f}%" for c in configs) + " |")
+    if args.output_json:
+        write_json(args.output_json, {"args": vars(args), "table": table})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
