@@ -119,9 +119,10 @@ class ControllerConfig:
     name: str = "combined"
     max_num_seqs: int = 256  # B_max (the fixed limit of `static`)
     min_num_seqs: int = 1  # B_min
-    # "blocks" (the authors' patch: the default, as it won the policy tournament, docs/reproduction.md),
+    # "cost" (ours: the default, as it won the lockstep tournament on the real engine, docs/reproduction.md),
+    # "blocks" (the authors' patch),
     # "clt" (the paper's bound) or "peak" (ours)
-    memory_mode: str = "blocks"
+    memory_mode: str = "cost"
     memory_factor: float = 0.95
     mem_epsilon: float = 0.05
     sla_tpot_ms: float | None = None  # D_SLA; None: no SLA constraint

@@ -168,9 +168,11 @@ def _max_running(prefix_caching: bool, memory_mode: str) -> tuple[int, int]:
 
 
 def test_the_memory_controllers_admit_more_when_a_prefix_is_shared():
-    # The peak bound predicts each sequence's growth: it admits more and never preempts.
-    shared, preemptions = _max_running(True, "peak")
-    assert shared > _max_running(False, "peak")[0] and preemptions == 0
+    # The peak bound (and the cost mode, the default, which uses it) predicts each sequence's growth:
+    # it admits more and never preempts.
+    for mode in ("peak", "cost"):
+        shared, preemptions = _max_running(True, mode)
+        assert shared > _max_running(False, mode)[0] and preemptions == 0, mode
     # The blocks and CLT bounds have no information at a cold start: the pool alone gates the first
     # admissions (all 24 fit beside one copy of the prefix), and growth then preempts some.
     for mode in ("blocks", "clt"):

@@ -202,8 +202,8 @@ def test_small_tournament_end_to_end(tmp_path):
     assert set(table) == {"uniform", "phase-shift"}
     for w in table.values():
         rows = w["results"]
-        assert set(rows) == {"static-8", "static-64", "combined-clt", "combined-blocks", "combined-peak", "combined-cost",
-                             "sglang"}
+        assert set(rows) == {"static-8", "static-64", "combined-clt", "combined-blocks", "combined-peak",
+                             "combined-cost", "sglang"}
         best = max(rows["static-8"]["output_throughput"], rows["static-64"]["output_throughput"])
         for row in rows.values():
             assert row["regret"] == pytest.approx(1 - row["output_throughput"] / best)

@@ -1,6 +1,10 @@
 """b_mem: how many sequences the KV pool can hold (docs/method.md).
 
-Two forms:
+Four forms:
+- `cost` (the default): the `peak` bound's prediction of when the pool would overflow, and an
+  admission past it only when the measured batch gain pays for the recompute it will cause
+  (`controllers/peak.py`, `controllers/step_cost.py`); `blocks` decides until lengths are known.
+- `peak`: admits while the predicted KV peak of the admitted set stays in the pool (`peak.py`).
 - `blocks`: the authors' vLLM patch. While requests both wait and run, divide the pool by
   the blocks a running sequence holds on average (times a memory factor); otherwise keep
   the previous value. It only sees what is already in the cache, not the outputs to come.
@@ -9,7 +13,8 @@ Two forms:
   Pr(total > capacity) <= epsilon solves mu x^2 + z sigma x - eta = 0 for x = sqrt(b).
 
 `blocks` divides by the blocks the pool lends out, so a prefix shared by several sequences
-counts once; `clt` (lengths per request) adds the blocks sharing saves to the pool instead.
+counts once; `clt`, `peak` and `cost` (lengths per request) add the blocks sharing saves to the
+pool instead.
 Either way the result is clamped to [B_min, B_max] and never below the running count; the
 block pool stays the hard limit (the scheduler admits nothing it cannot allocate).
 """
@@ -97,7 +102,7 @@ def _mean_std(n: int, total: int, total_sq: int) -> tuple[float, float]:
 class MemoryController:
     name = "memory"
 
-    def __init__(self, mode: str = "blocks", memory_factor: float = 0.95, epsilon: float = 0.05,
+    def __init__(self, mode: str = "cost", memory_factor: float = 0.95, epsilon: float = 0.05,
                  min_num_seqs: int = 1, max_num_seqs: int = 256, window: int = 256):
         self.mode = mode
         self.memory_factor = memory_factor
