@@ -14,13 +14,18 @@ PROMPTS = [f"Count from {i} to {i + 20}:" for i in range(8)] + ["Tell me about t
 def test_preemption_does_not_change_greedy_outputs(llm_fp32, default_model_dir):
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     ample = [o.outputs[0].token_ids for o in llm_fp32.generate(PROMPTS, params)]
-    # 10 requests of ~10 + 24 tokens need ~30 blocks of 16 at once; 12 blocks force preemption.
-    tight = LLM(str(default_model_dir), dtype="float32", num_kv_blocks=12)
+    # 10 requests of ~10 + 24 tokens need ~30 blocks of 16 at once; 12 blocks force a static limit to preempt.
+    tight = LLM(str(default_model_dir), dtype="float32", num_kv_blocks=12, batch_controller="static")
     outs = tight.generate(PROMPTS, params)
     assert tight.engine.scheduler.num_preemptions_total > 0
     assert sum(o.num_preemptions for o in outs) > 0
     assert [o.outputs[0].token_ids for o in outs] == ample
     assert tight.engine.scheduler.kv.pool.num_free_blocks == 12
+    # The default controller knows these lengths (ignore_eos with max_tokens): it admits what fits, never preempts.
+    default = LLM(str(default_model_dir), dtype="float32", num_kv_blocks=12)
+    assert [o.outputs[0].token_ids for o in default.generate(PROMPTS, params)] == ample
+    assert default.engine.scheduler.num_preemptions_total == 0
+    assert default.engine.scheduler.kv.pool.num_free_blocks == 12
 
 
 def test_too_long_prompt_is_rejected_at_add(default_model_dir):
