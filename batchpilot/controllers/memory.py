@@ -124,20 +124,18 @@ class MemoryController:
                 "decode_row_ms": cost.per_decode_s * 1e3}
 
     def limit(self, view: SchedulerView) -> int:
-        if self.step_cost is not None:
-            if view.num_waiting:
+        if self.peak is not None:  # peak and cost
+            if view.num_waiting:  # only admissions depend on it
+                # A step admits a few prompts at most (its token budget): look a bounded way down the queue.
                 lookahead = min(self.b_max - view.num_running, PEAK_LOOKAHEAD)
-                admitted = self.peak.admissible(view, lookahead, self.step_cost.cost(), cold="defer")
+                if self.step_cost is None:
+                    admitted = self.peak.admissible(view, lookahead)
+                else:
+                    admitted = self.peak.admissible(view, lookahead, self.step_cost.cost(), cold="defer")
                 if admitted is None:  # no lengths known yet: the pool's current occupancy is all there is
                     self._blocks_limit(view)
                 else:
                     self.b_mem = self._clamp(view.num_running + admitted, view.num_running)
-            return max(self.b_mem, view.num_running)
-        if self.peak is not None:
-            if view.num_waiting:  # only admissions depend on it
-                # A step admits a few prompts at most (its token budget): look a bounded way down the queue.
-                admitted = self.peak.admissible(view, min(self.b_max - view.num_running, PEAK_LOOKAHEAD))
-                self.b_mem = self._clamp(view.num_running + admitted, view.num_running)
             return max(self.b_mem, view.num_running)
         if self.mode == "blocks":
             self._blocks_limit(view)
