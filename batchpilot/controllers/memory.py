@@ -109,10 +109,12 @@ class MemoryController:
         self.epsilon = epsilon
         self.b_min, self.b_max = min_num_seqs, max_num_seqs
         self.stats = TokenStats(window=window)
-        self.peak = PeakBound(epsilon) if mode == "peak" else None
-        if mode == "cost":  # the overflow step is located, not avoided: the cost rule decides (docs/method.md)
-            self.peak = PeakBound(COST_OVERFLOW_EPSILON, marginals=1)
-        self.step_cost = StepCostModel() if mode == "cost" else None
+        self.peak: PeakBound | None = None
+        self.step_cost: StepCostModel | None = None
+        if mode == "peak":
+            self.peak = PeakBound(epsilon)
+        elif mode == "cost":  # the overflow step is located, not avoided: the cost rule decides (docs/method.md)
+            self.peak, self.step_cost = PeakBound(COST_OVERFLOW_EPSILON, marginals=1), StepCostModel()
         self.b_mem = max_num_seqs  # no information yet: the pool alone gates admission
 
     @property

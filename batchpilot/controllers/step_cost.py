@@ -2,7 +2,7 @@
 
 A step's time is modelled as `fixed + per_prefill * prefill_tokens + per_decode * decode_tokens`
 and fitted by least squares over a sliding window of `StepStats`. Two numbers follow from it that
-a memory policy weighs against each other (docs/method.md, "Admission past a predicted overflow"):
+a memory policy weighs against each other (docs/method.md, the `cost` memory limit):
 
 - what one more running row is worth: in a step of b rows each token costs step_time / b on
   average, but the extra row adds only `per_decode`, so it saves `fixed / b` seconds of work a step;
