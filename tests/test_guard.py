@@ -1,11 +1,17 @@
-"""The server's outer guard on a stand-in app (no model): API key, body limit, unexpected errors."""
+"""The server's outer guard on a stand-in app (no model): API key, body limit, unexpected errors; and
+the request path's encoding, off the event loop."""
 
 import asyncio
 import logging
+import threading
+import time
+from types import SimpleNamespace
 
 import httpx
 
+from batchpilot.server.errors import APIError
 from batchpilot.server.guard import Guard
+from batchpilot.server.serving import Serving
 
 
 async def echo_body(scope, receive, send):
@@ -64,3 +70,46 @@ def test_the_api_key_guards_all_but_the_open_paths():
     assert call("POST", "/v1/completions", api_key="k", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert call("GET", "/health", api_key="k").status_code == 200
     assert call("GET", "/metrics", api_key="k").status_code == 200
+
+
+class _SlowTokenizer:
+    """Encodes slowly and records the thread it ran on."""
+
+    max_chars_per_token = 4
+
+    def __init__(self):
+        self.threads: list[int] = []
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        self.threads.append(threading.get_ident())
+        time.sleep(0.3)
+        return list(range(len(text) // 4))
+
+
+def test_serving_encodes_off_the_event_loop_and_refuses_long_text_unencoded():
+    tokenizer = _SlowTokenizer()
+    engine = SimpleNamespace(tokenizer=tokenizer, snapshot=lambda: SimpleNamespace(max_model_len=100))
+    serving = Serving(SimpleNamespace(engine=engine), ["m"], metrics=None, max_queue=8)
+
+    async def go():
+        ticks = 0
+
+        async def tick():  # the loop keeps running while a text is encoded
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        ids = await serving._encode("abcd" * 100, "prompt")
+        ticker.cancel()
+        try:
+            await serving._encode("abcd" * 100 + "x", "prompt")  # 401 characters > 100 tokens x 4
+        except APIError as e:
+            refused = e
+        return ids, ticks, threading.get_ident(), refused
+
+    ids, ticks, loop_thread, refused = asyncio.run(go())
+    assert len(ids) == 100 and ticks >= 10
+    assert tokenizer.threads[0] != loop_thread and len(tokenizer.threads) == 1
+    assert refused.status == 400 and refused.param == "prompt"

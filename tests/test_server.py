@@ -268,18 +268,20 @@ def test_huge_bodies_and_prompts_are_refused_without_stalling_the_server(server)
     huge = json.dumps({"model": MODEL, "prompt": "x" * (20 * 2**20)}).encode()  # 20 MB: over the body limit
     r, worst = _health_latency_during(
         server, lambda: httpx.post(f"{server}/v1/completions", content=huge, headers=headers, timeout=60))
-    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large" and worst < 0.1
+    # The defect this guards against held every route for 10 s; the bound leaves room for a busy CI host
+    # (the sender thread of this process competes with the poller for the GIL).
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large" and worst < 1.0
     # 10 MB of text: under the body limit, but more characters than 512 tokens can stand for. It is
     # refused without encoding (which would take over 10 s); parsing the JSON still holds the event
     # loop for a moment, bounded by the body limit.
     big = {"model": MODEL, "prompt": "ab " * (3 * 2**20 + 2**19)}
     r, worst = _health_latency_during(server, lambda: httpx.post(f"{server}/v1/completions", json=big, timeout=60))
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and worst < 1.0
-    # 30,000 characters: must be encoded to be judged, on a worker thread
+    # 30,000 characters: must be encoded to be judged (that it runs off the event loop is
+    # test_serving_encodes_off_the_event_loop's: 30,000 characters encode in ~10 ms here)
     long = {"model": MODEL, "messages": [{"role": "user", "content": "word " * 6000}]}
-    r, worst = _health_latency_during(
-        server, lambda: httpx.post(f"{server}/v1/chat/completions", json=long, timeout=60))
-    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded" and worst < 0.1
+    r = httpx.post(f"{server}/v1/chat/completions", json=long, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
 
 
 def test_malformed_json_and_unknown_routes(server):
