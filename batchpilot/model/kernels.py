@@ -76,6 +76,7 @@ def _library() -> ctypes.CDLL | None:
         "prefill_attention": (i32, [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i32, i32, i32, i64, f32, i32, i32]),
         "prefill_attention_available": (i32, []),
         "argmax_rows": (None, [ptr, i64, i64, ptr, i32, i32]),
+        "sample_rows": (None, [ptr, i64, i64, ptr, ptr, ptr, i32, i32]),
         "add_rms_norm": (None, [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, f32, i32, i32]),
         "rope_in_place": (None, [ptr, i64, ptr, ptr, i64, i32, i32, i32, i32]),
         "silu_mul": (None, [ptr, ptr, i64, i64, i32, i32]),
@@ -155,6 +156,23 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     out = torch.empty(logits.shape[0], dtype=torch.long)
     lib.argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr(),
                     int(logits.dtype == torch.bfloat16), torch.get_num_threads())
+    return out
+
+
+def sample_rows(logits: torch.Tensor, temperatures: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Per row, the token at which the CDF of softmax(logits / temperature) first exceeds the
+    row's uniform number in [0, 1) (csrc/sample.c). logits: float32 or bf16 [R, V];
+    temperatures and uniforms: [R]. Returns int64 [R]."""
+    lib = _library()
+    assert lib is not None, "call native_available() first"
+    if logits.dtype not in (torch.float32, torch.bfloat16) or logits.dim() != 2:
+        raise ValueError(f"sample_rows takes float32 or bf16 [R, V], got {logits.dtype} {tuple(logits.shape)}")
+    logits = logits.contiguous()
+    inv_temps = (1.0 / temperatures.to(torch.float32)).contiguous()
+    uniforms = uniforms.to(torch.float32).contiguous()
+    out = torch.empty(logits.shape[0], dtype=torch.long)
+    lib.sample_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], inv_temps.data_ptr(), uniforms.data_ptr(),
+                    out.data_ptr(), int(logits.dtype == torch.bfloat16), torch.get_num_threads())
     return out
 
 
