@@ -9,7 +9,11 @@ contender of a workload is an engine of its own (its own KV pool, scheduler and 
 model's weights shared) in one process, all given the same requests at t=0, and the engines take one step
 each in turn (in a random order every cycle). Each engine's clock is the sum of its own step times,
 so a slow minute of the host slows every contender alike, a few tens of milliseconds apart.
-Throughput is output tokens over that clock; TTFT and TPOT are read on it too.
+Throughput is output tokens over that clock; TTFT and TPOT are read on it too. Requests that
+arrive over time (a trace's times, or a Poisson rate) are given to each engine when its own clock
+passes their arrival (an idle engine's clock jumps to the next); those workloads are scored by
+goodput, the requests per second that met the workload's SLA (real_tournament.TIMED), since every
+policy serves them all.
 
 What it does not remove: steps of one engine run with the caches the previous engine left (the
 same for all), and outputs sampled by the model can differ between engines where batch shapes
@@ -29,10 +33,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from real_tournament import POLICIES, workloads  # noqa: E402
+from real_tournament import POLICIES, TIMED, workloads  # noqa: E402
 
-from batchpilot.bench.metrics import RequestRecord, summarize  # noqa: E402
+from batchpilot.bench.metrics import SLA, RequestRecord, summarize  # noqa: E402
 from batchpilot.bench.results import write_json  # noqa: E402
+from batchpilot.bench.serve import arrival_times  # noqa: E402
+from batchpilot.bench.traces import at_rate  # noqa: E402
 from batchpilot.bench.workload import workload_requests  # noqa: E402
 from batchpilot.cli import build_parser, engine_config  # noqa: E402
 from batchpilot.llm import build_engine  # noqa: E402
@@ -52,7 +58,8 @@ def contenders(statics: list[int], policies: list[str]) -> dict[str, list[str]]:
     return flags
 
 
-def run_lockstep(workload_flags: list[str], configs: dict[str, list[str]], threads: int, seed: int) -> dict[str, dict]:
+def run_lockstep(workload_flags: list[str], configs: dict[str, list[str]], threads: int, seed: int,
+                 sla: SLA | None = None) -> dict[str, dict]:
     parser = build_parser()
     base = ["bench", "throughput", *workload_flags, "--threads", str(threads), "--seed", str(seed)]
     args = {name: parser.parse_args([*base, *flags]) for name, flags in configs.items()}
@@ -61,12 +68,24 @@ def run_lockstep(workload_flags: list[str], configs: dict[str, list[str]], threa
         engines[name] = build_engine(engine_config(a), next(iter(engines.values())).executor.model if engines else None)
     first = next(iter(args.values()))
     requests, ignore_eos = workload_requests(first, next(iter(engines.values())).tokenizer, first.num_prompts, seed)
-    meta: dict[str, dict[str, int]] = {name: {} for name in engines}
-    for name, engine in engines.items():
-        for i, r in enumerate(requests):
+    arrivals = request_arrivals(requests, first, seed)
+    order = sorted(range(len(requests)), key=lambda i: arrivals[i])
+    pending = dict.fromkeys(engines, 0)  # per engine: how many of `order` it has been given
+    arrival_of: dict[str, dict[str, tuple[int, float]]] = {name: {} for name in engines}
+
+    def admit(name: str) -> None:
+        """Give the engine every request that has arrived by its own clock (an idle engine waits for the next)."""
+        engine = engines[name]
+        if not engine.has_unfinished_requests() and pending[name] < len(order):
+            clock[name] = max(clock[name], arrivals[order[pending[name]]])
+        while pending[name] < len(order) and arrivals[order[pending[name]]] <= clock[name]:
+            i = order[pending[name]]
+            r = requests[i]
             params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=r.max_tokens, ignore_eos=ignore_eos,
                                     seed=seed + i)
-            meta[name][engine.add_request(r.prompt, params)] = r.prompt_len
+            arrival_of[name][engine.add_request(r.prompt, params)] = (r.prompt_len, arrivals[i])
+            pending[name] += 1
+
     clock = dict.fromkeys(engines, 0.0)
     first_token: dict[str, dict[str, float]] = {name: {} for name in engines}
     produced: dict[str, dict[str, int]] = {name: {} for name in engines}
@@ -79,6 +98,7 @@ def run_lockstep(workload_flags: list[str], configs: dict[str, list[str]], threa
         if cycle % 64 == 63:
             gc.collect()
         for name in rng.sample(active, len(active)):
+            admit(name)
             start = time.perf_counter()
             outputs = engines[name].step()
             clock[name] += time.perf_counter() - start
@@ -88,20 +108,34 @@ def run_lockstep(workload_flags: list[str], configs: dict[str, list[str]], threa
                 produced[name][rid] = produced[name].get(rid, 0) + len(o.outputs[0].token_ids)
                 first_token[name].setdefault(rid, now)
                 if o.finished:
-                    records[name].append(RequestRecord(meta[name][rid], produced[name][rid], first_token[name][rid],
-                                                       now))
+                    prompt_len, arrived = arrival_of[name][rid]
+                    records[name].append(RequestRecord(prompt_len, produced[name][rid],
+                                                       first_token[name][rid] - arrived, now - arrived,
+                                                       start_s=arrived))
         cycle += 1
-        active = [name for name in active if engines[name].has_unfinished_requests()]
+        active = [name for name in active
+                  if engines[name].has_unfinished_requests() or pending[name] < len(order)]
     gc.enable()
     rows = {}
     for name, engine in engines.items():
-        summary = summarize(records[name], clock[name])
+        summary = summarize(records[name], clock[name], sla)
         rows[name] = {"output_throughput": summary["output_throughput"], "p90_tpot_ms": summary["p90_tpot_ms"],
-                      "num_preemptions": engine.snapshot().num_preemptions, "busy_s": clock[name],
-                      "num_steps": engine.counters.num_steps}
-    del engines
+                      "p90_ttft_ms": summary["p90_ttft_ms"], "num_preemptions": engine.snapshot().num_preemptions,
+                      "busy_s": clock[name], "num_steps": engine.counters.num_steps}
+        if sla is not None:
+            rows[name] |= {"sla_attainment": summary["sla_attainment"], "request_goodput": summary["request_goodput"]}
+    engines.clear()
     gc.collect()
     return rows
+
+
+def request_arrivals(requests: list, args, seed: int) -> list[float]:
+    """Arrival times as `bench throughput` draws them: a trace's own (or rescaled to --request-rate),
+    else the seeded gamma process at --request-rate (none given: all at 0)."""
+    if any(r.arrival_s is not None for r in requests):
+        return at_rate([r.arrival_s or 0.0 for r in requests], args.request_rate)
+    rate = float("inf") if args.request_rate is None else args.request_rate
+    return arrival_times(len(requests), rate, args.burstiness, seed).tolist()
 
 
 def main() -> int:
@@ -122,14 +156,18 @@ def main() -> int:
         for wname in names:
             runs: dict[str, list[dict]] = {name: [] for name in configs}
             for seed in (int(s) for s in args.seeds.split(",")):
-                rows = run_lockstep(work[wname], configs, args.threads, seed)
-                regret = hindsight_regret(rows, "output_throughput")
+                sla = TIMED.get(wname)
+                rows = run_lockstep(work[wname], configs, args.threads, seed, sla)
+                # offline: throughput; timed: requests/s within the SLA (all are served: throughput is the load)
+                regret = hindsight_regret(rows, "output_throughput" if sla is None else "request_goodput")
                 for name, row in rows.items():
                     row["regret"] = regret[name]
                     runs[name].append(row)
+                    within = "" if sla is None else f"  SLA met {100 * row['sla_attainment']:5.1f}%"
                     print(f"{wname:<24} {name:<16} {row['output_throughput']:7.1f} tok/s  regret "
-                          f"{100 * row['regret']:+6.1f}%  p90 TPOT {row['p90_tpot_ms']:6.1f} ms  "
-                          f"preempt {row['num_preemptions']:3d}  (seed {seed})", flush=True)
+                          f"{100 * row['regret']:+6.1f}%{within}  p90 TTFT {row['p90_ttft_ms']:7.0f} ms  "
+                          f"p90 TPOT {row['p90_tpot_ms']:6.1f} ms  preempt {row['num_preemptions']:3d}  (seed {seed})",
+                          flush=True)
             table[wname] = {name: {"runs": r, "median_regret": statistics.median(x["regret"] for x in r)}
                             for name, r in runs.items()}
     print("\n| workload | " + " | ".join(configs) + " |")
