@@ -138,6 +138,12 @@ def request_arrivals(requests: list, args, seed: int) -> list[float]:
     return arrival_times(len(requests), rate, args.burstiness, seed).tolist()
 
 
+def _median(values: list[float | None]) -> float | None:
+    """The median of the runs that have a regret (none when no static limit met the SLA at all)."""
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
@@ -164,16 +170,18 @@ def main() -> int:
                     row["regret"] = regret[name]
                     runs[name].append(row)
                     within = "" if sla is None else f"  SLA met {100 * row['sla_attainment']:5.1f}%"
+                    shown = "   n/a" if row["regret"] is None else f"{100 * row['regret']:+6.1f}"
                     print(f"{wname:<24} {name:<16} {row['output_throughput']:7.1f} tok/s  regret "
-                          f"{100 * row['regret']:+6.1f}%{within}  p90 TTFT {row['p90_ttft_ms']:7.0f} ms  "
+                          f"{shown}%{within}  p90 TTFT {row['p90_ttft_ms']:7.0f} ms  "
                           f"p90 TPOT {row['p90_tpot_ms']:6.1f} ms  preempt {row['num_preemptions']:3d}  (seed {seed})",
                           flush=True)
-            table[wname] = {name: {"runs": r, "median_regret": statistics.median(x["regret"] for x in r)}
+            table[wname] = {name: {"runs": r, "median_regret": _median([x["regret"] for x in r])}
                             for name, r in runs.items()}
     print("\n| workload | " + " | ".join(configs) + " |")
     print("|---" * (len(configs) + 1) + "|")
     for wname, rows in table.items():
-        print(f"| {wname} | " + " | ".join(f"{100 * rows[c]['median_regret']:+.1f}%" for c in configs) + " |")
+        print(f"| {wname} | " + " | ".join("n/a" if rows[c]["median_regret"] is None
+                                             else f"{100 * rows[c]['median_regret']:+.1f}%" for c in configs) + " |")
     if args.output_json:
         write_json(args.output_json, {"args": vars(args), "table": table})
     return 0

@@ -7,6 +7,9 @@ rate on two workloads where real traffic repeats itself.
   instruction on an excerpt of Python's documentation, then short follow-up questions). A fixed
   number of conversations are in flight (closed loop: a turn is sent when the previous answer is
   complete) and every turn resends the whole history, as chat clients do.
+- multi-turn-open: the same conversations started at Poisson times, each next turn sent a think
+  time after the previous answer: the same offered load with caching on and off (the issue's
+  "at equal load"), where the closed loop offers more when it is served faster.
 - system-prompt: short questions behind one ~500-token system prompt, arriving at a fixed rate.
 
 Both use greedy decoding with ignore_eos and a fixed max_tokens, so each configuration does the
@@ -54,22 +57,42 @@ def engine_for(args: argparse.Namespace, caching: bool):
 
 
 def multi_turn(engine, args: argparse.Namespace) -> dict:
-    """Closed loop: `concurrency` conversations in flight; each turn's TTFT from its send."""
+    """Closed loop: `concurrency` conversations in flight, a turn sent as soon as the previous answer
+    is complete; each turn's TTFT from its send."""
+    return _conversations(engine, args, open_loop=False)
+
+
+def multi_turn_open(engine, args: argparse.Namespace) -> dict:
+    """Open loop: conversations start at Poisson times (`conversation_rate` per second), and each
+    next turn is sent `think_s` after the previous answer completes. The offered load is the same
+    with caching on and off (as long as both keep up), which the closed loop's is not."""
+    return _conversations(engine, args, open_loop=True)
+
+
+def _conversations(engine, args: argparse.Namespace, open_loop: bool) -> dict:
     rng = np.random.default_rng(args.seed)
     tok = engine.tokenizer
     histories = builtin_conversations(args.conversations, args.seed)
     turns_left = [int(rng.integers(3, 7)) for _ in histories]
+    follow_ups = [[FOLLOW_UPS[int(rng.integers(len(FOLLOW_UPS)))] for _ in range(6)] for _ in histories]
+    if open_loop:
+        starts = np.cumsum(rng.exponential(1 / args.conversation_rate, size=len(histories))).tolist()
+        due, queued = sorted(zip(starts, range(len(histories)))), deque()
+    else:
+        due = [(0.0, c) for c in range(min(args.concurrency, len(histories)))]
+        queued = deque(range(len(due), len(histories)))  # each starts when a conversation ends
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
-    todo, sent_at, owner, answers, ttfts = deque(range(len(histories))), {}, {}, {}, []
-
-    def send(c: int) -> None:
-        rid = engine.add_request(tok.apply_chat_template(histories[c]), params)
-        sent_at[rid], owner[rid], answers[rid] = time.perf_counter(), c, []
-
-    for _ in range(min(args.concurrency, len(todo))):
-        send(todo.popleft())
-    start, out_tokens = time.perf_counter(), 0
-    while engine.has_unfinished_requests():
+    sent_at, owner, answers, ttfts, out_tokens = {}, {}, {}, [], 0
+    start = time.perf_counter()
+    while due or engine.has_unfinished_requests():
+        now = time.perf_counter() - start
+        while due and due[0][0] <= now:
+            at, c = due.pop(0)
+            rid = engine.add_request(tok.apply_chat_template(histories[c]), params)
+            sent_at[rid], owner[rid], answers[rid] = start + at, c, []
+        if not engine.has_unfinished_requests():
+            time.sleep(max(0.0, due[0][0] - now))
+            continue
         for o in engine.step():
             ids = o.outputs[0].token_ids
             if ids and not answers[o.request_id]:
@@ -80,11 +103,13 @@ def multi_turn(engine, args: argparse.Namespace) -> dict:
                 c = owner.pop(o.request_id)
                 turns_left[c] -= 1
                 histories[c] = histories[c] + [{"role": "assistant", "content": tok.decode(answers.pop(o.request_id))}]
+                done_at = time.perf_counter() - start
                 if turns_left[c] > 0:
-                    histories[c].append({"role": "user", "content": FOLLOW_UPS[int(rng.integers(len(FOLLOW_UPS)))]})
-                    send(c)
-                elif todo:
-                    send(todo.popleft())
+                    histories[c].append({"role": "user", "content": follow_ups[c][turns_left[c]]})
+                    due.append((done_at + (args.think_s if open_loop else 0.0), c))
+                elif queued:
+                    due.append((done_at, queued.popleft()))
+                due.sort()
     return _summary(engine, ttfts, out_tokens, time.perf_counter() - start)
 
 
@@ -126,7 +151,7 @@ def _summary(engine, ttfts: list[float], out_tokens: int, duration: float) -> di
             "num_preemptions": engine.scheduler.num_preemptions_total}
 
 
-WORKLOADS = {"multi-turn": multi_turn, "system-prompt": system_prompt}
+WORKLOADS = {"multi-turn": multi_turn, "multi-turn-open": multi_turn_open, "system-prompt": system_prompt}
 
 
 def main() -> int:
@@ -137,6 +162,10 @@ def main() -> int:
     p.add_argument("--workloads", default=",".join(WORKLOADS))
     p.add_argument("--conversations", type=int, default=24)
     p.add_argument("--concurrency", type=int, default=8, help="multi-turn: conversations in flight")
+    p.add_argument("--conversation-rate", type=float, default=0.2,
+                   help="multi-turn-open: conversations started per second (Poisson)")
+    p.add_argument("--think-s", type=float, default=2.0,
+                   help="multi-turn-open: seconds from an answer to the next turn")
     p.add_argument("--questions", type=int, default=48)
     p.add_argument("--rate", type=float, default=1.0, help="system-prompt: questions per second")
     p.add_argument("--max-tokens", type=int, default=32)
