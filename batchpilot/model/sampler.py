@@ -38,7 +38,8 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], li
 
     A batch of greedy rows without logprobs or penalties takes its argmax from the logits as they
     are (bf16 converts to float32 exactly, so the argmax is the same; the conversion of [128, 49152]
-    cost more than the argmax). Anything else works on a float32 copy.
+    cost more than the argmax). A batch of rows that ask for temperature alone is drawn from them as
+    they are too (the native kernel). Anything else works on a float32 copy.
 
     Returns:
         The sampled token ids, and per row the logprobs asked for (None where not asked).
@@ -47,7 +48,8 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], li
     as_is = all(r.params.logprobs is None and not _penalised(r) and not _shapes(r) for r in rows)
     if as_is and all(r.params.greedy for r in rows):
         return _argmax(logits).tolist(), [None] * len(rows)
-    if as_is and kernels.native_available() and all(_temperature_only(r) for r in rows):
+    if (as_is and logits.dtype in (torch.bfloat16, torch.float32) and kernels.native_available()
+            and all(_temperature_only(r) for r in rows)):
         return _sample_random(logits, rows).tolist(), [None] * len(rows)  # read in place, bf16 or not
     logits = logits.float()
     want_logprobs = [r.params.logprobs is not None for r in rows]
