@@ -37,8 +37,7 @@ from real_tournament import POLICIES, TIMED, workloads  # noqa: E402
 
 from batchpilot.bench.metrics import SLA, RequestRecord, summarize  # noqa: E402
 from batchpilot.bench.results import write_json  # noqa: E402
-from batchpilot.bench.serve import arrival_times  # noqa: E402
-from batchpilot.bench.traces import at_rate  # noqa: E402
+from batchpilot.bench.serve import arrival_offsets  # noqa: E402
 from batchpilot.bench.workload import workload_requests  # noqa: E402
 from batchpilot.cli import build_parser, engine_config  # noqa: E402
 from batchpilot.llm import build_engine  # noqa: E402
@@ -68,7 +67,7 @@ def run_lockstep(workload_flags: list[str], configs: dict[str, list[str]], threa
         engines[name] = build_engine(engine_config(a), next(iter(engines.values())).executor.model if engines else None)
     first = next(iter(args.values()))
     requests, ignore_eos = workload_requests(first, next(iter(engines.values())).tokenizer, first.num_prompts, seed)
-    arrivals = request_arrivals(requests, first, seed)
+    arrivals = arrival_offsets([r.arrival_s for r in requests], first.request_rate, first.burstiness, seed)
     order = sorted(range(len(requests)), key=lambda i: arrivals[i])
     pending = dict.fromkeys(engines, 0)  # per engine: how many of `order` it has been given
     arrival_of: dict[str, dict[str, tuple[int, float]]] = {name: {} for name in engines}
@@ -127,15 +126,6 @@ def run_lockstep(workload_flags: list[str], configs: dict[str, list[str]], threa
     engines.clear()
     gc.collect()
     return rows
-
-
-def request_arrivals(requests: list, args, seed: int) -> list[float]:
-    """Arrival times as `bench throughput` draws them: a trace's own (or rescaled to --request-rate),
-    else the seeded gamma process at --request-rate (none given: all at 0)."""
-    if any(r.arrival_s is not None for r in requests):
-        return at_rate([r.arrival_s or 0.0 for r in requests], args.request_rate)
-    rate = float("inf") if args.request_rate is None else args.request_rate
-    return arrival_times(len(requests), rate, args.burstiness, seed).tolist()
 
 
 def _median(values: list[float | None]) -> float | None:

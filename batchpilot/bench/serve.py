@@ -39,13 +39,13 @@ class Payload:
     arrival_s: float | None = None  # a trace's own arrival time
 
 
-def payload_offsets(payloads: list[Payload], rate: float | None, burstiness: float = 1.0, seed: int = 0
+def arrival_offsets(trace_times: list[float | None], rate: float | None, burstiness: float = 1.0, seed: int = 0
                     ) -> list[float]:
-    """When each payload is sent: a trace's times (rescaled by a given rate), else the gamma process
-    at `rate` (None: all at once)."""
-    if payloads and payloads[0].arrival_s is not None:
-        return at_rate([p.arrival_s or 0.0 for p in payloads], rate)
-    return arrival_times(len(payloads), float("inf") if rate is None else rate, burstiness, seed).tolist()
+    """When each request starts, for every load generator: a trace's own times where the requests
+    have them (rescaled to a given rate), else the seeded gamma process at `rate` (None: all at once)."""
+    if any(t is not None for t in trace_times):
+        return at_rate([t or 0.0 for t in trace_times], rate)
+    return arrival_times(len(trace_times), float("inf") if rate is None else rate, burstiness, seed).tolist()
 
 
 def arrival_times(n: int, rate: float, burstiness: float = 1.0, seed: int = 0) -> np.ndarray:
@@ -118,7 +118,7 @@ async def run_load(base_url: str, payloads: list[Payload], rate: float | None, b
 
     Cancelled (Ctrl-C), it returns the requests that finished so far.
     """
-    offsets = payload_offsets(payloads, rate, burstiness, seed)
+    offsets = arrival_offsets([p.arrival_s for p in payloads], rate, burstiness, seed)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     records: list[RequestRecord | None] = [None] * len(payloads)

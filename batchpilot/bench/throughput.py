@@ -13,8 +13,7 @@ from tqdm import tqdm
 
 from batchpilot.bench.metrics import RequestRecord, summarize
 from batchpilot.bench.results import print_result, write_json
-from batchpilot.bench.serve import arrival_times
-from batchpilot.bench.traces import at_rate
+from batchpilot.bench.serve import arrival_offsets
 from batchpilot.bench.workload import add_workload_args, workload_requests
 from batchpilot.config import EngineConfig
 from batchpilot.sampling_params import SamplingParams
@@ -43,10 +42,7 @@ def run_throughput(args: argparse.Namespace, config: EngineConfig) -> int:
     engine = llm.engine
     requests, ignore_eos = workload_requests(args, llm.tokenizer, args.num_prompts, args.seed)
     timed = any(r.arrival_s is not None for r in requests)
-    # A trace's own times (rescaled to a given rate, as bench serve and simulate do), else the seeded
-    # gamma process at the rate.
-    arrivals = (at_rate([r.arrival_s for r in requests], args.request_rate) if timed
-                else arrival_times(len(requests), rate, args.burstiness, args.seed).tolist())
+    arrivals = arrival_offsets([r.arrival_s for r in requests], args.request_rate, args.burstiness, args.seed)
     start = time.perf_counter()
     first: dict[str, float] = {}
     records: dict[str, RequestRecord] = {}
