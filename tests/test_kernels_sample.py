@@ -49,6 +49,18 @@ def test_native_and_torch_draws_fall_in_their_exact_cdf_interval(rows, cols, see
     assert_inside(_invert_cdf(probs, uniforms.unsqueeze(1)), values, temps, uniforms)
 
 
+def test_a_uniform_just_under_one_never_draws_a_masked_tail():
+    """The largest uniform torch.rand can return: the last token that can occur, never the -inf
+    entries after it (a whole block of them and more)."""
+    logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(3))
+    logits[:, 600:] = float("-inf")
+    uniforms = torch.full((4,), 1.0 - 2**-24)
+    for tokens in (kernels.sample_rows(logits, torch.ones(4), uniforms),
+                   _invert_cdf(torch.softmax(logits, dim=-1), uniforms.unsqueeze(1))):
+        assert all(t < 600 for t in tokens.tolist())
+        assert tokens.tolist() == [int(torch.nonzero(torch.isfinite(row))[-1]) for row in logits]
+
+
 def test_native_sampling_of_a_row_does_not_depend_on_its_batch():
     logits = torch.randn(16, 49152, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16) * 3
 

@@ -173,17 +173,17 @@ CDF_BLOCK = 256  # vocabulary entries per block of the two-level CDF
 def _invert_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """Per row, the first token whose cumulative probability exceeds uniform x total.
 
-    torch's cumsum is a sequential scan (8 of the 30 ms a step at [128, 49152] went to it), so
-    the CDF is taken in two levels: sums of blocks of CDF_BLOCK entries (vectorised), the CDF of
-    those sums to pick a block, then the CDF inside that block alone. Each row is computed on its
-    own, so a seeded request gets the same token in any batch. Comparisons are strict (the
-    first entry whose CDF *exceeds* the target), so a zero-probability token is never picked."""
+    torch's cumsum is a sequential scan, so the CDF is taken in two levels: sums of blocks of
+    CDF_BLOCK entries (vectorised), the CDF of those sums to pick a block, then the CDF inside that
+    block alone. Each row is computed on its own, so a seeded request gets the same token in any
+    batch. Comparisons are strict (the first entry whose CDF *exceeds* the target), so a
+    zero-probability token is never picked."""
     rows, vocab = probs.shape
     pad = -vocab % CDF_BLOCK
     blocks = (torch.nn.functional.pad(probs, (0, pad)) if pad else probs).view(rows, -1, CDF_BLOCK)
     block_mass = blocks.sum(dim=-1)
     block_cdf = block_mass.cumsum(dim=-1)
-    target = uniform * block_cdf[:, -1:]
+    target = uniform * block_cdf[:, -1:]  # u < 1, so under the total: the block found has mass
     last = block_cdf.shape[1] - 1
     block = torch.searchsorted(block_cdf, target, right=True).clamp(max=last)
     before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(target))
