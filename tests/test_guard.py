@@ -110,6 +110,6 @@ def test_serving_encodes_off_the_event_loop_and_refuses_long_text_unencoded():
         return ids, ticks, threading.get_ident(), refused
 
     ids, ticks, loop_thread, refused = asyncio.run(go())
-    assert len(ids) == 100 and ticks >= 10
+    assert len(ids) == 100 and ticks >= 3  # on the loop it would be 0 or 1; ~30 here
     assert tokenizer.threads[0] != loop_thread and len(tokenizer.threads) == 1
     assert refused.status == 400 and refused.param == "prompt"
