@@ -145,14 +145,22 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return None if rc != 0 else out
 
 
+LOGIT_DTYPES = (torch.float32, torch.bfloat16)  # what the kernels over rows of logits read
+
+
+def _logit_rows(name: str, logits: torch.Tensor) -> tuple[ctypes.CDLL, torch.Tensor]:
+    """The library and the logits [R, V] as a row kernel reads them (contiguous), or an error naming it."""
+    lib = _library()
+    assert lib is not None, "call native_available() first"
+    if logits.dtype not in LOGIT_DTYPES or logits.dim() != 2:
+        raise ValueError(f"{name} takes float32 or bf16 [R, V], got {logits.dtype} {tuple(logits.shape)}")
+    return lib, logits.contiguous()
+
+
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """The first index of each row's maximum (or first NaN), as torch.argmax(dim=-1) gives it.
     logits: float32 or bf16 [R, V]. Returns int64 [R]."""
-    lib = _library()
-    assert lib is not None, "call native_available() first"
-    if logits.dtype not in (torch.float32, torch.bfloat16) or logits.dim() != 2:
-        raise ValueError(f"argmax_rows takes float32 or bf16 [R, V], got {logits.dtype} {tuple(logits.shape)}")
-    logits = logits.contiguous()
+    lib, logits = _logit_rows("argmax_rows", logits)
     out = torch.empty(logits.shape[0], dtype=torch.long)
     lib.argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr(),
                     int(logits.dtype == torch.bfloat16), torch.get_num_threads())
@@ -163,11 +171,7 @@ def sample_rows(logits: torch.Tensor, temperatures: torch.Tensor, uniforms: torc
     """Per row, the token at which the CDF of softmax(logits / temperature) first exceeds the
     row's uniform number in [0, 1) (csrc/sample.c). logits: float32 or bf16 [R, V];
     temperatures and uniforms: [R]. Returns int64 [R]."""
-    lib = _library()
-    assert lib is not None, "call native_available() first"
-    if logits.dtype not in (torch.float32, torch.bfloat16) or logits.dim() != 2:
-        raise ValueError(f"sample_rows takes float32 or bf16 [R, V], got {logits.dtype} {tuple(logits.shape)}")
-    logits = logits.contiguous()
+    lib, logits = _logit_rows("sample_rows", logits)
     inv_temps = (1.0 / temperatures.to(torch.float32)).contiguous()
     uniforms = uniforms.to(torch.float32).contiguous()
     out = torch.empty(logits.shape[0], dtype=torch.long)

@@ -48,7 +48,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], li
     as_is = all(r.params.logprobs is None and not _penalised(r) and not _shapes(r) for r in rows)
     if as_is and all(r.params.greedy for r in rows):
         return _argmax(logits).tolist(), [None] * len(rows)
-    if (as_is and logits.dtype in (torch.bfloat16, torch.float32) and kernels.native_available()
+    if (as_is and logits.dtype in kernels.LOGIT_DTYPES and kernels.native_available()
             and all(_temperature_only(r) for r in rows)):
         return _sample_random(logits, rows).tolist(), [None] * len(rows)  # read in place, bf16 or not
     logits = logits.float()
@@ -77,7 +77,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], li
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
     """torch's argmax does not vectorise (7 ms at [128, 49152] on two cores); the native one does."""
-    if kernels.native_available() and logits.dtype in (torch.float32, torch.bfloat16):
+    if kernels.native_available() and logits.dtype in kernels.LOGIT_DTYPES:
         return kernels.argmax_rows(logits)
     return logits.argmax(dim=-1)
 
