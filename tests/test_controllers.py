@@ -366,6 +366,24 @@ def test_step_cost_model_waits_for_steps_of_both_kinds():
     assert model.cost() is None
 
 
+def test_step_cost_model_keeps_its_fit_through_a_long_decode_only_phase():
+    # Long outputs admit a prompt every few hundred steps: the window then holds decode-only steps
+    # and cannot fit the prefill term again. Losing the fit then turned the cost rule off exactly
+    # where it decides (the simulator's H100 phase shift lost 15% of capacity to it).
+    from batchpilot.controllers.step_cost import StepCostModel
+
+    model = StepCostModel(window=64, refit_every=1)
+    for i in range(64):
+        prefill, decode = (200 if i % 2 else 0), 4 + i % 7
+        model.add(StepStats(decode, prefill, decode, 0.01 + 0.0001 * prefill + 0.001 * decode, 0.5, 0, decode, 0))
+    fitted = model.cost()
+    assert fitted.per_prefill_s == pytest.approx(0.0001, rel=0.01)
+    for decode in range(1, 200):
+        model.add(StepStats(decode, 0, decode, 0.01 + 0.001 * decode, 0.5, 0, decode, 0))
+    kept = model.cost()
+    assert kept is not None and kept.per_prefill_s == pytest.approx(fitted.per_prefill_s, rel=1e-6)
+
+
 def test_overflow_is_admitted_only_when_the_batch_gain_pays_the_recompute():
     from batchpilot.controllers.peak import PeakBound
     from batchpilot.controllers.step_cost import StepCost

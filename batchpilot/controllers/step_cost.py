@@ -31,8 +31,8 @@ class StepCost(NamedTuple):
 
 class StepCostModel:
     """Least-squares fit of step time on (1, prefill tokens, decode tokens), refitted every
-    `refit_every` steps. `cost()` is None until the window holds `min_steps` steps of both kinds
-    (with prefill and decode-only), so that the three terms can be told apart."""
+    `refit_every` steps. `cost()` is None until the window has once held `min_steps` steps of both
+    kinds (with prefill and decode-only), so that the three terms can be told apart."""
 
     def __init__(self, window: int = 512, min_steps: int = 16, refit_every: int = 16):
         self.rows: deque[tuple[float, float, float]] = deque(maxlen=window)
@@ -48,7 +48,9 @@ class StepCostModel:
         self._since_fit += 1
         if self._since_fit >= self.refit_every:
             self._since_fit = 0
-            self._cost = self._fit()
+            # A window that cannot separate the terms (a long phase of decode-only steps) keeps the
+            # last fit: the machine did not change, only the mix of steps that measure it.
+            self._cost = self._fit() or self._cost
 
     def cost(self) -> StepCost | None:
         return self._cost
