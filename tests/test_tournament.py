@@ -213,3 +213,6 @@ def test_small_tournament_end_to_end(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "batchpilot.cli", "simulate", "tournament", "--workloads", "nope"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--workloads" in bad.stderr and "Traceback" not in bad.stderr
+    wide = subprocess.run([sys.executable, "-m", "batchpilot.cli", "simulate", "tournament",
+                           "--capacity-tolerance", "0"], capture_output=True, text=True, timeout=120)
+    assert wide.returncode == 2 and "--capacity-tolerance" in wide.stderr and "Traceback" not in wide.stderr
