@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -14,8 +13,8 @@ from batchpilot.bench.capacity import search_capacity
 from batchpilot.bench.datasets import LengthDist
 from batchpilot.bench.metrics import SLA, summarize
 from batchpilot.bench.results import write_json
-from batchpilot.bench.serve import arrival_times
-from batchpilot.bench.traces import add_trace_args, at_rate, trace_requests
+from batchpilot.bench.serve import arrival_offsets
+from batchpilot.bench.traces import add_trace_args, trace_requests
 from batchpilot.config import DTYPES, CacheConfig, ControllerConfig, EngineConfig, SchedulerConfig
 from batchpilot.sim.driver import SimRequest, make_workload, simulate
 from batchpilot.sim.measure import (
@@ -204,10 +203,8 @@ class Setup:
         if self._trace is None:
             self._trace = trace_requests(a.dataset, a, encode=self.encode)
         chosen = self._trace[: n or a.num_prompts]
-        if rate is not None and not math.isinf(rate) and all(r.arrival_s == 0 for r in chosen):
-            times = arrival_times(len(chosen), rate, a.burstiness, a.seed).tolist()  # no times: ShareGPT
-        else:
-            times = at_rate([r.arrival_s for r in chosen], rate)
+        untimed = all(r.arrival_s == 0 for r in chosen)  # ShareGPT: no times, so the gamma process at `rate`
+        times = arrival_offsets([None if untimed else r.arrival_s for r in chosen], rate, a.burstiness, a.seed)
         return [SimRequest(t, r.prompt_len, r.output_len) for t, r in zip(times, chosen)]
 
     def encode(self, text: str) -> list[int]:

@@ -24,8 +24,8 @@ from batchpilot.bench.capacity import search_capacity
 from batchpilot.bench.datasets import LengthDist
 from batchpilot.bench.metrics import SLA, summarize
 from batchpilot.bench.results import write_json
-from batchpilot.bench.serve import arrival_times
-from batchpilot.bench.traces import at_rate, read_trace, trace_kind
+from batchpilot.bench.serve import arrival_offsets
+from batchpilot.bench.traces import read_trace, trace_kind
 from batchpilot.config import ControllerConfig, SchedulerConfig
 from batchpilot.sim.driver import SimRequest, make_workload, simulate
 
@@ -143,10 +143,7 @@ class Runner:
         (reported as the resulting mean arrival rate). None when no load tried broke the SLA (it does
         not bind on this workload; a number would be only where the search stopped)."""
         def probe(rate: float) -> float:
-            if timed:
-                times = at_rate([r.arrival_s for r in reqs], rate)
-            else:
-                times = arrival_times(len(reqs), rate).tolist()
+            times = arrival_offsets([r.arrival_s if timed else None for r in reqs], rate)
             load = [replace(r, arrival_s=t) for r, t in zip(reqs, times)]
             return self.run(load, capacity, config)["sla_attainment"]
 
