@@ -20,7 +20,7 @@ from batchpilot.cli import build_parser
 from batchpilot.config import ControllerConfig
 from batchpilot.sim.commands import Setup
 from batchpilot.sim.driver import simulate
-from batchpilot.sim.tournament import Runner, builtin_workloads, configurations, phase_shift
+from batchpilot.sim.tournament import Runner, builtin_workloads, configurations, phase_shift_phases
 
 POLICIES = ("static-4", "static-8", "static-16", "static-32", "static-64", "static-256", "combined-cost",
             "combined-blocks", "sglang")
@@ -30,14 +30,13 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(["simulate", "tournament", *argv])
     setup = Setup(args)
     runner = Runner(setup.cost, args.block_size, setup.max_model_len, None, args.max_num_batched_tokens)
-    n = args.scale
-    whole = phase_shift(n, 6)
+    short, long, short_again = phase_shift_phases(args.scale, 6)  # the tournament's phase-shift workload
+    whole = short + long + short_again
     kv_requests = next(w.kv_requests for w in builtin_workloads() if w.name == "phase-shift")
     pool = runner.capacity_tokens(whole, kv_requests)
-    first, second = n // 2, n // 2 + max(1, n // 4)  # the phases as phase_shift builds them
     configs = configurations((4, 8, 16, 32, 64, 256), ControllerConfig())
     print(f"pool {pool} tokens; output tok/s (preemptions)")
-    for label, reqs in (("short", whole[:first]), ("long", whole[first:second]), ("whole run", whole)):
+    for label, reqs in (("short", short), ("long", long), ("whole run", whole)):
         offline = [replace(r, arrival_s=0.0) for r in reqs]
         tokens = sum(r.output_len for r in offline)
         cells = []
