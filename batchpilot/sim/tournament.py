@@ -129,7 +129,7 @@ class Runner:
                  capacity_tolerance: float = 0.01):
         self.cost, self.block_size, self.max_model_len, self.sla = cost, block_size, max_model_len, sla
         # The capacity search stops when its bracket is this narrow (relative): it must be finer than
-        # the regrets it is to tell apart (3%); at 5% it reported +7% for a policy level with the best.
+        # the regrets it is to tell apart (docs/design_notes.md).
         self.capacity_tolerance = capacity_tolerance
         self.sched = SchedulerConfig(max_num_batched_tokens=batched_tokens)
 
@@ -253,9 +253,9 @@ def add_tournament_parser(modes, add_simulation_args) -> None:
 def cmd_tournament(args: argparse.Namespace) -> int:
     from batchpilot.sim.commands import Setup
 
-    setup = Setup(args)
     if not 0 < args.capacity_tolerance < 1:
         raise ValueError(f"--capacity-tolerance must be in (0, 1), got {args.capacity_tolerance}")
+    setup = Setup(args)
     runner = Runner(setup.cost, args.block_size, setup.max_model_len, setup.sla, args.max_num_batched_tokens,
                     args.capacity_tolerance)
     # each trace in --dataset (comma list) adds two workloads, each ShareGPT file one
