@@ -1,0 +1,71 @@
+"""A phase shift whose best static limit does change: chat, then long-context documents, then chat.
+
+The tournament's phase-shift workload changes output lengths only, and its best static limit is
+the same in every phase (benchmarks/sim_phase_split.py). A TPOT SLA can make the limit move:
+each decoding row costs its context's KV read, so the batch that keeps TPOT inside the SLA
+shrinks when contexts are long. Each phase has its own arrival rate (chat arrives fast, documents
+slowly), given as `prompt,output,requests,rate` with uniform lengths `lo:hi`; the capacity search
+scales all times together, as for a trace. The script reports the capacity of every static limit
+and of the contenders on each phase alone and on the whole run.
+
+    python benchmarks/sim_context_shift.py --hardware H100-80GB --model Llama-3-8B \\
+        --sla ttft:5000,tpot:50 --static 48,64,80,96,112,128,160,192,256
+
+Other flags are `batchpilot simulate tournament`'s (cost model, pool, SLA, target).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import replace
+
+from batchpilot.bench.serve import arrival_times
+from batchpilot.cli import build_parser
+from batchpilot.config import ControllerConfig
+from batchpilot.sim.commands import Setup
+from batchpilot.sim.driver import SimRequest
+from batchpilot.sim.tournament import Runner, _lengths, configurations
+
+PHASES = ("100:400,16:64,1200,115", "1500:3000,100:300,600,5", "100:400,16:64,1200,115")
+CONTENDERS = ("combined-cost", "combined-blocks", "sglang")
+
+
+def phase(spec: str, seed: int) -> list[SimRequest]:
+    """One phase's requests with arrival offsets from its start."""
+    prompt, output, n, rate = spec.split(",")
+    reqs = _lengths(int(n), f"uniform:{prompt}", f"uniform:{output}", seed)
+    return [replace(r, arrival_s=float(t)) for r, t in zip(reqs, arrival_times(len(reqs), float(rate), 1.0, seed))]
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(["simulate", "tournament", *argv])
+    setup = Setup(args)
+    if setup.sla is None:
+        raise SystemExit("--sla is required: capacity is measured at an SLA")
+    runner = Runner(setup.cost, args.block_size, setup.max_model_len, setup.sla, args.max_num_batched_tokens,
+                    args.capacity_tolerance)
+    phases = [phase(spec, 10 + k) for k, spec in enumerate(PHASES)]
+    whole: list[SimRequest] = []
+    for reqs in phases:  # each phase starts when the previous one's last request has arrived
+        start = whole[-1].arrival_s if whole else 0.0
+        whole += [replace(r, arrival_s=start + r.arrival_s) for r in reqs]
+    statics = tuple(int(n) for n in args.static.split(","))
+    configs = configurations(statics, ControllerConfig(), setup.sla.tpot_ms)
+    names = [f"static-{n}" for n in statics] + list(CONTENDERS)
+    print(f"pool {setup.capacity} tokens; capacity (req/s) at {args.sla} for {args.target:.0%} of requests")
+    for label, reqs in (("chat", phases[0]), ("documents", phases[1]), ("whole run", whole)):
+        nominal = len(reqs) / reqs[-1].arrival_s
+        started = time.perf_counter()
+        found = {n: runner.capacity(reqs, setup.capacity, configs[n], True, nominal, args.target) for n in names}
+        best = max((n for n in names if n.startswith("static-")), key=lambda n: found[n] or float("inf"))
+        cells = ", ".join(f"{n.removeprefix('static-')} {'unbounded' if c is None else f'{c:.3g}'}"
+                          for n, c in found.items())
+        print(f"{label} (nominal {nominal:.2f}/s, {time.perf_counter() - started:.0f} s): {cells}")
+        if found[best] is not None and found["combined-cost"] is not None:
+            print(f"  best static {best}; combined-cost against it {found['combined-cost'] / found[best] - 1:+.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
