@@ -60,7 +60,8 @@ def _lengths(n: int, prompt: str, output: str, seed: int, max_tokens: int | None
 def phase_shift(n: int, seed: int) -> list[SimRequest]:
     """Short outputs, then long ones, then short again, in queue order: served first come first
     served, the running mix shifts twice. Meant to need a high limit in the short phases and a low
-    one in the long phase; measured, it does not (benchmarks/sim_phase_split.py, docs/reproduction.md)."""
+    one in the long phase; measured, it does not (benchmarks/sim_phase_split.py, docs/reproduction.md).
+    A shift whose best limit does move: benchmarks/sim_context_shift.py."""
     return [r for phase in phase_shift_phases(n, seed) for r in phase]
 
 
