@@ -338,6 +338,16 @@ def test_sla_loop_holds_the_chosen_percentile_of_requests_tpot():
         ControllerConfig(sla_tpot_ms=100, sla_percentile=30)
 
 
+def test_sla_percentile_scaling_forgets_a_phase_within_32_finished_requests():
+    """A held-back batch finishes few requests, so the scaling must not wait for many of them: after a
+    phase whose slowest eighth ran 1.8x the mean, 32 evenly served requests bring it back to 1."""
+    c = SLAController(tpot_ms=50, percentile=90)
+    c.observe(StepStats(4, 64, 0, 0.2, 0.5, 0, 4, 0, finished_tpots=tuple(([0.020] * 7 + [0.040]) * 16)))
+    assert c.spread > 1.3
+    c.observe(StepStats(4, 64, 0, 0.2, 0.5, 0, 4, 0, finished_tpots=tuple([0.025] * 32)))
+    assert c.spread == 1.0
+
+
 # ---- admission past a predicted overflow, weighed by the measured step cost ------------------------
 
 def test_step_cost_model_recovers_the_terms_of_measured_steps():

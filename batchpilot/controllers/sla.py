@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 from batchpilot.controllers.base import SchedulerView, StepStats
 
-SPREAD_WINDOW = 128  # finished requests whose TPOT spread scales the signal
+SPREAD_WINDOW = 32  # finished requests whose TPOT spread scales the signal (few: docs/design_notes.md)
 MIN_SPREAD_SAMPLES = 16
 
 
