@@ -20,12 +20,12 @@ import sys
 import time
 from dataclasses import replace
 
-from batchpilot.bench.serve import arrival_times
+from batchpilot.bench.datasets import LengthDist
 from batchpilot.cli import build_parser
 from batchpilot.config import ControllerConfig
 from batchpilot.sim.commands import Setup
-from batchpilot.sim.driver import SimRequest
-from batchpilot.sim.tournament import Runner, _lengths, configurations
+from batchpilot.sim.driver import SimRequest, make_workload
+from batchpilot.sim.tournament import Runner, configurations
 
 PHASES = ("100:400,16:64,1200,115", "1500:3000,100:300,600,5", "100:400,16:64,1200,115")
 CONTENDERS = ("combined-cost", "combined-blocks", "sglang")
@@ -34,8 +34,8 @@ CONTENDERS = ("combined-cost", "combined-blocks", "sglang")
 def phase(spec: str, seed: int) -> list[SimRequest]:
     """One phase's requests with arrival offsets from its start."""
     prompt, output, n, rate = spec.split(",")
-    reqs = _lengths(int(n), f"uniform:{prompt}", f"uniform:{output}", seed)
-    return [replace(r, arrival_s=float(t)) for r, t in zip(reqs, arrival_times(len(reqs), float(rate), 1.0, seed))]
+    return make_workload(int(n), float(rate), LengthDist.parse(f"uniform:{prompt}", "input"),
+                         LengthDist.parse(f"uniform:{output}", "output"), seed)
 
 
 def main(argv: list[str]) -> int:
