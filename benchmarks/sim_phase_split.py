@@ -19,7 +19,6 @@ from dataclasses import replace
 from batchpilot.cli import build_parser
 from batchpilot.config import ControllerConfig
 from batchpilot.sim.commands import Setup
-from batchpilot.sim.driver import simulate
 from batchpilot.sim.tournament import Runner, builtin_workloads, configurations, phase_shift_phases
 
 POLICIES = ("static-4", "static-8", "static-16", "static-32", "static-64", "static-256", "combined-cost",
@@ -38,13 +37,9 @@ def main(argv: list[str]) -> int:
     print(f"pool {pool} tokens; output tok/s (preemptions)")
     for label, reqs in (("short", short), ("long", long), ("whole run", whole)):
         offline = [replace(r, arrival_s=0.0) for r in reqs]
-        tokens = sum(r.output_len for r in offline)
-        cells = []
-        for name in POLICIES:
-            res = simulate(offline, runner.cost.step_time, pool, configs[name], runner.sched, runner.max_model_len,
-                           runner.block_size)
-            cells.append(f"{name} {tokens / res.duration_s:.0f} ({res.num_preemptions})")
-        print(f"{label:>10}: " + ", ".join(cells))
+        runs = {name: runner.run(offline, pool, configs[name]) for name in POLICIES}
+        print(f"{label:>10}: " + ", ".join(f"{name} {r['output_throughput']:.0f} ({r['num_preemptions']})"
+                                          for name, r in runs.items()))
     return 0
 
 
