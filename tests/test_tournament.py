@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from batchpilot.bench.traces import TraceError, read_trace
-from batchpilot.sim.tournament import hindsight_regret, regret_table
+from batchpilot.config import ControllerConfig
+from batchpilot.sim.driver import SimRequest
+from batchpilot.sim.tournament import Runner, hindsight_regret, regret_table
 
 # The first 300 requests of the Azure LLM inference trace (code, 2023) that ../shared/traces holds.
 AZURE = Path(__file__).parent / "data" / "azure_code_2023_head300.csv"
@@ -177,6 +179,36 @@ def test_a_capacity_at_which_the_workload_arrives_within_one_ttft_is_unbounded()
     assert rows["combined"]["capacity_regret"] is None and rows["combined"]["regret"] == pytest.approx(-0.05)
 
 
+def test_capacity_pools_the_attainment_of_several_arrival_patterns(monkeypatch):
+    """One lucky arrival pattern must not carry a capacity: pattern 0 meets the SLA at every rate,
+    patterns 1 and 2 miss it from 2 req/s, so the pooled attainment (0.87) breaks at 2 req/s."""
+    import batchpilot.sim.tournament as tournament
+
+    # the pattern drawn at (rate, seed), written into the first two arrival times for run() to read
+    monkeypatch.setattr(tournament, "arrival_offsets",
+                        lambda times, rate, seed=0: [rate, float(seed)] + [0.0] * (len(times) - 2))
+    patterns = []
+
+    class Scripted(Runner):
+        def run(self, load, capacity, config):
+            rate, seed = load[0].arrival_s, load[1].arrival_s
+            patterns.append((rate, seed))
+            return {"sla_attainment": 1.0 if seed == 0 or rate < 2.0 else 0.8}
+
+    reqs = [SimRequest(0.0, 10, 10) for _ in range(50)]
+    pooled = Scripted(None, 16, 4096, None, 512, arrival_seeds=3).capacity(reqs, 4096, ControllerConfig(), False, 4.0,
+                                                                          0.9)
+    assert 2.0 / 1.01 <= pooled < 2.0
+    assert sorted({seed for _, seed in patterns}) == [0.0, 1.0, 2.0] and len(patterns) % 3 == 0
+    single = Scripted(None, 16, 4096, None, 512, arrival_seeds=1).capacity(reqs, 4096, ControllerConfig(), False, 4.0,
+                                                                          0.9)
+    assert single is None  # pattern 0 alone never breaks the SLA
+    timed = Scripted(None, 16, 4096, None, 512, arrival_seeds=3)
+    patterns.clear()
+    timed.capacity(reqs, 4096, ControllerConfig(), True, 4.0, 0.9)
+    assert {seed for _, seed in patterns} == {0.0}  # a trace has one pattern, its own
+
+
 def test_regret_table_names_the_best_static():
     table = {"w": {"results": {"static-8": {"output_throughput": 10.0, "regret": 0.5},
                                "static-32": {"output_throughput": 20.0, "regret": 0.0},
@@ -216,3 +248,6 @@ def test_small_tournament_end_to_end(tmp_path):
     wide = subprocess.run([sys.executable, "-m", "batchpilot.cli", "simulate", "tournament",
                            "--capacity-tolerance", "0"], capture_output=True, text=True, timeout=120)
     assert wide.returncode == 2 and "--capacity-tolerance" in wide.stderr and "Traceback" not in wide.stderr
+    none = subprocess.run([sys.executable, "-m", "batchpilot.cli", "simulate", "tournament", "--arrival-seeds", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert none.returncode == 2 and "--arrival-seeds" in none.stderr and "Traceback" not in none.stderr

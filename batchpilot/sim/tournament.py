@@ -127,11 +127,15 @@ class Runner:
     """One cost model and SLA; runs a workload under a configuration."""
 
     def __init__(self, cost, block_size: int, max_model_len: int, sla: SLA | None, batched_tokens: int,
-                 capacity_tolerance: float = 0.01):
+                 capacity_tolerance: float = 0.01, arrival_seeds: int = 4):
         self.cost, self.block_size, self.max_model_len, self.sla = cost, block_size, max_model_len, sla
         # The capacity search stops when its bracket is this narrow (relative): it must be finer than
         # the regrets it is to tell apart (docs/design_notes.md).
         self.capacity_tolerance = capacity_tolerance
+        # A Poisson workload's attainment at a rate is pooled over this many arrival patterns: one
+        # pattern's bursts move a capacity by several percent, more than the regrets judged
+        # (docs/design_notes.md). A trace has one pattern, its own.
+        self.arrival_seeds = arrival_seeds
         self.sched = SchedulerConfig(max_num_batched_tokens=batched_tokens)
 
     def capacity_tokens(self, reqs: list[SimRequest], kv_requests: float) -> int:
@@ -148,10 +152,14 @@ class Runner:
         """Highest load meeting the SLA for `target` of requests: a Poisson rate, or a trace's speed-up
         (reported as the resulting mean arrival rate). None when no load tried broke the SLA (it does
         not bind on this workload; a number would be only where the search stopped)."""
-        def probe(rate: float) -> float:
-            times = arrival_offsets([r.arrival_s if timed else None for r in reqs], rate)
+        def attainment(rate: float, seed: int) -> float:
+            times = arrival_offsets([r.arrival_s if timed else None for r in reqs], rate, seed=seed)
             load = [replace(r, arrival_s=t) for r, t in zip(reqs, times)]
             return self.run(load, capacity, config)["sla_attainment"]
+
+        def probe(rate: float) -> float:
+            seeds = range(1 if timed else self.arrival_seeds)
+            return sum(attainment(rate, seed) for seed in seeds) / len(seeds)
 
         found = search_capacity(probe, target, max(0.05, offline_rate / 4), tolerance=self.capacity_tolerance,
                                 max_probes=20)
@@ -248,6 +256,8 @@ def add_tournament_parser(modes, add_simulation_args) -> None:
     p.add_argument("--target", type=float, default=0.9, help="share of requests within the SLA for capacity")
     p.add_argument("--capacity-tolerance", type=float, default=0.01,
                    help="relative width at which the capacity search stops")
+    p.add_argument("--arrival-seeds", type=int, default=4,
+                   help="Poisson arrival patterns whose attainment each capacity probe pools")
     p.set_defaults(func=cmd_tournament)
 
 
@@ -256,9 +266,11 @@ def cmd_tournament(args: argparse.Namespace) -> int:
 
     if not 0 < args.capacity_tolerance < 1:
         raise ValueError(f"--capacity-tolerance must be in (0, 1), got {args.capacity_tolerance}")
+    if args.arrival_seeds < 1:
+        raise ValueError(f"--arrival-seeds must be at least 1, got {args.arrival_seeds}")
     setup = Setup(args)
     runner = Runner(setup.cost, args.block_size, setup.max_model_len, setup.sla, args.max_num_batched_tokens,
-                    args.capacity_tolerance)
+                    args.capacity_tolerance, args.arrival_seeds)
     # each trace in --dataset (comma list) adds two workloads, each ShareGPT file one
     datasets = [d.strip() for d in (args.dataset or "").split(",") if d.strip()]
     workloads = builtin_workloads(datasets, setup.encode)
