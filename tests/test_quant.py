@@ -92,6 +92,28 @@ def test_quantized_linear_matches_its_weight(mode, rows, layout):
     torch.testing.assert_close(out.float(), F.linear(x.float(), used, bias.float()), rtol=8e-3, atol=1e-2)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("rows", [1, 4, 5, 64])
+def test_int4_blocks_multiply_by_their_exact_values(rows, symmetric, layout):
+    """GGUF blocks (Q4_1: q * scale + low; Q4_0: low = -8 * scale, stored without its lows) in our tiles
+    multiply by exactly q * scale + low up to the fused rows, by those values rounded to bf16 beyond:
+    the tiles hold scale and low in float16 (the file's own numbers), none for Q4_0's implied low."""
+    q, scale, low = q4_blocks(128, 256, seed=rows, dtype=torch.float16)
+    if symmetric:
+        low = -8 * scale
+    w = quant.int4_from_blocks(q, scale, low, torch.bfloat16)
+    exact = (q.float().view(128, 8, 32) * scale.unsqueeze(-1) + low.unsqueeze(-1)).view(128, 256)
+    if w.tiled:
+        assert w.scales_zeros.dtype == torch.float16 and len(w.scales_zeros) == (1 if symmetric else 2)
+        used = exact if rows <= quant.QGEMV_FUSED_MAX_ROWS else exact.to(torch.bfloat16).float()
+        assert torch.equal(w.reference(rows), used)
+    else:  # torch's kernel takes scales and zeros in bf16: the values move by those roundings
+        used = w.reference(rows) if rows <= w.kernel_max_rows else w.dequantize().float()
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    out = w.matmul(x) if rows <= w.kernel_max_rows else F.linear(x, w.dequantize().to(torch.bfloat16))
+    torch.testing.assert_close(out.float(), F.linear(x.float(), used), rtol=8e-3, atol=1e-2)
+
+
 def test_quantized_layer_takes_the_kernel_for_few_rows_and_the_dequantized_weight_beyond(monkeypatch, layout):
     calls = []
     layer = Linear(torch.randn(64, 64).to(torch.bfloat16))

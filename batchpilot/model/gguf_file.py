@@ -8,6 +8,7 @@ so that the rest of batchpilot sees exactly what a Hugging Face folder holds.
 from __future__ import annotations
 
 import json
+import mmap
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,7 @@ class GGUFWeights(Mapping[str, torch.Tensor]):
 
     def __init__(self, reader: GGUFReader, config: dict[str, Any]):
         self._tensors = {_hf_name(t.name): t for t in reader.tensors}
+        self._file = getattr(reader.data, "_mmap", None)  # the file's mapping, to drop pages already read
         self._heads = {}  # projection -> heads, for the weights llama.cpp permuted for its rotary layout
         if config["model_type"] == "llama":
             self._heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
@@ -127,7 +129,18 @@ class GGUFWeights(Mapping[str, torch.Tensor]):
         data = np.ascontiguousarray(data)
         if not data.flags.writeable:  # an unquantised tensor is a view of the read-only file mapping
             data = data.copy()
+        self._release(t)
         return torch.from_numpy(data)
+
+    def _release(self, t) -> None:
+        """Drop the mapped pages of a tensor that has been copied out. Pages of the file a process has
+        read count in its resident set until unmapped, so a loader that reads the whole file held
+        the file and the model built from it at once (a 7B Q4 file: 3.6 GB on top of the weights,
+        docs/reproduction.md). Reading the tensor again faults its pages back in from the file."""
+        if self._file is None:
+            return
+        start = t.data_offset - t.data_offset % mmap.PAGESIZE
+        self._file.madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
 
     def int4_blocks(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """A Q4_0 or Q4_1 weight's own 4-bit blocks, for --quantization int4 to run as they are:
@@ -149,8 +162,9 @@ class GGUFWeights(Mapping[str, torch.Tensor]):
         heads = self._heads.get(name.rpartition(".")[0].rpartition(".")[2]) if name.endswith(".weight") else None
         if heads is not None:
             q, scale, low = (_unpermute(a, heads) for a in (q, scale, low))
-        return (torch.from_numpy(np.ascontiguousarray(q)), torch.from_numpy(np.ascontiguousarray(scale)),
-                torch.from_numpy(np.ascontiguousarray(low)))
+        q, scale, low = (torch.from_numpy(np.ascontiguousarray(a)) for a in (q, scale, low))
+        self._release(t)
+        return q, scale, low
 
     def __contains__(self, name: object) -> bool:
         return name in self._tensors

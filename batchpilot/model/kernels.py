@@ -275,15 +275,16 @@ def qgemv_available() -> bool:
     return lib is not None and hasattr(lib, "qgemv_bf16")
 
 
-def qgemv(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group: int,
+def qgemv(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor | None, bits: int, group: int,
           n: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] bf16 (rows may be strided) times a weight in qgemv.c's tiles: [M, N] bf16."""
+    """x [M, K] bf16 (rows may be strided) times a weight in qgemv.c's tiles: [M, N] bf16. int8: float32
+    scales per output, no lows; int4: float16 scales and lows per group."""
     if x.stride(-1) != 1 or x.stride(0) % 2:
         x = x.contiguous()
     k = x.shape[1]
     y = x.new_empty(x.shape[0], n)
     rc = _library().qgemv_bf16(x.data_ptr(), x.stride(0), q.data_ptr(), scales.data_ptr(),
-                               None if zeros is None else zeros.data_ptr(), bits, group,
+                               None if lows is None else lows.data_ptr(), bits, group,
                                None if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0), x.shape[0], k, n,
                                torch.get_num_threads())
     if rc != 0:
@@ -292,12 +293,12 @@ def qgemv(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.T
     return y
 
 
-def qdequant(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group: int,
+def qdequant(q: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor | None, bits: int, group: int,
              shape: tuple[int, int]) -> torch.Tensor:
     """A weight in qgemv.c's tiles back to [N, K] bf16."""
     n, k = shape
     out = torch.empty(n, k, dtype=torch.bfloat16)
-    rc = _library().qdequant_bf16(q.data_ptr(), scales.data_ptr(), None if zeros is None else zeros.data_ptr(), bits,
+    rc = _library().qdequant_bf16(q.data_ptr(), scales.data_ptr(), None if lows is None else lows.data_ptr(), bits,
                                   group, out.data_ptr(), k, n, torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"qdequant: unsupported shape [{n}, {k}] ({bits}-bit)")

@@ -67,13 +67,20 @@ class LlamaModel:
                 else []
             if blocks and all(b is not None for b in blocks):  # a GGUF's Q4_0 / Q4_1 blocks, run as they are
                 q, scale, low = (torch.cat(parts) for parts in zip(*blocks))
-                return Linear.from_quantized(quant.int4_from_blocks(q.to(torch.int32), scale, low, dtype), bias)
-            layer = Linear(torch.cat([weights[n].float() for n in names]), bias)
+                return Linear.from_quantized(quant.int4_from_blocks(q, scale, low, dtype), bias)
+            parts = [weights[n].float() for n in names]
+            layer = Linear(parts[0] if len(parts) == 1 else torch.cat(parts), bias)
+            del parts
             layer.quantize(mode, dtype)
             return layer
 
         self.embed = w("model.embed_tokens.weight")
         self.norm = w("model.norm.weight")
+        if quantization is not None:  # lm_head in int8 under either mode, as llama.cpp's Q4 files keep their output
+            # matrix at 8 bits: at one sequence its bf16 read was a fifth of an int4 step (docs/reproduction.md).
+            # Built first: its float32 copy (0.8 GB for a 49k x 4096 head) then rises over little, not the layers.
+            self.lm_head = linear("model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight",
+                                  mode="int8")
         self.layers = []
         for i in range(args.num_layers):  # layer by layer: a quantized model's float weights never all in memory
             p = f"model.layers.{i}."
@@ -93,10 +100,6 @@ class LlamaModel:
         if quantization is None:
             self.lm_head = Linear(self.embed if args.tie_word_embeddings else w("lm_head.weight"))
             pack_all([self.lm_head] + [lin for ly in self.layers for lin in self._linears(ly)])
-        else:  # lm_head in int8 under either mode, as llama.cpp's Q4 files keep their output matrix at 8 bits:
-            # at one sequence its bf16 read was a fifth of an int4 step (docs/reproduction.md)
-            self.lm_head = linear("model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight",
-                                  mode="int8")
         inv_freq = rope_inv_freq(args)
         angles = torch.outer(torch.arange(args.max_position_embeddings, dtype=torch.float32), inv_freq)
         self.rope_cos = angles.cos()  # [max_pos, D/2]

@@ -31,6 +31,7 @@ QGEMV_MAX_ROWS = 128
 QGEMV_FUSED_MAX_ROWS = 4  # FUSED_MAX_M of csrc/qgemv.c: int4 sums exact products per group up to here
 
 TILE = 64  # outputs per tile of csrc/qgemv.c
+QUANTIZE_ROWS = 4096  # rows quantized at a time
 
 
 class _Layout:
@@ -75,23 +76,25 @@ class Int4Weight(_Layout):
     """Tiled for our kernel (csrc/qgemv.c), else torch's packed layout."""
 
     packed: torch.Tensor  # tiled: [N / 64][K / 2][64] bytes (k even low, k + 1 high); else torch's layout
-    scales_zeros: torch.Tensor  # tiled: [2][N / 64][K / group][64] float32; else [K / group][N][2], activations' dtype
+    # tiled: scale and low (value = q * scale + low), [2][N / 64][K / group][64] float16, or the scale
+    # alone ([1][...]) for symmetric blocks (low = -8 * scale: GGUF's Q4_0); else scale and zero
+    # (value = (q - 8) * scale + zero), [K / group][N][2] in the activations' dtype
+    scales_zeros: torch.Tensor
     group_size: int
     shape: tuple[int, int]
     tiled: bool
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.tiled:
-            return kernels.qgemv(x, self.packed, self.scales_zeros[0], self.scales_zeros[1], 4, self.group_size,
-                                 self.shape[0], None)
+            return kernels.qgemv(x, self.packed, self.scales_zeros[0], self._lows, 4, self.group_size, self.shape[0],
+                                 None)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group_size,
                                                           self.scales_zeros)
 
     def dequantize(self) -> torch.Tensor:
         """The weight in bf16 (tiled) or the scales' dtype: (q - 8) * scale + zero, rounded once."""
         if self.tiled:
-            return kernels.qdequant(self.packed, self.scales_zeros[0], self.scales_zeros[1], 4, self.group_size,
-                                    self.shape)
+            return kernels.qdequant(self.packed, self.scales_zeros[0], self._lows, 4, self.group_size, self.shape)
         if kernels.native_available():
             return kernels.dequant_int4(self.packed, self.scales_zeros, self.shape, self.group_size)
         return self._exact().to(self.scales_zeros.dtype)
@@ -101,6 +104,10 @@ class Int4Weight(_Layout):
         and ours up to QGEMV_FUSED_MAX_ROWS, which scales each group's sums), else the bf16 values of
         dequantize (our kernel's expanded tiles)."""
         return self.dequantize().float() if self.tiled and rows > QGEMV_FUSED_MAX_ROWS else self._exact()
+
+    @property
+    def _lows(self) -> torch.Tensor | None:
+        return self.scales_zeros[1] if len(self.scales_zeros) == 2 else None
 
     def integers(self) -> torch.Tensor:
         """q [N, K] (0-15)."""
@@ -113,8 +120,10 @@ class Int4Weight(_Layout):
     def _exact(self) -> torch.Tensor:
         n, k = self.shape
         q = self.integers().float().view(n, k // self.group_size, self.group_size)
-        if self.tiled:  # [2][N / 64][K / group][64]
-            scale, zero = self.scales_zeros.transpose(2, 3).reshape(2, n, k // self.group_size).unbind(0)
+        if self.tiled:  # [1 or 2][N / 64][K / group][64] scale (, low)
+            sl = self.scales_zeros.float().transpose(2, 3).reshape(-1, n, k // self.group_size)
+            scale = sl[0]
+            zero = sl[1] + 8 * scale if len(sl) == 2 else torch.zeros_like(scale)
         else:  # [K / group][N][2]
             scale, zero = self.scales_zeros.float().transpose(0, 1).unbind(-1)  # [N, K / group] each
         return ((q - 8) * scale.unsqueeze(-1) + zero.unsqueeze(-1)).view(n, k)
@@ -127,11 +136,13 @@ def _tiled(n: int, k: int, dtype: torch.dtype) -> bool:
 def quantize_int8(weight: torch.Tensor, dtype: torch.dtype) -> Int8Weight:
     n, k = weight.shape
     tiled = _tiled(n, k, dtype)
-    w = weight.float()
-    scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    scales = (weight.abs().amax(dim=1).float() / 127).clamp(min=torch.finfo(torch.float32).tiny)
     if not tiled:
         scales = scales.to(dtype).float()
-    q = (w / scales.unsqueeze(1)).round().clamp(-127, 127).to(torch.int8)
+    q = torch.empty(n, k, dtype=torch.int8)
+    for r in range(0, n, QUANTIZE_ROWS):  # a band at a time: a whole-matrix float temporary is GBs on a 7B lm_head
+        band = weight[r:r + QUANTIZE_ROWS].float() / scales[r:r + QUANTIZE_ROWS].unsqueeze(1)
+        q[r:r + QUANTIZE_ROWS] = band.round_().clamp_(-127, 127)
     if tiled:
         return Int8Weight(q.view(n // TILE, TILE, k // 2, 2).transpose(1, 2).contiguous(), scales, (n, k), True)
     return Int8Weight(q.contiguous(), scales.to(dtype), (n, k), False)
@@ -145,24 +156,35 @@ def quantize_int4(weight: torch.Tensor, dtype: torch.dtype, group_size: int = IN
     groups = weight.float().view(n, k // group_size, group_size)
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)
     scale = (high - low) / 15
-    if not tiled:  # torch's kernel takes them in the activations' dtype: quantize against those values
-        scale, low = scale.to(dtype).float(), low.to(dtype).float()
+    # quantize against the values the layout stores: float16 in our tiles (its range must hold them),
+    # else the activations' dtype (torch's kernel takes them so)
+    stored = torch.float16 if tiled else dtype
+    if tiled and not (torch.isfinite(scale.to(stored)).all() and torch.isfinite(low.to(stored)).all()):
+        stored = dtype  # beyond float16's range: torch's layout
+        tiled = False
+    scale, low = scale.to(stored).float(), low.to(stored).float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: q = 0, value = low
     q = ((groups - low.unsqueeze(-1)) / scale.unsqueeze(-1)).round().clamp(0, 15).to(torch.int32).view(n, k)
-    return int4_from_blocks(q, scale, low, dtype, group_size)
+    return int4_from_blocks(q, scale, low, dtype, group_size, tiled)
 
 
 def int4_from_blocks(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, dtype: torch.dtype,
-                     group_size: int = INT4_GROUP) -> Int4Weight:
+                     group_size: int = INT4_GROUP, tiled: bool | None = None) -> Int4Weight:
     """Q4_1-style blocks (value = q * scale + low; q int [N, K] in [0, 15], scale and low [N, K / group])
-    in our tiles where the kernel runs, else in torch's int4 layout."""
+    in our tiles where the kernel runs (scale and low rounded to float16: a GGUF block's own numbers
+    are float16, so exact), else in torch's int4 layout."""
     n, k = q.shape
-    zeros = low.float() + 8 * scale.float()
-    if _tiled(n, k, dtype):
-        pairs = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)  # [N, K / 2]
+    if tiled is None:
+        tiled = _tiled(n, k, dtype)
+    if tiled:
+        q = q.to(torch.uint8)
+        pairs = q[:, 0::2] | (q[:, 1::2] << 4)  # [N, K / 2]
         tiles = pairs.view(n // TILE, TILE, k // 2).transpose(1, 2).contiguous()
-        sz = torch.stack([scale.float(), zeros]).view(2, n // TILE, TILE, k // group_size).transpose(2, 3)
-        return Int4Weight(tiles, sz.contiguous(), group_size, (n, k), True)
+        symmetric = torch.equal(low.float(), -8 * scale.float())  # Q4_0: the low is implied
+        sl = torch.stack([scale] if symmetric else [scale, low]).to(torch.float16)
+        sl = sl.view(len(sl), n // TILE, TILE, k // group_size).transpose(2, 3)
+        return Int4Weight(tiles, sl.contiguous(), group_size, (n, k), True)
+    zeros = low.float() + 8 * scale.float()
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
     scales_zeros = torch.stack([scale.float(), zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)
     return Int4Weight(packed, scales_zeros, group_size, (n, k), False)

@@ -10,8 +10,11 @@
  *   int8: q [N / 64][K / 2][64][2] int8, one float32 scale per output [N]. The tile holds q exactly
  *         (|q| <= 127 is exact in bf16); the sums are scaled at the end: y = s * sum(x q).
  *   int4: q [N / 64][K / 2][64] bytes, k even in the low nibble and k + 1 in the high one; scale and
- *         zero per group of G inputs, [N / 64][K / G][64] float32 each; the tile holds
- *         (q - 8) * scale + zero rounded to bf16, the value quant.Int4Weight.dequantize gives.
+ *         low per group of G inputs, [N / 64][K / G][64] float16 each (value = q * scale + low: a
+ *         GGUF Q4_0 / Q4_1 block's own f16 numbers; float32 would add a third to the weight's bytes),
+ *         lows NULL for symmetric blocks (Q4_0: low = -8 * scale);
+ *         the tile holds (q - 8) * scale + zero, zero = low + 8 * scale, rounded to bf16, the value
+ *         quant.Int4Weight.dequantize gives.
  * Built where the CPU has AVX512-BF16; elsewhere quant.py uses torch's kernels.
  */
 #include <stdint.h>
@@ -47,8 +50,21 @@ static inline __attribute__((always_inline)) void expand_int8(const int8_t *src,
     }
 }
 
-static inline __attribute__((always_inline)) void expand_int4(const uint8_t *src, const float *s, const float *z,
-                                                              __m512bh *w) {
+/* 16 float16 as float32 */
+static inline __attribute__((always_inline)) __m512 load_f16(const uint16_t *p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+}
+
+/* A group's scale and zero (= low + 8 * scale, in float32; 0 for symmetric blocks) for 16 outputs at
+ * offset i of the group's row */
+static inline __attribute__((always_inline)) void scale_zero(const uint16_t *s, const uint16_t *l, int64_t i,
+                                                             __m512 *sc, __m512 *zc) {
+    *sc = load_f16(s + i);
+    *zc = l == NULL ? _mm512_setzero_ps() : _mm512_fmadd_ps(_mm512_set1_ps(8.0f), *sc, load_f16(l + i));
+}
+
+static inline __attribute__((always_inline)) void expand_int4(const uint8_t *src, const uint16_t *s,
+                                                              const uint16_t *l, __m512bh *w) {
     /* cvtne2ps gives [16 values of k, 16 of k + 1]; this permutation interleaves them into pairs */
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                                 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
@@ -57,7 +73,8 @@ static inline __attribute__((always_inline)) void expand_int4(const uint8_t *src
         const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + 16 * c)));
         const __m512 q0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b, low4), eight));
         const __m512 q1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 4), eight));
-        const __m512 sc = _mm512_loadu_ps(s + 16 * c), zc = _mm512_loadu_ps(z + 16 * c);
+        __m512 sc, zc;
+        scale_zero(s, l, 16 * c, &sc, &zc);
         const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(q1, sc, zc), _mm512_fmadd_ps(q0, sc, zc));
         w[c] = (__m512bh)_mm512_permutexvar_epi16(interleave, (__m512i)v);
     }
@@ -75,7 +92,7 @@ static inline __attribute__((always_inline)) void raw_int4(const uint8_t *src, _
 }
 
 /* k-pair k2 of tile t, expanded. */
-static inline __attribute__((always_inline)) void expand(const void *q, const float *scales, const float *zeros,
+static inline __attribute__((always_inline)) void expand(const void *q, const uint16_t *scales, const uint16_t *lows,
                                                          int bits, int64_t group, int64_t K, int64_t t, int64_t k2,
                                                          __m512bh *w) {
     const int64_t K2 = K / 2;
@@ -83,16 +100,16 @@ static inline __attribute__((always_inline)) void expand(const void *q, const fl
         expand_int8((const int8_t *)q + (t * K2 + k2) * TILE_N * 2, w);
     } else {
         const int64_t sg = (t * (K / group) + 2 * k2 / group) * TILE_N;
-        expand_int4((const uint8_t *)q + (t * K2 + k2) * TILE_N, scales + sg, zeros + sg, w);
+        expand_int4((const uint8_t *)q + (t * K2 + k2) * TILE_N, scales + sg, lows ? lows + sg : NULL, w);
     }
 }
 
 /* The whole tile into buf [K / 2][64] bf16 pairs. */
-static void expand_tile(const void *q, const float *scales, const float *zeros, int bits, int64_t group, int64_t K,
-                        int64_t t, uint32_t *buf) {
+static void expand_tile(const void *q, const uint16_t *scales, const uint16_t *lows, int bits, int64_t group,
+                        int64_t K, int64_t t, uint32_t *buf) {
     for (int64_t k2 = 0; k2 < K / 2; k2++) {
         __m512bh w[4];
-        expand(q, scales, zeros, bits, group, K, t, k2, w);
+        expand(q, scales, lows, bits, group, K, t, k2, w);
         for (int c = 0; c < 4; c++) _mm512_storeu_si512(buf + k2 * TILE_N + 16 * c, (__m512i)w[c]);
     }
 }
@@ -122,10 +139,10 @@ static inline __attribute__((always_inline)) void finish(__m512 acc[MAX_M][4], i
         }
 }
 
-/* bits 4: int4 (scales and zeros per group), 8: int8 (scales per output, zeros NULL). x: [M, K] bf16
+/* bits 4: int4 (float16 scales and lows per group), 8: int8 (float32 scales per output, lows NULL). x: [M, K] bf16
  * rows with stride x_stride (K even, rows 4-byte aligned); y: [M, N] bf16. Returns -1 for N not a
  * multiple of 64 or an odd K, -2 when a buffer cannot be allocated. */
-int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const float *scales, const float *zeros,
+int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const void *scales, const void *lows,
                int bits, int64_t group, const uint16_t *bias, uint16_t *y, int64_t y_stride, int64_t M, int64_t K,
                int64_t N, int num_threads) {
     if (N % TILE_N != 0 || K % 2 != 0 || (bits == 4 && K % group != 0)) return -1;
@@ -161,7 +178,8 @@ int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const float *
         }
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles; t++) {
-            const float *scale = bits == 8 ? scales + t * TILE_N : NULL;
+            const float *scale = bits == 8 ? (const float *)scales + t * TILE_N : NULL;
+            const uint16_t *s16 = (const uint16_t *)scales, *l16 = (const uint16_t *)lows;
             const uint16_t *b = bias ? bias + t * TILE_N : NULL;
             if (M <= FUSED_MAX_M && bits == 4) {
                 /* sum_k x (q - 8) per group in exact bf16 products, then * scale + zero * sum_k x */
@@ -179,7 +197,8 @@ int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const float *
                     }
                     const int64_t sg = (t * (K / group) + g) * TILE_N;
                     for (int c = 0; c < 4; c++) {
-                        const __m512 sc = _mm512_loadu_ps(scales + sg + 16 * c), zc = _mm512_loadu_ps(zeros + sg + 16 * c);
+                        __m512 sc, zc;
+                        scale_zero(s16 + sg, l16 ? l16 + sg : NULL, 16 * c, &sc, &zc);
                         for (int m = 0; m < M; m++)
                             acc[m][c] = _mm512_fmadd_ps(_mm512_set1_ps(xsum[m * (K / group) + g]), zc,
                                                         _mm512_fmadd_ps(part[m][c], sc, acc[m][c]));
@@ -194,14 +213,14 @@ int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const float *
                     for (int c = 0; c < 4; c++) acc[m][c] = _mm512_setzero_ps();
                 for (int64_t k2 = 0; k2 < K2; k2++) {
                     __m512bh w[4];
-                    expand(q, scales, zeros, bits, group, K, t, k2, w);
+                    expand(q, s16, l16, bits, group, K, t, k2, w);
                     accumulate(acc, x, x_stride, (int)M, k2, w);
                 }
                 finish(acc, (int)M, scale, b, y + t * TILE_N, y_stride);
                 continue;
             }
             if (buf == NULL) continue;
-            expand_tile(q, scales, zeros, bits, group, K, t, buf);
+            expand_tile(q, s16, l16, bits, group, K, t, buf);
             for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
                 const int rows = (int)(M - m0 < MAX_M ? M - m0 : MAX_M);
                 __m512 acc[MAX_M][4];
@@ -218,7 +237,7 @@ int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const float *
 
 /* The whole weight as [N, K] bf16 (int8: q * scale rounded once; int4: the tile's values), for
  * steps with more rows than qgemv_bf16 serves well. */
-int qdequant_bf16(const void *q, const float *scales, const float *zeros, int bits, int64_t group, uint16_t *out,
+int qdequant_bf16(const void *q, const void *scales, const void *lows, int bits, int64_t group, uint16_t *out,
                   int64_t K, int64_t N, int num_threads) {
     if (N % TILE_N != 0 || K % 2 != 0 || (bits == 4 && K % group != 0)) return -1;
     const int64_t tiles = N / TILE_N, K2 = K / 2;
@@ -233,10 +252,10 @@ int qdequant_bf16(const void *q, const float *scales, const float *zeros, int bi
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles; t++) {
             if (buf == NULL) continue;
-            expand_tile(q, scales, zeros, bits, group, K, t, buf);
+            expand_tile(q, (const uint16_t *)scales, (const uint16_t *)lows, bits, group, K, t, buf);
             for (int n = 0; n < TILE_N; n++) {
                 uint32_t *row = (uint32_t *)(out + (t * TILE_N + n) * K);
-                const float s = bits == 8 ? scales[t * TILE_N + n] : 1.0f;
+                const float s = bits == 8 ? ((const float *)scales)[t * TILE_N + n] : 1.0f;
                 for (int64_t k2 = 0; k2 < K2; k2++) {
                     const uint32_t pair = buf[k2 * TILE_N + n];
                     if (bits == 8) {
