@@ -5,8 +5,9 @@ the same in every phase (benchmarks/sim_phase_split.py). A TPOT SLA can make the
 each decoding row costs its context's KV read, so the batch that keeps TPOT inside the SLA
 shrinks when contexts are long. Each phase has its own arrival rate (chat arrives fast, documents
 slowly), given as `prompt,output,requests,rate` with uniform lengths `lo:hi`; the capacity search
-scales all times together, as for a trace. The script reports the capacity of every static limit
-and of the contenders on each phase alone and on the whole run.
+scales all times together, as for a trace, and pools the attainment of `--arrival-seeds` draws of
+the whole workload (one draw's bursts move a capacity by several percent). The script reports the
+capacity of every static limit and of the contenders on each phase alone and on the whole run.
 
     python benchmarks/sim_context_shift.py --hardware H100-80GB --model Llama-3-8B \\
         --sla ttft:5000,tpot:50 --static 48,64,80,96,112,128,160,192,256
@@ -38,26 +39,36 @@ def phase(spec: str, seed: int) -> list[SimRequest]:
                          LengthDist.parse(f"uniform:{output}", "output"), seed)
 
 
+def workload(seed: int) -> tuple[list[SimRequest], list[SimRequest], list[SimRequest]]:
+    """The first chat phase, the documents, and the whole run, each phase drawn with seed + its index."""
+    phases = [phase(spec, seed + 10 + k) for k, spec in enumerate(PHASES)]
+    whole: list[SimRequest] = []
+    for reqs in phases:  # each phase starts when the previous one's last request has arrived
+        start = whole[-1].arrival_s if whole else 0.0
+        whole += [replace(r, arrival_s=start + r.arrival_s) for r in reqs]
+    return phases[0], phases[1], whole
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(["simulate", "tournament", *argv])
     setup = Setup(args)
     if setup.sla is None:
         raise SystemExit("--sla is required: capacity is measured at an SLA")
     runner = Runner(setup.cost, args.block_size, setup.max_model_len, setup.sla, args.max_num_batched_tokens,
-                    args.capacity_tolerance)
-    phases = [phase(spec, 10 + k) for k, spec in enumerate(PHASES)]
-    whole: list[SimRequest] = []
-    for reqs in phases:  # each phase starts when the previous one's last request has arrived
-        start = whole[-1].arrival_s if whole else 0.0
-        whole += [replace(r, arrival_s=start + r.arrival_s) for r in reqs]
+                    args.capacity_tolerance, args.arrival_seeds)
+    # draw d of the workload: each phase drawn with its own seed (draw 0 is the one of earlier notes)
+    draws = [workload(100 * d) for d in range(args.arrival_seeds)]
     statics = tuple(int(n) for n in args.static.split(","))
     configs = configurations(statics, ControllerConfig(), setup.sla.tpot_ms)
     names = [f"static-{n}" for n in statics] + list(CONTENDERS)
-    print(f"pool {setup.capacity} tokens; capacity (req/s) at {args.sla} for {args.target:.0%} of requests")
-    for label, reqs in (("chat", phases[0]), ("documents", phases[1]), ("whole run", whole)):
+    print(f"pool {setup.capacity} tokens; capacity (req/s) at {args.sla} for {args.target:.0%} of requests, "
+          f"pooled over {len(draws)} draws")
+    for part, label in enumerate(("chat", "documents", "whole run")):
+        reqs, *more = [d[part] for d in draws]
         nominal = len(reqs) / reqs[-1].arrival_s
         started = time.perf_counter()
-        found = {n: runner.capacity(reqs, setup.capacity, configs[n], True, nominal, args.target) for n in names}
+        found = {n: runner.capacity(reqs, setup.capacity, configs[n], True, nominal, args.target, more)
+                 for n in names}
         best = max((n for n in names if n.startswith("static-")), key=lambda n: found[n] or float("inf"))
         cells = ", ".join(f"{n.removeprefix('static-')} {'unbounded' if c is None else f'{c:.3g}'}"
                           for n, c in found.items())

@@ -205,8 +205,14 @@ def test_capacity_pools_the_attainment_of_several_arrival_patterns(monkeypatch):
     assert single is None  # pattern 0 alone never breaks the SLA
     timed = Scripted(None, 16, 4096, None, 512, arrival_seeds=3)
     patterns.clear()
-    timed.capacity(reqs, 4096, ControllerConfig(), True, 4.0, 0.9)
+    assert timed.capacity(reqs, 4096, ControllerConfig(), True, 4.0, 0.9) is None
     assert {seed for _, seed in patterns} == {0.0}  # a trace has one pattern, its own
+    # a timed workload drawn at random may pool more draws of itself: here two that break at 2 req/s
+    other = [SimRequest(0.0, 11, 10) for _ in range(50)]
+    Scripted.run = lambda self, load, capacity, config: {
+        "sla_attainment": 1.0 if load[2].prompt_len == 10 or load[0].arrival_s < 2.0 else 0.8}
+    drawn = timed.capacity(reqs, 4096, ControllerConfig(), True, 4.0, 0.9, draws=[other, other])
+    assert 2.0 / 1.01 <= drawn < 2.0
 
 
 def test_regret_table_names_the_best_static():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -148,18 +148,22 @@ class Runner:
         return out | {"num_preemptions": res.num_preemptions}
 
     def capacity(self, reqs: list[SimRequest], capacity: int, config: ControllerConfig, timed: bool,
-                 offline_rate: float, target: float) -> float | None:
+                 offline_rate: float, target: float, draws: Sequence[list[SimRequest]] = ()) -> float | None:
         """Highest load meeting the SLA for `target` of requests: a Poisson rate, or a trace's speed-up
         (reported as the resulting mean arrival rate). None when no load tried broke the SLA (it does
-        not bind on this workload; a number would be only where the search stopped)."""
-        def attainment(rate: float, seed: int) -> float:
+        not bind on this workload; a number would be only where the search stopped). A timed workload
+        drawn at random (not a recorded trace) may give more `draws` of itself, pooled as the seeds are."""
+        def attainment(rate: float, seed: int, reqs: list[SimRequest]) -> float:
             times = arrival_offsets([r.arrival_s if timed else None for r in reqs], rate, seed=seed)
             load = [replace(r, arrival_s=t) for r, t in zip(reqs, times)]
             return self.run(load, capacity, config)["sla_attainment"]
 
         def probe(rate: float) -> float:
-            seeds = range(1 if timed else self.arrival_seeds)
-            return sum(attainment(rate, seed) for seed in seeds) / len(seeds)
+            if timed:
+                patterns = [(0, r) for r in (reqs, *draws)]
+            else:
+                patterns = [(seed, reqs) for seed in range(self.arrival_seeds)]
+            return sum(attainment(rate, seed, r) for seed, r in patterns) / len(patterns)
 
         found = search_capacity(probe, target, max(0.05, offline_rate / 4), tolerance=self.capacity_tolerance,
                                 max_probes=20)
