@@ -153,17 +153,16 @@ class Runner:
         (reported as the resulting mean arrival rate). None when no load tried broke the SLA (it does
         not bind on this workload; a number would be only where the search stopped). A timed workload
         drawn at random (not a recorded trace) may give more `draws` of itself, pooled as the seeds are."""
-        def attainment(rate: float, seed: int, reqs: list[SimRequest]) -> float:
-            times = arrival_offsets([r.arrival_s if timed else None for r in reqs], rate, seed=seed)
-            load = [replace(r, arrival_s=t) for r, t in zip(reqs, times)]
+        def attainment(rate: float, seed: int, draw: list[SimRequest]) -> float:
+            times = arrival_offsets([r.arrival_s if timed else None for r in draw], rate, seed=seed)
+            load = [replace(r, arrival_s=t) for r, t in zip(draw, times)]
             return self.run(load, capacity, config)["sla_attainment"]
 
+        patterns = ([(0, draw) for draw in (reqs, *draws)] if timed
+                    else [(seed, reqs) for seed in range(self.arrival_seeds)])
+
         def probe(rate: float) -> float:
-            if timed:
-                patterns = [(0, r) for r in (reqs, *draws)]
-            else:
-                patterns = [(seed, reqs) for seed in range(self.arrival_seeds)]
-            return sum(attainment(rate, seed, r) for seed, r in patterns) / len(patterns)
+            return sum(attainment(rate, seed, draw) for seed, draw in patterns) / len(patterns)
 
         found = search_capacity(probe, target, max(0.05, offline_rate / 4), tolerance=self.capacity_tolerance,
                                 max_probes=20)
