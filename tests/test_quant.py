@@ -210,6 +210,31 @@ def test_gguf_q4_blocks_are_the_files_own_values(tmp_path, kind, model_type):
     assert weights.int4_blocks("model.layers.0.mlp.down_proj.weight") is None
 
 
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_a_q4_embedding_kept_in_blocks_looks_up_the_rows_of_its_float_table(tmp_path, kind):
+    """Under int4 a GGUF's 4-bit token embedding stays in its blocks; a lookup gives exactly the rows of
+    the dequantized table in bf16, for any id shape the model passes."""
+    import gguf
+    import numpy as np
+
+    from batchpilot.model import gguf_file
+
+    qtype = gguf.GGMLQuantizationType[kind]
+    table = np.random.default_rng(1).standard_normal((300, 96)).astype(np.float32)
+    writer = gguf.GGUFWriter(str(tmp_path / "e.gguf"), "qwen2")
+    writer.add_tensor("token_embd.weight", gguf.quants.quantize(table, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    weights = gguf_file.GGUFWeights(gguf_file.open_gguf(tmp_path / "e.gguf"), {"model_type": "qwen2"})
+    rows = quant.Int4Rows.from_blocks(*weights.int4_blocks("model.embed_tokens.weight"), torch.bfloat16)
+    reference = weights["model.embed_tokens.weight"].to(torch.bfloat16)
+    ids = torch.tensor([0, 299, 17, 17, 150])
+    assert torch.equal(rows[ids], reference[ids])
+    assert rows.packed.numel() == 300 * 48  # half a byte a weight
+
+
 def test_a_q4_1_gguf_loaded_with_int4_runs_its_blocks_as_the_folder_does():
     """The default model's GGUF file given as --model with int4: its layers take the file's blocks
     directly and generate exactly what the converted folder's re-quantized layers do."""

@@ -74,7 +74,11 @@ class LlamaModel:
             layer.quantize(mode, dtype)
             return layer
 
-        self.embed = w("model.embed_tokens.weight")
+        blocks = weights.int4_blocks("model.embed_tokens.weight") \
+            if quantization == "int4" and hasattr(weights, "int4_blocks") else None
+        # a GGUF's Q4 embedding stays in its blocks under int4, rows expanded at lookup; else a float table
+        self.embed: torch.Tensor | quant.Int4Rows = quant.Int4Rows.from_blocks(*blocks, dtype) if blocks \
+            else w("model.embed_tokens.weight")
         self.norm = w("model.norm.weight")
         if quantization is not None:  # lm_head in int8 under either mode, as llama.cpp's Q4 files keep their output
             # matrix at 8 bits: at one sequence its bf16 read was a fifth of an int4 step (docs/reproduction.md).
@@ -129,7 +133,7 @@ class LlamaModel:
         cos = self.rope_cos[positions].to(self.dtype).unsqueeze(1)  # [T, 1, D/2]
         sin = self.rope_sin[positions].to(self.dtype).unsqueeze(1)
         scale = 1.0 / math.sqrt(d)
-        x = F.embedding(token_ids, self.embed)  # [T, hidden]
+        x = self.embed[token_ids]  # [T, hidden]
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             y = _rms_norm(x, layer.attn_norm, a.rms_norm_eps)
             qkv = layer.qkv(y)
@@ -151,7 +155,7 @@ class LlamaModel:
         h, kvh, d = a.num_heads, a.num_kv_heads, a.head_dim
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [T, D/2] float32
         scale = 1.0 / math.sqrt(d)
-        x = F.embedding(token_ids, self.embed)  # [T, hidden], the residual stream, updated in place
+        x = self.embed[token_ids]  # [T, hidden], the residual stream, updated in place
         y = torch.empty_like(x)  # the normed input of the next projection
         kernels.add_rms_norm(x, None, self.layers[0].attn_norm, y, a.rms_norm_eps)
         norms = [layer.attn_norm for layer in self.layers[1:]] + [self.norm]
