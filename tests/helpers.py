@@ -117,3 +117,22 @@ def assert_greedy_close(outputs_a, outputs_b, top: int) -> None:
                 top_b = [t for t, _ in cb.logprobs[i].top[:top]]
                 assert ta in top_b and tb in top_a, f"prompt {a.prompt!r}: parted at token {i}, {ta} vs {tb}"
                 break
+
+
+def write_gguf(path: Path, arch: str, tensors: dict, quantize: str | None = None) -> Path:
+    """A GGUF of float32 tensors {gguf name: array} and no metadata beyond the architecture; each
+    tensor in `quantize` (a gguf type name, e.g. "Q4_0") if given."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    for name, data in tensors.items():
+        if quantize is None:
+            writer.add_tensor(name, data)
+        else:
+            qtype = gguf.GGMLQuantizationType[quantize]
+            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -233,22 +233,15 @@ def _mapped_rss_kib(path: Path) -> int:
 def test_reading_a_gguf_tensor_leaves_none_of_its_pages_resident(tmp_path, quantized):
     """Mapped pages of the file count in the process's memory until dropped: a loader that kept them
     held a 7B file (3.6 GB) beside the model built from it."""
-    import gguf
     import numpy as np
     import torch
 
     from batchpilot.model import gguf_file
+    from tests.helpers import write_gguf
 
     data = np.random.default_rng(0).standard_normal((1024, 4096)).astype(np.float32)  # 16 MiB
-    path = tmp_path / "big.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    q4 = gguf.GGMLQuantizationType.Q4_0
-    w.add_tensor("blk.0.ffn_down.weight", gguf.quants.quantize(data, q4) if quantized else data,
-                 raw_dtype=q4 if quantized else None)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = write_gguf(tmp_path / "big.gguf", "llama", {"blk.0.ffn_down.weight": data},
+                      quantize="Q4_0" if quantized else None)
     weights = gguf_file.GGUFWeights(gguf_file.open_gguf(path), {"model_type": "llama", "num_attention_heads": 4,
                                                                 "num_key_value_heads": 2})
     name = "model.layers.0.mlp.down_proj.weight"

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from batchpilot.model import kernels, quant
 from batchpilot.model.linear import Linear
+from tests.helpers import write_gguf
 
 
 def q4_blocks(n, k, seed, group=quant.INT4_GROUP, dtype=torch.bfloat16):
@@ -213,21 +214,14 @@ def test_gguf_q4_blocks_are_the_files_own_values(tmp_path, kind, model_type):
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
 def test_a_q4_embedding_kept_in_blocks_looks_up_the_rows_of_its_float_table(tmp_path, kind):
     """Under int4 a GGUF's 4-bit token embedding stays in its blocks; a lookup gives exactly the rows of
-    the dequantized table in bf16, for any id shape the model passes."""
-    import gguf
+    the dequantized table in bf16, for ids in any order and repeated."""
     import numpy as np
 
     from batchpilot.model import gguf_file
 
-    qtype = gguf.GGMLQuantizationType[kind]
     table = np.random.default_rng(1).standard_normal((300, 96)).astype(np.float32)
-    writer = gguf.GGUFWriter(str(tmp_path / "e.gguf"), "qwen2")
-    writer.add_tensor("token_embd.weight", gguf.quants.quantize(table, qtype), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    weights = gguf_file.GGUFWeights(gguf_file.open_gguf(tmp_path / "e.gguf"), {"model_type": "qwen2"})
+    path = write_gguf(tmp_path / "e.gguf", "qwen2", {"token_embd.weight": table}, quantize=kind)
+    weights = gguf_file.GGUFWeights(gguf_file.open_gguf(path), {"model_type": "qwen2"})
     rows = quant.Int4Rows.from_blocks(*weights.int4_blocks("model.embed_tokens.weight"), torch.bfloat16)
     reference = weights["model.embed_tokens.weight"].to(torch.bfloat16)
     ids = torch.tensor([0, 299, 17, 17, 150])

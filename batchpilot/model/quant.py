@@ -114,7 +114,7 @@ class Int4Weight(_Layout):
         n, k = self.shape
         if self.tiled:
             pairs = self.packed.transpose(1, 2).reshape(n, k // 2)
-            return torch.stack([pairs & 0xF, pairs >> 4], dim=-1).view(n, k)
+            return unpack_pairs(pairs).view(n, k)
         return unpack_int4(self.packed, n, k)
 
     def _exact(self) -> torch.Tensor:
@@ -177,8 +177,7 @@ def int4_from_blocks(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, dt
     if tiled is None:
         tiled = _tiled(n, k, dtype)
     if tiled:
-        q = q.to(torch.uint8)
-        pairs = q[:, 0::2] | (q[:, 1::2] << 4)  # [N, K / 2]
+        pairs = pack_pairs(q)  # [N, K / 2]
         tiles = pairs.view(n // TILE, TILE, k // 2).transpose(1, 2).contiguous()
         symmetric = torch.equal(low.float(), -8 * scale.float())  # Q4_0: the low is implied
         sl = torch.stack([scale] if symmetric else [scale, low]).to(torch.float16)
@@ -204,14 +203,24 @@ class Int4Rows:
 
     @classmethod
     def from_blocks(cls, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, dtype: torch.dtype) -> Int4Rows:
-        q = q.to(torch.uint8)
-        return cls(q[:, 0::2] | (q[:, 1::2] << 4), scale.to(torch.float16), low.to(torch.float16), dtype)
+        return cls(pack_pairs(q), scale.to(torch.float16), low.to(torch.float16), dtype)
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
         packed = self.packed[ids]
-        q = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(*packed.shape[:-1], -1, self.group_size)
+        q = unpack_pairs(packed).view(*packed.shape[:-1], -1, self.group_size)
         values = q.float() * self.scale[ids].float().unsqueeze(-1) + self.low[ids].float().unsqueeze(-1)
         return values.flatten(-2).to(self.dtype)
+
+
+def pack_pairs(q: torch.Tensor) -> torch.Tensor:
+    """Integers 0-15 [..., K] as bytes [..., K / 2], element 2j in the low nibble, 2j + 1 in the high one."""
+    q = q.to(torch.uint8)
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack_pairs(pairs: torch.Tensor) -> torch.Tensor:
+    """pack_pairs undone: [..., K / 2] bytes -> [..., K / 2, 2] integers (flatten the last two for K)."""
+    return torch.stack([pairs & 0xF, pairs >> 4], dim=-1)
 
 
 def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
