@@ -55,8 +55,8 @@ static inline __attribute__((always_inline)) __m512 load_f16(const uint16_t *p) 
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
 }
 
-/* A group's scale and zero (= low + 8 * scale, in float32; 0 for symmetric blocks) for 16 outputs at
- * offset i of the group's row */
+/* A group's scale and zero (= low + 8 * scale, in float32; 0 for symmetric blocks, l NULL) for the 16
+ * outputs at element i of the scales (and lows) */
 static inline __attribute__((always_inline)) void scale_zero(const uint16_t *s, const uint16_t *l, int64_t i,
                                                              __m512 *sc, __m512 *zc) {
     *sc = load_f16(s + i);
@@ -64,7 +64,7 @@ static inline __attribute__((always_inline)) void scale_zero(const uint16_t *s, 
 }
 
 static inline __attribute__((always_inline)) void expand_int4(const uint8_t *src, const uint16_t *s,
-                                                              const uint16_t *l, __m512bh *w) {
+                                                              const uint16_t *l, int64_t sg, __m512bh *w) {
     /* cvtne2ps gives [16 values of k, 16 of k + 1]; this permutation interleaves them into pairs */
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                                 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
@@ -74,7 +74,7 @@ static inline __attribute__((always_inline)) void expand_int4(const uint8_t *src
         const __m512 q0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b, low4), eight));
         const __m512 q1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 4), eight));
         __m512 sc, zc;
-        scale_zero(s, l, 16 * c, &sc, &zc);
+        scale_zero(s, l, sg + 16 * c, &sc, &zc);
         const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(q1, sc, zc), _mm512_fmadd_ps(q0, sc, zc));
         w[c] = (__m512bh)_mm512_permutexvar_epi16(interleave, (__m512i)v);
     }
@@ -100,7 +100,7 @@ static inline __attribute__((always_inline)) void expand(const void *q, const ui
         expand_int8((const int8_t *)q + (t * K2 + k2) * TILE_N * 2, w);
     } else {
         const int64_t sg = (t * (K / group) + 2 * k2 / group) * TILE_N;
-        expand_int4((const uint8_t *)q + (t * K2 + k2) * TILE_N, scales + sg, lows ? lows + sg : NULL, w);
+        expand_int4((const uint8_t *)q + (t * K2 + k2) * TILE_N, scales, lows, sg, w);
     }
 }
 
@@ -198,7 +198,7 @@ int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const void *s
                     const int64_t sg = (t * (K / group) + g) * TILE_N;
                     for (int c = 0; c < 4; c++) {
                         __m512 sc, zc;
-                        scale_zero(s16 + sg, l16 ? l16 + sg : NULL, 16 * c, &sc, &zc);
+                        scale_zero(s16, l16, sg + 16 * c, &sc, &zc);
                         for (int m = 0; m < M; m++)
                             acc[m][c] = _mm512_fmadd_ps(_mm512_set1_ps(xsum[m * (K / group) + g]), zc,
                                                         _mm512_fmadd_ps(part[m][c], sc, acc[m][c]));
