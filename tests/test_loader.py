@@ -236,7 +236,7 @@ def test_reading_a_gguf_tensor_leaves_none_of_its_pages_resident(tmp_path, quant
     import numpy as np
     import torch
 
-    from batchpilot.model import gguf_file
+    from batchpilot.model import gguf_file, quant
     from tests.helpers import write_gguf
 
     data = np.random.default_rng(0).standard_normal((1024, 4096)).astype(np.float32)  # 16 MiB
@@ -248,8 +248,9 @@ def test_reading_a_gguf_tensor_leaves_none_of_its_pages_resident(tmp_path, quant
     first = weights[name]
     assert _mapped_rss_kib(path) < 1024
     if quantized:
-        q, scale, low = weights.int4_blocks(name)
+        pairs, scale, low = weights.int4_blocks(name)
         assert _mapped_rss_kib(path) < 1024
+        q = quant.unpack_pairs(pairs)
         assert torch.equal((q.float().view(1024, 128, 32) * scale.unsqueeze(-1) + low.unsqueeze(-1)).view(1024, 4096),
                            first)
     assert torch.equal(weights[name], first)  # read again: the pages come back from the file

@@ -54,7 +54,7 @@ def test_dequantize_is_the_weight_the_kernel_multiplies_by(mode, layout):
 def test_int4_dequantize_without_a_compiler_matches_the_native_one(monkeypatch):
     monkeypatch.setattr(kernels, "qgemv_available", lambda: False)
     q, scale, low = q4_blocks(128, 64, seed=3)
-    w = quant.int4_from_blocks(q, scale, low, torch.bfloat16)
+    w = quant.int4_from_blocks(quant.pack_pairs(q), scale, low, torch.bfloat16)
     native = w.dequantize()
     monkeypatch.setattr(kernels, "native_available", lambda: False)
     assert torch.equal(w.dequantize(), native)
@@ -102,7 +102,7 @@ def test_int4_blocks_multiply_by_their_exact_values(rows, symmetric, layout):
     q, scale, low = q4_blocks(128, 256, seed=rows, dtype=torch.float16)
     if symmetric:
         low = -8 * scale
-    w = quant.int4_from_blocks(q, scale, low, torch.bfloat16)
+    w = quant.int4_from_blocks(quant.pack_pairs(q), scale, low, torch.bfloat16)
     exact = (q.float().view(128, 8, 32) * scale.unsqueeze(-1) + low.unsqueeze(-1)).view(128, 256)
     if w.tiled:
         assert w.scales_zeros.dtype == torch.float16 and len(w.scales_zeros) == (1 if symmetric else 2)
@@ -185,12 +185,15 @@ def test_default_model_int4_keeps_its_gguf_q4_1_integers():
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])  # llama: Q/K rows unpermuted as the file's floats
-def test_gguf_q4_blocks_are_the_files_own_values(tmp_path, kind, model_type):
-    """A Q4_0 or Q4_1 tensor read as blocks gives exactly the values the file dequantizes to."""
+def test_gguf_q4_blocks_are_the_files_own_values(tmp_path, kind, model_type, monkeypatch):
+    """A Q4_0 or Q4_1 tensor read as blocks gives exactly the values the file dequantizes to, its
+    nibbles re-paired a band of rows at a time (bands of 48 here: the last one short)."""
     import gguf
     import numpy as np
 
     from batchpilot.model import gguf_file
+
+    monkeypatch.setattr(gguf_file, "_PAIR_ROWS", 48)
 
     qtype = gguf.GGMLQuantizationType[kind]
     data = np.random.default_rng(0).standard_normal((128, 96)).astype(np.float32)
@@ -204,7 +207,8 @@ def test_gguf_q4_blocks_are_the_files_own_values(tmp_path, kind, model_type):
     reader = gguf_file.open_gguf(tmp_path / "t.gguf")
     weights = gguf_file.GGUFWeights(reader, {"model_type": model_type, "num_attention_heads": 4,
                                              "num_key_value_heads": 2})
-    q, scale, low = weights.int4_blocks("model.layers.0.self_attn.q_proj.weight")
+    pairs, scale, low = weights.int4_blocks("model.layers.0.self_attn.q_proj.weight")
+    q = quant.unpack_pairs(pairs)
     values = q.float().view(128, 3, 32) * scale.unsqueeze(-1) + low.unsqueeze(-1)
     assert torch.equal(values.view(128, 96), weights["model.layers.0.self_attn.q_proj.weight"])
     assert int(q.min()) >= 0 and int(q.max()) <= 15

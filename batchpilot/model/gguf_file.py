@@ -48,6 +48,7 @@ _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+_PAIR_ROWS = 1024  # rows of 4-bit blocks re-paired at a time (int4_blocks)
 # Bytes per block of 32 weights: an f16 scale (and an f16 minimum for Q4_1), then 16 bytes of nibbles.
 _Q4_BLOCK_BYTES = {GGMLQuantizationType.Q4_0: 18, GGMLQuantizationType.Q4_1: 20}
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -143,9 +144,11 @@ class GGUFWeights(Mapping[str, torch.Tensor]):
         self._file.madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
 
     def int4_blocks(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """A Q4_0 or Q4_1 weight's own 4-bit blocks, for --quantization int4 to run as they are:
-        integers [N, K] in 0..15, scale and low [N, K / 32] (value = q * scale + low, exactly what
-        the file's dequantization gives); None for any other type."""
+        """A Q4_0 or Q4_1 weight's own 4-bit blocks, for --quantization int4 to run as they are: the
+        integers in 0..15 as nibble pairs ([N, K / 2] bytes, quant.pack_pairs' order), scale and low
+        [N, K / 32] (value = q * scale + low, exactly what the file's dequantization gives); None for
+        any other type. Re-paired a band of rows at a time, never a byte a weight: on a 7B file's FFN
+        that temporary was the load's peak (docs/reproduction.md)."""
         t = self._tensors[name]
         kind = GGMLQuantizationType(t.tensor_type)
         if kind not in _Q4_BLOCK_BYTES:
@@ -158,13 +161,20 @@ class GGUFWeights(Mapping[str, torch.Tensor]):
             low, nibbles = -8 * scale, blocks[..., 2:]
         else:  # Q4_1: value = d * q + m
             low, nibbles = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32), blocks[..., 4:]
-        q = np.concatenate([nibbles & 0xF, nibbles >> 4], axis=-1).reshape(rows, -1)  # element j, then j + 16
+        # a block's byte i holds element i low and element i + 16 high; pairs hold 2j low and 2j + 1 high
+        pairs = np.empty((rows, nibbles.shape[1], 16), dtype=np.uint8)
+        for r in range(0, rows, _PAIR_ROWS):
+            band = nibbles[r:r + _PAIR_ROWS]
+            first, second = band & 0xF, band >> 4  # elements 0-15, 16-31
+            pairs[r:r + _PAIR_ROWS, :, :8] = first[..., 0::2] | (first[..., 1::2] << 4)
+            pairs[r:r + _PAIR_ROWS, :, 8:] = second[..., 0::2] | (second[..., 1::2] << 4)
+        pairs = pairs.reshape(rows, -1)
         heads = self._heads.get(name.rpartition(".")[0].rpartition(".")[2]) if name.endswith(".weight") else None
         if heads is not None:
-            q, scale, low = (_unpermute(a, heads) for a in (q, scale, low))
-        q, scale, low = (torch.from_numpy(np.ascontiguousarray(a)) for a in (q, scale, low))
+            pairs, scale, low = (_unpermute(a, heads) for a in (pairs, scale, low))
+        pairs, scale, low = (torch.from_numpy(np.ascontiguousarray(a)) for a in (pairs, scale, low))
         self._release(t)
-        return q, scale, low
+        return pairs, scale, low
 
     def __contains__(self, name: object) -> bool:
         return name in self._tensors

@@ -66,8 +66,9 @@ class LlamaModel:
             blocks = [weights.int4_blocks(n) for n in names] if mode == "int4" and hasattr(weights, "int4_blocks") \
                 else []
             if blocks and all(b is not None for b in blocks):  # a GGUF's Q4_0 / Q4_1 blocks, run as they are
-                q, scale, low = (torch.cat(parts) for parts in zip(*blocks))
-                return Linear.from_quantized(quant.int4_from_blocks(q, scale, low, dtype), bias)
+                pairs, scale, low = (parts[0] if len(parts) == 1 else torch.cat(parts) for parts in zip(*blocks))
+                del blocks  # the parts, before the tiles are made: a 7B load's peak is one layer's copies
+                return Linear.from_quantized(quant.int4_from_blocks(pairs, scale, low, dtype), bias)
             parts = [weights[n].float() for n in names]
             layer = Linear(parts[0] if len(parts) == 1 else torch.cat(parts), bias)
             del parts

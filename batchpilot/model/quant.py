@@ -165,26 +165,26 @@ def quantize_int4(weight: torch.Tensor, dtype: torch.dtype, group_size: int = IN
     scale, low = scale.to(stored).float(), low.to(stored).float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: q = 0, value = low
     q = ((groups - low.unsqueeze(-1)) / scale.unsqueeze(-1)).round().clamp(0, 15).to(torch.int32).view(n, k)
-    return int4_from_blocks(q, scale, low, dtype, group_size, tiled)
+    return int4_from_blocks(pack_pairs(q), scale, low, dtype, group_size, tiled)
 
 
-def int4_from_blocks(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, dtype: torch.dtype,
+def int4_from_blocks(pairs: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, dtype: torch.dtype,
                      group_size: int = INT4_GROUP, tiled: bool | None = None) -> Int4Weight:
-    """Q4_1-style blocks (value = q * scale + low; q int [N, K] in [0, 15], scale and low [N, K / group])
-    in our tiles where the kernel runs (scale and low rounded to float16: a GGUF block's own numbers
-    are float16, so exact), else in torch's int4 layout."""
-    n, k = q.shape
+    """Q4_1-style blocks (value = q * scale + low; q in [0, 15] as pack_pairs' bytes [N, K / 2], scale
+    and low [N, K / group]) in our tiles where the kernel runs (scale and low rounded to float16: a
+    GGUF block's own numbers are float16, so exact), else in torch's int4 layout."""
+    n, k = pairs.shape[0], 2 * pairs.shape[1]
     if tiled is None:
         tiled = _tiled(n, k, dtype)
     if tiled:
-        pairs = pack_pairs(q)  # [N, K / 2]
         tiles = pairs.view(n // TILE, TILE, k // 2).transpose(1, 2).contiguous()
         symmetric = torch.equal(low.float(), -8 * scale.float())  # Q4_0: the low is implied
         sl = torch.stack([scale] if symmetric else [scale, low]).to(torch.float16)
         sl = sl.view(len(sl), n // TILE, TILE, k // group_size).transpose(2, 3)
         return Int4Weight(tiles, sl.contiguous(), group_size, (n, k), True)
+    q = unpack_pairs(pairs).view(n, k)
     zeros = low.float() + 8 * scale.float()
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
     scales_zeros = torch.stack([scale.float(), zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)
     return Int4Weight(packed, scales_zeros, group_size, (n, k), False)
 
@@ -202,8 +202,9 @@ class Int4Rows:
     group_size: int = INT4_GROUP
 
     @classmethod
-    def from_blocks(cls, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, dtype: torch.dtype) -> Int4Rows:
-        return cls(pack_pairs(q), scale.to(torch.float16), low.to(torch.float16), dtype)
+    def from_blocks(cls, pairs: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, dtype: torch.dtype) -> Int4Rows:
+        """From int4_from_blocks' arguments: pack_pairs' bytes, scale and low."""
+        return cls(pairs, scale.to(torch.float16), low.to(torch.float16), dtype)
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
         packed = self.packed[ids]
