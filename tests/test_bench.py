@@ -127,6 +127,23 @@ def test_capacity_command_on_a_fake_endpoint_whose_latency_depends_on_load(tmp_p
     assert "capacity:" in r.stdout
 
 
+def test_capacity_pools_the_attainment_of_several_arrival_patterns(tmp_path):
+    """Each probe runs every pattern (the same prompts, arrivals drawn from --seed + k) and is judged
+    on their mean attainment."""
+    _, result = _capacity_on_a_fake_endpoint(tmp_path, "--sla", "tpot:20", "--arrival-seeds", "2")
+    assert result["arrival_seeds"] == 2 and len(result["probes"]) == 2 * len(result["curve"])
+    for i, point in enumerate(result["curve"]):
+        pair = result["probes"][2 * i : 2 * i + 2]
+        assert point["sla_attainment"] == pytest.approx((pair[0]["sla_attainment"] + pair[1]["sla_attainment"]) / 2)
+        assert pair[0]["request_rate"] == pair[1]["request_rate"] == pytest.approx(point["rate"])
+
+
+def test_capacity_refuses_no_arrival_pattern():
+    r = subprocess.run([sys.executable, "-m", "batchpilot.cli", "bench", "capacity", "--base-url", "http://127.0.0.1:9",
+                        "--sla", "tpot:20", "--arrival-seeds", "0"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "--arrival-seeds must be at least 1" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_capacity_can_hold_one_classs_sla(tmp_path):
     r, result = _capacity_on_a_fake_endpoint(tmp_path, "--sla-mix", "strict:0.5,loose:0.5", "--sla-class",
                                              "strict:tpot=20", "--capacity-class", "strict")

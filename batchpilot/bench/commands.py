@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,9 @@ def add_bench_commands(sub) -> None:
     cap.add_argument("--tolerance", type=float, default=0.1, help="relative width of the final bracket")
     cap.add_argument("--probe-seconds", type=float, default=60, help="arrivals per probe span this long")
     cap.add_argument("--max-probes", type=int, default=10)
+    cap.add_argument("--arrival-seeds", type=int, default=1,
+                     help="Poisson arrival patterns (seeds --seed, --seed + 1, ...) each probe runs and pools: one "
+                          "pattern's bursts can move a capacity by several percent")
     cap.add_argument("--capacity-class", default=None, metavar="NAME",
                      help="search the rate at which this --sla-mix class keeps its --sla-class targets (the other "
                           "classes ride along: the report gives the total throughput at each probe)")
@@ -136,7 +140,9 @@ def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 percentiles=percentiles(args))
 
 
-def run_serve(args: argparse.Namespace, rate: float, num_prompts: int, sla: SLA | None) -> dict[str, Any]:
+def run_serve(args: argparse.Namespace, rate: float, num_prompts: int, sla: SLA | None,
+              arrival_seed: int | None = None) -> dict[str, Any]:
+    """One load run; `arrival_seed` draws the arrival times alone (default --seed, which draws the prompts too)."""
     from batchpilot.model.loader import load_tokenizer  # torch: only when a tokenizer is needed
 
     tokenizer = load_tokenizer(args.tokenizer)
@@ -144,8 +150,8 @@ def run_serve(args: argparse.Namespace, rate: float, num_prompts: int, sla: SLA 
     mix = parse_sla_mix(args.sla_mix) if args.sla_mix else {}
     if mix:
         assign_sla_classes(payloads, mix, args.seed)
-    result = benchmark(args.base_url.rstrip("/"), payloads, rate, sla, class_slas=class_slas(args, mix),
-                       **load_kwargs(args))
+    load = load_kwargs(args) | ({} if arrival_seed is None else {"seed": arrival_seed})
+    result = benchmark(args.base_url.rstrip("/"), payloads, rate, sla, class_slas=class_slas(args, mix), **load)
     chat = any(p.path.endswith("/chat/completions") for p in payloads)
     return {"date": datetime.now().strftime("%Y%m%d-%H%M%S"), "backend": "openai-chat" if chat else "openai",
             "model_id": args.model, "tokenizer_id": args.tokenizer or args.model, "num_prompts": num_prompts,
@@ -173,22 +179,29 @@ def _vllm_result_name(result: dict[str, Any]) -> str:
 
 def capacity(args: argparse.Namespace, sla: SLA | None) -> dict[str, Any]:
     """Run the capacity search against args.base_url; returns the rate, the curve and the probes.
-    With --capacity-class, the attainment searched is that class's, against its own targets."""
+    With --capacity-class, the attainment searched is that class's, against its own targets. Each probe
+    runs --arrival-seeds arrival patterns of the same prompts and pools their attainment (the mean:
+    every pattern sends the same number of requests)."""
+    if args.arrival_seeds < 1:
+        raise ValueError(f"--arrival-seeds must be at least 1, got {args.arrival_seeds}")
     probes: list[dict[str, Any]] = []
     held = args.capacity_class
 
     def probe(rate: float) -> float:
         n = max(args.num_prompts, int(rate * args.probe_seconds))
-        result = run_serve(args, rate, n, sla)
-        probes.append(result)
-        attainment = result["classes"][held]["sla_attainment"] if held else result["sla_attainment"]
+        runs = [run_serve(args, rate, n, sla, arrival_seed=args.seed + k) for k in range(args.arrival_seeds)]
+        probes.extend(runs)
+        attainment = statistics.fmean(r["classes"][held]["sla_attainment"] if held else r["sla_attainment"]
+                                      for r in runs)
+        throughput = statistics.fmean(r["output_throughput"] for r in runs)
+        patterns = f", {len(runs)} arrival patterns" if len(runs) > 1 else ""
         print(f"  probe {rate:.3f} req/s: SLA attainment {attainment:.3f}{f' ({held})' if held else ''}, "
-              f"{result['output_throughput']:.1f} out tok/s ({n} requests)", flush=True)
+              f"{throughput:.1f} out tok/s ({n} requests{patterns})", flush=True)
         return attainment
 
     found = search_capacity(probe, args.target, args.start_rate, args.tolerance, args.max_probes)
     return {"capacity": found.capacity, "capacity_bounded": found.bounded, "target": args.target, "sla": args.sla,
-            "capacity_class": held,
+            "capacity_class": held, "arrival_seeds": args.arrival_seeds,
             "curve": [{"rate": r, "sla_attainment": a} for r, a in found.curve], "probes": probes}
 
 
