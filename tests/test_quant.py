@@ -115,6 +115,33 @@ def test_int4_blocks_multiply_by_their_exact_values(rows, symmetric, layout):
     torch.testing.assert_close(out.float(), F.linear(x.float(), used), rtol=8e-3, atol=1e-2)
 
 
+@pytest.mark.parametrize("rows", [1, 4, 5, 64])
+def test_int8_blocks_multiply_by_their_exact_values(rows, layout):
+    """GGUF Q8_0 blocks (q * scale, a float16 scale per 32 inputs) in our tiles multiply by exactly
+    q * scale up to the fused rows and by those values rounded to bf16 beyond; torch's layout takes a
+    scale per output only, so there they are quantized again, within half a step of that scale."""
+    g = torch.Generator().manual_seed(rows)
+    q = torch.randint(-127, 128, (128, 256), generator=g, dtype=torch.int8)
+    scale = (torch.rand(128, 8, generator=g) * 0.01 + 1e-4).to(torch.float16).float()
+    w = quant.int8_from_blocks(q, scale, torch.bfloat16)
+    exact = (q.float().view(128, 8, 32) * scale.unsqueeze(-1)).view(128, 256)
+    if w.tiled:
+        assert w.group_size == 32 and w.scales.dtype == torch.float16
+        used = exact if rows <= quant.QGEMV_FUSED_MAX_ROWS else exact.to(torch.bfloat16).float()
+        assert torch.equal(w.reference(rows), used)
+        assert torch.equal(w.dequantize(), exact.to(torch.bfloat16))
+        eye = torch.eye(256, dtype=torch.bfloat16)  # each output read back through both kernel paths
+        assert torch.equal(w.matmul(eye).t(), w.dequantize())
+        assert torch.equal(w.matmul(eye[:3]).t(), w.dequantize()[:, :3])
+    else:
+        assert w.group_size == 0
+        assert ((w.reference() - exact).abs() <= exact.abs().amax(1, keepdim=True) / 250).all()
+        used = w.reference(rows) if rows <= w.kernel_max_rows else w.dequantize().float()
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    out = w.matmul(x) if rows <= w.kernel_max_rows else F.linear(x, w.dequantize().to(torch.bfloat16))
+    torch.testing.assert_close(out.float(), F.linear(x.float(), used), rtol=8e-3, atol=1e-2)
+
+
 def test_quantized_layer_takes_the_kernel_for_few_rows_and_the_dequantized_weight_beyond(monkeypatch, layout):
     calls = []
     layer = Linear(torch.randn(64, 64).to(torch.bfloat16))
@@ -213,6 +240,47 @@ def test_gguf_q4_blocks_are_the_files_own_values(tmp_path, kind, model_type, mon
     assert torch.equal(values.view(128, 96), weights["model.layers.0.self_attn.q_proj.weight"])
     assert int(q.min()) >= 0 and int(q.max()) <= 15
     assert weights.int4_blocks("model.layers.0.mlp.down_proj.weight") is None
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])  # llama: Q/K rows unpermuted as the file's floats
+def test_gguf_q8_0_blocks_are_the_files_own_values(tmp_path, model_type):
+    """A Q8_0 tensor read as blocks gives exactly the values the file dequantizes to; others give None."""
+    import numpy as np
+
+    from batchpilot.model import gguf_file
+
+    data = np.random.default_rng(2).standard_normal((128, 96)).astype(np.float32)
+    path = write_gguf(tmp_path / "q8.gguf", model_type, {"blk.0.attn_q.weight": data}, quantize="Q8_0")
+    weights = gguf_file.GGUFWeights(gguf_file.open_gguf(path), {"model_type": model_type, "num_attention_heads": 4,
+                                                                "num_key_value_heads": 2})
+    name = "model.layers.0.self_attn.q_proj.weight"
+    q, scale = weights.int8_blocks(name)
+    assert q.dtype == torch.int8 and scale.shape == (128, 3)
+    values = (q.float().view(128, 3, 32) * scale.unsqueeze(-1)).view(128, 96)
+    assert torch.equal(values, weights[name])
+    assert weights.int4_blocks(name) is None
+
+
+def test_the_default_gguf_under_int8_runs_its_q8_0_output_matrix_as_its_blocks():
+    """The default model's GGUF keeps its tied embedding / output matrix in Q8_0: under int8 the
+    lm_head holds the file's own values (group-wise scales, where our kernel runs) rather than a
+    second quantization per channel; the Q4_1 layers are quantized per channel. Its greedy text
+    agrees with the folder's under int8 as closely as int8 agrees with bf16 (the test above)."""
+    from batchpilot import LLM, SamplingParams
+    from batchpilot.model import loader
+
+    from_file = LLM(str(loader.default_gguf_path()), kv_cache_gib=0.05, threads=2, quantization="int8")
+    model = from_file.engine.executor.model
+    if kernels.qgemv_available():
+        assert model.lm_head.quantized.group_size == 32
+    assert model.layers[0].down.quantized.group_size == 0
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompts = ["The capital of France is", "def add(a, b):"]
+    a = [o.outputs[0].token_ids for o in from_file.generate(prompts, params)]
+    b = [o.outputs[0].token_ids for o in LLM(kv_cache_gib=0.05, threads=2, quantization="int8").generate(
+        prompts, params)]
+    same = sum(next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), len(tb)) for ta, tb in zip(a, b))
+    assert same >= 0.5 * sum(map(len, b)), (a, b)
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])

@@ -176,6 +176,24 @@ class GGUFWeights(Mapping[str, torch.Tensor]):
         self._release(t)
         return pairs, scale, low
 
+    def int8_blocks(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A Q8_0 weight's own blocks, for --quantization int8 (and the int8 lm_head) to run as they are:
+        the integers [N, K] int8 and the scales [N, K / 32] (value = q * scale, exactly what the file's
+        dequantization gives); None for any other type."""
+        t = self._tensors[name]
+        if GGMLQuantizationType(t.tensor_type) != GGMLQuantizationType.Q8_0:
+            return None
+        rows = int(t.shape[1])
+        blocks = np.asarray(t.data, dtype=np.uint8).reshape(rows, -1, 34)  # an f16 scale, then 32 int8
+        scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        q = blocks[..., 2:].copy().view(np.int8).reshape(rows, -1)
+        heads = self._heads.get(name.rpartition(".")[0].rpartition(".")[2]) if name.endswith(".weight") else None
+        if heads is not None:
+            q, scale = (_unpermute(a, heads) for a in (q, scale))
+        q, scale = (torch.from_numpy(np.ascontiguousarray(a)) for a in (q, scale))
+        self._release(t)
+        return q, scale
+
     def __contains__(self, name: object) -> bool:
         return name in self._tensors
 

@@ -63,12 +63,13 @@ class LlamaModel:
             (float32), so a GGUF's Q4_1 blocks come back as they were, not after a bf16 rounding."""
             if mode is None:
                 return Linear(torch.cat([w(n) for n in names]), bias)
-            blocks = [weights.int4_blocks(n) for n in names] if mode == "int4" and hasattr(weights, "int4_blocks") \
-                else []
-            if blocks and all(b is not None for b in blocks):  # a GGUF's Q4_0 / Q4_1 blocks, run as they are
-                pairs, scale, low = (parts[0] if len(parts) == 1 else torch.cat(parts) for parts in zip(*blocks))
+            read_blocks = getattr(weights, f"{mode}_blocks", None)  # a GGUF's Q4_0 / Q4_1 (int4) or Q8_0 (int8)
+            blocks = [read_blocks(n) for n in names] if read_blocks else []
+            if blocks and all(b is not None for b in blocks):  # the file's own blocks, run as they are
+                arrays = [parts[0] if len(parts) == 1 else torch.cat(parts) for parts in zip(*blocks)]
                 del blocks  # the parts, before the tiles are made: a 7B load's peak is one layer's copies
-                return Linear.from_quantized(quant.int4_from_blocks(pairs, scale, low, dtype), bias)
+                from_blocks = quant.int4_from_blocks if mode == "int4" else quant.int8_from_blocks
+                return Linear.from_quantized(from_blocks(*arrays, dtype), bias)
             parts = [weights[n].float() for n in names]
             layer = Linear(parts[0] if len(parts) == 1 else torch.cat(parts), bias)
             del parts

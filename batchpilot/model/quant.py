@@ -1,6 +1,7 @@
 """Weight-only quantized weights for the CPU.
 
-- int8: one scale per output channel, symmetric (w ~ q * s, q in [-127, 127]).
+- int8: one scale per output channel, symmetric (w ~ q * s, q in [-127, 127]); a GGUF's Q8_0 blocks
+  (a float16 scale per 32 inputs) are kept as they are where our kernel runs (int8_from_blocks).
 - int4: groups of 32 inputs, asymmetric (w ~ q * s + m, q in [0, 15], s = (max - min) / 15,
   m = min): the scheme of GGUF's Q4_1, so the default model's own Q4_1 blocks, dequantized when its
   folder was written, quantize back to the same integers. Values are (q - 8) * scale + zero with
@@ -49,26 +50,36 @@ class Int8Weight(_Layout):
     """Tiled for our kernel (csrc/qgemv.c, where the CPU has AVX512-BF16), else torch's layout."""
 
     q: torch.Tensor  # tiled: [N / 64][K / 2][64][2] int8; else [N, K] int8
-    scales: torch.Tensor  # [N]: float32 when tiled, else the activations' dtype (torch's kernel wants it)
+    # per output (group_size 0): [N], float32 when tiled, else the activations' dtype (torch's kernel wants
+    # it); per group of inputs (tiled only: GGUF's Q8_0): [N / 64][K / group][64] float16
+    scales: torch.Tensor
     shape: tuple[int, int]
     tiled: bool
+    group_size: int = 0
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.tiled:
-            return kernels.qgemv(x, self.q, self.scales, None, 8, 0, self.shape[0], None)
+            return kernels.qgemv(x, self.q, self.scales, None, 8, self.group_size, self.shape[0], None)
         return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.q, self.scales)
 
     def dequantize(self) -> torch.Tensor:
         """The weight in bf16 (tiled) or the scales' dtype: q * s, rounded once."""
         if self.tiled:
-            return kernels.qdequant(self.q, self.scales, None, 8, 0, self.shape)
+            return kernels.qdequant(self.q, self.scales, None, 8, self.group_size, self.shape)
         return self.q.to(self.scales.dtype) * self.scales.unsqueeze(1)
 
     def reference(self, rows: int = 1) -> torch.Tensor:
-        """The float32 weight `matmul` of `rows` rows multiplies by (its sums are float32, rounded once)."""
+        """The float32 weight `matmul` of `rows` rows multiplies by: q * s exactly (per output, the sums
+        are scaled once; per group up to QGEMV_FUSED_MAX_ROWS, each group's sums), else q * s rounded to
+        bf16 (the expanded tiles)."""
+        if self.group_size and rows > QGEMV_FUSED_MAX_ROWS:
+            return self.dequantize().float()
         n, k = self.shape
         q = self.q.transpose(1, 2).reshape(n, k) if self.tiled else self.q
-        return q.float() * self.scales.float().unsqueeze(1)
+        if not self.group_size:
+            return q.float() * self.scales.float().unsqueeze(1)
+        scale = self.scales.float().transpose(1, 2).reshape(n, k // self.group_size)
+        return (q.float().view(n, -1, self.group_size) * scale.unsqueeze(-1)).view(n, k)
 
 
 @dataclass
@@ -146,6 +157,20 @@ def quantize_int8(weight: torch.Tensor, dtype: torch.dtype) -> Int8Weight:
     if tiled:
         return Int8Weight(q.view(n // TILE, TILE, k // 2, 2).transpose(1, 2).contiguous(), scales, (n, k), True)
     return Int8Weight(q.contiguous(), scales.to(dtype), (n, k), False)
+
+
+def int8_from_blocks(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                     group_size: int = INT4_GROUP) -> Int8Weight:
+    """Q8_0-style blocks (value = q * scale; q int8 [N, K], scale [N, K / group]) as they are, in our
+    tiles with float16 scales (a GGUF block's own numbers, so exact), where the kernel runs; elsewhere
+    torch's kernel takes only a scale per output, and the values are quantized again per channel."""
+    n, k = q.shape
+    if not _tiled(n, k, dtype):
+        values = (q.float().view(n, -1, group_size) * scale.float().unsqueeze(-1)).view(n, k)
+        return quantize_int8(values, dtype)
+    tiles = q.to(torch.int8).view(n // TILE, TILE, k // 2, 2).transpose(1, 2).contiguous()
+    scales = scale.to(torch.float16).view(n // TILE, TILE, k // group_size).transpose(1, 2).contiguous()
+    return Int8Weight(tiles, scales, (n, k), True, group_size)
 
 
 def quantize_int4(weight: torch.Tensor, dtype: torch.dtype, group_size: int = INT4_GROUP) -> Int4Weight:

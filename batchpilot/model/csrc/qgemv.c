@@ -7,8 +7,10 @@
  * quantized bytes and the expansion is paid once per tile whatever the number of rows.
  *
  * Layouts (quant.py packs them), tiles of 64 outputs along N and pairs along K:
- *   int8: q [N / 64][K / 2][64][2] int8, one float32 scale per output [N]. The tile holds q exactly
- *         (|q| <= 127 is exact in bf16); the sums are scaled at the end: y = s * sum(x q).
+ *   int8: q [N / 64][K / 2][64][2] int8, one float32 scale per output [N] (group 0). The tile holds q
+ *         exactly (|q| <= 127 is exact in bf16); the sums are scaled at the end: y = s * sum(x q).
+ *         With a group G > 0, a float16 scale per group of G inputs instead, [N / 64][K / G][64] (GGUF's
+ *         Q8_0 blocks as they are); the tile holds q * scale rounded to bf16.
  *   int4: q [N / 64][K / 2][64] bytes, k even in the low nibble and k + 1 in the high one; scale and
  *         low per group of G inputs, [N / 64][K / G][64] float16 each (value = q * scale + low: a
  *         GGUF Q4_0 / Q4_1 block's own f16 numbers; float32 would add a third to the weight's bytes),
@@ -63,6 +65,21 @@ static inline __attribute__((always_inline)) void scale_zero(const uint16_t *s, 
     *zc = l == NULL ? _mm512_setzero_ps() : _mm512_fmadd_ps(_mm512_set1_ps(8.0f), *sc, load_f16(l + i));
 }
 
+/* expand_int8 with a float16 scale per output for the group (16 outputs at element sg + 16 c of the
+ * scales): lanes hold output i's two inputs at 2i and 2i + 1, so each half takes 8 scales twice. */
+static inline __attribute__((always_inline)) void expand_int8_grouped(const int8_t *src, const uint16_t *s, int64_t sg,
+                                                                      __m512bh *w) {
+    const __m512i first = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+    for (int c = 0; c < 4; c++) {
+        const __m512 sc = load_f16(s + sg + 16 * c);
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + 32 * c))));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + 32 * c + 16))));
+        w[c] = _mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, _mm512_permutexvar_ps(second, sc)),
+                                   _mm512_mul_ps(lo, _mm512_permutexvar_ps(first, sc)));
+    }
+}
+
 static inline __attribute__((always_inline)) void expand_int4(const uint8_t *src, const uint16_t *s,
                                                               const uint16_t *l, int64_t sg, __m512bh *w) {
     /* cvtne2ps gives [16 values of k, 16 of k + 1]; this permutation interleaves them into pairs */
@@ -96,12 +113,13 @@ static inline __attribute__((always_inline)) void expand(const void *q, const ui
                                                          int bits, int64_t group, int64_t K, int64_t t, int64_t k2,
                                                          __m512bh *w) {
     const int64_t K2 = K / 2;
-    if (bits == 8) {
+    const int64_t sg = group > 0 ? (t * (K / group) + 2 * k2 / group) * TILE_N : 0;
+    if (bits == 8 && group == 0)
         expand_int8((const int8_t *)q + (t * K2 + k2) * TILE_N * 2, w);
-    } else {
-        const int64_t sg = (t * (K / group) + 2 * k2 / group) * TILE_N;
+    else if (bits == 8)
+        expand_int8_grouped((const int8_t *)q + (t * K2 + k2) * TILE_N * 2, scales, sg, w);
+    else
         expand_int4((const uint8_t *)q + (t * K2 + k2) * TILE_N, scales, lows, sg, w);
-    }
 }
 
 /* The whole tile into buf [K / 2][64] bf16 pairs. */
@@ -139,17 +157,19 @@ static inline __attribute__((always_inline)) void finish(__m512 acc[MAX_M][4], i
         }
 }
 
-/* bits 4: int4 (float16 scales and lows per group), 8: int8 (float32 scales per output, lows NULL). x: [M, K] bf16
+/* bits 4: int4 (float16 scales and lows per group), 8: int8 (float32 scales per output with group 0, float16
+ * scales per group with group > 0; lows NULL). x: [M, K] bf16
  * rows with stride x_stride (K even, rows 4-byte aligned); y: [M, N] bf16. Returns -1 for N not a
  * multiple of 64 or an odd K, -2 when a buffer cannot be allocated. */
 int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const void *scales, const void *lows,
                int bits, int64_t group, const uint16_t *bias, uint16_t *y, int64_t y_stride, int64_t M, int64_t K,
                int64_t N, int num_threads) {
-    if (N % TILE_N != 0 || K % 2 != 0 || (bits == 4 && K % group != 0)) return -1;
+    if (N % TILE_N != 0 || K % 2 != 0 || (bits == 4 && group <= 0) || (group > 0 && (K % group || group % 2)))
+        return -1;
     const int64_t tiles = N / TILE_N, K2 = K / 2;
     int failed = 0;
     float xsum[FUSED_MAX_M * 1024]; /* int4, few rows: each row's sum over each group */
-    if (bits == 4 && M <= FUSED_MAX_M) {
+    if (group > 0 && M <= FUSED_MAX_M) {
         if (K / group > 1024) return -1;
         for (int64_t m = 0; m < M; m++)
             for (int64_t g = 0; g < K / group; g++) {
@@ -178,11 +198,12 @@ int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const void *s
         }
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles; t++) {
-            const float *scale = bits == 8 ? (const float *)scales + t * TILE_N : NULL;
+            const float *scale = bits == 8 && group == 0 ? (const float *)scales + t * TILE_N : NULL;
             const uint16_t *s16 = (const uint16_t *)scales, *l16 = (const uint16_t *)lows;
             const uint16_t *b = bias ? bias + t * TILE_N : NULL;
-            if (M <= FUSED_MAX_M && bits == 4) {
-                /* sum_k x (q - 8) per group in exact bf16 products, then * scale + zero * sum_k x */
+            if (M <= FUSED_MAX_M && group > 0) {
+                /* sum_k x q' per group in exact bf16 products (int4: q' = q - 8; int8: q), then * scale
+                 * + zero * sum_k x (zero 0 for int8 and symmetric int4) */
                 __m512 acc[MAX_M][4];
                 for (int m = 0; m < MAX_M; m++)
                     for (int c = 0; c < 4; c++) acc[m][c] = _mm512_setzero_ps();
@@ -192,13 +213,16 @@ int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const void *s
                         for (int c = 0; c < 4; c++) part[m][c] = _mm512_setzero_ps();
                     for (int64_t k2 = g * group / 2; k2 < (g + 1) * group / 2; k2++) {
                         __m512bh w[4];
-                        raw_int4((const uint8_t *)q + (t * K2 + k2) * TILE_N, table, w);
+                        if (bits == 4)
+                            raw_int4((const uint8_t *)q + (t * K2 + k2) * TILE_N, table, w);
+                        else
+                            expand_int8((const int8_t *)q + (t * K2 + k2) * TILE_N * 2, w);
                         accumulate(part, x, x_stride, (int)M, k2, w);
                     }
                     const int64_t sg = (t * (K / group) + g) * TILE_N;
                     for (int c = 0; c < 4; c++) {
                         __m512 sc, zc;
-                        scale_zero(s16, l16, sg + 16 * c, &sc, &zc);
+                        scale_zero(s16, bits == 4 ? l16 : NULL, sg + 16 * c, &sc, &zc);
                         for (int m = 0; m < M; m++)
                             acc[m][c] = _mm512_fmadd_ps(_mm512_set1_ps(xsum[m * (K / group) + g]), zc,
                                                         _mm512_fmadd_ps(part[m][c], sc, acc[m][c]));
@@ -235,12 +259,14 @@ int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const void *s
     return failed ? -2 : 0;
 }
 
-/* The whole weight as [N, K] bf16 (int8: q * scale rounded once; int4: the tile's values), for
+/* The whole weight as [N, K] bf16 (int8 per output: q * scale rounded once; else the tile's values), for
  * steps with more rows than qgemv_bf16 serves well. */
 int qdequant_bf16(const void *q, const void *scales, const void *lows, int bits, int64_t group, uint16_t *out,
                   int64_t K, int64_t N, int num_threads) {
-    if (N % TILE_N != 0 || K % 2 != 0 || (bits == 4 && K % group != 0)) return -1;
+    if (N % TILE_N != 0 || K % 2 != 0 || (bits == 4 && group <= 0) || (group > 0 && (K % group || group % 2)))
+        return -1;
     const int64_t tiles = N / TILE_N, K2 = K / 2;
+    const int per_output = bits == 8 && group == 0; /* float32 scales applied here, not in the tile */
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {
@@ -255,10 +281,10 @@ int qdequant_bf16(const void *q, const void *scales, const void *lows, int bits,
             expand_tile(q, (const uint16_t *)scales, (const uint16_t *)lows, bits, group, K, t, buf);
             for (int n = 0; n < TILE_N; n++) {
                 uint32_t *row = (uint32_t *)(out + (t * TILE_N + n) * K);
-                const float s = bits == 8 ? ((const float *)scales)[t * TILE_N + n] : 1.0f;
+                const float s = per_output ? ((const float *)scales)[t * TILE_N + n] : 1.0f;
                 for (int64_t k2 = 0; k2 < K2; k2++) {
                     const uint32_t pair = buf[k2 * TILE_N + n];
-                    if (bits == 8) {
+                    if (per_output) {
                         const __m128 v = _mm_mul_ps(
                             _mm_castsi128_ps(_mm_set_epi32(0, 0, (int)(pair & 0xFFFF0000u), (int)(pair << 16))),
                             _mm_set1_ps(s));
