@@ -157,6 +157,59 @@ static inline __attribute__((always_inline)) void finish(__m512 acc[MAX_M][4], i
         }
 }
 
+/* Up to FUSED_MAX_M rows times tile t of int8 weights with a scale per output (applied to the sums),
+ * each k-pair expanded in registers. M is a literal at each call. */
+static inline __attribute__((always_inline)) void fused_channels(
+        const int M, const uint16_t *x, int64_t x_stride, const void *q, int64_t K, int64_t t, const float *scale,
+        const uint16_t *bias, uint16_t *y, int64_t y_stride) {
+    __m512 acc[MAX_M][4];
+    for (int m = 0; m < M; m++)
+        for (int c = 0; c < 4; c++) acc[m][c] = _mm512_setzero_ps();
+    for (int64_t k2 = 0; k2 < K / 2; k2++) {
+        __m512bh w[4];
+        expand_int8((const int8_t *)q + (t * (K / 2) + k2) * TILE_N * 2, w);
+        accumulate(acc, x, x_stride, M, k2, w);
+    }
+    finish(acc, M, scale, bias, y + t * TILE_N, y_stride);
+}
+
+/* Up to FUSED_MAX_M rows times tile t of group-wise weights, no buffer: per group, sum_k x q' in exact
+ * bf16 products (int4: q' = q - 8; int8: q), then acc += sum * scale + zero * sum_k x (no zero for int8
+ * or symmetric int4). M is a literal at each call. */
+static inline __attribute__((always_inline)) void fused_groups(
+        const int M, const uint16_t *x, int64_t x_stride, const void *q, const uint16_t *s16, const uint16_t *l16,
+        int bits, int64_t group, int64_t K, int64_t t, const float *xsum, __m512i table, const uint16_t *bias,
+        uint16_t *y, int64_t y_stride) {
+    const int64_t K2 = K / 2, groups = K / group;
+    const int zeros = bits == 4 && l16 != NULL;
+    __m512 acc[MAX_M][4];
+    for (int m = 0; m < M; m++)
+        for (int c = 0; c < 4; c++) acc[m][c] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m512 part[MAX_M][4];
+        for (int m = 0; m < M; m++)
+            for (int c = 0; c < 4; c++) part[m][c] = _mm512_setzero_ps();
+        for (int64_t k2 = g * group / 2; k2 < (g + 1) * group / 2; k2++) {
+            __m512bh w[4];
+            if (bits == 4)
+                raw_int4((const uint8_t *)q + (t * K2 + k2) * TILE_N, table, w);
+            else
+                expand_int8((const int8_t *)q + (t * K2 + k2) * TILE_N * 2, w);
+            accumulate(part, x, x_stride, M, k2, w);
+        }
+        const int64_t sg = (t * groups + g) * TILE_N;
+        for (int c = 0; c < 4; c++) {
+            __m512 sc, zc;
+            scale_zero(s16, zeros ? l16 : NULL, sg + 16 * c, &sc, &zc);
+            for (int m = 0; m < M; m++) {
+                acc[m][c] = _mm512_fmadd_ps(part[m][c], sc, acc[m][c]);
+                if (zeros) acc[m][c] = _mm512_fmadd_ps(_mm512_set1_ps(xsum[m * groups + g]), zc, acc[m][c]);
+            }
+        }
+    }
+    finish(acc, M, NULL, bias, y + t * TILE_N, y_stride);
+}
+
 /* bits 4: int4 (float16 scales and lows per group), 8: int8 (float32 scales per output with group 0, float16
  * scales per group with group > 0; lows NULL). x: [M, K] bf16
  * rows with stride x_stride (K even, rows 4-byte aligned); y: [M, N] bf16. Returns -1 for N not a
@@ -169,7 +222,7 @@ int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const void *s
     const int64_t tiles = N / TILE_N, K2 = K / 2;
     int failed = 0;
     float xsum[FUSED_MAX_M * 1024]; /* int4, few rows: each row's sum over each group */
-    if (group > 0 && M <= FUSED_MAX_M) {
+    if (bits == 4 && lows != NULL && M <= FUSED_MAX_M) { /* fused_groups adds zero * sum_k x */
         if (K / group > 1024) return -1;
         for (int64_t m = 0; m < M; m++)
             for (int64_t g = 0; g < K / group; g++) {
@@ -201,46 +254,18 @@ int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const void *s
             const float *scale = bits == 8 && group == 0 ? (const float *)scales + t * TILE_N : NULL;
             const uint16_t *s16 = (const uint16_t *)scales, *l16 = (const uint16_t *)lows;
             const uint16_t *b = bias ? bias + t * TILE_N : NULL;
-            if (M <= FUSED_MAX_M && group > 0) {
-                /* sum_k x q' per group in exact bf16 products (int4: q' = q - 8; int8: q), then * scale
-                 * + zero * sum_k x (zero 0 for int8 and symmetric int4) */
-                __m512 acc[MAX_M][4];
-                for (int m = 0; m < MAX_M; m++)
-                    for (int c = 0; c < 4; c++) acc[m][c] = _mm512_setzero_ps();
-                for (int64_t g = 0; g < K / group; g++) {
-                    __m512 part[MAX_M][4];
-                    for (int m = 0; m < MAX_M; m++)
-                        for (int c = 0; c < 4; c++) part[m][c] = _mm512_setzero_ps();
-                    for (int64_t k2 = g * group / 2; k2 < (g + 1) * group / 2; k2++) {
-                        __m512bh w[4];
-                        if (bits == 4)
-                            raw_int4((const uint8_t *)q + (t * K2 + k2) * TILE_N, table, w);
-                        else
-                            expand_int8((const int8_t *)q + (t * K2 + k2) * TILE_N * 2, w);
-                        accumulate(part, x, x_stride, (int)M, k2, w);
-                    }
-                    const int64_t sg = (t * (K / group) + g) * TILE_N;
-                    for (int c = 0; c < 4; c++) {
-                        __m512 sc, zc;
-                        scale_zero(s16, bits == 4 ? l16 : NULL, sg + 16 * c, &sc, &zc);
-                        for (int m = 0; m < M; m++)
-                            acc[m][c] = _mm512_fmadd_ps(_mm512_set1_ps(xsum[m * (K / group) + g]), zc,
-                                                        _mm512_fmadd_ps(part[m][c], sc, acc[m][c]));
-                    }
-                }
-                finish(acc, (int)M, NULL, b, y + t * TILE_N, y_stride);
-                continue;
-            }
             if (M <= FUSED_MAX_M) {
-                __m512 acc[MAX_M][4];
-                for (int m = 0; m < MAX_M; m++)
-                    for (int c = 0; c < 4; c++) acc[m][c] = _mm512_setzero_ps();
-                for (int64_t k2 = 0; k2 < K2; k2++) {
-                    __m512bh w[4];
-                    expand(q, s16, l16, bits, group, K, t, k2, w);
-                    accumulate(acc, x, x_stride, (int)M, k2, w);
+                /* M a literal in each copy: the rows' sums stay in registers */
+#define FUSED(ROWS)                                                                                          \
+    (group > 0 ? fused_groups(ROWS, x, x_stride, q, s16, l16, bits, group, K, t, xsum, table, b, y, y_stride) \
+               : fused_channels(ROWS, x, x_stride, q, K, t, scale, b, y, y_stride))
+                switch (M) {
+                case 1: FUSED(1); break;
+                case 2: FUSED(2); break;
+                case 3: FUSED(3); break;
+                default: FUSED(4);
                 }
-                finish(acc, (int)M, scale, b, y + t * TILE_N, y_stride);
+#undef FUSED
                 continue;
             }
             if (buf == NULL) continue;
