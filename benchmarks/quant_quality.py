@@ -10,6 +10,7 @@ and greedy agreement on real chat prompts.
   of prompts whose whole output is the same.
 
     python benchmarks/quant_quality.py
+    python benchmarks/quant_quality.py --model <the default model's GGUF>   # its own Q4_1 / Q8_0 blocks
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def main() -> int:
     p.add_argument("--prompts", type=int, default=40)
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--model", default=None, help="a folder or GGUF file (default: the default model's folder)")
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
     from pydoc_data.topics import topics
@@ -62,7 +64,7 @@ def main() -> int:
     from batchpilot.model.loader import load_checkpoint
 
     torch.set_num_threads(args.threads)
-    ckpt = load_checkpoint(None)
+    ckpt = load_checkpoint(args.model)
     names = sorted(k for k, v in topics.items() if len(v) > 2000)[: args.texts]
     texts = [ckpt.tokenizer.encode(topics[k])[: args.tokens] for k in names]
     conversations = builtin_conversations(args.prompts, seed=1)
@@ -75,7 +77,7 @@ def main() -> int:
         ppl = perplexity(model, texts)
         del model
         outputs = [o.outputs[0].token_ids for o in
-                   LLM(quantization=mode, threads=args.threads, kv_cache_gib=0.5).chat(conversations, params)]
+                   LLM(args.model, quantization=mode, threads=args.threads, kv_cache_gib=0.5).chat(conversations, params)]
         reference = reference or outputs
         before = sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
                      for a, b in zip(reference, outputs))

@@ -22,6 +22,40 @@
 #define TILE_N 64 /* outputs per task: four 16-lane float accumulators per row */
 #define MAX_M 4   /* rows per pass over a weight tile */
 
+/* `rows` (a literal at each call, so that the sums stay in registers) rows of x times one tile. */
+static inline __attribute__((always_inline)) void tile_rows(const int rows, const uint16_t *x, int64_t x_stride,
+                                                            const uint16_t *wt, const uint16_t *bias, uint16_t *y,
+                                                            int64_t y_stride, int64_t K2) {
+    __m512 acc[MAX_M][4];
+    for (int m = 0; m < rows; m++)
+        for (int j = 0; j < 4; j++) acc[m][j] = _mm512_setzero_ps();
+    for (int64_t k2 = 0; k2 < K2; k2++) {
+        const uint16_t *wk = wt + k2 * TILE_N * 2;
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wk);
+        const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wk + 32);
+        const __m512bh w2 = (__m512bh)_mm512_loadu_si512(wk + 64);
+        const __m512bh w3 = (__m512bh)_mm512_loadu_si512(wk + 96);
+        for (int m = 0; m < rows; m++) {
+            uint32_t pair;
+            memcpy(&pair, x + m * x_stride + 2 * k2, sizeof(pair));
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32((int)pair);
+            acc[m][0] = _mm512_dpbf16_ps(acc[m][0], xv, w0);
+            acc[m][1] = _mm512_dpbf16_ps(acc[m][1], xv, w1);
+            acc[m][2] = _mm512_dpbf16_ps(acc[m][2], xv, w2);
+            acc[m][3] = _mm512_dpbf16_ps(acc[m][3], xv, w3);
+        }
+    }
+    for (int m = 0; m < rows; m++)
+        for (int j = 0; j < 4; j++) {
+            __m512 v = acc[m][j];
+            if (bias != NULL) {
+                const __m256i b16 = _mm256_loadu_si256((const __m256i *)(bias + j * 16));
+                v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b16), 16)));
+            }
+            _mm256_storeu_si256((__m256i *)(y + m * y_stride + j * 16), (__m256i)_mm512_cvtneps_pbh(v));
+        }
+}
+
 /* w: [N / 64][K / 2][64][2] bf16 (kernels.pack_gemv_weight); x: [M, K] bf16 with row stride
  * x_stride; bias: [N] bf16 or NULL; y: [M, N] bf16 with row stride y_stride. Returns -1 for an N
  * that is not a multiple of 64 or an odd K. */
@@ -32,37 +66,16 @@ int gemv_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w, const uint
 #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int64_t t = 0; t < tiles; t++) {
         const uint16_t *wt = w + t * K2 * TILE_N * 2;
+        const uint16_t *b = bias != NULL ? bias + t * TILE_N : NULL;
         for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
-            const int rows = (int)(M - m0 < MAX_M ? M - m0 : MAX_M);
-            __m512 acc[MAX_M][4];
-            for (int m = 0; m < MAX_M; m++)
-                for (int j = 0; j < 4; j++) acc[m][j] = _mm512_setzero_ps();
-            for (int64_t k2 = 0; k2 < K2; k2++) {
-                const uint16_t *wk = wt + k2 * TILE_N * 2;
-                const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wk);
-                const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wk + 32);
-                const __m512bh w2 = (__m512bh)_mm512_loadu_si512(wk + 64);
-                const __m512bh w3 = (__m512bh)_mm512_loadu_si512(wk + 96);
-                for (int m = 0; m < rows; m++) {
-                    uint32_t pair;
-                    memcpy(&pair, x + (m0 + m) * x_stride + 2 * k2, sizeof(pair));
-                    const __m512bh xv = (__m512bh)_mm512_set1_epi32((int)pair);
-                    acc[m][0] = _mm512_dpbf16_ps(acc[m][0], xv, w0);
-                    acc[m][1] = _mm512_dpbf16_ps(acc[m][1], xv, w1);
-                    acc[m][2] = _mm512_dpbf16_ps(acc[m][2], xv, w2);
-                    acc[m][3] = _mm512_dpbf16_ps(acc[m][3], xv, w3);
-                }
+            const uint16_t *xm = x + m0 * x_stride;
+            uint16_t *ym = y + m0 * y_stride + t * TILE_N;
+            switch (M - m0 < MAX_M ? M - m0 : MAX_M) {
+            case 1: tile_rows(1, xm, x_stride, wt, b, ym, y_stride, K2); break;
+            case 2: tile_rows(2, xm, x_stride, wt, b, ym, y_stride, K2); break;
+            case 3: tile_rows(3, xm, x_stride, wt, b, ym, y_stride, K2); break;
+            default: tile_rows(4, xm, x_stride, wt, b, ym, y_stride, K2);
             }
-            for (int m = 0; m < rows; m++)
-                for (int j = 0; j < 4; j++) {
-                    __m512 v = acc[m][j];
-                    const int64_t n = t * TILE_N + j * 16;
-                    if (bias != NULL) {
-                        const __m256i b16 = _mm256_loadu_si256((const __m256i *)(bias + n));
-                        v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b16), 16)));
-                    }
-                    _mm256_storeu_si256((__m256i *)(y + (m0 + m) * y_stride + n), (__m256i)_mm512_cvtneps_pbh(v));
-                }
         }
     }
     return 0;
