@@ -76,8 +76,8 @@ def main() -> int:
         start = time.perf_counter()
         ppl = perplexity(model, texts)
         del model
-        outputs = [o.outputs[0].token_ids for o in
-                   LLM(args.model, quantization=mode, threads=args.threads, kv_cache_gib=0.5).chat(conversations, params)]
+        llm = LLM(args.model, quantization=mode, threads=args.threads, kv_cache_gib=0.5)
+        outputs = [o.outputs[0].token_ids for o in llm.chat(conversations, params)]
         reference = reference or outputs
         before = sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
                      for a, b in zip(reference, outputs))
