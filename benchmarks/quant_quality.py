@@ -78,6 +78,7 @@ def main() -> int:
         del model
         llm = LLM(args.model, quantization=mode, threads=args.threads, kv_cache_gib=0.5)
         outputs = [o.outputs[0].token_ids for o in llm.chat(conversations, params)]
+        del llm
         reference = reference or outputs
         before = sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
                      for a, b in zip(reference, outputs))
