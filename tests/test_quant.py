@@ -142,6 +142,31 @@ def test_int8_blocks_multiply_by_their_exact_values(rows, layout):
     torch.testing.assert_close(out.float(), F.linear(x.float(), used), rtol=8e-3, atol=1e-2)
 
 
+def test_int8_groups_keep_each_weight_within_half_a_step_of_its_group(layout):
+    """Group-wise int8 (Q8_0's scheme, float16 scale amax / 127 per 32 inputs) where our kernel runs:
+    every weight within half its group's step, a zero group exactly zero; per output elsewhere."""
+    w = torch.randn(128, 256, generator=torch.Generator().manual_seed(3)) * torch.logspace(-3, 1, 256)
+    w[5, 32:64] = 0
+    q = quant.quantize_int8(w.to(torch.bfloat16), torch.bfloat16, group_size=quant.Q8_GROUP)
+    assert q.group_size == (quant.Q8_GROUP if layout == "tiled" else 0)
+    if layout == "tiled":
+        exact = w.to(torch.bfloat16).float()
+        step = exact.view(128, 8, 32).abs().amax(-1, keepdim=True) / 127
+        assert ((q.reference() - exact).view(128, 8, 32).abs() <= 0.51 * step).all()
+        assert torch.equal(q.reference()[5, 32:64], torch.zeros(32))
+
+
+def test_the_lm_head_takes_scales_per_group_under_either_mode():
+    from batchpilot.model import loader
+    from batchpilot.model.llama import LlamaModel
+
+    ckpt = loader.load_checkpoint(None)
+    for mode in quant.QUANTIZATIONS:
+        head = LlamaModel(ckpt.args, ckpt.weights, torch.bfloat16, mode).lm_head.quantized
+        assert isinstance(head, quant.Int8Weight)
+        assert head.group_size == (quant.Q8_GROUP if kernels.qgemv_available() else 0)
+
+
 def test_quantized_layer_takes_the_kernel_for_few_rows_and_the_dequantized_weight_beyond(monkeypatch, layout):
     calls = []
     layer = Linear(torch.randn(64, 64).to(torch.bfloat16))

@@ -74,10 +74,10 @@ class Linear:
         layer.quantized = weight
         return layer
 
-    def quantize(self, mode: str, dtype: torch.dtype | None = None) -> None:
+    def quantize(self, mode: str, dtype: torch.dtype | None = None, int8_group: int = 0) -> None:
         """Keep only the quantized weight (quant.QUANTIZATIONS) for activations of `dtype` (default: the
-        weight's), in place of every float copy."""
-        self.quantized = quant.quantize(self.weight, mode, dtype or self.weight.dtype)
+        weight's), in place of every float copy; `int8_group` as quant.quantize."""
+        self.quantized = quant.quantize(self.weight, mode, dtype or self.weight.dtype, int8_group)
         self.weight = self.packed = self.gemv = self.upcast = None
 
     def pack(self) -> None:

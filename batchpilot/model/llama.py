@@ -58,7 +58,8 @@ class LlamaModel:
         def w(name: str) -> torch.Tensor:
             return weights[name].to(dtype).contiguous()
 
-        def linear(*names: str, bias: torch.Tensor | None = None, mode: str | None = quantization) -> Linear:
+        def linear(*names: str, bias: torch.Tensor | None = None, mode: str | None = quantization,
+                   int8_group: int = 0) -> Linear:
             """One Linear of the named weights stacked; quantized straight from the checkpoint's values
             (float32), so a GGUF's Q4_1 blocks come back as they were, not after a bf16 rounding."""
             if mode is None:
@@ -73,7 +74,7 @@ class LlamaModel:
             parts = [weights[n].float() for n in names]
             layer = Linear(parts[0] if len(parts) == 1 else torch.cat(parts), bias)
             del parts
-            layer.quantize(mode, dtype)
+            layer.quantize(mode, dtype, int8_group)
             return layer
 
         blocks = weights.int4_blocks("model.embed_tokens.weight") \
@@ -84,9 +85,10 @@ class LlamaModel:
         self.norm = w("model.norm.weight")
         if quantization is not None:  # lm_head in int8 under either mode, as llama.cpp's Q4 files keep their output
             # matrix at 8 bits: at one sequence its bf16 read was a fifth of an int4 step (docs/reproduction.md).
-            # Built first: its float32 copy (0.8 GB for a 49k x 4096 head) then rises over little, not the layers.
+            # Scales per 32 inputs (Q8_0's, or the file's own Q8_0 blocks): per output, it cost most of int8's
+            # perplexity. Built first: its float32 copy (0.8 GB for a 49k x 4096 head) rises over little.
             self.lm_head = linear("model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight",
-                                  mode="int8")
+                                  mode="int8", int8_group=quant.Q8_GROUP)
         self.layers = []
         for i in range(args.num_layers):  # layer by layer: a quantized model's float weights never all in memory
             p = f"model.layers.{i}."

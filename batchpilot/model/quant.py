@@ -25,6 +25,7 @@ from batchpilot.config import QUANTIZATIONS
 from batchpilot.model import kernels
 
 INT4_GROUP = 32
+Q8_GROUP = 32  # inputs per scale of group-wise int8 (GGUF's Q8_0), used for the lm_head
 # Rows up to which a quantized matmul beats dequantizing the weight and running the float matmul:
 # torch's kernels are 2-3x slower than bf16 from 16 rows; ours expands each tile once for all rows.
 TORCH_KERNEL_MAX_ROWS = 16
@@ -144,9 +145,13 @@ def _tiled(n: int, k: int, dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and n % TILE == 0 and k % 2 == 0 and kernels.qgemv_available()
 
 
-def quantize_int8(weight: torch.Tensor, dtype: torch.dtype) -> Int8Weight:
+def quantize_int8(weight: torch.Tensor, dtype: torch.dtype, group_size: int = 0) -> Int8Weight:
+    """Symmetric int8 with a scale per output, or per group of `group_size` inputs where our kernel runs
+    (Q8_0's scheme: a float16 scale, amax / 127, per 32 inputs)."""
     n, k = weight.shape
     tiled = _tiled(n, k, dtype)
+    if group_size and tiled and k % group_size == 0:
+        return _quantize_int8_groups(weight, dtype, group_size)
     scales = (weight.abs().amax(dim=1).float() / 127).clamp(min=torch.finfo(torch.float32).tiny)
     if not tiled:
         scales = scales.to(dtype).float()
@@ -157,6 +162,19 @@ def quantize_int8(weight: torch.Tensor, dtype: torch.dtype) -> Int8Weight:
     if tiled:
         return Int8Weight(q.view(n // TILE, TILE, k // 2, 2).transpose(1, 2).contiguous(), scales, (n, k), True)
     return Int8Weight(q.contiguous(), scales.to(dtype), (n, k), False)
+
+
+def _quantize_int8_groups(weight: torch.Tensor, dtype: torch.dtype, group_size: int) -> Int8Weight:
+    n, k = weight.shape
+    q = torch.empty(n, k, dtype=torch.int8)
+    scales = torch.empty(n, k // group_size)
+    for r in range(0, n, QUANTIZE_ROWS):  # a band at a time, as quantize_int8
+        groups = weight[r:r + QUANTIZE_ROWS].float().view(-1, k // group_size, group_size)
+        scale = (groups.abs().amax(dim=-1) / 127).to(torch.float16).float()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group (or below float16): q = 0
+        q[r:r + QUANTIZE_ROWS] = (groups / scale.unsqueeze(-1)).round_().clamp_(-127, 127).view(-1, k)
+        scales[r:r + QUANTIZE_ROWS] = scale
+    return int8_from_blocks(q, scales, dtype, group_size)
 
 
 def int8_from_blocks(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
@@ -256,9 +274,11 @@ def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return torch.cat([blocks & 0xF, blocks >> 4], dim=2).permute(0, 2, 1).reshape(n, k)
 
 
-def quantize(weight: torch.Tensor, mode: str, dtype: torch.dtype) -> Int8Weight | Int4Weight:
+def quantize(weight: torch.Tensor, mode: str, dtype: torch.dtype, int8_group: int = 0) -> Int8Weight | Int4Weight:
+    """`int8_group`: int8's scales per group of that many inputs where our kernel runs (0: per output);
+    int4 always takes groups of INT4_GROUP."""
     if mode == "int8":
-        return quantize_int8(weight, dtype)
+        return quantize_int8(weight, dtype, int8_group)
     if mode == "int4":
         return quantize_int4(weight, dtype)
     raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {mode!r}")
