@@ -154,6 +154,8 @@ def test_int8_groups_keep_each_weight_within_half_a_step_of_its_group(layout):
         step = exact.view(128, 8, 32).abs().amax(-1, keepdim=True) / 127
         assert ((q.reference() - exact).view(128, 8, 32).abs() <= 0.51 * step).all()
         assert torch.equal(q.reference()[5, 32:64], torch.zeros(32))
+        huge = quant.quantize_int8(torch.full((64, 64), 1e7, dtype=torch.bfloat16), torch.bfloat16, quant.Q8_GROUP)
+        assert huge.group_size == 0  # its group scale is beyond float16: a scale per output instead
 
 
 def test_the_lm_head_takes_scales_per_group_under_either_mode():

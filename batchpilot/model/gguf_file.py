@@ -168,13 +168,7 @@ class GGUFWeights(Mapping[str, torch.Tensor]):
             first, second = band & 0xF, band >> 4  # elements 0-15, 16-31
             pairs[r:r + _PAIR_ROWS, :, :8] = first[..., 0::2] | (first[..., 1::2] << 4)
             pairs[r:r + _PAIR_ROWS, :, 8:] = second[..., 0::2] | (second[..., 1::2] << 4)
-        pairs = pairs.reshape(rows, -1)
-        heads = self._heads.get(name.rpartition(".")[0].rpartition(".")[2]) if name.endswith(".weight") else None
-        if heads is not None:
-            pairs, scale, low = (_unpermute(a, heads) for a in (pairs, scale, low))
-        pairs, scale, low = (torch.from_numpy(np.ascontiguousarray(a)) for a in (pairs, scale, low))
-        self._release(t)
-        return pairs, scale, low
+        return self._blocks_out(name, pairs.reshape(rows, -1), scale, low)
 
     def int8_blocks(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A Q8_0 weight's own blocks, for --quantization int8 (and the int8 lm_head) to run as they are:
@@ -186,13 +180,17 @@ class GGUFWeights(Mapping[str, torch.Tensor]):
         rows = int(t.shape[1])
         blocks = np.asarray(t.data, dtype=np.uint8).reshape(rows, -1, 34)  # an f16 scale, then 32 int8
         scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-        q = blocks[..., 2:].copy().view(np.int8).reshape(rows, -1)
+        return self._blocks_out(name, blocks[..., 2:].copy().view(np.int8).reshape(rows, -1), scale)
+
+    def _blocks_out(self, name: str, *arrays: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """A tensor's block arrays (one row per output) as tensors: rows unpermuted as __getitem__
+        unpermutes the floats, the file's pages then dropped."""
         heads = self._heads.get(name.rpartition(".")[0].rpartition(".")[2]) if name.endswith(".weight") else None
         if heads is not None:
-            q, scale = (_unpermute(a, heads) for a in (q, scale))
-        q, scale = (torch.from_numpy(np.ascontiguousarray(a)) for a in (q, scale))
-        self._release(t)
-        return q, scale
+            arrays = tuple(_unpermute(a, heads) for a in arrays)
+        out = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
+        self._release(self._tensors[name])
+        return out
 
     def __contains__(self, name: object) -> bool:
         return name in self._tensors

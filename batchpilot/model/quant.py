@@ -52,7 +52,7 @@ class Int8Weight(_Layout):
 
     q: torch.Tensor  # tiled: [N / 64][K / 2][64][2] int8; else [N, K] int8
     # per output (group_size 0): [N], float32 when tiled, else the activations' dtype (torch's kernel wants
-    # it); per group of inputs (tiled only: GGUF's Q8_0): [N / 64][K / group][64] float16
+    # it); per group of inputs (tiled only: Q8_0's scheme): [N / 64][K / group][64] float16
     scales: torch.Tensor
     shape: tuple[int, int]
     tiled: bool
@@ -171,6 +171,8 @@ def _quantize_int8_groups(weight: torch.Tensor, dtype: torch.dtype, group_size: 
     for r in range(0, n, QUANTIZE_ROWS):  # a band at a time, as quantize_int8
         groups = weight[r:r + QUANTIZE_ROWS].float().view(-1, k // group_size, group_size)
         scale = (groups.abs().amax(dim=-1) / 127).to(torch.float16).float()
+        if not torch.isfinite(scale).all():  # beyond float16's range: a scale per output instead
+            return quantize_int8(weight, dtype)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group (or below float16): q = 0
         q[r:r + QUANTIZE_ROWS] = (groups / scale.unsqueeze(-1)).round_().clamp_(-127, 127).view(-1, k)
         scales[r:r + QUANTIZE_ROWS] = scale
@@ -178,7 +180,7 @@ def _quantize_int8_groups(weight: torch.Tensor, dtype: torch.dtype, group_size: 
 
 
 def int8_from_blocks(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
-                     group_size: int = INT4_GROUP) -> Int8Weight:
+                     group_size: int = Q8_GROUP) -> Int8Weight:
     """Q8_0-style blocks (value = q * scale; q int8 [N, K], scale [N, K / group]) as they are, in our
     tiles with float16 scales (a GGUF block's own numbers, so exact), where the kernel runs; elsewhere
     torch's kernel takes only a scale per output, and the values are quantized again per channel."""
