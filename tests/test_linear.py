@@ -69,7 +69,6 @@ def test_default_model_greedy_is_the_same_with_and_without_packing(monkeypatch):
     plain = LLM(kv_cache_gib=0.05, threads=1)
     assert plain.engine.executor.model.lm_head.packed is plain.engine.executor.model.lm_head.upcast is None
     with_packing, without = packed.generate(prompts, params), plain.generate(prompts, params)
-    if bf16_matmul_native():  # oneDNN both ways: the same tokens
-        assert [o.outputs[0].token_ids for o in with_packing] == [o.outputs[0].token_ids for o in without]
-    else:  # float32 sums in oneDNN's order against torch's bf16 loop: equal up to a near tie
-        assert_greedy_close(with_packing, without, top=2)
+    # steps of up to GEMV_MAX_ROWS rows take our kernel: float32 sums of the same exact products in its own
+    # order (and where bf16 is not native, against torch's bf16 loop): equal up to a near tie
+    assert_greedy_close(with_packing, without, top=2)
