@@ -59,12 +59,10 @@ static inline v16 load16(const float *p) {
 
 static inline void store16(float *p, v16 v) { memcpy(p, &v, sizeof(v)); }
 
-/* One group of up to MR rows: q (MR x D, float, scaled) attends keys [0, limit[m]] of its KV head. */
-static inline __attribute__((always_inline)) void attend_rows(
-        const float *qf, const int64_t *limit, const float *kt, const float *vf, int64_t L, int D, float *o,
-        int rows) {
-    float mx[MR], den[MR];
-    float s[MR][BK];
+/* Both attend_rows paths: each row's running maximum, denominator and output cleared; returns the key
+ * blocks the group visits (up to the block of its last row's position). */
+static inline __attribute__((always_inline)) int64_t start_rows(float *mx, float *den, float *o, int D,
+                                                                const int64_t *limit, int rows) {
     for (int m = 0; m < MR; m++) {
         mx[m] = -INFINITY;
         den[m] = 0.0f;
@@ -72,7 +70,24 @@ static inline __attribute__((always_inline)) void attend_rows(
     }
     int64_t last = 0;
     for (int m = 0; m < rows; m++) last = limit[m] > last ? limit[m] : last;
-    const int64_t nblocks = last / BK + 1;
+    return last / BK + 1;
+}
+
+/* Each row's output divided by its softmax denominator. */
+static inline __attribute__((always_inline)) void finish_rows(float *o, const float *den, int D, int rows) {
+    for (int m = 0; m < rows; m++) {
+        const float inv = 1.0f / den[m];
+        for (int i = 0; i < D; i++) o[m * D + i] *= inv;
+    }
+}
+
+/* One group of up to MR rows: q (MR x D, float, scaled) attends keys [0, limit[m]] of its KV head. */
+static inline __attribute__((always_inline)) void attend_rows(
+        const float *qf, const int64_t *limit, const float *kt, const float *vf, int64_t L, int D, float *o,
+        int rows) {
+    float mx[MR], den[MR];
+    float s[MR][BK];
+    const int64_t nblocks = start_rows(mx, den, o, D, limit, rows);
     for (int64_t blk = 0; blk < nblocks; blk++) {
         const float *kb = kt + blk * (int64_t)D * BK;
         v16 acc[MR][2];
@@ -130,10 +145,7 @@ static inline __attribute__((always_inline)) void attend_rows(
                 for (int c = 0; c < 4; c++) store16(o + m * D + d0 + 16 * c, out[m][c]);
         }
     }
-    for (int m = 0; m < rows; m++) {
-        const float inv = 1.0f / den[m];
-        for (int i = 0; i < D; i++) o[m * D + i] *= inv;
-    }
+    finish_rows(o, den, D, rows);
 }
 
 #ifdef __AVX512BF16__
@@ -149,14 +161,7 @@ static inline __attribute__((always_inline)) void attend_rows_bf16(
     const int P = D / 2;
     float mx[MR], den[MR];
     uint32_t w[MR][BK / 2];
-    for (int m = 0; m < MR; m++) {
-        mx[m] = -INFINITY;
-        den[m] = 0.0f;
-        memset(o + m * D, 0, (size_t)D * sizeof(float));
-    }
-    int64_t last = 0;
-    for (int m = 0; m < rows; m++) last = limit[m] > last ? limit[m] : last;
-    const int64_t nblocks = last / BK + 1;
+    const int64_t nblocks = start_rows(mx, den, o, D, limit, rows);
     const __m512 vscale = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
     const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3F80); /* bf16 1.0 */
     for (int64_t blk = 0; blk < nblocks; blk++) {
@@ -219,10 +224,7 @@ static inline __attribute__((always_inline)) void attend_rows_bf16(
                 for (int c = 0; c < 4; c++) _mm512_storeu_ps(o + m * D + d0 + 16 * c, out[m][c]);
         }
     }
-    for (int m = 0; m < rows; m++) {
-        const float inv = 1.0f / den[m];
-        for (int i = 0; i < D; i++) o[m * D + i] *= inv;
-    }
+    finish_rows(o, den, D, rows);
 }
 #define HAVE_BF16_PATH 1
 #else
