@@ -157,6 +157,12 @@ static inline __attribute__((always_inline)) void finish(__m512 acc[MAX_M][4], i
         }
 }
 
+/* The layouts both entry points take: whole tiles along N, pairs along K, and for group-wise scales
+ * (int4 always, int8 with group > 0) whole groups of an even size. */
+static inline int shape_ok(int bits, int64_t group, int64_t K, int64_t N) {
+    return N % TILE_N == 0 && K % 2 == 0 && !(bits == 4 && group <= 0) && !(group > 0 && (K % group || group % 2));
+}
+
 /* Up to FUSED_MAX_M rows times tile t of int8 weights with a scale per output (applied to the sums),
  * each k-pair expanded in registers. M is a literal at each call. */
 static inline __attribute__((always_inline)) void fused_channels(
@@ -217,8 +223,7 @@ static inline __attribute__((always_inline)) void fused_groups(
 int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const void *scales, const void *lows,
                int bits, int64_t group, const uint16_t *bias, uint16_t *y, int64_t y_stride, int64_t M, int64_t K,
                int64_t N, int num_threads) {
-    if (N % TILE_N != 0 || K % 2 != 0 || (bits == 4 && group <= 0) || (group > 0 && (K % group || group % 2)))
-        return -1;
+    if (!shape_ok(bits, group, K, N)) return -1;
     const int64_t tiles = N / TILE_N, K2 = K / 2;
     int failed = 0;
     float xsum[FUSED_MAX_M * 1024]; /* int4, few rows: each row's sum over each group */
@@ -288,8 +293,7 @@ int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const void *s
  * steps with more rows than qgemv_bf16 serves well. */
 int qdequant_bf16(const void *q, const void *scales, const void *lows, int bits, int64_t group, uint16_t *out,
                   int64_t K, int64_t N, int num_threads) {
-    if (N % TILE_N != 0 || K % 2 != 0 || (bits == 4 && group <= 0) || (group > 0 && (K % group || group % 2)))
-        return -1;
+    if (!shape_ok(bits, group, K, N)) return -1;
     const int64_t tiles = N / TILE_N, K2 = K / 2;
     const int per_output = bits == 8 && group == 0; /* float32 scales applied here, not in the tile */
     int failed = 0;
