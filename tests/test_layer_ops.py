@@ -94,3 +94,29 @@ def test_fused_forward_gives_the_unfused_outputs(default_model_dir):
         first_a, first_b = a.outputs[0].logprobs[0], b.outputs[0].logprobs[0]
         assert [t for t, _ in first_a.top[:2]] == [t for t, _ in first_b.top[:2]]
         assert first_a.logprob == pytest.approx(first_b.logprob, abs=0.25)
+
+
+def test_decode_steps_in_one_native_call_give_the_per_kernel_outputs_bit_for_bit(default_model_dir, monkeypatch):
+    """kernels.decode_layers runs the same kernels in the same order as the per-layer Python loop:
+    every decode step of a batch (prompts of different lengths, so different contexts) must give the
+    same tokens and the same log-probs exactly, and the native loop must be what ran them."""
+    from batchpilot import LLM, SamplingParams
+
+    llm = LLM(str(default_model_dir), kv_cache_gib=0.1)
+    model = llm.engine.executor.model
+    assert model.decode_weights is not None and model.decode_max_rows >= 4
+    calls = []
+    native = kernels.decode_layers
+    monkeypatch.setattr(kernels, "decode_layers", lambda x, *rest: calls.append(x.shape[0]) or native(x, *rest))
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village there was",
+               "Question: What is 12 times 12? Answer:"]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
+    whole = llm.generate(prompts, params)
+    assert len(calls) >= 23 and 4 in calls  # every step after the prefill, four rows at a time
+    weights, model.decode_weights = model.decode_weights, None
+    per_kernel = llm.generate(prompts, params)
+    model.decode_weights = weights
+    for a, b in zip(whole, per_kernel):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        steps_a, steps_b = a.outputs[0].logprobs, b.outputs[0].logprobs
+        assert [(p.logprob, p.top) for p in steps_a] == [(p.logprob, p.top) for p in steps_b]

@@ -82,12 +82,15 @@ def _library() -> ctypes.CDLL | None:
         "silu_mul": (None, [ptr, ptr, i64, i64, i32, i32]),
         "write_kv": (None, [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i32, i32, i64, i32]),
         "gemv_bf16": (i32, [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i32]),
+        "decode_layers": (i32, [ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, i32, i32, i64, i64, i64, i32, i32,
+                                i32, i64, f32, f32, ptr, i32]),
         "dequant_int4": (None, [ptr, ptr, ptr, i64, i64, i64, i32, i32]),
         "qgemv_bf16": (i32, [ptr, i64, ptr, ptr, ptr, i32, i64, ptr, ptr, i64, i64, i64, i64, i32]),
         "qdequant_bf16": (i32, [ptr, ptr, ptr, i32, i64, ptr, i64, i64, i32]),
     }
     for name, (restype, argtypes) in signatures.items():
-        if name in ("gemv_bf16", "qgemv_bf16", "qdequant_bf16") and not hasattr(lib, name):  # built per CPU
+        built_per_cpu = ("gemv_bf16", "decode_layers", "qgemv_bf16", "qdequant_bf16")
+        if name in built_per_cpu and not hasattr(lib, name):
             continue
         getattr(lib, name).restype = restype
         getattr(lib, name).argtypes = argtypes
@@ -257,6 +260,34 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> to
     if rc != 0:
         raise ValueError(f"gemv: unsupported shape {tuple(x.shape)} x {tuple(packed.shape)}")
     return y
+
+
+def decode_layers_available() -> bool:
+    """Whether the whole-step decode loop (csrc/decode_layers.c) is built: where gemv_bf16 is."""
+    return gemv_available() and hasattr(_library(), "decode_layers")
+
+
+def pointers(tensors: list[torch.Tensor | None]) -> ctypes.Array:
+    """The tensors' data pointers (None as NULL) as a C array, for kernels that take one per layer."""
+    return (ctypes.c_void_p * len(tensors))(*(None if t is None else t.data_ptr() for t in tensors))
+
+
+def decode_layers(x: torch.Tensor, y: torch.Tensor, weights: ctypes.Array, caches: ctypes.Array, num_layers: int,
+                  cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
+                  lens: torch.Tensor, block_size: int, num_slots: int, heads: int, kv_heads: int, head_dim: int,
+                  intermediate: int, eps: float, scale: float) -> None:
+    """Every layer of a decode-only bf16 step (csrc/decode_layers.c): x [B, C] the residual stream and
+    y [B, C] the first layer's normed input, both updated in place (y ends as the lm_head's input).
+    weights: 7 pointers a layer (qkv tiles, qkv bias, o tiles, ffn norm, gate_up tiles, down tiles, the
+    next norm); caches: a layer's K then V cache."""
+    b, c = x.shape
+    scratch = x.new_empty(b * ((heads + 2 * kv_heads) * head_dim + 2 * heads * head_dim + c + 3 * intermediate))
+    rc = _library().decode_layers(x.data_ptr(), y.data_ptr(), weights, caches, num_layers, cos.data_ptr(),
+                                  sin.data_ptr(), slots.data_ptr(), tables.data_ptr(), lens.data_ptr(),
+                                  tables.shape[1], block_size, num_slots, b, c, heads, kv_heads, head_dim,
+                                  intermediate, eps, scale, scratch.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"decode_layers: unsupported shape (heads {heads}, head_dim {head_dim}, block {block_size})")
 
 
 def dequant_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, shape: tuple[int, int], group: int) -> torch.Tensor:

@@ -114,6 +114,21 @@ class LlamaModel:
         self.rope_sin = angles.sin()
         # The fused element-wise kernels (kernels.py), or the torch code they reproduce.
         self.fused = kernels.layer_ops_supports(dtype)
+        self.decode_weights, self.decode_max_rows = self._decode_layers_weights()
+
+    def _decode_layers_weights(self):
+        """The per-layer pointers of kernels.decode_layers, and the most rows it takes; (None, 0) where
+        some layer is not a bf16 GEMV layer (quantized, not packed, a bias beyond QKV's)."""
+        linears = [lin for layer in self.layers for lin in self._linears(layer)]
+        if not (self.fused and self.dtype == torch.bfloat16 and kernels.decode_layers_available()) or any(
+                lin.gemv is None or lin.quantized is not None for lin in linears) or any(
+                lin.bias is not None for layer in self.layers for lin in (layer.o, layer.gate_up, layer.down)):
+            return None, 0
+        next_norms = [layer.attn_norm for layer in self.layers[1:]] + [self.norm]
+        weights = [t for layer, next_norm in zip(self.layers, next_norms) for t in (
+            layer.qkv.gemv, layer.qkv.bias, layer.o.gemv, layer.ffn_norm, layer.gate_up.gemv, layer.down.gemv,
+            next_norm)]
+        return kernels.pointers(weights), min(lin.gemv_rows for lin in linears)
 
     @staticmethod
     def _linears(layer: LayerWeights) -> tuple[Linear, ...]:
@@ -162,6 +177,14 @@ class LlamaModel:
         x = self.embed[token_ids]  # [T, hidden], the residual stream, updated in place
         y = torch.empty_like(x)  # the normed input of the next projection
         kernels.add_rms_norm(x, None, self.layers[0].attn_norm, y, a.rms_norm_eps)
+        if (self.decode_weights is not None and t <= self.decode_max_rows and meta.native and not meta.prefills
+                and meta.num_decodes == t):  # every layer in one native call: the same kernels, in order
+            k_cache = kv_caches[0][0]
+            kernels.decode_layers(x, y, self.decode_weights, kernels.pointers([c for kv in kv_caches for c in kv]),
+                                  a.num_layers, cos, sin, meta.slot_mapping, meta.decode_tables, meta.decode_lens,
+                                  meta.block_size, k_cache.shape[1], h, kvh, d, a.intermediate_size,
+                                  a.rms_norm_eps, scale)
+            return self.lm_head(y[logits_rows])
         norms = [layer.attn_norm for layer in self.layers[1:]] + [self.norm]
         for layer, (k_cache, v_cache), next_norm in zip(self.layers, kv_caches, norms):
             qkv = layer.qkv(y)

@@ -17,6 +17,7 @@
 
 #include "dtype.h"
 #endif
+#include "kernels.h"
 #ifdef __AVX512BF16__
 
 #define TILE_N 64 /* outputs per task: four 16-lane float accumulators per row */

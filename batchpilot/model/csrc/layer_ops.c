@@ -14,6 +14,7 @@
 
 #include "dtype.h"
 #include "fast_exp.h"
+#include "kernels.h"
 
 #define MIN_PARALLEL_ROWS 16
 

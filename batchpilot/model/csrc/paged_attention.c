@@ -16,6 +16,7 @@
 
 #include "dtype.h"
 #include "fast_exp.h"
+#include "kernels.h"
 #ifdef __AVX512BF16__
 #include <immintrin.h>
 #endif
