@@ -96,23 +96,19 @@ def test_fused_forward_gives_the_unfused_outputs(default_model_dir):
         assert first_a.logprob == pytest.approx(first_b.logprob, abs=0.25)
 
 
-def test_decode_steps_in_one_native_call_give_the_per_kernel_outputs_bit_for_bit(default_model_dir, monkeypatch):
-    """kernels.decode_layers runs the same kernels in the same order as the per-layer Python loop:
-    every decode step of a batch (prompts of different lengths, so different contexts) must give the
-    same tokens and the same log-probs exactly, and the native loop must be what ran them."""
-    from batchpilot import LLM, SamplingParams
+def _assert_one_native_call_per_decode_step_changes_nothing(llm, prompts, max_tokens, monkeypatch):
+    """Generate with kernels.decode_layers (which must run every decode step after the prefill, all
+    rows at once) and with the per-layer loop: the same tokens and log-probs, exactly."""
+    from batchpilot import SamplingParams
 
-    llm = LLM(str(default_model_dir), kv_cache_gib=0.1)
     model = llm.engine.executor.model
-    assert model.decode_weights is not None and model.decode_max_rows >= 4
+    assert model.decode_weights is not None and model.decode_max_rows >= len(prompts)
     calls = []
     native = kernels.decode_layers
     monkeypatch.setattr(kernels, "decode_layers", lambda x, *rest: calls.append(x.shape[0]) or native(x, *rest))
-    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village there was",
-               "Question: What is 12 times 12? Answer:"]
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=3)
     whole = llm.generate(prompts, params)
-    assert len(calls) >= 23 and 4 in calls  # every step after the prefill, four rows at a time
+    assert len(calls) >= max_tokens - 1 and len(prompts) in calls
     weights, model.decode_weights = model.decode_weights, None
     per_kernel = llm.generate(prompts, params)
     model.decode_weights = weights
@@ -120,3 +116,29 @@ def test_decode_steps_in_one_native_call_give_the_per_kernel_outputs_bit_for_bit
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         steps_a, steps_b = a.outputs[0].logprobs, b.outputs[0].logprobs
         assert [(p.logprob, p.top) for p in steps_a] == [(p.logprob, p.top) for p in steps_b]
+
+
+def test_decode_steps_in_one_native_call_give_the_per_kernel_outputs_bit_for_bit(default_model_dir, monkeypatch):
+    """kernels.decode_layers runs the same kernels in the same order as the per-layer Python loop; prompts
+    of different lengths, so the rows have different contexts."""
+    from batchpilot import LLM
+
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village there was",
+               "Question: What is 12 times 12? Answer:"]
+    _assert_one_native_call_per_decode_step_changes_nothing(LLM(str(default_model_dir), kv_cache_gib=0.1), prompts,
+                                                            24, monkeypatch)
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_decode_steps_in_one_native_call_give_the_per_kernel_outputs_bit_for_bit(default_model_dir,
+                                                                                           quantization, monkeypatch):
+    """The same through qgemv's int8 / int4 tiles (where the CPU has AVX512-BF16; elsewhere quantized
+    layers run torch's kernels, which the native loop must leave to the per-layer path)."""
+    from batchpilot import LLM
+
+    llm = LLM(str(default_model_dir), kv_cache_gib=0.1, quantization=quantization)
+    if not kernels.qgemv_available():
+        assert llm.engine.executor.model.decode_weights is None
+        return
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+    _assert_one_native_call_per_decode_step_changes_nothing(llm, prompts, 12, monkeypatch)

@@ -82,8 +82,8 @@ def _library() -> ctypes.CDLL | None:
         "silu_mul": (None, [ptr, ptr, i64, i64, i32, i32]),
         "write_kv": (None, [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i32, i32, i64, i32]),
         "gemv_bf16": (i32, [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i32]),
-        "decode_layers": (i32, [ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, i32, i32, i64, i64, i64, i32, i32,
-                                i32, i64, f32, f32, ptr, i32]),
+        "decode_layers": (i32, [ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, i32, i32, i64, i64, i64, i32,
+                                i32, i32, i64, f32, f32, ptr, i32]),
         "dequant_int4": (None, [ptr, ptr, ptr, i64, i64, i64, i32, i32]),
         "qgemv_bf16": (i32, [ptr, i64, ptr, ptr, ptr, i32, i64, ptr, ptr, i64, i64, i64, i64, i32]),
         "qdequant_bf16": (i32, [ptr, ptr, ptr, i32, i64, ptr, i64, i64, i32]),
@@ -272,22 +272,23 @@ def pointers(tensors: list[torch.Tensor | None]) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*(None if t is None else t.data_ptr() for t in tensors))
 
 
-def decode_layers(x: torch.Tensor, y: torch.Tensor, weights: ctypes.Array, caches: ctypes.Array, num_layers: int,
-                  cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
-                  lens: torch.Tensor, block_size: int, num_slots: int, heads: int, kv_heads: int, head_dim: int,
-                  intermediate: int, eps: float, scale: float) -> None:
+def decode_layers(x: torch.Tensor, y: torch.Tensor, weights: ctypes.Array, formats: ctypes.Array,
+                  caches: ctypes.Array, num_layers: int, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                  tables: torch.Tensor, lens: torch.Tensor, block_size: int, num_slots: int, heads: int,
+                  kv_heads: int, head_dim: int, intermediate: int, eps: float, scale: float) -> None:
     """Every layer of a decode-only bf16 step (csrc/decode_layers.c): x [B, C] the residual stream and
     y [B, C] the first layer's normed input, both updated in place (y ends as the lm_head's input).
-    weights: 7 pointers a layer (qkv tiles, qkv bias, o tiles, ffn norm, gate_up tiles, down tiles, the
-    next norm); caches: a layer's K then V cache."""
+    weights: 15 pointers a layer (the qkv, o, gate_up and down projections' weight, scales and lows,
+    then the qkv bias, the ffn norm, the next norm); formats: 8 int64 a layer (each projection's bits
+    and group); caches: a layer's K then V cache."""
     b, c = x.shape
     scratch = x.new_empty(b * ((heads + 2 * kv_heads) * head_dim + 2 * heads * head_dim + c + 3 * intermediate))
-    rc = _library().decode_layers(x.data_ptr(), y.data_ptr(), weights, caches, num_layers, cos.data_ptr(),
+    rc = _library().decode_layers(x.data_ptr(), y.data_ptr(), weights, formats, caches, num_layers, cos.data_ptr(),
                                   sin.data_ptr(), slots.data_ptr(), tables.data_ptr(), lens.data_ptr(),
                                   tables.shape[1], block_size, num_slots, b, c, heads, kv_heads, head_dim,
                                   intermediate, eps, scale, scratch.data_ptr(), torch.get_num_threads())
     if rc != 0:
-        raise ValueError(f"decode_layers: unsupported shape (heads {heads}, head_dim {head_dim}, block {block_size})")
+        raise ValueError(f"decode_layers: kernel error {rc} (heads {heads}, head_dim {head_dim}, block {block_size})")
 
 
 def dequant_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, shape: tuple[int, int], group: int) -> torch.Tensor:

@@ -92,6 +92,18 @@ class Linear:
         if kernels.gemv_supports(self.weight):
             self.gemv = kernels.pack_gemv_weight(self.weight)
 
+    def kernel_operands(self) -> tuple[tuple, int] | None:
+        """((weight, scales, lows, bits, group), rows): the operands of the native few-row kernel this layer
+        runs, as csrc/decode_layers.c takes them (bits 16: kernels.gemv's bf16 tiles; 8 / 4: qgemv's),
+        and the most rows __call__ gives it; None where that kernel is not the one that runs, or not alone (a
+        quantized layer adds its bias after the kernel)."""
+        if self.quantized is not None:
+            if self.bias is not None:
+                return None
+            operands = self.quantized.kernel_operands()
+            return None if operands is None else (operands, self.quantized.kernel_max_rows)
+        return None if self.gemv is None else ((self.gemv, None, None, 16, 0), self.gemv_rows)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized is not None:
             x2 = x.reshape(-1, x.shape[-1])

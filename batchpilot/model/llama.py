@@ -7,6 +7,7 @@ attention. The KV cache is owned by the caller; the model only reads and writes 
 
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass
 
@@ -114,21 +115,26 @@ class LlamaModel:
         self.rope_sin = angles.sin()
         # The fused element-wise kernels (kernels.py), or the torch code they reproduce.
         self.fused = kernels.layer_ops_supports(dtype)
-        self.decode_weights, self.decode_max_rows = self._decode_layers_weights()
+        self.decode_weights, self.decode_formats, self.decode_max_rows = self._decode_layers_weights()
 
     def _decode_layers_weights(self):
-        """The per-layer pointers of kernels.decode_layers, and the most rows it takes; (None, 0) where
-        some layer is not a bf16 GEMV layer (quantized, not packed, a bias beyond QKV's)."""
-        linears = [lin for layer in self.layers for lin in self._linears(layer)]
+        """kernels.decode_layers' per-layer pointers and formats, and the most rows it takes; None, None, 0
+        where some projection does not run a native few-row kernel or has a bias beyond QKV's."""
+        projections = [self._linears(layer) for layer in self.layers]
+        operands = [[lin.kernel_operands() for lin in lins] for lins in projections]
         if not (self.fused and self.dtype == torch.bfloat16 and kernels.decode_layers_available()) or any(
-                lin.gemv is None or lin.quantized is not None for lin in linears) or any(
-                lin.bias is not None for layer in self.layers for lin in (layer.o, layer.gate_up, layer.down)):
-            return None, 0
+                ops is None for layer_ops in operands for ops in layer_ops) or any(
+                lin.bias is not None for lins in projections for lin in lins[1:]):
+            return None, None, 0
         next_norms = [layer.attn_norm for layer in self.layers[1:]] + [self.norm]
-        weights = [t for layer, next_norm in zip(self.layers, next_norms) for t in (
-            layer.qkv.gemv, layer.qkv.bias, layer.o.gemv, layer.ffn_norm, layer.gate_up.gemv, layer.down.gemv,
-            next_norm)]
-        return kernels.pointers(weights), min(lin.gemv_rows for lin in linears)
+        pointers, formats = [], []
+        for layer, layer_ops, next_norm in zip(self.layers, operands, next_norms):
+            for (weight, scales, lows, bits, group), _ in layer_ops:
+                pointers += [weight, scales, lows]
+                formats += [bits, group]
+            pointers += [layer.qkv.bias, layer.ffn_norm, next_norm]
+        rows = min(max_rows for layer_ops in operands for _, max_rows in layer_ops)
+        return kernels.pointers(pointers), (ctypes.c_int64 * len(formats))(*formats), rows
 
     @staticmethod
     def _linears(layer: LayerWeights) -> tuple[Linear, ...]:
@@ -180,7 +186,8 @@ class LlamaModel:
         if (self.decode_weights is not None and t <= self.decode_max_rows and meta.native and not meta.prefills
                 and meta.num_decodes == t):  # every layer in one native call: the same kernels, in order
             k_cache = kv_caches[0][0]
-            kernels.decode_layers(x, y, self.decode_weights, kernels.pointers([c for kv in kv_caches for c in kv]),
+            kernels.decode_layers(x, y, self.decode_weights, self.decode_formats,
+                                  kernels.pointers([c for kv in kv_caches for c in kv]),
                                   a.num_layers, cos, sin, meta.slot_mapping, meta.decode_tables, meta.decode_lens,
                                   meta.block_size, k_cache.shape[1], h, kvh, d, a.intermediate_size,
                                   a.rms_norm_eps, scale)

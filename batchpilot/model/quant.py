@@ -63,6 +63,10 @@ class Int8Weight(_Layout):
             return kernels.qgemv(x, self.q, self.scales, None, 8, self.group_size, self.shape[0], None)
         return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.q, self.scales)
 
+    def kernel_operands(self) -> tuple | None:
+        """(weight, scales, lows, bits, group) as csrc/qgemv.c takes them; None for torch's layout."""
+        return (self.q, self.scales, None, 8, self.group_size) if self.tiled else None
+
     def dequantize(self) -> torch.Tensor:
         """The weight in bf16 (tiled) or the scales' dtype: q * s, rounded once."""
         if self.tiled:
@@ -102,6 +106,10 @@ class Int4Weight(_Layout):
                                  None)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group_size,
                                                           self.scales_zeros)
+
+    def kernel_operands(self) -> tuple | None:
+        """(weight, scales, lows, bits, group) as csrc/qgemv.c takes them; None for torch's layout."""
+        return (self.packed, self.scales_zeros[0], self._lows, 4, self.group_size) if self.tiled else None
 
     def dequantize(self) -> torch.Tensor:
         """The weight in bf16 (tiled) or the scales' dtype: (q - 8) * scale + zero, rounded once."""

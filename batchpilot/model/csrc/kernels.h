@@ -9,6 +9,9 @@
 
 int gemv_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w, const uint16_t *bias, uint16_t *y,
               int64_t y_stride, int64_t M, int64_t K, int64_t N, int num_threads);
+int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const void *scales, const void *lows,
+               int bits, int64_t group, const uint16_t *bias, uint16_t *y, int64_t y_stride, int64_t M, int64_t K,
+               int64_t N, int num_threads); /* only with AVX512-BF16 */
 void add_rms_norm(void *x, int64_t x_stride, const void *delta, int64_t delta_stride, const void *weight,
                   void *out, int64_t out_stride, int64_t rows, int64_t cols, float eps, int is_bf16,
                   int num_threads);

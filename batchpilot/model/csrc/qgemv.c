@@ -22,6 +22,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "kernels.h"
 #ifdef __AVX512BF16__
 #include <immintrin.h>
 
