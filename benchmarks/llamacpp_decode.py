@@ -5,6 +5,9 @@ llama.cpp runs through llama-cpp-python (not a dependency of ours: give its inte
 --llamacpp-python, e.g. a venv where `pip install llama-cpp-python` built it for this CPU), 2 threads.
 Its step: a 128-token prompt evaluated, then 64 single-token evals of greedy tokens, timed; the
 median of 3 passes. Ours: vllm_speed.py's decode:1 case ((t65 - t1) / 64 through the engine).
+Each round also times the bandwidth floor of a bf16 step in the same sitting: one read of as many
+bytes as the model's bf16 weights (a float32 sum over them, 2 threads, the fastest of 20), so the
+ratio to the floor is taken against what the host reads that minute, not another day's figure.
 
     python benchmarks/llamacpp_decode.py --llamacpp-python /tmp/lcpp/bin/python --rounds 3
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -42,13 +46,40 @@ def llamacpp_worker(gguf: str, threads: int) -> dict:
     return {"step_ms": sorted(steps)[1], "passes_ms": steps}
 
 
+def floor_worker(folder: str, threads: int) -> dict:
+    """The time to read the model's bf16 weight bytes once, as a float32 sum (torch's reduction streams
+    at the host's read bandwidth; a bf16 sum does not vectorise)."""
+    import time
+
+    import torch
+    from safetensors import safe_open
+
+    torch.set_num_threads(threads)
+    nbytes = 0
+    for path in Path(folder).glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            nbytes += sum(2 * math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    data = torch.ones(nbytes // 4)
+    times = []
+    for _ in range(20):
+        start = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - start)
+    step = min(times)  # the floor: the best the host read in this minute
+    return {"step_ms": step * 1000, "bytes": nbytes, "read_gb_s": nbytes / step / 1e9}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--llamacpp-python", required=True)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--output-json", default=None)
     p.add_argument("--worker-gguf", help=argparse.SUPPRESS)
+    p.add_argument("--worker-floor", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.worker_floor:
+        print(MARKER + json.dumps(floor_worker(args.worker_floor, vllm_speed.THREADS)), flush=True)
+        return 0
     if args.worker_gguf:
         print(MARKER + json.dumps(llamacpp_worker(args.worker_gguf, vllm_speed.THREADS)), flush=True)
         return 0
@@ -57,15 +88,17 @@ def main() -> int:
     out = subprocess.run([str(vllm_speed.PYTHONS["batchpilot"]), "-c", code], capture_output=True, text=True,
                          check=True)
     gguf, folder = out.stdout.split()
-    contenders = ("bf16", "int4", "llama.cpp Q4_1")
+    contenders = ("bf16", "int4", "llama.cpp Q4_1", "bf16 floor")
     rows = []
     for rnd in range(args.rounds):
-        order = contenders[rnd % 3:] + contenders[: rnd % 3]
+        order = contenders[rnd % 4:] + contenders[: rnd % 4]
         res = {}
         for c in order:
-            if c == "llama.cpp Q4_1":
-                r = subprocess.run([args.llamacpp_python, __file__, "--llamacpp-python", args.llamacpp_python,
-                                    "--worker-gguf", gguf], capture_output=True, text=True, timeout=900,
+            if c in ("llama.cpp Q4_1", "bf16 floor"):
+                python = args.llamacpp_python if c == "llama.cpp Q4_1" else str(vllm_speed.PYTHONS["batchpilot"])
+                flag = ["--worker-gguf", gguf] if c == "llama.cpp Q4_1" else ["--worker-floor", folder]
+                r = subprocess.run([python, __file__, "--llamacpp-python", args.llamacpp_python, *flag],
+                                   capture_output=True, text=True, timeout=900,
                                    env={"OMP_NUM_THREADS": str(vllm_speed.THREADS), "PATH": "/usr/bin:/bin"})
                 if r.returncode != 0:
                     raise RuntimeError(r.stderr[-2000:])
@@ -74,8 +107,9 @@ def main() -> int:
             else:
                 res[c] = vllm_speed.worker("batchpilot", folder, "decode:1", "bfloat16", None if c == "bf16" else c)
         rows.append({"round": rnd, "order": order, "results": res})
-        print(f"round {rnd} ({order[0]} first): " + "  ".join(f"{c} {res[c]['step_ms']:.2f} ms" for c in contenders),
-              flush=True)
+        print(f"round {rnd} ({order[0]} first): " + "  ".join(f"{c} {res[c]['step_ms']:.2f} ms" for c in contenders)
+              + f"  bf16 / floor {res['bf16']['step_ms'] / res['bf16 floor']['step_ms']:.2f}"
+              f" ({res['bf16 floor']['read_gb_s']:.1f} GB/s)", flush=True)
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({"gguf": gguf, "rows": rows}, indent=1))
     return 0
