@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from batchpilot.model import kernels, quant
 
-GEMV_MAX_ROWS = 16  # our kernel leads oneDNN's prepacked call at 1-48 rows on the Zen 4 EPYC (docs/reproduction.md)
+GEMV_MAX_ROWS = 128  # our kernel (and the one-call decode loop) led oneDNN's prepacked call at 1-128 rows (docs/reproduction.md)
 GEMV_MAX_ROWS_EMULATED = 16  # where bf16 matmul is not native: our kernel leads oneDNN's float32 to 16 rows
 PACKED_MAX_ROWS = 128
 PACK_LIMIT_BYTES = 2 * 2**30  # weights of every packed layer together (bf16 bytes)
