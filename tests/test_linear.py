@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from batchpilot.model import kernels
-from batchpilot.model.linear import PACKED_MAX_ROWS, Linear, bf16_matmul_native
+from batchpilot.model.linear import PACKED_MAX_ROWS_AMX, Linear, bf16_matmul_native
 from tests.helpers import assert_greedy_close
 
 
-@pytest.mark.parametrize("rows", [1, 3, 5, 7, 32, PACKED_MAX_ROWS, PACKED_MAX_ROWS + 1, 512])
+@pytest.mark.parametrize("rows", [1, 3, 5, 7, 32, PACKED_MAX_ROWS_AMX, PACKED_MAX_ROWS_AMX + 1, 512])
 def test_packed_linear_matches_f_linear(rows):
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(960, 576, generator=g).to(torch.bfloat16)
@@ -21,7 +21,9 @@ def test_packed_linear_matches_f_linear(rows):
     assert (packed.packed is not None) == bf16_matmul_native() != (packed.upcast is not None)
     out = packed(x)
     assert out.shape == plain.shape and out.dtype == torch.bfloat16
-    if rows > PACKED_MAX_ROWS and bf16_matmul_native():
+    if packed.packed is not None:  # the packed weight up to 128 rows with AMX, always without
+        assert packed.packed_rows == (PACKED_MAX_ROWS_AMX if torch.cpu._is_amx_tile_supported() else 2**62)
+    if rows > packed.packed_rows and bf16_matmul_native():
         assert torch.equal(out, plain)  # large steps take the plain weight
     else:  # both accumulate in fp32; they may differ by a rounding of the bf16 result
         assert torch.allclose(out.float(), plain.float(), rtol=1e-2, atol=5e-2)

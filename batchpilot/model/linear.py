@@ -2,9 +2,10 @@
 
 `F.linear` hands oneDNN a plain [out, in] weight, which it reorders into its blocked layout on
 every call; at a few rows that reorder is most of the call. Prepacking once (what vLLM's CPU
-backend and inductor's freezing do) made a bf16 matmul 1.3-2x faster at 1-128 rows on this
-host (AMX Xeon), and equal or slower at 512 (a prefill chunk), so steps of up to
-`PACKED_MAX_ROWS` rows take the packed weight and larger ones the plain weight. Below
+backend and inductor's freezing do) made a bf16 matmul 1.3-2x faster at 1-128 rows on an AMX
+Xeon, and equal or slower at 512 (a prefill chunk), so there steps of up to `PACKED_MAX_ROWS_AMX`
+rows take the packed weight and larger ones the plain weight; with AVX512-BF16 and no AMX (Zen 4)
+the packed weight was 1.09x the plain one at 256-2048 rows, and serves every step. Below
 `GEMV_MAX_ROWS` rows our own kernel (kernels.gemv, where the CPU has AVX512-BF16) streams the
 weight at memory speed without oneDNN's per-call cost. The copies are kept side by side: packing
 is only done for models small enough that they cost little (`PACK_LIMIT_BYTES`); measurements
@@ -27,9 +28,9 @@ import torch.nn.functional as F
 
 from batchpilot.model import kernels, quant
 
-GEMV_MAX_ROWS = 128  # our kernel (and the one-call decode loop) led oneDNN's prepacked call at 1-128 rows (docs/reproduction.md)
+GEMV_MAX_ROWS = 128  # our kernel and the one-call decode loop led oneDNN's prepacked call at 1-128 rows
 GEMV_MAX_ROWS_EMULATED = 16  # where bf16 matmul is not native: our kernel leads oneDNN's float32 to 16 rows
-PACKED_MAX_ROWS = 128
+PACKED_MAX_ROWS_AMX = 128
 PACK_LIMIT_BYTES = 2 * 2**30  # weights of every packed layer together (bf16 bytes)
 
 
@@ -56,11 +57,13 @@ def pack_all(layers: list[Linear]) -> bool:
 class Linear:
     """y = x W^T + b, from the copy of the weight laid out for the step's number of rows."""
 
-    __slots__ = ("weight", "bias", "packed", "gemv", "gemv_rows", "upcast", "upcast_bias", "quantized")
+    __slots__ = ("weight", "bias", "packed", "packed_rows", "gemv", "gemv_rows", "upcast", "upcast_bias",
+                 "quantized")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight, self.bias = weight, bias
         self.packed: torch.Tensor | None = None  # oneDNN's blocked bf16 layout
+        self.packed_rows = 0  # the most rows of a step the packed weight serves
         self.gemv: torch.Tensor | None = None  # kernels.gemv's tiles
         self.gemv_rows = GEMV_MAX_ROWS
         self.upcast: torch.Tensor | None = None  # float32 prepacked, where bf16 matmul is not native
@@ -85,6 +88,7 @@ class Linear:
         where it is not, and our kernel's tiles for few rows where it runs."""
         if bf16_matmul_native():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight)
+            self.packed_rows = PACKED_MAX_ROWS_AMX if torch.cpu._is_amx_tile_supported() else 2**62
         else:
             self.upcast = torch.ops.mkldnn._reorder_linear_weight(self.weight.float())
             self.upcast_bias = None if self.bias is None else self.bias.float()
@@ -115,7 +119,7 @@ class Linear:
         if x.dim() == 2:
             if self.gemv is not None and x.shape[0] <= self.gemv_rows:
                 return kernels.gemv(x, self.gemv, self.bias)
-            if self.packed is not None and x.shape[0] <= PACKED_MAX_ROWS:
+            if self.packed is not None and x.shape[0] <= self.packed_rows:
                 return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
             if self.upcast is not None:
                 return torch.ops.mkldnn._linear_pointwise(x.float(), self.upcast, self.upcast_bias, "none", [],
