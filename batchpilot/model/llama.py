@@ -126,15 +126,18 @@ class LlamaModel:
                 ops is None for layer_ops in operands for ops in layer_ops) or any(
                 lin.bias is not None for lins in projections for lin in lins[1:]):
             return None, None, 0
-        next_norms = [layer.attn_norm for layer in self.layers[1:]] + [self.norm]
         pointers, formats = [], []
-        for layer, layer_ops, next_norm in zip(self.layers, operands, next_norms):
+        for layer, layer_ops, next_norm in zip(self.layers, operands, self._next_norms()):
             for (weight, scales, lows, bits, group), _ in layer_ops:
                 pointers += [weight, scales, lows]
                 formats += [bits, group]
             pointers += [layer.qkv.bias, layer.ffn_norm, next_norm]
         rows = min(max_rows for layer_ops in operands for _, max_rows in layer_ops)
         return kernels.pointers(pointers), (ctypes.c_int64 * len(formats))(*formats), rows
+
+    def _next_norms(self) -> list[torch.Tensor]:
+        """The norm after each layer: the next layer's input norm, the final norm after the last."""
+        return [layer.attn_norm for layer in self.layers[1:]] + [self.norm]
 
     @staticmethod
     def _linears(layer: LayerWeights) -> tuple[Linear, ...]:
@@ -192,8 +195,7 @@ class LlamaModel:
                                   meta.block_size, k_cache.shape[1], h, kvh, d, a.intermediate_size,
                                   a.rms_norm_eps, scale)
             return self.lm_head(y[logits_rows])
-        norms = [layer.attn_norm for layer in self.layers[1:]] + [self.norm]
-        for layer, (k_cache, v_cache), next_norm in zip(self.layers, kv_caches, norms):
+        for layer, (k_cache, v_cache), next_norm in zip(self.layers, kv_caches, self._next_norms()):
             qkv = layer.qkv(y)
             kernels.rope_in_place(qkv, cos, sin, h + kvh, d)
             q = qkv[:, : h * d].view(t, h, d)
