@@ -54,6 +54,42 @@ def test_gemv_matches_a_float32_reference_on_strided_rows(rows, with_bias):
     torch.testing.assert_close(out.float(), ref, rtol=8e-3, atol=1e-2)  # one bf16 rounding of the sum
 
 
+@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gemv_float_out_gives_the_sums_before_their_rounding(rows, with_bias):
+    """The lm_head's float32 logits: the same float32 sums the bf16 output rounds, so rounding them gives
+    the bf16 output exactly, and they sit closer to a float64 reference than one bf16 rounding allows."""
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(256, 576, generator=g).to(torch.bfloat16)
+    b = torch.randn(256, generator=g).to(torch.bfloat16) if with_bias else None
+    x = torch.randn(rows, 576, generator=g).to(torch.bfloat16)
+    packed = kernels.pack_gemv_weight(w)
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    out = kernels.gemv(x, packed, b, float_out=True)
+    assert out.dtype == torch.float32 and out.shape == (rows, 256)
+    assert torch.equal(out.to(torch.bfloat16), kernels.gemv(x, packed, b))
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-4)  # float32 sums of exact products
+
+
+def test_bf16_lm_head_logits_come_out_in_float32_where_the_gemv_computes_them(default_model_dir):
+    """Rounded to bf16, logits of 16-32 are 0.125 apart: the default model's two best first tokens for
+    "What is the capital of France?" tie there ("L" wins the tie by its lower id), while float32
+    sums keep the float32 model's order ("The capital of France is Paris.")."""
+    from batchpilot import LLM, SamplingParams
+
+    llm = LLM(str(default_model_dir), kv_cache_gib=0.05)
+    head = llm.engine.executor.model.lm_head
+    assert head.float_out and head.gemv is not None
+    x = torch.randn(3, head.weight.shape[1]).to(torch.bfloat16)
+    assert head(x).dtype == torch.float32
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    first = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=1, logprobs=2))[0].outputs[0].logprobs[0]
+    (best, best_lp), (_, second_lp) = first.top[:2]
+    assert best_lp > second_lp  # no tie
+    reference = LLM(str(default_model_dir), kv_cache_gib=0.05, dtype="float32")
+    assert best == reference.chat(msgs, SamplingParams(temperature=0, max_tokens=1))[0].outputs[0].token_ids[0]
+
+
 def test_gemv_refuses_weights_it_cannot_tile():
     assert not kernels.gemv_supports(torch.zeros(100, 96, dtype=torch.bfloat16))  # N not a multiple of 64
     assert not kernels.gemv_supports(torch.zeros(128, 96, dtype=torch.float32))

@@ -81,7 +81,7 @@ def _library() -> ctypes.CDLL | None:
         "rope_in_place": (None, [ptr, i64, ptr, ptr, i64, i32, i32, i32, i32]),
         "silu_mul": (None, [ptr, ptr, i64, i64, i32, i32]),
         "write_kv": (None, [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i32, i32, i64, i32]),
-        "gemv_bf16": (i32, [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i32]),
+        "gemv_bf16": (i32, [ptr, i64, ptr, ptr, ptr, i64, i32, i64, i64, i64, i32]),
         "decode_layers": (i32, [ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, i32, i32, i64, i64, i64, i32,
                                 i32, i32, i64, f32, f32, ptr, i32]),
         "dequant_int4": (None, [ptr, ptr, ptr, i64, i64, i64, i32, i32]),
@@ -249,14 +249,16 @@ def pack_gemv_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.view(n // GEMV_TILE, GEMV_TILE, k // 2, 2).transpose(1, 2).contiguous()
 
 
-def gemv(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] bf16 (rows may be strided) times a pack_gemv_weight weight, plus bias: [M, N] bf16."""
+def gemv(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, float_out: bool = False) -> torch.Tensor:
+    """x [M, K] bf16 (rows may be strided) times a pack_gemv_weight weight, plus bias: [M, N] bf16, or
+    float32 (the sums unrounded) with float_out."""
     tiles, half_k, tile, _ = packed.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
-    y = x.new_empty(x.shape[0], tiles * tile)
+    y = x.new_empty(x.shape[0], tiles * tile, dtype=torch.float32 if float_out else x.dtype)
     rc = _library().gemv_bf16(x.data_ptr(), x.stride(0), packed.data_ptr(), None if bias is None else bias.data_ptr(),
-                              y.data_ptr(), y.stride(0), x.shape[0], 2 * half_k, tiles * tile, torch.get_num_threads())
+                              y.data_ptr(), y.stride(0), int(float_out), x.shape[0], 2 * half_k, tiles * tile,
+                              torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"gemv: unsupported shape {tuple(x.shape)} x {tuple(packed.shape)}")
     return y

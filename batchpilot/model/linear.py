@@ -58,7 +58,7 @@ class Linear:
     """y = x W^T + b, from the copy of the weight laid out for the step's number of rows."""
 
     __slots__ = ("weight", "bias", "packed", "packed_rows", "gemv", "gemv_rows", "upcast", "upcast_bias",
-                 "quantized")
+                 "quantized", "float_out")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight, self.bias = weight, bias
@@ -69,6 +69,9 @@ class Linear:
         self.upcast: torch.Tensor | None = None  # float32 prepacked, where bf16 matmul is not native
         self.upcast_bias: torch.Tensor | None = None
         self.quantized: quant.Int8Weight | quant.Int4Weight | None = None
+        # Rows our GEMV computes come out float32, unrounded (the lm_head: logits of 16-32 rounded to
+        # bf16 are 0.125 apart, and two candidates a few hundredths apart tie); other paths give bf16.
+        self.float_out = False
 
     @classmethod
     def from_quantized(cls, weight: quant.Int8Weight | quant.Int4Weight, bias: torch.Tensor | None = None) -> Linear:
@@ -118,7 +121,7 @@ class Linear:
             return y.view(*x.shape[:-1], y.shape[-1])
         if x.dim() == 2:
             if self.gemv is not None and x.shape[0] <= self.gemv_rows:
-                return kernels.gemv(x, self.gemv, self.bias)
+                return kernels.gemv(x, self.gemv, self.bias, self.float_out)
             if self.packed is not None and x.shape[0] <= self.packed_rows:
                 return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
             if self.upcast is not None:

@@ -108,6 +108,7 @@ class LlamaModel:
             )
         if quantization is None:
             self.lm_head = Linear(self.embed if args.tie_word_embeddings else w("lm_head.weight"))
+            self.lm_head.float_out = True  # float32 logits where the GEMV computes them: no ties made by rounding
             pack_all([self.lm_head] + [lin for ly in self.layers for lin in self._linears(ly)])
         inv_freq = rope_inv_freq(args)
         angles = torch.outer(torch.arange(args.max_position_embeddings, dtype=torch.float32), inv_freq)
@@ -151,8 +152,9 @@ class LlamaModel:
         meta: AttentionMetadata,
         logits_rows: torch.Tensor,  # [R] rows whose next-token logits are wanted
     ) -> torch.Tensor:
-        """Run the batch through the model; returns logits [R, vocab] in the model's dtype (the sampler
-        converts to float32 only what needs it: a greedy batch takes its argmax from bf16 directly)."""
+        """Run the batch through the model; returns logits [R, vocab] in the model's dtype, or float32 where
+        the lm_head's GEMV computed them (the sampler converts to float32 only what needs it: a greedy
+        batch takes its argmax from bf16 directly)."""
         if self.fused:
             return self._forward_fused(token_ids, positions, kv_caches, meta, logits_rows)
         a = self.args

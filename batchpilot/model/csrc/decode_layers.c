@@ -21,7 +21,7 @@ enum { FORMATS_PER_LAYER = 8 };
 /* y [M, N] = x [M, K] W^T (+ bias): kernels.gemv's bf16 tiles (bits 16) or qgemv's int8 / int4 ones. */
 static int project(const void *const *w, const int64_t *format, const uint16_t *x, int64_t x_stride,
                    const void *bias, uint16_t *y, int64_t M, int64_t K, int64_t N, int num_threads) {
-    if (format[0] == 16) return gemv_bf16(x, x_stride, w[0], bias, y, N, M, K, N, num_threads);
+    if (format[0] == 16) return gemv_bf16(x, x_stride, w[0], bias, y, N, 0, M, K, N, num_threads);
 #ifdef __AVX512BF16__
     return qgemv_bf16(x, x_stride, w[0], w[1], w[2], (int)format[0], format[1], bias, y, N, M, K, N, num_threads);
 #else

@@ -25,8 +25,8 @@
 
 /* `rows` (a literal at each call, so that the sums stay in registers) rows of x times one tile. */
 static inline __attribute__((always_inline)) void tile_rows(const int rows, const uint16_t *x, int64_t x_stride,
-                                                            const uint16_t *wt, const uint16_t *bias, uint16_t *y,
-                                                            int64_t y_stride, int64_t K2) {
+                                                            const uint16_t *wt, const uint16_t *bias, void *y,
+                                                            int64_t y_stride, int y_f32, int64_t K2) {
     __m512 acc[MAX_M][4];
     for (int m = 0; m < rows; m++)
         for (int j = 0; j < 4; j++) acc[m][j] = _mm512_setzero_ps();
@@ -53,15 +53,18 @@ static inline __attribute__((always_inline)) void tile_rows(const int rows, cons
                 const __m256i b16 = _mm256_loadu_si256((const __m256i *)(bias + j * 16));
                 v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b16), 16)));
             }
-            _mm256_storeu_si256((__m256i *)(y + m * y_stride + j * 16), (__m256i)_mm512_cvtneps_pbh(v));
+            if (y_f32)
+                _mm512_storeu_ps((float *)y + m * y_stride + j * 16, v);
+            else
+                _mm256_storeu_si256((__m256i *)((uint16_t *)y + m * y_stride + j * 16), (__m256i)_mm512_cvtneps_pbh(v));
         }
 }
 
 /* w: [N / 64][K / 2][64][2] bf16 (kernels.pack_gemv_weight); x: [M, K] bf16 with row stride
- * x_stride; bias: [N] bf16 or NULL; y: [M, N] bf16 with row stride y_stride. Returns -1 for an N
- * that is not a multiple of 64 or an odd K. */
-int gemv_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w, const uint16_t *bias, uint16_t *y,
-              int64_t y_stride, int64_t M, int64_t K, int64_t N, int num_threads) {
+ * x_stride; bias: [N] bf16 or NULL; y: [M, N] with row stride y_stride, bf16, or float32 (the sums
+ * unrounded) when y_f32. Returns -1 for an N that is not a multiple of 64 or an odd K. */
+int gemv_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w, const uint16_t *bias, void *y,
+              int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N, int num_threads) {
     if (N % TILE_N != 0 || K % 2 != 0) return -1;
     const int64_t tiles = N / TILE_N, K2 = K / 2;
 #pragma omp parallel for schedule(static) num_threads(num_threads)
@@ -70,12 +73,12 @@ int gemv_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w, const uint
         const uint16_t *b = bias != NULL ? bias + t * TILE_N : NULL;
         for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
             const uint16_t *xm = x + m0 * x_stride;
-            uint16_t *ym = y + m0 * y_stride + t * TILE_N;
+            void *ym = (char *)y + (m0 * y_stride + t * TILE_N) * (y_f32 ? 4 : 2);
             switch (M - m0 < MAX_M ? M - m0 : MAX_M) {
-            case 1: tile_rows(1, xm, x_stride, wt, b, ym, y_stride, K2); break;
-            case 2: tile_rows(2, xm, x_stride, wt, b, ym, y_stride, K2); break;
-            case 3: tile_rows(3, xm, x_stride, wt, b, ym, y_stride, K2); break;
-            default: tile_rows(4, xm, x_stride, wt, b, ym, y_stride, K2);
+            case 1: tile_rows(1, xm, x_stride, wt, b, ym, y_stride, y_f32, K2); break;
+            case 2: tile_rows(2, xm, x_stride, wt, b, ym, y_stride, y_f32, K2); break;
+            case 3: tile_rows(3, xm, x_stride, wt, b, ym, y_stride, y_f32, K2); break;
+            default: tile_rows(4, xm, x_stride, wt, b, ym, y_stride, y_f32, K2);
             }
         }
     }
@@ -88,8 +91,8 @@ int gemv_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w, const uint
 
 /* As above (same layout, arguments and result); a tile (K x 64 bf16, 72 KB at K = 576) stays in
  * L2 while each row of x passes over it. */
-int gemv_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w, const uint16_t *bias, uint16_t *y,
-              int64_t y_stride, int64_t M, int64_t K, int64_t N, int num_threads) {
+int gemv_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w, const uint16_t *bias, void *y,
+              int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N, int num_threads) {
     if (N % TILE_N != 0 || K % 2 != 0) return -1;
     const int64_t tiles = N / TILE_N, K2 = K / 2;
     const __m256i high_half = _mm256_set1_epi32((int)0xFFFF0000u);
@@ -112,11 +115,16 @@ int gemv_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w, const uint
                     acc[j] = _mm256_fmadd_ps(odd, x1, acc[j]);
                 }
             }
-            uint16_t *ym = y + m * y_stride + t * TILE_N;
+            const int64_t at = m * y_stride + t * TILE_N;
             float sums[TILE_N];
             for (int j = 0; j < 8; j++) _mm256_storeu_ps(sums + 8 * j, acc[j]);
-            for (int n = 0; n < TILE_N; n++)
-                ym[n] = float_to_bf16(bias != NULL ? sums[n] + bf16_to_float(bias[t * TILE_N + n]) : sums[n]);
+            for (int n = 0; n < TILE_N; n++) {
+                const float v = bias != NULL ? sums[n] + bf16_to_float(bias[t * TILE_N + n]) : sums[n];
+                if (y_f32)
+                    ((float *)y)[at + n] = v;
+                else
+                    ((uint16_t *)y)[at + n] = float_to_bf16(v);
+            }
         }
     }
     return 0;

@@ -7,8 +7,8 @@
 
 #include <stdint.h>
 
-int gemv_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w, const uint16_t *bias, uint16_t *y,
-              int64_t y_stride, int64_t M, int64_t K, int64_t N, int num_threads);
+int gemv_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w, const uint16_t *bias, void *y,
+              int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N, int num_threads);
 int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const void *scales, const void *lows,
                int bits, int64_t group, const uint16_t *bias, uint16_t *y, int64_t y_stride, int64_t M, int64_t K,
                int64_t N, int num_threads); /* only with AVX512-BF16 */
