@@ -60,7 +60,7 @@ class Int8Weight(_Layout):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.tiled:
-            return kernels.qgemv(x, self.q, self.scales, None, 8, self.group_size, self.shape[0], None)
+            return kernels.qgemv(x, *self.kernel_operands(), self.shape[0], None)
         return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.q, self.scales)
 
     def kernel_operands(self) -> tuple | None:
@@ -102,8 +102,7 @@ class Int4Weight(_Layout):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.tiled:
-            return kernels.qgemv(x, self.packed, self.scales_zeros[0], self._lows, 4, self.group_size, self.shape[0],
-                                 None)
+            return kernels.qgemv(x, *self.kernel_operands(), self.shape[0], None)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group_size,
                                                           self.scales_zeros)
 
