@@ -5,9 +5,10 @@
  * Layout (see batchpilot/model/attention.py): q and out are [B, H, D]; k_cache and v_cache
  * are [KVH, S, D] with S = num_blocks * block_size; block_tables is [B, W]; context_lens is
  * [B]. The G = H / KVH query heads of a KV head are processed together, so each K/V row is
- * read from memory once per sequence, and the next block's rows are prefetched while one block
- * is computed (blocks lie anywhere in the cache, where the hardware prefetcher does not follow).
- * Parallel over (sequence, KV head) with OpenMP; the process shares torch's libgomp (same
+ * read from memory once per sequence. Blocks lie anywhere in the cache, where the hardware
+ * prefetcher does not follow: each thread fetches the rows of the task it computes next while it
+ * computes one (a slice per block), and the next block's rows of its own task.
+ * Parallel over (sequence, KV head) tasks with OpenMP; the process shares torch's libgomp (same
  * soname), so there is one thread pool.
  */
 #include <math.h>
@@ -51,12 +52,73 @@ static inline __attribute__((always_inline)) void prefetch_next_block(
     }
 }
 
+/* The rows of the task a thread computes next, fetched into L2 a slice at a time while it computes the
+ * current one: one block of lookahead inside a task left each task's first blocks and the reads of a
+ * single stream waiting on memory (13 GB/s in W1 at 128; 18 GB/s with this, docs/reproduction.md). */
+typedef struct {
+    const int64_t *table;  /* the next task's block ids */
+    int64_t head_base;     /* its KV head's first slot */
+    int64_t lines;         /* 64-byte lines of its K rows (and as many of V) to fetch */
+    int64_t fetched;
+    int64_t lines_per_block, this_blocks;
+    int BS, D;
+} Lookahead;
+
+static inline __attribute__((always_inline)) Lookahead lookahead_start(
+        int64_t next_task, int64_t this_len, const int64_t *block_tables, const int64_t *context_lens,
+        int num_kv_heads, int table_width, int BS, int64_t num_slots, int D, size_t esize) {
+    Lookahead la = {0};
+    la.BS = BS;
+    la.D = D;
+    la.this_blocks = (this_len + BS - 1) / BS;
+    la.lines_per_block = (int64_t)BS * D * (int64_t)esize / 64;
+    if (next_task < 0) return la;
+    const int64_t b = next_task / num_kv_heads;
+    la.table = block_tables + b * table_width;
+    la.head_base = (next_task % num_kv_heads) * num_slots;
+    la.lines = (context_lens[b] * D * (int64_t)esize + 63) / 64;
+    return la;
+}
+
+/* Called before computing block `block` of the current task: fetches the next task's share for it. */
+static inline __attribute__((always_inline)) void lookahead_fetch(Lookahead *la, const void *k_cache, const void *v_cache,
+                                                                  size_t esize, int64_t block) {
+    const int64_t upto = la->lines * (block + 1) / la->this_blocks;
+    for (; la->fetched < upto; la->fetched++) {
+        const int64_t blk = la->fetched / la->lines_per_block, line = la->fetched % la->lines_per_block;
+        const int64_t offset = (la->head_base + la->table[blk] * la->BS) * la->D * (int64_t)esize + line * 64;
+        __builtin_prefetch((const char *)k_cache + offset, 0, 2);
+        __builtin_prefetch((const char *)v_cache + offset, 0, 2);
+    }
+}
+
+/* Runs BODY for every (sequence b, KV head kh) task, with `next` the task this thread computes after it
+ * (-1 if none): tasks are handed out one at a time from a shared counter, a thread claiming its next
+ * task as it starts one. */
+#define FOR_EACH_TASK(num_seqs, num_kv_heads, num_threads, BODY)                                  \
+    do {                                                                                         \
+        const int64_t tasks_ = (int64_t)(num_seqs) * (num_kv_heads);                             \
+        int64_t counter_ = 0;                                                                    \
+        _Pragma("omp parallel num_threads(num_threads)") {                                       \
+            int64_t task_ = __atomic_fetch_add(&counter_, 1, __ATOMIC_RELAXED);                  \
+            while (task_ < tasks_) {                                                             \
+                const int64_t claimed_ = __atomic_fetch_add(&counter_, 1, __ATOMIC_RELAXED);     \
+                const int64_t next = claimed_ < tasks_ ? claimed_ : -1;                          \
+                const int b = (int)(task_ / (num_kv_heads)), kh = (int)(task_ % (num_kv_heads)); \
+                BODY;                                                                            \
+                task_ = claimed_;                                                                \
+            }                                                                                    \
+        }                                                                                        \
+    } while (0)
+
 /* One (sequence, KV head) task; inlined with a constant dtype (see paged_decode_attention). */
 static inline __attribute__((always_inline)) void attend(
         int b, int kh, const void *q, const void *k_cache, const void *v_cache, void *out,
         const int64_t *block_tables, const int64_t *context_lens, int num_heads, int num_kv_heads, int D,
-        int table_width, int BS, int64_t num_slots, float scale, const int is_bf16) {
+        int table_width, int BS, int64_t num_slots, float scale, const int is_bf16, int64_t next_task) {
     const int G = num_heads / num_kv_heads;
+    Lookahead la = lookahead_start(next_task, context_lens[b], block_tables, context_lens, num_kv_heads, table_width,
+                                   BS, num_slots, D, is_bf16 ? 2 : 4);
     float qf[MAX_G * MAX_D], acc[MAX_G * MAX_D], row[MAX_D], p[MAX_G * MAX_BS];
     float mx[MAX_G], den[MAX_G];
     const int64_t len = context_lens[b];
@@ -74,6 +136,7 @@ static inline __attribute__((always_inline)) void attend(
         const int64_t base = ((int64_t)kh * num_slots + slot0) * D;
         prefetch_next_block(k_cache, v_cache, is_bf16 ? 2 : 4, block_tables + (int64_t)b * table_width, start, len,
                             BS, kh, num_slots, D);
+        lookahead_fetch(&la, k_cache, v_cache, is_bf16 ? 2 : 4, start / BS);
 #ifdef __AVX512BF16__
         if (is_bf16 && D % 32 == 0) {
             /* bf16 pairs straight into float sums (vdpbf16ps): no conversion of K, half the FMAs;
@@ -156,8 +219,10 @@ static inline __attribute__((always_inline)) __m512 transpose_sum16(const __m512
 static inline __attribute__((always_inline)) void attend_bf16(
         int b, int kh, const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *out,
         const int64_t *block_tables, const int64_t *context_lens, int num_heads, int num_kv_heads, int table_width,
-        int BS, int64_t num_slots, float scale, const int DC) {
+        int BS, int64_t num_slots, float scale, const int DC, int64_t next_task) {
     const int G = num_heads / num_kv_heads, D = 32 * DC;
+    Lookahead la = lookahead_start(next_task, context_lens[b], block_tables, context_lens, num_kv_heads, table_width,
+                                   BS, num_slots, D, 2);
     __m512 acc[MAX_G][2 * DC];
     __m512bh qv[MAX_G][DC];
     __m512bh vp[8][2 * DC];
@@ -177,6 +242,7 @@ static inline __attribute__((always_inline)) void attend_bf16(
         const int64_t base = ((int64_t)kh * num_slots + slot0) * D;
         prefetch_next_block(k_cache, v_cache, 2, block_tables + (int64_t)b * table_width, start, len, BS, kh,
                             num_slots, D);
+        lookahead_fetch(&la, k_cache, v_cache, 2, start / BS);
         for (int t0 = 0; t0 < n; t0 += 16) {
             /* All 16 rows of the tile lie inside the block (BS % 16 == 0); lanes past the context are
              * masked after the sums, which never mix lanes, and their value rows are never read. */
@@ -249,31 +315,19 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
     /* One parallel loop per dtype with the dtype a literal: a dtype test left inside the parallel
      * region is not folded (OpenMP outlines the region before inlining) and costs vectorisation. */
 #define ATTEND(BF16) attend(b, kh, q, k_cache, v_cache, out, block_tables, context_lens, num_heads, num_kv_heads, \
-                            head_dim, table_width, block_size, num_slots, scale, BF16)
+                            head_dim, table_width, block_size, num_slots, scale, BF16, next)
 #ifdef __AVX512BF16__
     if (is_bf16 && (head_dim == 64 || head_dim == 128) && block_size % 16 == 0) {
 #define ATTEND_BF16(DC) attend_bf16(b, kh, q, k_cache, v_cache, out, block_tables, context_lens, num_heads, \
-                                    num_kv_heads, table_width, block_size, num_slots, scale, DC)
+                                    num_kv_heads, table_width, block_size, num_slots, scale, DC, next)
         /* two inlined copies, each with its head_dim a literal; the branch between them is per task */
-#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)
-        for (int b = 0; b < num_seqs; b++)
-            for (int kh = 0; kh < num_kv_heads; kh++) {
-                if (head_dim == 64)
-                    ATTEND_BF16(2);
-                else
-                    ATTEND_BF16(4);
-            }
+        FOR_EACH_TASK(num_seqs, num_kv_heads, num_threads, if (head_dim == 64) ATTEND_BF16(2); else ATTEND_BF16(4));
         return 0;
     }
 #endif
-    if (is_bf16) {
-#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)
-        for (int b = 0; b < num_seqs; b++)
-            for (int kh = 0; kh < num_kv_heads; kh++) ATTEND(1);
-    } else {
-#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)
-        for (int b = 0; b < num_seqs; b++)
-            for (int kh = 0; kh < num_kv_heads; kh++) ATTEND(0);
-    }
+    if (is_bf16)
+        FOR_EACH_TASK(num_seqs, num_kv_heads, num_threads, ATTEND(1));
+    else
+        FOR_EACH_TASK(num_seqs, num_kv_heads, num_threads, ATTEND(0));
     return 0;
 }
