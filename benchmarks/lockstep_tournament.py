@@ -18,6 +18,13 @@ policy serves them all.
 What it does not remove: steps of one engine run with the caches the previous engine left (the
 same for all), and outputs sampled by the model can differ between engines where batch shapes
 change the numerics (the real-text workload). Workloads and policies are real_tournament.py's.
+
+Capacity at the SLA (`--rates 3,4,5,6,7`, Poisson workloads): every contender runs in lockstep at each
+rate of the grid, and each one's capacity is read off its own attainment curve (the rate where it first
+falls below `--target`, interpolated between grid points: bench.capacity.capacity_on_grid); regret on it
+against the best static limit.
+
+    python benchmarks/lockstep_tournament.py --workloads uniform-poisson --rates 3,4,5,6,7
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from real_tournament import POLICIES, TIMED, workloads  # noqa: E402
 
+from batchpilot.bench.capacity import capacity_on_grid  # noqa: E402
 from batchpilot.bench.metrics import SLA, RequestRecord, summarize  # noqa: E402
 from batchpilot.bench.results import write_json  # noqa: E402
 from batchpilot.bench.serve import arrival_offsets  # noqa: E402
@@ -134,6 +142,58 @@ def _median(values: list[float | None]) -> float | None:
     return statistics.median(known) if known else None
 
 
+def with_rate(flags: list[str], rate: float) -> list[str]:
+    """A workload's flags with its Poisson --request-rate replaced."""
+    if "--request-rate" not in flags:
+        raise ValueError("--rates needs a workload that arrives at a --request-rate (a Poisson workload)")
+    i = flags.index("--request-rate")
+    return [*flags[:i + 1], str(rate), *flags[i + 2:]]
+
+
+def capacity_tournament(args: argparse.Namespace) -> int:
+    """Each contender's capacity at the workload's SLA, read off attainments measured at every rate of the grid."""
+    configs = contenders([int(n) for n in args.static.split(",")], [s for s in args.policies.split(",") if s])
+    rates = sorted(float(r) for r in args.rates.split(","))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    table: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = workloads(Path(tmp), args.scale)
+        for wname in (args.workloads.split(",") if args.workloads else [w for w in work if w in TIMED]):
+            sla = TIMED.get(wname)
+            if sla is None:
+                raise ValueError(f"{wname} has no SLA (real_tournament.TIMED): capacity needs one")
+            curves: dict[str, list[tuple[float, float]]] = {name: [] for name in configs}
+            runs: dict[str, list[dict]] = {name: [] for name in configs}
+            for rate in rates:
+                rows = [run_lockstep(with_rate(work[wname], rate), configs, args.threads, seed, sla) for seed in seeds]
+                for name in configs:  # seeds pooled: the mean attainment of the arrival patterns
+                    attainment = statistics.fmean(r[name]["sla_attainment"] for r in rows)
+                    curves[name].append((rate, attainment))
+                    runs[name].extend(r[name] | {"rate": rate} for r in rows)
+                    print(f"{wname:<18} {rate:5.2f} req/s  {name:<16} SLA met {100 * attainment:5.1f}%  p90 TPOT "
+                          f"{statistics.fmean(r[name]['p90_tpot_ms'] for r in rows):6.1f} ms  preempt "
+                          f"{sum(r[name]['num_preemptions'] for r in rows):3d}", flush=True)
+            found = {name: capacity_on_grid(curve, args.target) for name, curve in curves.items()}
+            cells = {name: {"capacity": f.capacity, "capacity_unbounded": not f.bounded} for name, f in found.items()}
+            regret = hindsight_regret(cells, "capacity")
+            table[wname] = {name: cells[name] | {"regret": regret[name], "curve": curves[name], "runs": runs[name]}
+                            for name in configs}
+    print(f"\ncapacity (req/s with {args.target:.0%} of requests in the SLA) and regret against the best static")
+    print("| workload | " + " | ".join(configs) + " |")
+    print("|---" * (len(configs) + 1) + "|")
+    for wname, cells in table.items():
+        shown = []
+        for name in configs:
+            c = cells[name]
+            bound = ">=" if c["capacity_unbounded"] else ""
+            regret = "n/a" if c["regret"] is None else f"{100 * c['regret']:+.1f}%"
+            shown.append(f"{bound}{c['capacity']:.2f} ({regret})")
+        print(f"| {wname} | " + " | ".join(shown) + " |")
+    if args.output_json:
+        write_json(args.output_json, {"args": vars(args), "capacity": table})
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
@@ -142,8 +202,13 @@ def main() -> int:
     p.add_argument("--policies", default="combined-blocks,combined-cost", help=f"comma list of {', '.join(POLICIES)}")
     p.add_argument("--workloads", default=None, help="comma list (default: all)")
     p.add_argument("--seeds", default="0", help="one lockstep run per seed (the workload's draw and sampling)")
+    p.add_argument("--rates", default=None,
+                   help="comma list of Poisson rates (req/s): capacity at the SLA instead of one rate's goodput")
+    p.add_argument("--target", type=float, default=0.9, help="share of requests in the SLA that capacity keeps")
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
+    if args.rates:
+        return capacity_tournament(args)
     configs = contenders([int(n) for n in args.static.split(",")], [s for s in args.policies.split(",") if s])
     table: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,7 +10,7 @@ from collections import deque
 import numpy as np
 import pytest
 
-from batchpilot.bench.capacity import search_capacity
+from batchpilot.bench.capacity import capacity_on_grid, search_capacity
 from batchpilot.bench.metrics import SLA, RequestRecord, summarize
 from batchpilot.bench.serve import arrival_times
 from tests.server_utils import free_port, running_server
@@ -61,6 +61,16 @@ def test_capacity_search_recovers_a_known_threshold():
     assert 7.3 / 1.05 <= found.capacity <= 7.3
     assert [r for r, _ in found.curve] == probes
     assert search_capacity(lambda r: 0.0, start_rate=1.0, min_rate=0.1).capacity == 0.0
+
+
+def test_capacity_on_a_grid_interpolates_the_first_crossing():
+    # 1.0 and 0.95 meet 90%; 0.75 at rate 6 does not: the crossing is a quarter of the way from 4 to 6
+    found = capacity_on_grid([(6.0, 0.75), (2.0, 1.0), (4.0, 0.95), (8.0, 0.92)], target=0.9)
+    assert found.bounded and found.capacity == pytest.approx(4.5)
+    assert [r for r, _ in found.curve] == [2.0, 4.0, 6.0, 8.0]  # the later recovery does not count
+    unbounded = capacity_on_grid([(2.0, 1.0), (4.0, 0.91)], target=0.9)
+    assert not unbounded.bounded and unbounded.capacity == 4.0
+    assert capacity_on_grid([(2.0, 0.5), (4.0, 0.4)], target=0.9).capacity == 0.0
 
 
 class RateLimitedEndpoint:

@@ -63,3 +63,18 @@ def search_capacity(probe: Callable[[float], float], target: float = 0.9, start_
             hi = mid
     result.capacity = lo or 0.0
     return result
+
+
+def capacity_on_grid(curve: list[tuple[float, float]], target: float = 0.9) -> CapacityResult:
+    """The capacity read off attainments measured at fixed rates (contenders run side by side at each
+    rate, so no per-contender search): the rate where the curve first falls below `target`, linearly
+    interpolated between the last rate that met it and the first that did not. 0.0 when the lowest rate
+    already misses; unbounded (`bounded` False, the highest rate as a lower bound) when none misses."""
+    result = CapacityResult(0.0, curve=sorted(curve), target=target)
+    below = next((i for i, (_, attainment) in enumerate(result.curve) if attainment < target), None)
+    if below is None:
+        result.capacity = result.curve[-1][0] if result.curve else 0.0
+    elif below > 0:
+        (r0, a0), (r1, a1) = result.curve[below - 1], result.curve[below]
+        result.capacity = r0 + (r1 - r0) * (a0 - target) / (a0 - a1)
+    return result
