@@ -35,11 +35,12 @@ def dense_reference(q, k_cache, v_cache, tables, lens, block_size, scale):
 
 # sharpness 40: score gaps past exp's range, near one-hot. Its float32 logits reach ~40, whose
 # rounding (1e-5 relative, in a different summation order than the dense reference's) enters exp.
-# Shapes: the generic kernel's (head_dim 32, blocks of 8) and the bf16 vector kernel's (head_dim 64
-# and 128, blocks of 16 and 32, contexts ending mid-tile and on an odd key).
+# Shapes: the generic kernel's (head_dim 32, blocks of 8; head_dim 8, blocks of 2) and the bf16 vector
+# kernel's (head_dim 64 and 128, blocks of 16 and 32, contexts ending mid-tile and on an odd key).
 @pytest.mark.parametrize("shape", [
     dict(), dict(head_dim=64, block_size=16, heads=9, kv_heads=3, lens=(1, 15, 16, 33, 70)),
-    dict(head_dim=128, block_size=32, heads=8, kv_heads=2, lens=(2, 31, 47, 64, 65))])
+    dict(head_dim=128, block_size=32, heads=8, kv_heads=2, lens=(2, 31, 47, 64, 65)),
+    dict(head_dim=8, block_size=2, heads=4, kv_heads=2, lens=(1, 3, 9))])  # bf16 blocks under one cache line
 @pytest.mark.parametrize("dtype,sharpness,tol", [(torch.float32, 1.0, 1e-5), (torch.float32, 40.0, 1e-4),
                                                  (torch.bfloat16, 1.0, 2e-2), (torch.bfloat16, 40.0, 2e-2)])
 def test_native_and_torch_decode_attention_match_dense(shape, dtype, sharpness, tol):

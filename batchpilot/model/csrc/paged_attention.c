@@ -54,7 +54,7 @@ static inline __attribute__((always_inline)) void prefetch_next_block(
 
 /* The rows of the task a thread computes next, fetched into L2 a slice at a time while it computes the
  * current one: one block of lookahead inside a task left each task's first blocks and the reads of a
- * single stream waiting on memory (13 GB/s in W1 at 128; 18 GB/s with this, docs/reproduction.md). */
+ * single stream waiting on memory (measured in docs/reproduction.md). */
 typedef struct {
     const int64_t *table;  /* the next task's block ids */
     int64_t head_base;     /* its KV head's first slot */
@@ -72,6 +72,7 @@ static inline __attribute__((always_inline)) Lookahead lookahead_start(
     la.D = D;
     la.this_blocks = (this_len + BS - 1) / BS;
     la.lines_per_block = (int64_t)BS * D * (int64_t)esize / 64;
+    if (la.lines_per_block == 0) la.lines_per_block = 1; /* blocks under a line: one line each */
     if (next_task < 0) return la;
     const int64_t b = next_task / num_kv_heads;
     la.table = block_tables + b * table_width;
