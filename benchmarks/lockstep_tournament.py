@@ -150,9 +150,16 @@ def with_rate(flags: list[str], rate: float) -> list[str]:
     return [*flags[:i + 1], str(rate), *flags[i + 2:]]
 
 
-def capacity_tournament(args: argparse.Namespace) -> int:
+def print_table(configs: dict[str, list[str]], cells: dict[str, list[str]]) -> None:
+    """A markdown table: a row per workload, a column per contender."""
+    print("| workload | " + " | ".join(configs) + " |")
+    print("|---" * (len(configs) + 1) + "|")
+    for wname, shown in cells.items():
+        print(f"| {wname} | " + " | ".join(shown) + " |")
+
+
+def capacity_tournament(args: argparse.Namespace, configs: dict[str, list[str]]) -> int:
     """Each contender's capacity at the workload's SLA, read off attainments measured at every rate of the grid."""
-    configs = contenders([int(n) for n in args.static.split(",")], [s for s in args.policies.split(",") if s])
     rates = sorted(float(r) for r in args.rates.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]
     table: dict[str, dict] = {}
@@ -179,16 +186,12 @@ def capacity_tournament(args: argparse.Namespace) -> int:
             table[wname] = {name: cells[name] | {"regret": regret[name], "curve": curves[name], "runs": runs[name]}
                             for name in configs}
     print(f"\ncapacity (req/s with {args.target:.0%} of requests in the SLA) and regret against the best static")
-    print("| workload | " + " | ".join(configs) + " |")
-    print("|---" * (len(configs) + 1) + "|")
-    for wname, cells in table.items():
-        shown = []
-        for name in configs:
-            c = cells[name]
-            bound = ">=" if c["capacity_unbounded"] else ""
-            regret = "n/a" if c["regret"] is None else f"{100 * c['regret']:+.1f}%"
-            shown.append(f"{bound}{c['capacity']:.2f} ({regret})")
-        print(f"| {wname} | " + " | ".join(shown) + " |")
+
+    def shown(c: dict) -> str:
+        regret = "n/a" if c["regret"] is None else f"{100 * c['regret']:+.1f}%"
+        return f"{'>=' if c['capacity_unbounded'] else ''}{c['capacity']:.2f} ({regret})"
+
+    print_table(configs, {wname: [shown(cells[name]) for name in configs] for wname, cells in table.items()})
     if args.output_json:
         write_json(args.output_json, {"args": vars(args), "capacity": table})
     return 0
@@ -207,9 +210,9 @@ def main() -> int:
     p.add_argument("--target", type=float, default=0.9, help="share of requests in the SLA that capacity keeps")
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
-    if args.rates:
-        return capacity_tournament(args)
     configs = contenders([int(n) for n in args.static.split(",")], [s for s in args.policies.split(",") if s])
+    if args.rates:
+        return capacity_tournament(args, configs)
     table: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = workloads(Path(tmp), args.scale)
@@ -232,11 +235,10 @@ def main() -> int:
                           flush=True)
             table[wname] = {name: {"runs": r, "median_regret": _median([x["regret"] for x in r])}
                             for name, r in runs.items()}
-    print("\n| workload | " + " | ".join(configs) + " |")
-    print("|---" * (len(configs) + 1) + "|")
-    for wname, rows in table.items():
-        print(f"| {wname} | " + " | ".join("n/a" if rows[c]["median_regret"] is None
-                                             else f"{100 * rows[c]['median_regret']:+.1f}%" for c in configs) + " |")
+    print()
+    print_table(configs, {wname: ["n/a" if rows[c]["median_regret"] is None
+                                  else f"{100 * rows[c]['median_regret']:+.1f}%" for c in configs]
+                          for wname, rows in table.items()})
     if args.output_json:
         write_json(args.output_json, {"args": vars(args), "table": table})
     return 0
