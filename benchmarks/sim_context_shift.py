@@ -9,6 +9,11 @@ scales all times together, as for a trace, and pools the attainment of `--arriva
 the whole workload (one draw's bursts move a capacity by several percent). The script reports the
 capacity of every static limit and of the contenders on each phase alone and on the whole run.
 
+`--balance`: the whole run's phases arrive at rates proportional to each phase's capacity under its own
+best static limit, so both kinds of traffic load the server alike (a server kept at one utilisation
+while its mix shifts). Without it the phases keep their nominal rates, and whichever phase is loaded
+more decides the whole run alone.
+
     python benchmarks/sim_context_shift.py --hardware H100-80GB --model Llama-3-8B \\
         --sla ttft:5000,tpot:50 --static 48,64,80,96,112,128,160,192,256
 
@@ -39,18 +44,22 @@ def phase(spec: str, seed: int) -> list[SimRequest]:
                          LengthDist.parse(f"uniform:{output}", "output"), seed)
 
 
-def workload(seed: int) -> tuple[list[SimRequest], list[SimRequest], list[SimRequest]]:
-    """The first chat phase, the documents, and the whole run, each phase drawn with seed + its index."""
+def workload(seed: int, stretch: tuple[float, float] = (1.0, 1.0)
+             ) -> tuple[list[SimRequest], list[SimRequest], list[SimRequest]]:
+    """The first chat phase, the documents, and the whole run, each phase drawn with seed + its index;
+    `stretch` multiplies the arrival offsets of chat phases and of the documents in the whole run."""
     phases = [phase(spec, seed + 10 + k) for k, spec in enumerate(PHASES)]
     whole: list[SimRequest] = []
-    for reqs in phases:  # each phase starts when the previous one's last request has arrived
+    for k, reqs in enumerate(phases):  # each phase starts when the previous one's last request has arrived
         start = whole[-1].arrival_s if whole else 0.0
-        whole += [replace(r, arrival_s=start + r.arrival_s) for r in reqs]
+        factor = stretch[1] if k == 1 else stretch[0]
+        whole += [replace(r, arrival_s=start + factor * r.arrival_s) for r in reqs]
     return phases[0], phases[1], whole
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(["simulate", "tournament", *argv])
+    balance = "--balance" in argv
+    args = build_parser().parse_args(["simulate", "tournament", *(a for a in argv if a != "--balance")])
     setup = Setup(args)
     if setup.sla is None:
         raise SystemExit("--sla is required: capacity is measured at an SLA")
@@ -63,13 +72,20 @@ def main(argv: list[str]) -> int:
     names = [f"static-{n}" for n in statics] + list(CONTENDERS)
     print(f"pool {setup.capacity} tokens; capacity (req/s) at {args.sla} for {args.target:.0%} of requests, "
           f"pooled over {len(draws)} draws")
+    best_of_phase: list[float] = []
     for part, label in enumerate(("chat", "documents", "whole run")):
+        if part == 2 and balance:  # each phase at a rate proportional to its best static limit's capacity
+            nominals = [len(d[k]) / d[k][-1].arrival_s for d in draws[:1] for k in (0, 1)]
+            stretch = (1.0, nominals[1] / best_of_phase[1] * best_of_phase[0] / nominals[0])
+            draws = [workload(100 * d, stretch) for d in range(args.arrival_seeds)]
+            label = f"whole run, balanced (documents' offsets x{stretch[1]:.3g})"
         reqs, *more = [d[part] for d in draws]
         nominal = len(reqs) / reqs[-1].arrival_s
         started = time.perf_counter()
         found = {n: runner.capacity(reqs, setup.capacity, configs[n], True, nominal, args.target, more)
                  for n in names}
         best = max((n for n in names if n.startswith("static-")), key=lambda n: found[n] or float("inf"))
+        best_of_phase.append(found[best] or float("inf"))
         cells = ", ".join(f"{n.removeprefix('static-')} {'unbounded' if c is None else f'{c:.3g}'}"
                           for n, c in found.items())
         print(f"{label} (nominal {nominal:.2f}/s, {time.perf_counter() - started:.0f} s): {cells}")
