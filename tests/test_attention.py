@@ -40,6 +40,9 @@ def dense_reference(q, k_cache, v_cache, tables, lens, block_size, scale):
 @pytest.mark.parametrize("shape", [
     dict(), dict(head_dim=64, block_size=16, heads=9, kv_heads=3, lens=(1, 15, 16, 33, 70)),
     dict(head_dim=128, block_size=32, heads=8, kv_heads=2, lens=(2, 31, 47, 64, 65)),
+    # several chunks of 8 tiles (the softmax's update interval), the last one partial or mid-tile
+    dict(head_dim=64, block_size=16, heads=9, kv_heads=3, lens=(128, 129, 263, 300), num_blocks=64),
+    dict(head_dim=128, block_size=32, heads=8, kv_heads=2, lens=(256, 287, 400), num_blocks=40),
     dict(head_dim=8, block_size=2, heads=4, kv_heads=2, lens=(1, 3, 9))])  # bf16 blocks under one cache line
 @pytest.mark.parametrize("dtype,sharpness,tol", [(torch.float32, 1.0, 1e-5), (torch.float32, 40.0, 1e-4),
                                                  (torch.bfloat16, 1.0, 2e-2), (torch.bfloat16, 40.0, 2e-2)])

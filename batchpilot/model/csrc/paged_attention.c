@@ -7,7 +7,7 @@
  * [B]. The G = H / KVH query heads of a KV head are processed together, so each K/V row is
  * read from memory once per sequence. Blocks lie anywhere in the cache, where the hardware
  * prefetcher does not follow: each thread fetches the rows of the task it computes next while it
- * computes one (a slice per block), and the next block's rows of its own task.
+ * computes one (a slice per block), and blocks of its own task ahead of the ones it reads.
  * Parallel over (sequence, KV head) tasks with OpenMP; the process shares torch's libgomp (same
  * soname), so there is one thread pool.
  */
@@ -25,6 +25,7 @@
 #define MAX_G 16
 #define MAX_D 256
 #define MAX_BS 128
+#define CHUNK_TILES 8 /* tiles of 16 keys per softmax update in attend_bf16 */
 
 static inline __attribute__((always_inline)) void load_row(const void *base, int is_bf16, int64_t offset, int d,
                                                           float *dst) {
@@ -216,7 +217,11 @@ static inline __attribute__((always_inline)) __m512 transpose_sum16(const __m512
  * tile for all G heads. The interleave leaves each 32-dimension chunk's sums in the order
  * unpacklo/hi give (per 128-bit lane: 4 dimensions from the low half, then 4 from the high); one
  * permute per chunk restores it at the end. DC (32-dimension chunks per row) is a literal at each
- * call so that a head's sums stay in registers. */
+ * call so that a head's sums stay in registers.
+ * Tiles go CHUNK_TILES at a time: the scores of the whole chunk first, then one running-max update,
+ * correction and denominator per head, then the values. The softmax's serial chain (reductions, the
+ * exponentials) was most of the kernel's time when paid per 16 keys; and the chunk's value products
+ * give the blocks of the next chunk time to arrive (docs/reproduction.md). */
 static inline __attribute__((always_inline)) void attend_bf16(
         int b, int kh, const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *out,
         const int64_t *block_tables, const int64_t *context_lens, int num_heads, int num_kv_heads, int table_width,
@@ -227,64 +232,87 @@ static inline __attribute__((always_inline)) void attend_bf16(
     __m512 acc[MAX_G][2 * DC];
     __m512bh qv[MAX_G][DC];
     __m512bh vp[8][2 * DC];
-    float mx[MAX_G], den[MAX_G], correction[MAX_G];
-    uint32_t pairs[MAX_G][8];
+    float mx[MAX_G], den[MAX_G];
     const int64_t len = context_lens[b];
     const int64_t head0 = (int64_t)b * num_heads + (int64_t)kh * G;
+    const int64_t *table = block_tables + (int64_t)b * table_width;
     for (int g = 0; g < G; g++) {
         for (int c = 0; c < DC; c++) qv[g][c] = (__m512bh)_mm512_loadu_si512(q + (head0 + g) * D + 32 * c);
         for (int c = 0; c < 2 * DC; c++) acc[g][c] = _mm512_setzero_ps();
         mx[g] = -INFINITY;
         den[g] = 0.0f;
     }
-    for (int64_t start = 0; start < len; start += BS) {
-        const int n = (int)((len - start) < BS ? (len - start) : BS);
-        const int64_t slot0 = block_tables[(int64_t)b * table_width + start / BS] * BS;
-        const int64_t base = ((int64_t)kh * num_slots + slot0) * D;
-        prefetch_next_block(k_cache, v_cache, 2, block_tables + (int64_t)b * table_width, start, len, BS, kh,
-                            num_slots, D);
-        lookahead_fetch(&la, k_cache, v_cache, 2, start / BS);
-        for (int t0 = 0; t0 < n; t0 += 16) {
-            /* All 16 rows of the tile lie inside the block (BS % 16 == 0); lanes past the context are
-             * masked after the sums, which never mix lanes, and their value rows are never read. */
-            const int keys = n - t0 < 16 ? n - t0 : 16;
-            const __mmask16 live = (__mmask16)((1u << keys) - 1);
-            const uint16_t *kt = k_cache + base + (int64_t)t0 * D;
-            const uint16_t *vt = v_cache + base + (int64_t)t0 * D;
-            for (int g = 0; g < G; g++) {
+    const int64_t tiles = (len + 15) / 16;
+    for (int64_t tile0 = 0; tile0 < tiles; tile0 += CHUNK_TILES) {
+        /* Up to CHUNK_TILES tiles of 16 keys share one running-max update, one correction and one sum:
+         * the softmax's serial chain (reductions, exp) is paid per 64 keys, not per 16. */
+        const int nt = tiles - tile0 < CHUNK_TILES ? (int)(tiles - tile0) : CHUNK_TILES;
+        const uint16_t *kt[CHUNK_TILES], *vt[CHUNK_TILES];
+        for (int i = 0; i < nt; i++) {
+            const int64_t start = (tile0 + i) * 16;
+            const int64_t base = ((int64_t)kh * num_slots + table[start / BS] * BS + start % BS) * D;
+            kt[i] = k_cache + base;
+            vt[i] = v_cache + base;
+        }
+        /* All 16 rows of a tile lie inside its block (BS % 16 == 0); lanes past the context (last tile
+         * only) are masked after the sums, which never mix lanes, and their value rows are never read. */
+        const int keys_last = len - (tile0 + nt - 1) * 16 < 16 ? (int)(len - (tile0 + nt - 1) * 16) : 16;
+        const __mmask16 live_last = (__mmask16)(keys_last >= 16 ? 0xFFFFu : (1u << keys_last) - 1);
+        __m512i pz[MAX_G][CHUNK_TILES];
+        float correction[MAX_G];
+        for (int g = 0; g < G; g++) {
+            __m512 s[CHUNK_TILES];
+            __m512 m = _mm512_set1_ps(-INFINITY);
+            for (int i = 0; i < nt; i++) {
                 __m512 part[16];
                 for (int t = 0; t < 16; t++) {
                     __m512 a = _mm512_setzero_ps();
                     for (int c = 0; c < DC; c++)
-                        a = _mm512_dpbf16_ps(a, qv[g][c], (__m512bh)_mm512_loadu_si512(kt + t * D + 32 * c));
+                        a = _mm512_dpbf16_ps(a, qv[g][c], (__m512bh)_mm512_loadu_si512(kt[i] + t * D + 32 * c));
                     part[t] = a;
                 }
-                const __m512 s = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY),
-                                                      _mm512_mul_ps(transpose_sum16(part), _mm512_set1_ps(scale)));
-                const float top = fmaxf(mx[g], _mm512_reduce_max_ps(s));
-                correction[g] = fast_exp(mx[g] - top); /* exp(-inf) ~ 0 on the first tile */
-                /* masked lanes: exp(-inf) clamps to ~1e-38 and is left out of the denominator */
-                const __m256bh p16 = _mm512_cvtneps_pbh(exp16(_mm512_sub_ps(s, _mm512_set1_ps(top))));
-                const __m512 pr = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)p16), 16));
-                den[g] = den[g] * correction[g] + _mm512_reduce_add_ps(_mm512_maskz_mov_ps(live, pr));
-                mx[g] = top;
-                _mm256_storeu_si256((__m256i *)pairs[g], (__m256i)p16);
+                s[i] = _mm512_mul_ps(transpose_sum16(part), _mm512_set1_ps(scale));
+                if (i == nt - 1) s[i] = _mm512_mask_blend_ps(live_last, _mm512_set1_ps(-INFINITY), s[i]);
+                m = _mm512_max_ps(m, s[i]);
             }
+            const float top = fmaxf(mx[g], _mm512_reduce_max_ps(m));
+            correction[g] = fast_exp(mx[g] - top); /* exp(-inf) ~ 0 on the first chunk */
+            __m512 sum = _mm512_setzero_ps();
+            for (int i = 0; i < nt; i++) {
+                /* masked lanes: exp(-inf) clamps to ~1e-38 and is left out of the denominator */
+                const __m256bh p16 = _mm512_cvtneps_pbh(exp16(_mm512_sub_ps(s[i], _mm512_set1_ps(top))));
+                const __m512 pr = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)p16), 16));
+                sum = _mm512_add_ps(sum, i == nt - 1 ? _mm512_maskz_mov_ps(live_last, pr) : pr);
+                pz[g][i] = _mm512_castsi256_si512((__m256i)p16);
+            }
+            den[g] = den[g] * correction[g] + _mm512_reduce_add_ps(sum);
+            mx[g] = top;
+        }
+        for (int g = 0; g < G; g++) {
+            const __m512 corr = _mm512_set1_ps(correction[g]);
+            for (int j = 0; j < 2 * DC; j++) acc[g][j] = _mm512_mul_ps(acc[g][j], corr);
+        }
+        for (int i = 0; i < nt; i++) {
+            /* fetch ahead while the values are weighed: the block of the next chunk's tile i, and the
+             * next task's share for this block */
+            const int64_t start = (tile0 + i) * 16, ahead = start + CHUNK_TILES * 16;
+            if (ahead % BS == 0) prefetch_next_block(k_cache, v_cache, 2, table, ahead - BS, len, BS, kh, num_slots, D);
+            if (start % BS == 0) lookahead_fetch(&la, k_cache, v_cache, 2, start / BS);
+            const int keys = i == nt - 1 ? keys_last : 16;
             const int npairs = (keys + 1) / 2;
             for (int pr = 0; pr < npairs; pr++)
                 for (int c = 0; c < DC; c++) {
-                    const __m512i v0 = _mm512_loadu_si512(vt + 2 * pr * D + 32 * c);
-                    const __m512i v1 = 2 * pr + 1 < keys ? _mm512_loadu_si512(vt + (2 * pr + 1) * D + 32 * c)
+                    const __m512i v0 = _mm512_loadu_si512(vt[i] + 2 * pr * D + 32 * c);
+                    const __m512i v1 = 2 * pr + 1 < keys ? _mm512_loadu_si512(vt[i] + (2 * pr + 1) * D + 32 * c)
                                                          : _mm512_setzero_si512();
                     vp[pr][2 * c] = (__m512bh)_mm512_unpacklo_epi16(v0, v1);
                     vp[pr][2 * c + 1] = (__m512bh)_mm512_unpackhi_epi16(v0, v1);
                 }
             for (int g = 0; g < G; g++) {
                 __m512 a[2 * DC];
-                const __m512 corr = _mm512_set1_ps(correction[g]);
-                for (int j = 0; j < 2 * DC; j++) a[j] = _mm512_mul_ps(acc[g][j], corr);
+                for (int j = 0; j < 2 * DC; j++) a[j] = acc[g][j];
                 for (int pr = 0; pr < npairs; pr++) {
-                    const __m512bh w = (__m512bh)_mm512_set1_epi32((int)pairs[g][pr]);
+                    const __m512bh w = (__m512bh)_mm512_permutexvar_epi32(_mm512_set1_epi32(pr), pz[g][i]);
                     for (int j = 0; j < 2 * DC; j++) a[j] = _mm512_dpbf16_ps(a[j], vp[pr][j], w);
                 }
                 for (int j = 0; j < 2 * DC; j++) acc[g][j] = a[j];
