@@ -44,15 +44,15 @@ def phase(spec: str, seed: int) -> list[SimRequest]:
                          LengthDist.parse(f"uniform:{output}", "output"), seed)
 
 
-def workload(seed: int, stretch: tuple[float, float] = (1.0, 1.0)
+def workload(seed: int, documents_stretch: float = 1.0
              ) -> tuple[list[SimRequest], list[SimRequest], list[SimRequest]]:
     """The first chat phase, the documents, and the whole run, each phase drawn with seed + its index;
-    `stretch` multiplies the arrival offsets of chat phases and of the documents in the whole run."""
+    in the whole run the documents' arrival offsets are multiplied by `documents_stretch`."""
     phases = [phase(spec, seed + 10 + k) for k, spec in enumerate(PHASES)]
     whole: list[SimRequest] = []
     for k, reqs in enumerate(phases):  # each phase starts when the previous one's last request has arrived
         start = whole[-1].arrival_s if whole else 0.0
-        factor = stretch[1] if k == 1 else stretch[0]
+        factor = documents_stretch if k == 1 else 1.0
         whole += [replace(r, arrival_s=start + factor * r.arrival_s) for r in reqs]
     return phases[0], phases[1], whole
 
@@ -72,15 +72,16 @@ def main(argv: list[str]) -> int:
     names = [f"static-{n}" for n in statics] + list(CONTENDERS)
     print(f"pool {setup.capacity} tokens; capacity (req/s) at {args.sla} for {args.target:.0%} of requests, "
           f"pooled over {len(draws)} draws")
-    best_of_phase: list[float] = []
+    best_of_phase: list[float] = []  # per phase alone: its best static limit's capacity, and its nominal rate
+    nominal_of_phase: list[float] = []
     for part, label in enumerate(("chat", "documents", "whole run")):
         if part == 2 and balance:  # each phase at a rate proportional to its best static limit's capacity
-            nominals = [len(d[k]) / d[k][-1].arrival_s for d in draws[:1] for k in (0, 1)]
-            stretch = (1.0, nominals[1] / best_of_phase[1] * best_of_phase[0] / nominals[0])
+            stretch = nominal_of_phase[1] / best_of_phase[1] * best_of_phase[0] / nominal_of_phase[0]
             draws = [workload(100 * d, stretch) for d in range(args.arrival_seeds)]
-            label = f"whole run, balanced (documents' offsets x{stretch[1]:.3g})"
+            label = f"whole run, balanced (documents' offsets x{stretch:.3g})"
         reqs, *more = [d[part] for d in draws]
         nominal = len(reqs) / reqs[-1].arrival_s
+        nominal_of_phase.append(nominal)
         started = time.perf_counter()
         found = {n: runner.capacity(reqs, setup.capacity, configs[n], True, nominal, args.target, more)
                  for n in names}

@@ -245,7 +245,7 @@ static inline __attribute__((always_inline)) void attend_bf16(
     const int64_t tiles = (len + 15) / 16;
     for (int64_t tile0 = 0; tile0 < tiles; tile0 += CHUNK_TILES) {
         /* Up to CHUNK_TILES tiles of 16 keys share one running-max update, one correction and one sum:
-         * the softmax's serial chain (reductions, exp) is paid per 64 keys, not per 16. */
+         * the softmax's serial chain (reductions, exp) is paid per chunk, not per 16 keys. */
         const int nt = tiles - tile0 < CHUNK_TILES ? (int)(tiles - tile0) : CHUNK_TILES;
         const uint16_t *kt[CHUNK_TILES], *vt[CHUNK_TILES];
         for (int i = 0; i < nt; i++) {
