@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -46,29 +45,6 @@ def llamacpp_worker(gguf: str, threads: int) -> dict:
     return {"step_ms": sorted(steps)[1], "passes_ms": steps}
 
 
-def floor_worker(folder: str, threads: int) -> dict:
-    """The time to read the model's bf16 weight bytes once, as a float32 sum (torch's reduction streams
-    at the host's read bandwidth; a bf16 sum does not vectorise)."""
-    import time
-
-    import torch
-    from safetensors import safe_open
-
-    torch.set_num_threads(threads)
-    nbytes = 0
-    for path in Path(folder).glob("*.safetensors"):
-        with safe_open(str(path), "pt") as f:
-            nbytes += sum(2 * math.prod(f.get_slice(name).get_shape()) for name in f.keys())
-    data = torch.ones(nbytes // 4)
-    times = []
-    for _ in range(20):
-        start = time.perf_counter()
-        data.sum()
-        times.append(time.perf_counter() - start)
-    step = min(times)  # the floor: the best the host read in this minute
-    return {"step_ms": step * 1000, "bytes": nbytes, "read_gb_s": nbytes / step / 1e9}
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--llamacpp-python", required=True)
@@ -78,7 +54,7 @@ def main() -> int:
     p.add_argument("--worker-floor", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker_floor:
-        print(MARKER + json.dumps(floor_worker(args.worker_floor, vllm_speed.THREADS)), flush=True)
+        print(MARKER + json.dumps(vllm_speed.bf16_floor(args.worker_floor, vllm_speed.THREADS)), flush=True)
         return 0
     if args.worker_gguf:
         print(MARKER + json.dumps(llamacpp_worker(args.worker_gguf, vllm_speed.THREADS)), flush=True)

