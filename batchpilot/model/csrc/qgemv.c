@@ -159,6 +159,25 @@ static inline __attribute__((always_inline)) void finish(__m512 acc[MAX_M][4], i
         }
 }
 
+/* `rows` (a literal at each call) rows of x times an expanded tile, into y. The four weight vectors of
+ * a k-pair are pinned in registers, and the sums stay there: with a row count known only at run
+ * time gcc kept the sums in memory (a load and a store per dot product), and left to itself it
+ * reloads each weight vector once per row. */
+static inline __attribute__((always_inline)) void rows_times_tile(const int rows, const uint16_t *x, int64_t x_stride,
+                                                                  const uint32_t *buf, int64_t K2, const float *scale,
+                                                                  const uint16_t *bias, uint16_t *y, int64_t y_stride) {
+    __m512 acc[MAX_M][4];
+    for (int m = 0; m < rows; m++)
+        for (int c = 0; c < 4; c++) acc[m][c] = _mm512_setzero_ps();
+    for (int64_t k2 = 0; k2 < K2; k2++) {
+        __m512bh w[4];
+        for (int c = 0; c < 4; c++) w[c] = (__m512bh)_mm512_loadu_si512(buf + k2 * TILE_N + 16 * c);
+        __asm__("" : "+v"(w[0]), "+v"(w[1]), "+v"(w[2]), "+v"(w[3]));
+        accumulate(acc, x, x_stride, rows, k2, w);
+    }
+    finish(acc, rows, scale, bias, y, y_stride);
+}
+
 /* The layouts both entry points take: whole tiles along N, pairs along K, and for group-wise scales
  * (int4 always, int8 with group > 0) whole groups of an even size. */
 static inline int shape_ok(int bits, int64_t group, int64_t K, int64_t N) {
@@ -278,13 +297,18 @@ int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const void *s
             if (buf == NULL) continue;
             expand_tile(q, s16, l16, bits, group, K, t, buf);
             for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
-                const int rows = (int)(M - m0 < MAX_M ? M - m0 : MAX_M);
-                __m512 acc[MAX_M][4];
-                for (int m = 0; m < MAX_M; m++)
-                    for (int c = 0; c < 4; c++) acc[m][c] = _mm512_setzero_ps();
-                for (int64_t k2 = 0; k2 < K2; k2++)
-                    accumulate(acc, x + m0 * x_stride, x_stride, rows, k2, (const __m512bh *)(buf + k2 * TILE_N));
-                finish(acc, rows, scale, b, y + m0 * y_stride + t * TILE_N, y_stride);
+                const uint16_t *xm = x + m0 * x_stride;
+                uint16_t *ym = y + m0 * y_stride + t * TILE_N;
+#define ROWS(R) rows_times_tile(R, xm, x_stride, buf, K2, scale, b, ym, y_stride)
+                switch (M - m0 < MAX_M ? M - m0 : MAX_M) {
+                case 1: ROWS(1); break;
+                case 2: ROWS(2); break;
+                case 3: ROWS(3); break;
+                case 4: ROWS(4); break;
+                case 5: ROWS(5); break;
+                default: ROWS(6);
+                }
+#undef ROWS
             }
         }
     }
