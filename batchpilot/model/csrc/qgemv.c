@@ -27,8 +27,8 @@
 #ifdef __AVX512BF16__
 #include <immintrin.h>
 
-#define TILE_N 64
-#define MAX_M 6       /* rows per pass over an expanded tile: 24 float accumulators */
+#include "tile_rows.h"
+
 #define FUSED_MAX_M 4 /* up to this many rows, no buffer: each k-pair expanded in registers */
 
 /* Each thread's tile buffer, kept between calls: a fresh allocation per call is a fresh mapping at
@@ -134,50 +134,6 @@ static void expand_tile(const void *q, const uint16_t *scales, const uint16_t *l
     }
 }
 
-static inline __attribute__((always_inline)) void accumulate(__m512 acc[MAX_M][4], const uint16_t *x,
-                                                             int64_t x_stride, int rows, int64_t k2, const __m512bh *w) {
-    for (int m = 0; m < rows; m++) {
-        int32_t pair;
-        memcpy(&pair, x + m * x_stride + 2 * k2, sizeof(pair));
-        const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
-        for (int c = 0; c < 4; c++) acc[m][c] = _mm512_dpbf16_ps(acc[m][c], xv, w[c]);
-    }
-}
-
-/* Scales (float per output, or NULL), bias (bf16, or NULL), then bf16 into y. */
-static inline __attribute__((always_inline)) void finish(__m512 acc[MAX_M][4], int rows, const float *scale,
-                                                         const uint16_t *bias, uint16_t *y, int64_t y_stride) {
-    for (int m = 0; m < rows; m++)
-        for (int j = 0; j < 4; j++) {
-            __m512 v = acc[m][j];
-            if (scale != NULL) v = _mm512_mul_ps(v, _mm512_loadu_ps(scale + 16 * j));
-            if (bias != NULL) {
-                const __m256i b16 = _mm256_loadu_si256((const __m256i *)(bias + 16 * j));
-                v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b16), 16)));
-            }
-            _mm256_storeu_si256((__m256i *)(y + m * y_stride + 16 * j), (__m256i)_mm512_cvtneps_pbh(v));
-        }
-}
-
-/* `rows` (a literal at each call) rows of x times an expanded tile, into y. The four weight vectors of
- * a k-pair are pinned in registers, and the sums stay there: with a row count known only at run
- * time gcc kept the sums in memory (a load and a store per dot product), and left to itself it
- * reloads each weight vector once per row. */
-static inline __attribute__((always_inline)) void rows_times_tile(const int rows, const uint16_t *x, int64_t x_stride,
-                                                                  const uint32_t *buf, int64_t K2, const float *scale,
-                                                                  const uint16_t *bias, uint16_t *y, int64_t y_stride) {
-    __m512 acc[MAX_M][4];
-    for (int m = 0; m < rows; m++)
-        for (int c = 0; c < 4; c++) acc[m][c] = _mm512_setzero_ps();
-    for (int64_t k2 = 0; k2 < K2; k2++) {
-        __m512bh w[4];
-        for (int c = 0; c < 4; c++) w[c] = (__m512bh)_mm512_loadu_si512(buf + k2 * TILE_N + 16 * c);
-        __asm__("" : "+v"(w[0]), "+v"(w[1]), "+v"(w[2]), "+v"(w[3]));
-        accumulate(acc, x, x_stride, rows, k2, w);
-    }
-    finish(acc, rows, scale, bias, y, y_stride);
-}
-
 /* The layouts both entry points take: whole tiles along N, pairs along K, and for group-wise scales
  * (int4 always, int8 with group > 0) whole groups of an even size. */
 static inline int shape_ok(int bits, int64_t group, int64_t K, int64_t N) {
@@ -189,15 +145,15 @@ static inline int shape_ok(int bits, int64_t group, int64_t K, int64_t N) {
 static inline __attribute__((always_inline)) void fused_channels(
         const int M, const uint16_t *x, int64_t x_stride, const void *q, int64_t K, int64_t t, const float *scale,
         const uint16_t *bias, uint16_t *y, int64_t y_stride) {
-    __m512 acc[MAX_M][4];
+    __m512 acc[TILE_ROWS][4];
     for (int m = 0; m < M; m++)
         for (int c = 0; c < 4; c++) acc[m][c] = _mm512_setzero_ps();
     for (int64_t k2 = 0; k2 < K / 2; k2++) {
         __m512bh w[4];
         expand_int8((const int8_t *)q + (t * (K / 2) + k2) * TILE_N * 2, w);
-        accumulate(acc, x, x_stride, M, k2, w);
+        tile_accumulate(acc, x, x_stride, M, k2, w);
     }
-    finish(acc, M, scale, bias, y + t * TILE_N, y_stride);
+    tile_finish(acc, M, scale, bias, y + t * TILE_N, y_stride, 0);
 }
 
 /* Up to FUSED_MAX_M rows times tile t of group-wise weights, no buffer: per group, sum_k x q' in exact
@@ -209,11 +165,11 @@ static inline __attribute__((always_inline)) void fused_groups(
         uint16_t *y, int64_t y_stride) {
     const int64_t K2 = K / 2, groups = K / group;
     const int zeros = bits == 4 && l16 != NULL;
-    __m512 acc[MAX_M][4];
+    __m512 acc[TILE_ROWS][4];
     for (int m = 0; m < M; m++)
         for (int c = 0; c < 4; c++) acc[m][c] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
-        __m512 part[MAX_M][4];
+        __m512 part[TILE_ROWS][4];
         for (int m = 0; m < M; m++)
             for (int c = 0; c < 4; c++) part[m][c] = _mm512_setzero_ps();
         for (int64_t k2 = g * group / 2; k2 < (g + 1) * group / 2; k2++) {
@@ -222,7 +178,7 @@ static inline __attribute__((always_inline)) void fused_groups(
                 raw_int4((const uint8_t *)q + (t * K2 + k2) * TILE_N, table, w);
             else
                 expand_int8((const int8_t *)q + (t * K2 + k2) * TILE_N * 2, w);
-            accumulate(part, x, x_stride, M, k2, w);
+            tile_accumulate(part, x, x_stride, M, k2, w);
         }
         const int64_t sg = (t * groups + g) * TILE_N;
         for (int c = 0; c < 4; c++) {
@@ -234,7 +190,7 @@ static inline __attribute__((always_inline)) void fused_groups(
             }
         }
     }
-    finish(acc, M, NULL, bias, y + t * TILE_N, y_stride);
+    tile_finish(acc, M, NULL, bias, y + t * TILE_N, y_stride, 0);
 }
 
 /* bits 4: int4 (float16 scales and lows per group), 8: int8 (float32 scales per output with group 0, float16
@@ -296,20 +252,7 @@ int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const void *s
             }
             if (buf == NULL) continue;
             expand_tile(q, s16, l16, bits, group, K, t, buf);
-            for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
-                const uint16_t *xm = x + m0 * x_stride;
-                uint16_t *ym = y + m0 * y_stride + t * TILE_N;
-#define ROWS(R) rows_times_tile(R, xm, x_stride, buf, K2, scale, b, ym, y_stride)
-                switch (M - m0 < MAX_M ? M - m0 : MAX_M) {
-                case 1: ROWS(1); break;
-                case 2: ROWS(2); break;
-                case 3: ROWS(3); break;
-                case 4: ROWS(4); break;
-                case 5: ROWS(5); break;
-                default: ROWS(6);
-                }
-#undef ROWS
-            }
+            tile_times_rows(M, x, x_stride, (const uint16_t *)buf, K2, scale, b, y + t * TILE_N, y_stride, 0);
         }
     }
     return failed ? -2 : 0;
