@@ -7,9 +7,9 @@
  * one contiguous tile, which tile_rows.h multiplies with every row (each vdpbf16ps a broadcast pair
  * (x[k], x[k+1]) of a row times the pairs of 16 outputs: no horizontal sums). Products accumulate
  * in float32 and are rounded to bf16 once, as F.linear does. Built where the CPU has AVX512-BF16,
- * or else AVX2 with FMA: there
- * each 32-bit lane of a tile row holds one output's pair, split into two floats by a shift and a
- * mask and multiplied by the broadcast x[k] and x[k+1] (the same exact products and float32 sums).
+ * or else AVX2 with FMA: there each 32-bit lane of a tile row holds one output's pair, split into
+ * two floats by a shift and a mask and multiplied by the broadcast x[k] and x[k+1] (the same exact
+ * products and float32 sums).
  */
 #include <stdint.h>
 #include <string.h>
