@@ -12,24 +12,13 @@ other for each shape and row count; each figure is the median of the repetitions
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from model_speed import timed  # the median of timed repetitions after a warm-up
 
 from batchpilot.model import kernels
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}
-
-
-def timed(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> int:
