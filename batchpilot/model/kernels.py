@@ -228,7 +228,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                         int(k.dtype == torch.bfloat16))
 
 
-GEMV_TILE = 64  # outputs per weight tile: TILE_N in csrc/gemv.c
+GEMV_TILE = 64  # outputs per weight tile: TILE_N in csrc/tile_rows.h (and gemv.c's AVX2 path)
 
 
 @functools.cache
