@@ -17,6 +17,7 @@ import torch
 from model_speed import timed  # the median of timed repetitions after a warm-up
 
 from batchpilot.model import kernels
+from batchpilot.model.linear import Linear, bf16_matmul_native
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}
 
@@ -27,16 +28,16 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    if not kernels.gemv_available():
-        raise SystemExit("the native GEMV is not built on this CPU (it needs AVX512-BF16 or AVX2 + FMA)")
+    if not (kernels.gemv_available() and bf16_matmul_native()):
+        raise SystemExit("needs our native GEMV and oneDNN's bf16 matmul in hardware (AVX512-BF16 or AMX)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = [int(r) for r in args.rows.split(",")]
     print(f"{'shape':8s} {'rows':>5s} {'ours GF/s':>10s} {'oneDNN GF/s':>12s} {'ours / oneDNN':>14s}")
     for name, (n, k) in SHAPES.items():
-        weight = (torch.randn(n, k) * 0.05).to(torch.bfloat16)
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight)
-        tiles = kernels.pack_gemv_weight(weight)
+        layer = Linear((torch.randn(n, k) * 0.05).to(torch.bfloat16))
+        layer.pack()  # the two copies the engine keeps: oneDNN's prepacked weight and our GEMV's tiles
+        packed, tiles = layer.packed, layer.gemv
         for m in rows:
             x = torch.randn(m, k).to(torch.bfloat16)
             reps = max(3, args.reps // 4) if name == "lm_head" else args.reps
