@@ -121,8 +121,11 @@ class ReplayCost:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,options", [("static", {}), ("combined", {"sla_tpot_ms": 15.0})])
-def test_simulator_replays_the_real_engines_scheduling_decisions(tmp_path, default_model_dir, name, options):
+@pytest.mark.parametrize("name,options,caching", [("static", {}, False), ("static", {}, True),
+                                                  ("combined", {"sla_tpot_ms": 15.0}, False)])
+def test_simulator_replays_the_real_engines_scheduling_decisions(tmp_path, default_model_dir, name, options, caching):
+    """Step for step the same schedule. With prefix caching on (the engine's default) a preempted
+    request finds its own blocks again; the prompts share no prefix, as the simulator's do not."""
     import json
 
     from batchpilot import LLM, SamplingParams
@@ -131,8 +134,10 @@ def test_simulator_replays_the_real_engines_scheduling_decisions(tmp_path, defau
     output_lens = [30, 12, 40, 25, 18, 35, 10, 28]
     trace = tmp_path / "real.jsonl"
     llm = LLM(str(default_model_dir), dtype="float32", num_kv_blocks=14, block_size=16, max_num_batched_tokens=64,
-              trace_path=str(trace), batch_controller=name, max_num_seqs=6, enable_prefix_caching=False, **options)
-    prompts = [[100 + j for j in range(n)] for n in prompt_lens]  # shared prefixes: the simulator does not cache
+              trace_path=str(trace), batch_controller=name, max_num_seqs=6, enable_prefix_caching=caching, **options)
+    # without caching, shared prefixes change nothing; with it, each prompt is its own from the first token
+    prompts = [[200 + i] + [100 + j for j in range(1, n)] if caching else [100 + j for j in range(n)]
+               for i, n in enumerate(prompt_lens)]
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for o in output_lens]
     llm.generate(prompts, params)
     llm.engine.trace.close()
@@ -144,13 +149,20 @@ def test_simulator_replays_the_real_engines_scheduling_decisions(tmp_path, defau
     work = [SimRequest(0.0, p, o) for p, o in zip(prompt_lens, output_lens)]
     controller = ControllerConfig(name=name, max_num_seqs=6, **options)
     simulate(work, ReplayCost(r["step_time_s"] for r in real), 14 * 16, controller,
-             SchedulerConfig(max_num_batched_tokens=64), max_model_len=8192, trace_path=str(sim_trace))
+             SchedulerConfig(max_num_batched_tokens=64), max_model_len=8192, trace_path=str(sim_trace),
+             prefix_caching=caching)
     sim = [json.loads(line) for line in sim_trace.read_text().splitlines()]
     keys = ("b_t", "batch_size", "num_prefill_tokens", "num_decode_tokens", "num_preemptions",
             "num_running", "num_waiting", "kv_usage")
     keys += tuple(k for k in ("b_mem", "b_sla", "b_low", "b_high") if k in real[0])
     assert len(sim) == len(real)
     assert [tuple(r[k] for k in keys) for r in sim] == [tuple(r[k] for k in keys) for r in real]
+    if caching:  # the cache did save recompute here: without it the same run prefills more
+        uncached = tmp_path / "uncached.jsonl"
+        simulate(work, lambda shape: 1e-3, 14 * 16, controller, SchedulerConfig(max_num_batched_tokens=64),
+                 max_model_len=8192, trace_path=str(uncached), prefix_caching=False)
+        steps = [json.loads(line) for line in uncached.read_text().splitlines()]
+        assert sum(r["num_prefill_tokens"] for r in real) < sum(r["num_prefill_tokens"] for r in steps)
 
 
 GRID = {"batch_sizes": [0, 2, 4], "context_lens": [100, 300], "prefill_tokens": [0, 10]}

@@ -132,10 +132,14 @@ class HasTokens(Protocol):
 class KVCacheManager:
     """Block tables of the requests that hold KV cache, and the prefix cache's counters."""
 
-    def __init__(self, pool: BlockPool, enable_prefix_caching: bool = True):
+    def __init__(self, pool: BlockPool, enable_prefix_caching: bool = True, names_by_request: bool = False):
         self.pool = pool
         self.block_size = pool.block_size
         self.enable_prefix_caching = enable_prefix_caching
+        # For requests known to share no prefix (the simulator's placeholder prompts): block i of a
+        # request is named (request id, i), which finds what hashing would (a preempted request's own
+        # blocks) without hashing every block.
+        self.names_by_request = names_by_request
         self.block_tables: dict[str, list[int]] = {}
         self._num_named: dict[str, int] = {}  # leading blocks of each table already named in the cache
         self.num_prefix_queries = 0  # prompt tokens looked up at admission (vLLM's prefix_cache_queries)
@@ -147,6 +151,9 @@ class KVCacheManager:
     def _hashes(self, req: HasTokens, num_blocks: int) -> list[bytes]:
         """The names of req's first num_blocks full blocks, computed once per request."""
         hashes, bs = req.block_hashes, self.block_size
+        if self.names_by_request:
+            hashes.extend((req.request_id, i) for i in range(len(hashes), num_blocks))
+            return hashes
         while len(hashes) < num_blocks:
             i = len(hashes)
             hashes.append(block_hash(hashes[-1] if hashes else b"", req.token_ids(i * bs, (i + 1) * bs)))

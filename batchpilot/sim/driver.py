@@ -67,8 +67,12 @@ class SimResult:
 def simulate(workload: list[SimRequest], step_time: Callable[[StepShape], float], kv_capacity_tokens: int,
              controller: ControllerConfig, scheduler: SchedulerConfig | None = None, max_model_len: int = 8192,
              block_size: int = 16, trace_path: str | None = None, replicas: int = 1, routing: str = "load-aware",
-             seed: int = 0) -> SimResult:
+             seed: int = 0, prefix_caching: bool = True) -> SimResult:
     """Run the workload through the real scheduler and controller; deterministic for a workload.
+
+    Prefix caching is on, as in the engine: requests share no prefix (their prompts are placeholder
+    tokens, so blocks are named by request), but a preempted request finds its own blocks again if
+    they were not reused meanwhile, and recomputes only the rest, as it does in the engine.
 
     With `replicas > 1`, each replica is a whole engine (pool, scheduler, controller) with the
     given KV capacity, and the router (see batchpilot.deploy.routing) places each arrival from
@@ -81,7 +85,7 @@ def simulate(workload: list[SimRequest], step_time: Callable[[StepShape], float]
     try:
         return _simulate(workload, step_time, kv_capacity_tokens, controller,
                          scheduler or SchedulerConfig(max_num_batched_tokens=8192), max_model_len, block_size,
-                         trace_path, make_router(routing, replicas, seed))
+                         trace_path, make_router(routing, replicas, seed), prefix_caching)
     finally:
         if enabled:
             gc.enable()
@@ -89,15 +93,15 @@ def simulate(workload: list[SimRequest], step_time: Callable[[StepShape], float]
 
 def _simulate(workload: list[SimRequest], step_time: Callable[[StepShape], float], kv_capacity_tokens: int,
               controller: ControllerConfig, scheduler: SchedulerConfig, max_model_len: int, block_size: int,
-              trace_path: str | None, router: Router) -> SimResult:
+              trace_path: str | None, router: Router, prefix_caching: bool) -> SimResult:
     clock = VirtualClock()
     replicas = len(router.loads)
     stop_at: dict[str, int] = {}  # the requests whose length the "model" chooses
     engines = []
     for k in range(replicas):
-        # NOTE: no prefix caching: simulated prompts are placeholder tokens ([0] * length), not text.
         pool = BlockPool(kv_capacity_tokens // block_size, block_size)
-        sched = Scheduler(scheduler, KVCacheManager(pool, enable_prefix_caching=False),
+        kv = KVCacheManager(pool, enable_prefix_caching=prefix_caching, names_by_request=True)
+        sched = Scheduler(scheduler, kv,
                           make_controller(controller, tuple(c.tpot_ms for c in scheduler.sla_classes
                                                             if c.tpot_ms is not None)), max_model_len)
         path = trace_path if replicas == 1 or trace_path is None else f"{trace_path}.r{k}"
