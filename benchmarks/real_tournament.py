@@ -37,7 +37,7 @@ from pathlib import Path
 
 from batchpilot.bench.metrics import SLA
 from batchpilot.bench.results import write_json
-from batchpilot.sim.tournament import hindsight_regret, phase_shift, regret_table
+from batchpilot.sim.tournament import document_shift, hindsight_regret, phase_shift, regret_table
 
 POLICIES = {
     "combined-clt": ["--batch-controller", "combined", "--memory-mode", "clt"],
@@ -57,9 +57,14 @@ TIMED = {"azure-code-timed": SLA(ttft_ms=15000, tpot_ms=1000), "uniform-poisson"
 
 
 def workloads(tmp: Path, scale: int) -> dict[str, list[str]]:
-    phases = tmp / "phase_shift.jsonl"
-    phases.write_text("".join(json.dumps({"timestamp": 0, "prompt_len": r.prompt_len, "output_len": r.output_len})
-                              + "\n" for r in phase_shift(scale, 6)))
+    def jsonl(name: str, reqs) -> Path:  # forced lengths, all at t=0, in queue order
+        path = tmp / name
+        path.write_text("".join(json.dumps({"timestamp": 0, "prompt_len": r.prompt_len, "output_len": r.output_len})
+                                + "\n" for r in reqs))
+        return path
+
+    phases, documents = jsonl("phase_shift.jsonl", phase_shift(scale, 6)), jsonl("document_shift.jsonl",
+                                                                                  document_shift(2 * scale, 8))
     azure = ["--dataset-name", "trace", "--dataset", str(AZURE_CODE), "--num-prompts", str(scale // 3),
              "--kv-cache-gib", "0.25"]
     return {
@@ -71,6 +76,12 @@ def workloads(tmp: Path, scale: int) -> dict[str, list[str]]:
                                   "--output-dist", "uniform:200:500", "--ignore-eos", "--kv-cache-gib", "0.1"],
         "phase-shift": ["--dataset-name", "trace", "--dataset", str(phases), "--num-prompts", str(10 * scale),
                         "--request-rate", "inf", "--kv-cache-gib", "0.1"],
+        # Documents on a pool that holds ~7 of them (0.25 GiB: 11,650 tokens of 1,000-2,000 + 100-300)
+        "long-prompts-tight-kv": ["--num-prompts", str(scale // 4), "--input-dist", "uniform:1000:2000",
+                                  "--output-dist", "uniform:100:300", "--ignore-eos", "--kv-cache-gib", "0.25"],
+        # chat (scale requests), documents (scale // 4), chat (scale), on the same pool: the best limit moves
+        "document-shift": ["--dataset-name", "trace", "--dataset", str(documents), "--num-prompts", str(10 * scale),
+                           "--request-rate", "inf", "--kv-cache-gib", "0.25"],
         "builtin-real-text": ["--dataset-name", "builtin", "--num-prompts", str(scale), "--kv-cache-gib", "0.1"],
         # The first requests of the Azure code trace (prompts of 100-7,000 tokens, median ~1,400, outputs
         # median 13; a third as many: ~2,600 prompt tokens each, ~1,000 prompt tok/s here): all at once, and

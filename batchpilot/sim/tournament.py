@@ -72,9 +72,28 @@ def phase_shift_phases(n: int, seed: int) -> tuple[list[SimRequest], ...]:
         n // 2, seed + 2)
 
 
+def document_shift(n: int, seed: int) -> list[SimRequest]:
+    """Chat, then documents, then chat again, in queue order, on one pool: the case for a limit that
+    adapts. Chat wants the limit where decode throughput stops rising with the batch; the documents
+    (long prompts, the pool holding about seven of them) want a limit the pool can hold through
+    their outputs, since past it the pool overflows and every preemption recomputes a long prompt."""
+    return [r for phase in document_shift_phases(n, seed) for r in phase]
+
+
+def document_shift_phases(n: int, seed: int) -> tuple[list[SimRequest], ...]:
+    """The document shift's three phases: n // 2 chat requests, n // 8 documents, n // 2 chat."""
+    chat = lambda k, s: _lengths(k, "uniform:50:200", "uniform:8:48", s)  # noqa: E731
+    return chat(n // 2, seed), long_prompts(max(1, n // 8), seed + 1), chat(n // 2, seed + 2)
+
+
+def long_prompts(n: int, seed: int) -> list[SimRequest]:
+    """Documents (retrieval-augmented prompts, summaries): prompts of 1,000-2,000 tokens, outputs of 100-300."""
+    return _lengths(n, "uniform:1000:2000", "uniform:100:300", seed)
+
+
 def builtin_workloads(datasets: list[str] | tuple[str, ...] = (), encode: Callable[[str], list[int]] | None = None
                       ) -> list[Workload]:
-    """The six built-in workloads, and for each dataset given: two windows of a timed trace (its first
+    """The eight built-in workloads, and for each dataset given: two windows of a timed trace (its first
     requests, and those from half-way through it), or a ShareGPT file's conversations (`encode`
     counts their tokens). Lengths from a dataset are chosen by the "model" below max_tokens 1024
     (or the reference length, if longer), so no policy can read them from max_tokens."""
@@ -87,6 +106,9 @@ def builtin_workloads(datasets: list[str] | tuple[str, ...] = (), encode: Callab
         Workload("sharegpt-like-model-lengths", lambda n: _lengths(n, "lognormal:170:1.0", "lognormal:150:1.0", 5,
                                                                   max_tokens=2048), 16),
         Workload("phase-shift", lambda n: phase_shift(n, 6), 16),
+        # The pool holds ~7 documents' worth (1,700 tokens each): 7 and, for the shift, 36 of its mean request.
+        Workload("long-prompts-tight-kv", lambda n: long_prompts(n // 4, 7), 7),
+        Workload("document-shift", lambda n: document_shift(n, 8), 36),
     ]
     for path in datasets:
         work += _dataset_workloads(path, encode)
@@ -253,7 +275,8 @@ def regret_table(table: dict[str, dict[str, Any]], key: str = "regret") -> str:
 def add_tournament_parser(modes, add_simulation_args) -> None:
     p = modes.add_parser("tournament", help="policies x workloads, regret against the hindsight-best static limit")
     add_simulation_args(p)
-    p.add_argument("--scale", type=int, default=200, help="requests per workload (phase-shift: per short phase)")
+    p.add_argument("--scale", type=int, default=200,
+                   help="requests per workload (some use a fraction of it: builtin_workloads)")
     p.add_argument("--static", default=",".join(map(str, STATIC_SWEEP)), help="the static sweep")
     p.add_argument("--workloads", default=None, help="comma list of workload names (default: all)")
     p.add_argument("--target", type=float, default=0.9, help="share of requests within the SLA for capacity")
