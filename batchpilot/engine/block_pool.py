@@ -19,6 +19,10 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
+# A full block's name: the SHA-256 of its prefix (block_hash), or (request id, index) for requests
+# known to share no prefix (KVCacheManager.names_by_request).
+BlockName = bytes | tuple[str, int]
+
 
 def block_hash(parent: bytes, token_ids: Sequence[int]) -> bytes:
     """Name of a full block: SHA-256 of its parent's name and its tokens. A cryptographic hash,
@@ -37,8 +41,8 @@ class BlockPool:
         self.block_size = block_size
         self.ref_counts = [0] * num_blocks
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self._block_by_hash: dict[bytes, int] = {}
-        self._hash_by_block: dict[int, bytes] = {}
+        self._block_by_hash: dict[BlockName, int] = {}
+        self._hash_by_block: dict[int, BlockName] = {}
         self.num_shared_blocks = 0  # blocks held by two sequences or more
         self.num_saved_blocks = 0  # references beyond the first: blocks that sharing saves
         self.num_cached_free_blocks = 0  # free blocks that still hold a named prefix (reclaimable)
@@ -88,7 +92,7 @@ class BlockPool:
                 if block in self._hash_by_block:
                     self.num_cached_free_blocks += 1
 
-    def lookup(self, name: bytes) -> int | None:
+    def lookup(self, name: BlockName) -> int | None:
         """The block caching the prefix with this name, if any."""
         return self._block_by_hash.get(name)
 
@@ -111,7 +115,7 @@ class BlockPool:
         self._hash_by_block.clear()
         self.num_cached_free_blocks = 0
 
-    def cache(self, block: int, name: bytes) -> None:
+    def cache(self, block: int, name: BlockName) -> None:
         """Name a held, full block. A name already cached keeps its block: two sequences that
         computed the same prefix at once keep one copy findable."""
         if name not in self._block_by_hash and block not in self._hash_by_block:
@@ -121,7 +125,7 @@ class BlockPool:
 
 class HasTokens(Protocol):
     request_id: str
-    block_hashes: list[bytes]
+    block_hashes: list[BlockName]
 
     @property
     def num_tokens(self) -> int: ...
@@ -148,7 +152,7 @@ class KVCacheManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _hashes(self, req: HasTokens, num_blocks: int) -> list[bytes]:
+    def _hashes(self, req: HasTokens, num_blocks: int) -> list[BlockName]:
         """The names of req's first num_blocks full blocks, computed once per request."""
         hashes, bs = req.block_hashes, self.block_size
         if self.names_by_request:

@@ -11,6 +11,7 @@ from batchpilot.config import SLAClass
 from batchpilot.sampling_params import SamplingParams, TokenLogprobs
 
 if TYPE_CHECKING:
+    from batchpilot.engine.block_pool import BlockName
     from batchpilot.model.grammar import Grammar
 
 
@@ -57,7 +58,7 @@ class Request:
     stopped_by_token: bool = False
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first admitted
     # Names of its full blocks (block_pool.block_hash), computed once: tokens are only appended.
-    block_hashes: list[bytes] = field(default_factory=list)
+    block_hashes: list[BlockName] = field(default_factory=list)
     priority: int = 0  # lower runs first (vLLM's convention), under --scheduling-policy priority
     sla_class: SLAClass | None = None  # its latency targets; None: the server-wide --sla-tpot-ms
     # Its place in the waiting order (smaller first), set by the scheduler when it is queued.
