@@ -11,6 +11,7 @@ from batchpilot.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerO
 from batchpilot.engine.request import Request
 from batchpilot.model import kernels
 from batchpilot.model.attention import AttentionMetadata, PrefillChunk
+from batchpilot.model.hugepages import HugePageArena
 from batchpilot.model.llama import LlamaModel
 from batchpilot.model.sampler import SamplingRow, sample
 from batchpilot.sampling_params import TokenLogprobs
@@ -95,13 +96,11 @@ class TorchRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         slots = num_blocks * block_size
-        # NOTE: zeroed: decode attention gathers whole blocks, and a never-written slot
-        # holding NaN would poison probs @ V even where the mask gives it weight 0.
-        self.kv_caches = [
-            (torch.zeros(a.num_kv_heads, slots, a.head_dim, dtype=model.dtype),
-             torch.zeros(a.num_kv_heads, slots, a.head_dim, dtype=model.dtype))
-            for _ in range(a.num_layers)
-        ]
+        # On huge pages, as the weights (large batches read more KV than weights a step). Zeroed, and so
+        # touched here rather than mid-step: decode attention gathers whole blocks, and a never-written
+        # slot holding NaN would poison probs @ V even where the mask gives it weight 0.
+        pool = HugePageArena().empty((a.num_layers, 2, a.num_kv_heads, slots, a.head_dim), model.dtype).zero_()
+        self.kv_caches = [(layer[0], layer[1]) for layer in pool]  # per layer: K, V [KVH, S, D], contiguous
         self.native_attention = native_attention and kernels.native_available()
         self._generators: dict[str, torch.Generator] = {}
         self._seed_source = torch.Generator().manual_seed(seed)

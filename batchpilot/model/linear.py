@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from batchpilot.model import kernels, quant
+from batchpilot.model.hugepages import HugePageArena
 
 GEMV_MAX_ROWS = 128  # our kernel and the one-call decode loop led oneDNN's prepacked call at 1-128 rows
 GEMV_MAX_ROWS_EMULATED = 16  # where bf16 matmul is not native: our kernel leads oneDNN's float32 to 16 rows
@@ -43,14 +44,17 @@ def bf16_matmul_native() -> bool:
             and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
 
 
-def pack_all(layers: list[Linear]) -> bool:
-    """Give every bf16 layer its few-row and many-row copies when their weights fit PACK_LIMIT_BYTES."""
+def pack_all(layers: list[Linear], arena: HugePageArena | None = None) -> bool:
+    """Give every bf16 layer its few-row and many-row copies when their weights fit PACK_LIMIT_BYTES,
+    the few-row ones in `arena` (one layer at a time: each temporary is freed before the next)."""
     if not layers or layers[0].weight.dtype != torch.bfloat16:
         return False
     if sum(layer.weight.nbytes for layer in layers) > PACK_LIMIT_BYTES:
         return False
     for layer in layers:
         layer.pack()
+        if arena is not None:
+            layer.move_streamed(arena)
     return True
 
 
@@ -98,6 +102,14 @@ class Linear:
             self.gemv_rows = GEMV_MAX_ROWS_EMULATED
         if kernels.gemv_supports(self.weight):
             self.gemv = kernels.pack_gemv_weight(self.weight)
+
+    def move_streamed(self, arena: HugePageArena) -> None:
+        """Move the copy the few-row kernels stream (our bf16 tiles, or the quantized tiles and their
+        scales) into `arena`, on huge pages."""
+        if self.gemv is not None:
+            self.gemv = arena.copy(self.gemv)
+        if self.quantized is not None:
+            self.quantized.move_streamed(arena)
 
     def kernel_operands(self) -> tuple[tuple, int] | None:
         """((weight, scales, lows, bits, group), rows): the operands of the native few-row kernel this layer

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from batchpilot.model import kernels, quant
 from batchpilot.model.args import ModelArgs
 from batchpilot.model.attention import AttentionMetadata, paged_attention
+from batchpilot.model.hugepages import HugePageArena
 from batchpilot.model.linear import Linear, pack_all
 
 
@@ -55,6 +56,9 @@ class LlamaModel:
         self.args = args
         self.dtype = dtype
         self.quantization = quantization  # quant.QUANTIZATIONS: the layers' weights (lm_head int8), weight-only
+        # the copies a decode step streams, on huge pages; each moved as it is made, so its temporary is
+        # freed (and reused by the next) before another is built: a 7B load's peak stays one layer's copies
+        streamed = HugePageArena()
 
         def w(name: str) -> torch.Tensor:
             return weights[name].to(dtype).contiguous()
@@ -71,11 +75,13 @@ class LlamaModel:
                 arrays = [parts[0] if len(parts) == 1 else torch.cat(parts) for parts in zip(*blocks)]
                 del blocks  # the parts, before the tiles are made: a 7B load's peak is one layer's copies
                 from_blocks = quant.int4_from_blocks if mode == "int4" else quant.int8_from_blocks
-                return Linear.from_quantized(from_blocks(*arrays, dtype), bias)
-            parts = [weights[n].float() for n in names]
-            layer = Linear(parts[0] if len(parts) == 1 else torch.cat(parts), bias)
-            del parts
-            layer.quantize(mode, dtype, int8_group)
+                layer = Linear.from_quantized(from_blocks(*arrays, dtype), bias)
+            else:
+                parts = [weights[n].float() for n in names]
+                layer = Linear(parts[0] if len(parts) == 1 else torch.cat(parts), bias)
+                del parts
+                layer.quantize(mode, dtype, int8_group)
+            layer.move_streamed(streamed)
             return layer
 
         blocks = weights.int4_blocks("model.embed_tokens.weight") \
@@ -109,7 +115,7 @@ class LlamaModel:
         if quantization is None:
             self.lm_head = Linear(self.embed if args.tie_word_embeddings else w("lm_head.weight"))
             self.lm_head.float_out = True  # float32 logits where the GEMV computes them: no ties made by rounding
-            pack_all([self.lm_head] + [lin for ly in self.layers for lin in self._linears(ly)])
+            pack_all([self.lm_head] + [lin for ly in self.layers for lin in self._linears(ly)], streamed)
         inv_freq = rope_inv_freq(args)
         angles = torch.outer(torch.arange(args.max_position_embeddings, dtype=torch.float32), inv_freq)
         self.rope_cos = angles.cos()  # [max_pos, D/2]

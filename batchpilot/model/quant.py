@@ -23,6 +23,7 @@ import torch
 
 from batchpilot.config import QUANTIZATIONS
 from batchpilot.model import kernels
+from batchpilot.model.hugepages import HugePageArena
 
 INT4_GROUP = 32
 Q8_GROUP = 32  # inputs per scale of group-wise int8 (GGUF's Q8_0), used for the lm_head
@@ -67,6 +68,11 @@ class Int8Weight(_Layout):
         """(weight, scales, lows, bits, group) as csrc/qgemv.c takes them; None for torch's layout."""
         return (self.q, self.scales, None, 8, self.group_size) if self.tiled else None
 
+    def move_streamed(self, arena: HugePageArena) -> None:
+        """Our kernel's tiles and scales into `arena` (torch's layout stays where torch put it)."""
+        if self.tiled:
+            self.q, self.scales = arena.copy(self.q), arena.copy(self.scales)
+
     def dequantize(self) -> torch.Tensor:
         """The weight in bf16 (tiled) or the scales' dtype: q * s, rounded once."""
         if self.tiled:
@@ -109,6 +115,11 @@ class Int4Weight(_Layout):
     def kernel_operands(self) -> tuple | None:
         """(weight, scales, lows, bits, group) as csrc/qgemv.c takes them; None for torch's layout."""
         return (self.packed, self.scales_zeros[0], self._lows, 4, self.group_size) if self.tiled else None
+
+    def move_streamed(self, arena: HugePageArena) -> None:
+        """Our kernel's tiles, scales and lows into `arena` (torch's layout stays where torch put it)."""
+        if self.tiled:
+            self.packed, self.scales_zeros = arena.copy(self.packed), arena.copy(self.scales_zeros)
 
     def dequantize(self) -> torch.Tensor:
         """The weight in bf16 (tiled) or the scales' dtype: (q - 8) * scale + zero, rounded once."""
