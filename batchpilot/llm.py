@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -103,14 +104,15 @@ class LLM:
         """Run every prompt to completion; results in prompt order.
 
         Args:
-            prompts: a string, a list of token ids, or a list of either.
+            prompts: a string, a list of token ids, vLLM's {"prompt": ...} / {"prompt_token_ids": ...}
+                dicts, or a list of any of these.
             sampling_params: one for all prompts, or one per prompt.
             priority: one per prompt, lower first (needs scheduling_policy="priority"), as vLLM's.
             sla_class: one SLA class name for all prompts, or one per prompt (None: the default).
         """
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)  # type: ignore[arg-type]
+        prompts = [_engine_prompt(p) for p in prompts]  # type: ignore[union-attr]
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params or self.default_sampling_params()] * len(prompts)
         else:
@@ -166,6 +168,24 @@ class LLM:
                     merged[i] = _merge_child(merged[i], out, k, str(i))
         bar.close()
         return [m for m in merged if m is not None]
+
+
+def _engine_prompt(prompt: PromptType | dict[str, Any]) -> PromptType:
+    """Text or token ids, from any form vLLM's LLM.generate takes: a string, a list of token ids, or its
+    TextPrompt / TokensPrompt dicts ({"prompt": text}, {"prompt_token_ids": ids})."""
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            prompt = prompt["prompt_token_ids"]
+        elif "prompt" in prompt:
+            prompt = prompt["prompt"]
+        else:
+            raise ValueError(f"prompts: a dict prompt needs 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and all(isinstance(t, numbers.Integral) for t in prompt):
+        return [int(t) for t in prompt]  # numpy's integers too
+    raise ValueError("prompts: each prompt must be a string, a list of token ids (int), or a dict with 'prompt' or "
+                     f"'prompt_token_ids'; got {type(prompt).__name__}")
 
 
 def _accumulate(results: dict[str, RequestOutput], delta: RequestOutput) -> RequestOutput:

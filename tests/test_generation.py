@@ -1,5 +1,7 @@
 """Stopping, seeds and n on the real default model (float32)."""
 
+import pytest
+
 from batchpilot import SamplingParams
 
 PROMPT = "Once upon a time, there was a robot who"
@@ -66,3 +68,15 @@ def test_defaults_come_from_the_models_generation_config(llm_fp32):
     params = llm_fp32.default_sampling_params()  # SmolLM2-Instruct's recommended sampling
     assert (params.temperature, params.top_p) == (0.2, 0.9)
     assert llm_fp32.engine.sampling_defaults == {"temperature": 0.2, "top_p": 0.9}
+
+
+def test_prompts_in_vllms_dict_forms_give_the_same_text_and_bad_ones_name_the_field(llm_fp32):
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    ids = llm_fp32.tokenizer.encode(PROMPT)
+    plain = llm_fp32.generate(PROMPT, params)[0].outputs[0].text
+    outs = llm_fp32.generate([{"prompt": PROMPT}, {"prompt_token_ids": ids}], params)
+    assert [o.outputs[0].text for o in outs] == [plain, plain]
+    assert llm_fp32.generate({"prompt_token_ids": ids}, params)[0].outputs[0].text == plain
+    for bad in ({"text": PROMPT}, [PROMPT, 3.5], [[1, "2"]]):
+        with pytest.raises(ValueError, match="prompts"):
+            llm_fp32.generate(bad, params)
