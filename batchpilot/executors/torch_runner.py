@@ -96,9 +96,10 @@ class TorchRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         slots = num_blocks * block_size
-        # On huge pages, as the weights (large batches read more KV than weights a step). Zeroed, and so
-        # touched here rather than mid-step: decode attention gathers whole blocks, and a never-written
-        # slot holding NaN would poison probs @ V even where the mask gives it weight 0.
+        # One mapping for every layer, on huge pages as the weights (at 32-128 rows level with torch's
+        # 4 KB pages so far: docs/reproduction.md). Zeroed, and so touched here rather than mid-step:
+        # decode attention gathers whole blocks, and a never-written slot holding NaN would poison
+        # probs @ V even where the mask gives it weight 0.
         pool = HugePageArena().empty((a.num_layers, 2, a.num_kv_heads, slots, a.head_dim), model.dtype).zero_()
         self.kv_caches = [(layer[0], layer[1]) for layer in pool]  # per layer: K, V [KVH, S, D], contiguous
         self.native_attention = native_attention and kernels.native_available()
