@@ -53,7 +53,9 @@ AZURE_RATE = 0.15  # requests/s: at 0.25 the queue grew (P90 TTFT 25 s with stat
 UNIFORM_RATE = 5.0  # requests/s: ~90% of what static 32 served at 6/s (568 tok/s, 144 tokens a request)
 # Workloads whose requests arrive over time: judged by goodput within the SLA (every policy serves
 # them all, so throughput is the offered load).
-TIMED = {"azure-code-timed": SLA(ttft_ms=15000, tpot_ms=1000), "uniform-poisson": SLA(ttft_ms=3000, tpot_ms=100)}
+DOCUMENT_RATE = 0.3  # requests/s: ~2/3 of what the tight pool served of them at t=0 (~92 out tok/s, ~200 a request)
+TIMED = {"azure-code-timed": SLA(ttft_ms=15000, tpot_ms=1000), "uniform-poisson": SLA(ttft_ms=3000, tpot_ms=100),
+         "long-prompts-poisson": SLA(ttft_ms=10000, tpot_ms=100)}
 
 
 def workloads(tmp: Path, scale: int) -> dict[str, list[str]]:
@@ -88,6 +90,11 @@ def workloads(tmp: Path, scale: int) -> dict[str, list[str]]:
         # at the trace's pattern rescaled to AZURE_RATE requests/s.
         "azure-code-offline": [*azure, "--request-rate", "inf"],
         "azure-code-timed": [*azure, "--request-rate", str(AZURE_RATE)],
+        # the documents of long-prompts-tight-kv arriving as a Poisson process (the SLA of the simulator's
+        # CPU-profile tournament: TTFT 10 s, TPOT 100 ms)
+        "long-prompts-poisson": ["--num-prompts", str(scale // 2), "--input-dist", "uniform:1000:2000",
+                                 "--output-dist", "uniform:100:300", "--ignore-eos", "--kv-cache-gib", "0.25",
+                                 "--request-rate", str(DOCUMENT_RATE)],
         # uniform's requests arriving as a Poisson process near the tight pool's capacity
         "uniform-poisson": ["--num-prompts", str(2 * scale), "--input-dist", "uniform:50:400", "--output-dist",
                             "uniform:32:256", "--ignore-eos", "--kv-cache-gib", "0.25", "--request-rate",
