@@ -68,14 +68,17 @@ def test_a_tensor_of_several_huge_pages_is_on_huge_pages_where_the_kernel_gives_
     assert int(big.sum()) == 3 * HUGE_PAGE
 
 
-def test_packed_tiles_move_to_the_arena_and_multiply_the_same():
-    weight = torch.randn(256, 192).bfloat16()
+@pytest.mark.parametrize("streams", [1, 2, 3])
+def test_packed_tiles_move_to_the_arena_and_multiply_the_same(streams):
+    weight = torch.randn(320, 192).bfloat16()  # 5 tiles: uneven shares for 2 and 3 streams
     plain, moved = Linear(weight), Linear(weight)
-    assert pack_all([plain]) == pack_all([moved], HugePageArena())
+    assert pack_all([plain]) == pack_all([moved], [HugePageArena() for _ in range(streams)])
     x = torch.randn(3, 192).bfloat16()
     assert torch.equal(plain(x), moved(x))
     if kernels.gemv_available():  # the first tensor of a fresh arena starts its mapping's first huge page
-        assert moved.gemv.data_ptr() % HUGE_PAGE == 0
+        assert [part.shape[0] for part in moved.gemv.parts] == [
+            kernels.split_start(5, streams, j + 1) - kernels.split_start(5, streams, j) for j in range(streams)]
+        assert all(part.data_ptr() % HUGE_PAGE == 0 for part in moved.gemv.parts)
     else:
         assert moved.gemv is None
 
@@ -87,7 +90,7 @@ def test_quantized_tiles_move_to_the_arena_and_multiply_the_same(mode):
     plain.quantize(mode, torch.bfloat16)
     moved.quantize(mode, torch.bfloat16)
     before = moved.quantized.kernel_operands()
-    moved.move_streamed(HugePageArena())
+    moved.move_streamed([HugePageArena()])
     x = torch.randn(3, 192).bfloat16()
     assert torch.equal(plain(x), moved(x))
     if before is not None:  # our tiles (where the kernel is built) moved; torch's layout stays put

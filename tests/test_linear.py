@@ -54,6 +54,24 @@ def test_gemv_matches_a_float32_reference_on_strided_rows(rows, with_bias):
     torch.testing.assert_close(out.float(), ref, rtol=8e-3, atol=1e-2)  # one bf16 rounding of the sum
 
 
+@pytest.mark.parametrize("parts", [2, 3, 8])
+@pytest.mark.parametrize("rows", [1, 7])
+def test_gemv_tiles_split_into_parts_multiply_as_one(parts, rows):
+    """Tiles placed per thread (a part per stream) give the same result bit for bit, whatever the team's
+    size against the parts' count: 7 tiles in 2, 3 or 8 parts (one empty) on this process's threads."""
+    from batchpilot.model.hugepages import HugePageArena
+
+    g = torch.Generator().manual_seed(parts)
+    w = torch.randn(7 * kernels.GEMV_TILE, 96, generator=g).to(torch.bfloat16)
+    b = torch.randn(7 * kernels.GEMV_TILE, generator=g).to(torch.bfloat16)
+    x = torch.randn(rows, 96, generator=g).to(torch.bfloat16)
+    whole = kernels.pack_gemv_weight(w)
+    split = whole.place([HugePageArena() for _ in range(parts)])
+    assert len(split.parts) == parts and sum(p.shape[0] for p in split.parts) == 7
+    assert torch.equal(kernels.gemv(x, split, b), kernels.gemv(x, whole, b))
+    assert torch.equal(split.place([HugePageArena()]).parts[0], whole.parts[0])  # and back into one
+
+
 @pytest.mark.parametrize("rows", [1, 5, 40])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_gemv_float_out_gives_the_sums_before_their_rounding(rows, with_bias):

@@ -81,7 +81,7 @@ def _library() -> ctypes.CDLL | None:
         "rope_in_place": (None, [ptr, i64, ptr, ptr, i64, i32, i32, i32, i32]),
         "silu_mul": (None, [ptr, ptr, i64, i64, i32, i32]),
         "write_kv": (None, [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i32, i32, i64, i32]),
-        "gemv_bf16": (i32, [ptr, i64, ptr, ptr, ptr, i64, i32, i64, i64, i64, i32]),
+        "gemv_bf16": (i32, [ptr, i64, ptr, i32, ptr, ptr, i64, i32, i64, i64, i64, i32]),
         "decode_layers": (i32, [ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, i32, i32, i64, i64, i64, i32,
                                 i32, i32, i64, f32, f32, ptr, i32]),
         "dequant_int4": (None, [ptr, ptr, ptr, i64, i64, i64, i32, i32]),
@@ -243,24 +243,53 @@ def gemv_supports(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.bfloat16 and n % GEMV_TILE == 0 and k % 2 == 0 and gemv_available()
 
 
-def pack_gemv_weight(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> tiles of 64 outputs [N / 64][K / 2][64][2], the layout csrc/gemv.c streams."""
+def split_start(n: int, parts: int, j: int) -> int:
+    """The first of items [0, n) that part j of `parts` takes: csrc/team.h's split, by which a team's
+    threads divide a projection's tiles."""
+    q, r = divmod(n, parts)
+    return j * q + min(j, r)
+
+
+class GemvTiles:
+    """kernels.gemv's tiles of one [N, K] weight, [N / 64][K / 2][64][2], in one or more parts: part j
+    holds the tiles thread j of a team of len(parts) computes (split_start), so that each thread's
+    tiles of a whole step can lie one after another in a stream of their own (place)."""
+
+    __slots__ = ("parts", "n", "k", "pointers")
+
+    def __init__(self, parts: list[torch.Tensor], n: int, k: int):
+        self.parts, self.n, self.k = parts, n, k
+        self.pointers = pointers(parts)  # the C array csrc/gemv.c takes
+
+    @property
+    def address(self) -> int:
+        return ctypes.addressof(self.pointers)
+
+    def place(self, arenas: list) -> GemvTiles:
+        """A copy split into len(arenas) parts, part j in arenas[j] (hugepages.HugePageArena)."""
+        whole = torch.cat(self.parts) if len(self.parts) > 1 else self.parts[0]
+        tiles = whole.shape[0]
+        cuts = [split_start(tiles, len(arenas), j) for j in range(len(arenas) + 1)]
+        return GemvTiles([arena.copy(whole[a:b]) for arena, a, b in zip(arenas, cuts, cuts[1:])], self.n, self.k)
+
+
+def pack_gemv_weight(weight: torch.Tensor) -> GemvTiles:
+    """[N, K] -> tiles of 64 outputs [N / 64][K / 2][64][2], the layout csrc/gemv.c streams, in one part."""
     n, k = weight.shape
-    return weight.view(n // GEMV_TILE, GEMV_TILE, k // 2, 2).transpose(1, 2).contiguous()
+    return GemvTiles([weight.view(n // GEMV_TILE, GEMV_TILE, k // 2, 2).transpose(1, 2).contiguous()], n, k)
 
 
-def gemv(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, float_out: bool = False) -> torch.Tensor:
+def gemv(x: torch.Tensor, tiles: GemvTiles, bias: torch.Tensor | None, float_out: bool = False) -> torch.Tensor:
     """x [M, K] bf16 (rows may be strided) times a pack_gemv_weight weight, plus bias: [M, N] bf16, or
     float32 (the sums unrounded) with float_out."""
-    tiles, half_k, tile, _ = packed.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
-    y = x.new_empty(x.shape[0], tiles * tile, dtype=torch.float32 if float_out else x.dtype)
-    rc = _library().gemv_bf16(x.data_ptr(), x.stride(0), packed.data_ptr(), None if bias is None else bias.data_ptr(),
-                              y.data_ptr(), y.stride(0), int(float_out), x.shape[0], 2 * half_k, tiles * tile,
-                              torch.get_num_threads())
+    y = x.new_empty(x.shape[0], tiles.n, dtype=torch.float32 if float_out else x.dtype)
+    rc = _library().gemv_bf16(x.data_ptr(), x.stride(0), tiles.address, len(tiles.parts),
+                              None if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0), int(float_out),
+                              x.shape[0], tiles.k, tiles.n, torch.get_num_threads())
     if rc != 0:
-        raise ValueError(f"gemv: unsupported shape {tuple(x.shape)} x {tuple(packed.shape)}")
+        raise ValueError(f"gemv: unsupported shape {tuple(x.shape)} x [{tiles.n}, {tiles.k}]")
     return y
 
 
@@ -269,9 +298,11 @@ def decode_layers_available() -> bool:
     return gemv_available() and hasattr(_library(), "decode_layers")
 
 
-def pointers(tensors: list[torch.Tensor | None]) -> ctypes.Array:
-    """The tensors' data pointers (None as NULL) as a C array, for kernels that take one per layer."""
-    return (ctypes.c_void_p * len(tensors))(*(None if t is None else t.data_ptr() for t in tensors))
+def pointers(tensors: list[torch.Tensor | int | None]) -> ctypes.Array:
+    """The tensors' data pointers (None as NULL, an int as the address it is) as a C array, for kernels
+    that take one per layer."""
+    return (ctypes.c_void_p * len(tensors))(*(t if t is None or isinstance(t, int) else t.data_ptr()
+                                              for t in tensors))
 
 
 def decode_layers(x: torch.Tensor, y: torch.Tensor, weights: ctypes.Array, formats: ctypes.Array,
@@ -281,8 +312,9 @@ def decode_layers(x: torch.Tensor, y: torch.Tensor, weights: ctypes.Array, forma
     """Every layer of a decode-only bf16 step (csrc/decode_layers.c): x [B, C] the residual stream and
     y [B, C] the first layer's normed input, both updated in place (y ends as the lm_head's input).
     weights: 15 pointers a layer (the qkv, o, gate_up and down projections' weight, scales and lows,
-    then the qkv bias, the ffn norm, the next norm); formats: 8 int64 a layer (each projection's bits
-    and group); caches: a layer's K then V cache."""
+    then the qkv bias, the ffn norm, the next norm; a bf16 weight is the address of its GemvTiles'
+    pointers); formats: 12 int64 a layer (each projection's bits, group and parts); caches: a layer's
+    K then V cache."""
     b, c = x.shape
     scratch = x.new_empty(b * ((heads + 2 * kv_heads) * head_dim + 2 * heads * head_dim + c + 3 * intermediate))
     rc = _library().decode_layers(x.data_ptr(), y.data_ptr(), weights, formats, caches, num_layers, cos.data_ptr(),

@@ -44,17 +44,17 @@ def bf16_matmul_native() -> bool:
             and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
 
 
-def pack_all(layers: list[Linear], arena: HugePageArena | None = None) -> bool:
+def pack_all(layers: list[Linear], streams: list[HugePageArena] | None = None) -> bool:
     """Give every bf16 layer its few-row and many-row copies when their weights fit PACK_LIMIT_BYTES,
-    the few-row ones in `arena` (one layer at a time: each temporary is freed before the next)."""
+    the few-row ones split over `streams` (one layer at a time: each temporary is freed before the next)."""
     if not layers or layers[0].weight.dtype != torch.bfloat16:
         return False
     if sum(layer.weight.nbytes for layer in layers) > PACK_LIMIT_BYTES:
         return False
     for layer in layers:
         layer.pack()
-        if arena is not None:
-            layer.move_streamed(arena)
+        if streams is not None:
+            layer.move_streamed(streams)
     return True
 
 
@@ -68,7 +68,7 @@ class Linear:
         self.weight, self.bias = weight, bias
         self.packed: torch.Tensor | None = None  # oneDNN's blocked bf16 layout
         self.packed_rows = 0  # the most rows of a step the packed weight serves
-        self.gemv: torch.Tensor | None = None  # kernels.gemv's tiles
+        self.gemv: kernels.GemvTiles | None = None
         self.gemv_rows = GEMV_MAX_ROWS
         self.upcast: torch.Tensor | None = None  # float32 prepacked, where bf16 matmul is not native
         self.upcast_bias: torch.Tensor | None = None
@@ -103,25 +103,28 @@ class Linear:
         if kernels.gemv_supports(self.weight):
             self.gemv = kernels.pack_gemv_weight(self.weight)
 
-    def move_streamed(self, arena: HugePageArena) -> None:
-        """Move the copy the few-row kernels stream (our bf16 tiles, or the quantized tiles and their
-        scales) into `arena`, on huge pages."""
+    def move_streamed(self, streams: list[HugePageArena]) -> None:
+        """Move the copy the few-row kernels stream onto huge pages: our bf16 tiles split over `streams`,
+        thread j's share into streams[j] (kernels.GemvTiles.place), or the quantized tiles and their scales
+        into streams[0]."""
         if self.gemv is not None:
-            self.gemv = arena.copy(self.gemv)
+            self.gemv = self.gemv.place(streams)
         if self.quantized is not None:
-            self.quantized.move_streamed(arena)
+            self.quantized.move_streamed(streams[0])
 
     def kernel_operands(self) -> tuple[tuple, int] | None:
-        """((weight, scales, lows, bits, group), rows): the operands of the native few-row kernel this layer
-        runs, as csrc/decode_layers.c takes them (bits 16: kernels.gemv's bf16 tiles; 8 / 4: qgemv's),
-        and the most rows __call__ gives it; None where that kernel is not the one that runs, or not alone (a
-        quantized layer adds its bias after the kernel)."""
+        """((weight, scales, lows, bits, group, parts), rows): the operands of the native few-row kernel this
+        layer runs, as csrc/decode_layers.c takes them (bits 16: the address of kernels.gemv's bf16 tiles'
+        part pointers; 8 / 4: qgemv's tensors, one part), and the most rows __call__ gives it; None where
+        that kernel is not the one that runs, or not alone (a quantized layer adds its bias after the kernel)."""
         if self.quantized is not None:
             if self.bias is not None:
                 return None
             operands = self.quantized.kernel_operands()
-            return None if operands is None else (operands, self.quantized.kernel_max_rows)
-        return None if self.gemv is None else ((self.gemv, None, None, 16, 0), self.gemv_rows)
+            return None if operands is None else ((*operands, 1), self.quantized.kernel_max_rows)
+        if self.gemv is None:
+            return None
+        return (self.gemv.address, None, None, 16, 0, len(self.gemv.parts)), self.gemv_rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized is not None:

@@ -56,9 +56,10 @@ class LlamaModel:
         self.args = args
         self.dtype = dtype
         self.quantization = quantization  # quant.QUANTIZATIONS: the layers' weights (lm_head int8), weight-only
-        # the copies a decode step streams, on huge pages; each moved as it is made, so its temporary is
-        # freed (and reused by the next) before another is built: a 7B load's peak stays one layer's copies
-        streamed = HugePageArena()
+        # the copies a decode step streams, on huge pages, one stream per thread (kernels.GemvTiles); each
+        # moved as it is made, so its temporary is freed (and reused by the next) before another is built:
+        # a 7B load's peak stays one layer's copies
+        streams = [HugePageArena() for _ in range(torch.get_num_threads())]
 
         def w(name: str) -> torch.Tensor:
             return weights[name].to(dtype).contiguous()
@@ -81,7 +82,7 @@ class LlamaModel:
                 layer = Linear(parts[0] if len(parts) == 1 else torch.cat(parts), bias)
                 del parts
                 layer.quantize(mode, dtype, int8_group)
-            layer.move_streamed(streamed)
+            layer.move_streamed(streams)
             return_freed_memory()
             return layer
 
@@ -116,7 +117,8 @@ class LlamaModel:
         if quantization is None:
             self.lm_head = Linear(self.embed if args.tie_word_embeddings else w("lm_head.weight"))
             self.lm_head.float_out = True  # float32 logits where the GEMV computes them: no ties made by rounding
-            pack_all([self.lm_head] + [lin for ly in self.layers for lin in self._linears(ly)], streamed)
+            # in the order a step reads them: the layers, then the lm_head
+            pack_all([lin for ly in self.layers for lin in self._linears(ly)] + [self.lm_head], streams)
             return_freed_memory()
         inv_freq = rope_inv_freq(args)
         angles = torch.outer(torch.arange(args.max_position_embeddings, dtype=torch.float32), inv_freq)
@@ -137,9 +139,9 @@ class LlamaModel:
             return None, None, 0
         pointers, formats = [], []
         for layer, layer_ops, next_norm in zip(self.layers, operands, self._next_norms()):
-            for (weight, scales, lows, bits, group), _ in layer_ops:
+            for (weight, scales, lows, bits, group, parts), _ in layer_ops:
                 pointers += [weight, scales, lows]
-                formats += [bits, group]
+                formats += [bits, group, parts]
             pointers += [layer.qkv.bias, layer.ffn_norm, next_norm]
         rows = min(max_rows for layer_ops in operands for _, max_rows in layer_ops)
         return kernels.pointers(pointers), (ctypes.c_int64 * len(formats))(*formats), rows

@@ -3,8 +3,10 @@
  * llama.py's fused forward (gemv, rope, write_kv, paged attention, add_rms_norm, silu_mul), so the
  * result is bit for bit the same. At a few rows each of those kernels takes tens of microseconds
  * while the Python between them took ~60 us a layer (calls, views, ctypes argument conversion):
- * about a seventh of a batch-1 step of the default model. Built where gemv_bf16 is; a projection
- * may be bf16 or int8 / int4 (qgemv, where the CPU has AVX512-BF16).
+ * about a seventh of a batch-1 step of the default model. The whole step is one OpenMP region, each
+ * kernel a team kernel that ends in a barrier (team.h): a region per kernel cost ~270 forks a step.
+ * Built where gemv_bf16 is; a projection may be bf16 or int8 / int4 (qgemv, where the CPU has
+ * AVX512-BF16).
  */
 #include <stdint.h>
 #include <string.h>
@@ -13,19 +15,38 @@
 
 #if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
 
-/* A layer's pointers: each projection's (weight, scales, lows), then the QKV bias and the norms. */
+/* A layer's pointers: each projection's weight parts (a pointer to `parts` pointers: team.h's split of bf16
+ * tiles; quantized weights are one part), scales and lows, then the QKV bias and the norms. */
 enum { QKV = 0, O = 3, GATE_UP = 6, DOWN = 9, QKV_BIAS = 12, FFN_NORM, NEXT_NORM, POINTERS_PER_LAYER };
-/* A layer's formats: each projection's (bits, group), in the order QKV, O, GATE_UP, DOWN. */
-enum { FORMATS_PER_LAYER = 8 };
+/* A layer's formats: each projection's (bits, group, parts), in the order QKV, O, GATE_UP, DOWN. */
+enum { FORMATS_PER_LAYER = 12 };
 
-/* y [M, N] = x [M, K] W^T (+ bias): kernels.gemv's bf16 tiles (bits 16) or qgemv's int8 / int4 ones. */
-static int project(const void *const *w, const int64_t *format, const uint16_t *x, int64_t x_stride,
-                   const void *bias, uint16_t *y, int64_t M, int64_t K, int64_t N, int num_threads) {
-    if (format[0] == 16) return gemv_bf16(x, x_stride, w[0], bias, y, N, 0, M, K, N, num_threads);
+/* Whether every projection of every layer runs here (a bf16 or quantized shape the kernels take). */
+static int formats_ok(const int64_t *formats, int num_layers, int64_t C, int64_t W, int64_t HD, int64_t I) {
+    const int64_t K[4] = {C, HD, C, I}, N[4] = {W, C, 2 * I, C};
+    for (int l = 0; l < num_layers; l++)
+        for (int p = 0; p < 4; p++) {
+            const int64_t *f = formats + (int64_t)l * FORMATS_PER_LAYER + 3 * p;
+            if (f[0] == 16 ? N[p] % 64 != 0 || K[p] % 2 != 0 || f[2] < 1 :
 #ifdef __AVX512BF16__
-    return qgemv_bf16(x, x_stride, w[0], w[1], w[2], (int)format[0], format[1], bias, y, N, M, K, N, num_threads);
+                !qgemv_shape_ok((int)f[0], f[1], K[p], N[p]))
 #else
-    return -1; /* qgemv is built only with AVX512-BF16; kernels.py does not ask for it elsewhere */
+                1) /* qgemv is built only with AVX512-BF16; kernels.py does not ask for it elsewhere */
+#endif
+                return 0;
+        }
+    return 1;
+}
+
+/* y [M, N] = x [M, K] W^T (+ bias) on the team: kernels.gemv's bf16 tiles (bits 16) or qgemv's int8 / int4. */
+static void project(const void *const *w, const int64_t *format, const uint16_t *x, int64_t x_stride,
+                    const void *bias, uint16_t *y, int64_t M, int64_t K, int64_t N, float *xsum, int *failed) {
+    if (format[0] == 16) {
+        gemv_bf16_team(x, x_stride, (const uint16_t *const *)w[0], (int)format[2], bias, y, N, 0, M, K, N);
+        return;
+    }
+#ifdef __AVX512BF16__
+    qgemv_bf16_team(x, x_stride, w[0], w[1], w[2], (int)format[0], format[1], bias, y, N, M, K, N, xsum, failed);
 #endif
 }
 
@@ -35,7 +56,8 @@ static int project(const void *const *w, const int64_t *format, const uint16_t *
  * (NEXT_NORM is the next layer's input norm or the final one; an absent bias or lows is NULL);
  * formats: FORMATS_PER_LAYER a layer. caches: a layer's K then V cache, [KVH, S, D] each.
  * cos, sin: [B, D/2] float32. scratch: bf16, at least B * ((H + 2 KVH) D + 2 H D + C + 3 I).
- * Returns 0, or the first failing kernel's code.
+ * One parallel region for the whole step: each kernel is a team kernel ending in a barrier.
+ * Returns 0, -1 for a shape the kernels do not take, -2 when a buffer cannot be allocated.
  */
 int decode_layers(uint16_t *x, uint16_t *y, const void *const *weights, const int64_t *formats,
                   void *const *caches, int num_layers, const float *cos_t, const float *sin_t, const int64_t *slots,
@@ -43,27 +65,32 @@ int decode_layers(uint16_t *x, uint16_t *y, const void *const *weights, const in
                   int64_t num_slots, int64_t B, int64_t C, int H, int KVH, int D, int64_t I, float eps, float scale,
                   uint16_t *scratch, int num_threads) {
     const int64_t W = (int64_t)(H + 2 * KVH) * D, HD = (int64_t)H * D;
+    if (!formats_ok(formats, num_layers, C, W, HD, I) || !paged_decode_attention_ok(H, KVH, D, block_size)) return -1;
     uint16_t *qkv = scratch, *q = qkv + B * W, *attn = q + B * HD, *proj = attn + B * HD;
     uint16_t *gate_up = proj + B * C, *act = gate_up + B * 2 * I;
+    float xsum[QGEMV_XSUM];
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads)
     for (int l = 0; l < num_layers; l++) {
         const void *const *lw = weights + (int64_t)l * POINTERS_PER_LAYER;
         const int64_t *lf = formats + (int64_t)l * FORMATS_PER_LAYER;
-        void *k_cache = caches[2 * l], *v_cache = caches[2 * l + 1];
-        int rc = project(lw + QKV, lf, y, C, lw[QKV_BIAS], qkv, B, C, W, num_threads);
-        if (rc != 0) return rc;
-        rope_in_place(qkv, W, cos_t, sin_t, B, H + KVH, D, 1, num_threads);
-        write_kv(qkv + HD, W, qkv + HD + (int64_t)KVH * D, W, k_cache, v_cache, slots, B, KVH, D, num_slots, 1);
-        for (int64_t b = 0; b < B; b++) memcpy(q + b * HD, qkv + b * W, (size_t)HD * 2);
-        rc = paged_decode_attention(q, k_cache, v_cache, attn, block_tables, context_lens, (int)B, H, KVH, D,
-                                    table_width, block_size, num_slots, scale, 1, num_threads);
-        if (rc != 0) return rc;
-        if ((rc = project(lw + O, lf + 2, attn, HD, NULL, proj, B, HD, C, num_threads)) != 0) return rc;
-        add_rms_norm(x, C, proj, C, lw[FFN_NORM], y, C, B, C, eps, 1, num_threads);
-        if ((rc = project(lw + GATE_UP, lf + 4, y, C, NULL, gate_up, B, C, 2 * I, num_threads)) != 0) return rc;
-        silu_mul(gate_up, act, B, I, 1, num_threads);
-        if ((rc = project(lw + DOWN, lf + 6, act, I, NULL, proj, B, I, C, num_threads)) != 0) return rc;
-        add_rms_norm(x, C, proj, C, lw[NEXT_NORM], y, C, B, C, eps, 1, num_threads);
+        uint16_t *k_cache = caches[2 * l], *v_cache = caches[2 * l + 1];
+        project(lw + QKV, lf, y, C, lw[QKV_BIAS], qkv, B, C, W, xsum, &failed);
+        rope_team(qkv, W, cos_t, sin_t, B, H + KVH, D);
+#pragma omp single
+        {
+            write_kv(qkv + HD, W, qkv + HD + (int64_t)KVH * D, W, k_cache, v_cache, slots, B, KVH, D, num_slots, 1);
+            for (int64_t b = 0; b < B; b++) memcpy(q + b * HD, qkv + b * W, (size_t)HD * 2);
+        }
+        paged_decode_attention_team(q, k_cache, v_cache, attn, block_tables, context_lens, (int)B, H, KVH, D,
+                                    table_width, block_size, num_slots, scale);
+        project(lw + O, lf + 3, attn, HD, NULL, proj, B, HD, C, xsum, &failed);
+        add_rms_norm_team(x, C, proj, C, lw[FFN_NORM], y, C, B, C, eps);
+        project(lw + GATE_UP, lf + 6, y, C, NULL, gate_up, B, C, 2 * I, xsum, &failed);
+        silu_mul_team(gate_up, act, B, I);
+        project(lw + DOWN, lf + 9, act, I, NULL, proj, B, I, C, xsum, &failed);
+        add_rms_norm_team(x, C, proj, C, lw[NEXT_NORM], y, C, B, C, eps);
     }
-    return 0;
+    return failed ? -2 : 0;
 }
 #endif

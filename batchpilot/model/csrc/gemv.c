@@ -19,37 +19,37 @@
 #include "dtype.h"
 #endif
 #include "kernels.h"
+#include "team.h"
 #ifdef __AVX512BF16__
 #include "tile_rows.h"
 
-/* w: [N / 64][K / 2][64][2] bf16 (kernels.pack_gemv_weight); x: [M, K] bf16 with row stride
- * x_stride; bias: [N] bf16 or NULL; y: [M, N] with row stride y_stride, bf16, or float32 (the sums
- * unrounded) when y_f32. Returns -1 for an N that is not a multiple of 64 or an odd K. */
-int gemv_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w, const uint16_t *bias, void *y,
-              int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N, int num_threads) {
-    if (N % TILE_N != 0 || K % 2 != 0) return -1;
-    const int64_t tiles = N / TILE_N, K2 = K / 2;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (int64_t t = 0; t < tiles; t++)
-        tile_times_rows(M, x, x_stride, w + t * K2 * TILE_N * 2, K2, NULL, bias != NULL ? bias + t * TILE_N : NULL,
-                        (char *)y + t * TILE_N * (y_f32 ? 4 : 2), y_stride, y_f32);
-    return 0;
+/* w: [N / 64][K / 2][64][2] bf16 (kernels.pack_gemv_weight) in `parts` pieces (team.h's split of the tiles:
+ * laid out per thread, each thread's tiles of a step in one stream); x: [M, K] bf16 with row stride x_stride;
+ * bias: [N] bf16 or NULL; y: [M, N] with row stride y_stride, bf16, or float32 (the sums unrounded) when y_f32.
+ * Called by every thread of a team; returns after a barrier. */
+void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *w, int parts, const uint16_t *bias,
+                    void *y, int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N) {
+    const int64_t tiles = N / TILE_N, K2 = K / 2, tile_elems = K2 * TILE_N * 2;
+    const int64_t first = team_start(tiles), last = team_end(tiles);
+    for (int64_t t = first; t < last; t++)
+        tile_times_rows(M, x, x_stride, part_tile(w, parts, tiles, tile_elems, t), K2, NULL,
+                        bias != NULL ? bias + t * TILE_N : NULL, (char *)y + t * TILE_N * (y_f32 ? 4 : 2), y_stride,
+                        y_f32);
+#pragma omp barrier
 }
 #endif
 #if !defined(__AVX512BF16__) && defined(__AVX2__) && defined(__FMA__)
 
-#define TILE_N 64 /* outputs per task: eight 8-lane float accumulators, one row at a time */
+#define TILE_N 64 /* outputs per tile: eight 8-lane float accumulators, one row at a time */
 
 /* As above (same layout, arguments and result); a tile (K x 64 bf16, 72 KB at K = 576) stays in
  * L2 while each row of x passes over it. */
-int gemv_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w, const uint16_t *bias, void *y,
-              int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N, int num_threads) {
-    if (N % TILE_N != 0 || K % 2 != 0) return -1;
-    const int64_t tiles = N / TILE_N, K2 = K / 2;
+void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *w, int parts, const uint16_t *bias,
+                    void *y, int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N) {
+    const int64_t tiles = N / TILE_N, K2 = K / 2, tile_elems = K2 * TILE_N * 2;
     const __m256i high_half = _mm256_set1_epi32((int)0xFFFF0000u);
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (int64_t t = 0; t < tiles; t++) {
-        const uint16_t *wt = w + t * K2 * TILE_N * 2;
+    for (int64_t t = team_start(tiles); t < team_end(tiles); t++) {
+        const uint16_t *wt = part_tile(w, parts, tiles, tile_elems, t);
         for (int64_t m = 0; m < M; m++) {
             const uint16_t *xm = x + m * x_stride;
             __m256 acc[8];
@@ -78,6 +78,17 @@ int gemv_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w, const uint
             }
         }
     }
+#pragma omp barrier
+}
+#endif
+#if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
+
+/* gemv_bf16_team on a team of its own. Returns -1 for an N that is not a multiple of 64 or an odd K. */
+int gemv_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *const *w, int parts, const uint16_t *bias, void *y,
+              int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N, int num_threads) {
+    if (N % TILE_N != 0 || K % 2 != 0) return -1;
+#pragma omp parallel num_threads(num_threads)
+    gemv_bf16_team(x, x_stride, w, parts, bias, y, y_stride, y_f32, M, K, N);
     return 0;
 }
 #endif

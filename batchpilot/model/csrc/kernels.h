@@ -7,11 +7,27 @@
 
 #include <stdint.h>
 
-int gemv_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w, const uint16_t *bias, void *y,
-              int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N, int num_threads);
-int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const void *scales, const void *lows,
-               int bits, int64_t group, const uint16_t *bias, uint16_t *y, int64_t y_stride, int64_t M, int64_t K,
-               int64_t N, int num_threads); /* only with AVX512-BF16 */
+/* `_team` kernels: called by every thread of an OpenMP team, each returns after a barrier (team.h). */
+void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *w, int parts, const uint16_t *bias,
+                    void *y, int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N);
+
+#define QGEMV_XSUM 4096 /* floats of qgemv_bf16_team's shared xsum buffer */
+/* only with AVX512-BF16: */
+int qgemv_shape_ok(int bits, int64_t group, int64_t K, int64_t N);
+void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const void *scales, const void *lows,
+                     int bits, int64_t group, const uint16_t *bias, uint16_t *y, int64_t y_stride, int64_t M,
+                     int64_t K, int64_t N, float *xsum, int *failed);
+
+void add_rms_norm_team(uint16_t *x, int64_t x_stride, const uint16_t *delta, int64_t delta_stride,
+                       const uint16_t *weight, uint16_t *out, int64_t out_stride, int64_t rows, int64_t cols, float eps);
+void rope_team(uint16_t *qkv, int64_t row_stride, const float *cos_t, const float *sin_t, int64_t rows, int heads,
+               int head_dim);
+void silu_mul_team(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t cols);
+int paged_decode_attention_ok(int num_heads, int num_kv_heads, int head_dim, int block_size);
+void paged_decode_attention_team(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *out,
+                                 const int64_t *block_tables, const int64_t *context_lens, int num_seqs,
+                                 int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
+                                 int64_t num_slots, float scale);
 void add_rms_norm(void *x, int64_t x_stride, const void *delta, int64_t delta_stride, const void *weight,
                   void *out, int64_t out_stride, int64_t rows, int64_t cols, float eps, int is_bf16,
                   int num_threads);

@@ -15,6 +15,7 @@
 #include "dtype.h"
 #include "fast_exp.h"
 #include "kernels.h"
+#include "team.h"
 
 #define MIN_PARALLEL_ROWS 16
 
@@ -133,4 +134,29 @@ void write_kv(const void *k, int64_t k_stride, const void *v, int64_t v_stride, 
             memcpy((char *)v_cache + dst, (const char *)v + (r * v_stride + (int64_t)h * head_dim) * elem,
                    (size_t)bytes);
         }
+}
+
+/* The bf16 kernels above for a team (team.h): rows split over its threads, then a barrier. */
+void add_rms_norm_team(uint16_t *x, int64_t x_stride, const uint16_t *delta, int64_t delta_stride,
+                       const uint16_t *weight, uint16_t *out, int64_t out_stride, int64_t rows, int64_t cols,
+                       float eps) {
+    for (int64_t r = team_start(rows); r < team_end(rows); r++)
+        add_rms_norm_row((char *)(x + r * x_stride), delta ? (const char *)(delta + r * delta_stride) : NULL, weight,
+                         (char *)(out + r * out_stride), cols, eps, 1);
+#pragma omp barrier
+}
+
+void rope_team(uint16_t *qkv, int64_t row_stride, const float *cos_t, const float *sin_t, int64_t rows, int heads,
+               int head_dim) {
+    for (int64_t r = team_start(rows); r < team_end(rows); r++)
+        rope_row((char *)(qkv + r * row_stride), cos_t + r * (head_dim / 2), sin_t + r * (head_dim / 2), heads,
+                 head_dim, 1);
+#pragma omp barrier
+}
+
+void silu_mul_team(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t cols) {
+    for (int64_t r = team_start(rows); r < team_end(rows); r++)
+        silu_mul_row((const char *)(gate_up + r * 2 * cols), (const char *)(gate_up + (r * 2 + 1) * cols),
+                     (char *)(out + r * cols), cols, 1);
+#pragma omp barrier
 }

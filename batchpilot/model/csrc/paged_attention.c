@@ -18,9 +18,8 @@
 #include "dtype.h"
 #include "fast_exp.h"
 #include "kernels.h"
-#ifdef __AVX512BF16__
+#include "team.h"
 #include <immintrin.h>
-#endif
 
 #define MAX_G 16
 #define MAX_D 256
@@ -94,23 +93,27 @@ static inline __attribute__((always_inline)) void lookahead_fetch(Lookahead *la,
     }
 }
 
-/* Runs BODY for every (sequence b, KV head kh) task, with `next` the task this thread computes after it
- * (-1 if none): tasks are handed out one at a time from a shared counter, a thread claiming its next
- * task as it starts one. */
-#define FOR_EACH_TASK(num_seqs, num_kv_heads, num_threads, BODY)                                  \
+/* Runs BODY for every (sequence b, KV head kh) task on the calling team, with `next` the task this thread
+ * computes after it (-1 if none): tasks are handed out one at a time from the shared counter *counter_
+ * (0 on entry), a thread claiming its next task as it starts one. */
+#define TEAM_TASKS(num_seqs, num_kv_heads, counter_, BODY)                                       \
     do {                                                                                         \
         const int64_t tasks_ = (int64_t)(num_seqs) * (num_kv_heads);                             \
-        int64_t counter_ = 0;                                                                    \
-        _Pragma("omp parallel num_threads(num_threads)") {                                       \
-            int64_t task_ = __atomic_fetch_add(&counter_, 1, __ATOMIC_RELAXED);                  \
-            while (task_ < tasks_) {                                                             \
-                const int64_t claimed_ = __atomic_fetch_add(&counter_, 1, __ATOMIC_RELAXED);     \
-                const int64_t next = claimed_ < tasks_ ? claimed_ : -1;                          \
-                const int b = (int)(task_ / (num_kv_heads)), kh = (int)(task_ % (num_kv_heads)); \
-                BODY;                                                                            \
-                task_ = claimed_;                                                                \
-            }                                                                                    \
+        int64_t task_ = __atomic_fetch_add(counter_, 1, __ATOMIC_RELAXED);                       \
+        while (task_ < tasks_) {                                                                 \
+            const int64_t claimed_ = __atomic_fetch_add(counter_, 1, __ATOMIC_RELAXED);          \
+            const int64_t next = claimed_ < tasks_ ? claimed_ : -1;                              \
+            const int b = (int)(task_ / (num_kv_heads)), kh = (int)(task_ % (num_kv_heads));     \
+            BODY;                                                                                \
+            task_ = claimed_;                                                                    \
         }                                                                                        \
+    } while (0)
+
+/* TEAM_TASKS on a team of its own. */
+#define FOR_EACH_TASK(num_seqs, num_kv_heads, num_threads, BODY)                                  \
+    do {                                                                                         \
+        int64_t counter_ = 0;                                                                    \
+        _Pragma("omp parallel num_threads(num_threads)") TEAM_TASKS(num_seqs, num_kv_heads, &counter_, BODY); \
     } while (0)
 
 /* One (sequence, KV head) task; inlined with a constant dtype (see paged_decode_attention). */
@@ -335,12 +338,16 @@ static inline __attribute__((always_inline)) void attend_bf16(
 }
 #endif
 
+int paged_decode_attention_ok(int num_heads, int num_kv_heads, int head_dim, int block_size) {
+    return num_heads / num_kv_heads <= MAX_G && head_dim <= MAX_D && block_size <= MAX_BS;
+}
+
 /* Returns 0, or -1 when a dimension exceeds the fixed per-thread buffers. */
 int paged_decode_attention(const void *q, const void *k_cache, const void *v_cache, void *out,
                            const int64_t *block_tables, const int64_t *context_lens, int num_seqs,
                            int num_heads, int num_kv_heads, int head_dim, int table_width,
                            int block_size, int64_t num_slots, float scale, int is_bf16, int num_threads) {
-    if (num_heads / num_kv_heads > MAX_G || head_dim > MAX_D || block_size > MAX_BS) return -1;
+    if (!paged_decode_attention_ok(num_heads, num_kv_heads, head_dim, block_size)) return -1;
     /* One parallel loop per dtype with the dtype a literal: a dtype test left inside the parallel
      * region is not folded (OpenMP outlines the region before inlining) and costs vectorisation. */
 #define ATTEND(BF16) attend(b, kh, q, k_cache, v_cache, out, block_tables, context_lens, num_heads, num_kv_heads, \
@@ -359,4 +366,26 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
     else
         FOR_EACH_TASK(num_seqs, num_kv_heads, num_threads, ATTEND(0));
     return 0;
+}
+
+/* paged_decode_attention for bf16 caches, on the calling team (team.h), each thread its share of the
+ * (sequence, KV head) tasks in order, split as team.h splits (at batch 1 a step's attention is a few
+ * microseconds a task: a shared counter's claims cost more than they balance). The shape checked by the caller
+ * (paged_decode_attention_ok). */
+void paged_decode_attention_team(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *out,
+                                 const int64_t *block_tables, const int64_t *context_lens, int num_seqs,
+                                 int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
+                                 int64_t num_slots, float scale) {
+    const int64_t tasks = (int64_t)num_seqs * num_kv_heads, last = team_end(tasks);
+    for (int64_t task = team_start(tasks); task < last; task++) {
+        const int64_t next = task + 1 < last ? task + 1 : -1;
+        const int b = (int)(task / num_kv_heads), kh = (int)(task % num_kv_heads);
+#ifdef __AVX512BF16__
+        if ((head_dim == 64 || head_dim == 128) && block_size % 16 == 0) {
+            if (head_dim == 64) ATTEND_BF16(2); else ATTEND_BF16(4);
+        } else
+#endif
+            ATTEND(1);
+    }
+#pragma omp barrier
 }

@@ -24,6 +24,7 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "team.h"
 #ifdef __AVX512BF16__
 #include <immintrin.h>
 
@@ -195,17 +196,15 @@ static inline __attribute__((always_inline)) void fused_groups(
 
 /* bits 4: int4 (float16 scales and lows per group), 8: int8 (float32 scales per output with group 0, float16
  * scales per group with group > 0; lows NULL). x: [M, K] bf16
- * rows with stride x_stride (K even, rows 4-byte aligned); y: [M, N] bf16. Returns -1 for N not a
- * multiple of 64 or an odd K, -2 when a buffer cannot be allocated. */
-int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const void *scales, const void *lows,
-               int bits, int64_t group, const uint16_t *bias, uint16_t *y, int64_t y_stride, int64_t M, int64_t K,
-               int64_t N, int num_threads) {
-    if (!shape_ok(bits, group, K, N)) return -1;
+ * rows with stride x_stride (K even, rows 4-byte aligned); y: [M, N] bf16. Called by every thread of a team
+ * (team.h), the shape checked by the caller (qgemv_shape_ok); returns after a barrier. xsum: shared, at least
+ * QGEMV_XSUM floats; *failed set to 1 when a thread's buffer cannot be allocated. */
+void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const void *scales, const void *lows,
+                     int bits, int64_t group, const uint16_t *bias, uint16_t *y, int64_t y_stride, int64_t M,
+                     int64_t K, int64_t N, float *xsum, int *failed) {
     const int64_t tiles = N / TILE_N, K2 = K / 2;
-    int failed = 0;
-    float xsum[FUSED_MAX_M * 1024]; /* int4, few rows: each row's sum over each group */
     if (bits == 4 && lows != NULL && M <= FUSED_MAX_M) { /* fused_groups adds zero * sum_k x */
-        if (K / group > 1024) return -1;
+#pragma omp single
         for (int64_t m = 0; m < M; m++)
             for (int64_t g = 0; g < K / group; g++) {
                 float sum = 0.0f;
@@ -222,39 +221,52 @@ int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const void *s
         _mm512_setzero_ps(), _mm512_cvtepi32_ps(_mm512_sub_epi32(
                                  _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                  _mm512_set1_epi32(8))));
-#pragma omp parallel num_threads(num_threads)
-    {
-        /* up to FUSED_MAX_M rows: each k-pair expanded in registers and used at once; more: the tile
-         * expanded once into the thread's buffer, then every row group reads it from L2 */
-        uint32_t *buf = M > FUSED_MAX_M ? thread_buffer((size_t)K2 * TILE_N * sizeof(uint32_t)) : NULL;
-        if (M > FUSED_MAX_M && buf == NULL) {
+    /* up to FUSED_MAX_M rows: each k-pair expanded in registers and used at once; more: the tile
+     * expanded once into the thread's buffer, then every row group reads it from L2 */
+    uint32_t *buf = M > FUSED_MAX_M ? thread_buffer((size_t)K2 * TILE_N * sizeof(uint32_t)) : NULL;
+    if (M > FUSED_MAX_M && buf == NULL) {
 #pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < tiles; t++) {
-            const float *scale = bits == 8 && group == 0 ? (const float *)scales + t * TILE_N : NULL;
-            const uint16_t *s16 = (const uint16_t *)scales, *l16 = (const uint16_t *)lows;
-            const uint16_t *b = bias ? bias + t * TILE_N : NULL;
-            if (M <= FUSED_MAX_M) {
-                /* M a literal in each copy: the rows' sums stay in registers */
+        *failed = 1;
+    }
+    for (int64_t t = team_start(tiles); t < team_end(tiles); t++) {
+        const float *scale = bits == 8 && group == 0 ? (const float *)scales + t * TILE_N : NULL;
+        const uint16_t *s16 = (const uint16_t *)scales, *l16 = (const uint16_t *)lows;
+        const uint16_t *b = bias ? bias + t * TILE_N : NULL;
+        if (M <= FUSED_MAX_M) {
+            /* M a literal in each copy: the rows' sums stay in registers */
 #define FUSED(ROWS)                                                                                          \
     (group > 0 ? fused_groups(ROWS, x, x_stride, q, s16, l16, bits, group, K, t, xsum, table, b, y, y_stride) \
                : fused_channels(ROWS, x, x_stride, q, K, t, scale, b, y, y_stride))
-                switch (M) {
-                case 1: FUSED(1); break;
-                case 2: FUSED(2); break;
-                case 3: FUSED(3); break;
-                default: FUSED(4);
-                }
-#undef FUSED
-                continue;
+            switch (M) {
+            case 1: FUSED(1); break;
+            case 2: FUSED(2); break;
+            case 3: FUSED(3); break;
+            default: FUSED(4);
             }
-            if (buf == NULL) continue;
-            expand_tile(q, s16, l16, bits, group, K, t, buf);
-            tile_times_rows(M, x, x_stride, (const uint16_t *)buf, K2, scale, b, y + t * TILE_N, y_stride, 0);
+#undef FUSED
+            continue;
         }
+        if (buf == NULL) continue;
+        expand_tile(q, s16, l16, bits, group, K, t, buf);
+        tile_times_rows(M, x, x_stride, (const uint16_t *)buf, K2, scale, b, y + t * TILE_N, y_stride, 0);
     }
+#pragma omp barrier
+}
+
+int qgemv_shape_ok(int bits, int64_t group, int64_t K, int64_t N) {
+    return shape_ok(bits, group, K, N) && !(bits == 4 && group > 0 && K / group > QGEMV_XSUM / FUSED_MAX_M);
+}
+
+/* qgemv_bf16_team on a team of its own. Returns -1 for N not a multiple of 64 or an odd K, -2 when a buffer
+ * cannot be allocated. */
+int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const void *scales, const void *lows,
+               int bits, int64_t group, const uint16_t *bias, uint16_t *y, int64_t y_stride, int64_t M, int64_t K,
+               int64_t N, int num_threads) {
+    if (!qgemv_shape_ok(bits, group, K, N)) return -1;
+    float xsum[QGEMV_XSUM];
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads)
+    qgemv_bf16_team(x, x_stride, q, scales, lows, bits, group, bias, y, y_stride, M, K, N, xsum, &failed);
     return failed ? -2 : 0;
 }
 
