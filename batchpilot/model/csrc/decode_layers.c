@@ -21,20 +21,22 @@ enum { QKV = 0, O = 3, GATE_UP = 6, DOWN = 9, QKV_BIAS = 12, FFN_NORM, NEXT_NORM
 /* A layer's formats: each projection's (bits, group, parts), in the order QKV, O, GATE_UP, DOWN. */
 enum { FORMATS_PER_LAYER = 12 };
 
-/* Whether every projection of every layer runs here (a bf16 or quantized shape the kernels take). */
+/* Whether a projection of format f (bits, group, parts) and shape [N, K] runs here. */
+static int projection_ok(const int64_t *f, int64_t K, int64_t N) {
+    if (f[0] == 16) return N % 64 == 0 && K % 2 == 0 && f[2] >= 1;
+#ifdef __AVX512BF16__
+    return qgemv_shape_ok((int)f[0], f[1], K, N);
+#else
+    return 0; /* qgemv is built only with AVX512-BF16; kernels.py does not ask for it elsewhere */
+#endif
+}
+
+/* Whether every projection of every layer runs here. */
 static int formats_ok(const int64_t *formats, int num_layers, int64_t C, int64_t W, int64_t HD, int64_t I) {
     const int64_t K[4] = {C, HD, C, I}, N[4] = {W, C, 2 * I, C};
     for (int l = 0; l < num_layers; l++)
-        for (int p = 0; p < 4; p++) {
-            const int64_t *f = formats + (int64_t)l * FORMATS_PER_LAYER + 3 * p;
-            if (f[0] == 16 ? N[p] % 64 != 0 || K[p] % 2 != 0 || f[2] < 1 :
-#ifdef __AVX512BF16__
-                !qgemv_shape_ok((int)f[0], f[1], K[p], N[p]))
-#else
-                1) /* qgemv is built only with AVX512-BF16; kernels.py does not ask for it elsewhere */
-#endif
-                return 0;
-        }
+        for (int p = 0; p < 4; p++)
+            if (!projection_ok(formats + (int64_t)l * FORMATS_PER_LAYER + 3 * p, K[p], N[p])) return 0;
     return 1;
 }
 

@@ -19,7 +19,9 @@
 #include "fast_exp.h"
 #include "kernels.h"
 #include "team.h"
+#ifdef __AVX512BF16__
 #include <immintrin.h>
+#endif
 
 #define MAX_G 16
 #define MAX_D 256
@@ -93,27 +95,23 @@ static inline __attribute__((always_inline)) void lookahead_fetch(Lookahead *la,
     }
 }
 
-/* Runs BODY for every (sequence b, KV head kh) task on the calling team, with `next` the task this thread
- * computes after it (-1 if none): tasks are handed out one at a time from the shared counter *counter_
- * (0 on entry), a thread claiming its next task as it starts one. */
-#define TEAM_TASKS(num_seqs, num_kv_heads, counter_, BODY)                                       \
-    do {                                                                                         \
-        const int64_t tasks_ = (int64_t)(num_seqs) * (num_kv_heads);                             \
-        int64_t task_ = __atomic_fetch_add(counter_, 1, __ATOMIC_RELAXED);                       \
-        while (task_ < tasks_) {                                                                 \
-            const int64_t claimed_ = __atomic_fetch_add(counter_, 1, __ATOMIC_RELAXED);          \
-            const int64_t next = claimed_ < tasks_ ? claimed_ : -1;                              \
-            const int b = (int)(task_ / (num_kv_heads)), kh = (int)(task_ % (num_kv_heads));     \
-            BODY;                                                                                \
-            task_ = claimed_;                                                                    \
-        }                                                                                        \
-    } while (0)
-
-/* TEAM_TASKS on a team of its own. */
+/* Runs BODY for every (sequence b, KV head kh) task, with `next` the task this thread computes after it
+ * (-1 if none): tasks are handed out one at a time from a shared counter, a thread claiming its next
+ * task as it starts one. */
 #define FOR_EACH_TASK(num_seqs, num_kv_heads, num_threads, BODY)                                  \
     do {                                                                                         \
+        const int64_t tasks_ = (int64_t)(num_seqs) * (num_kv_heads);                             \
         int64_t counter_ = 0;                                                                    \
-        _Pragma("omp parallel num_threads(num_threads)") TEAM_TASKS(num_seqs, num_kv_heads, &counter_, BODY); \
+        _Pragma("omp parallel num_threads(num_threads)") {                                       \
+            int64_t task_ = __atomic_fetch_add(&counter_, 1, __ATOMIC_RELAXED);                  \
+            while (task_ < tasks_) {                                                             \
+                const int64_t claimed_ = __atomic_fetch_add(&counter_, 1, __ATOMIC_RELAXED);     \
+                const int64_t next = claimed_ < tasks_ ? claimed_ : -1;                          \
+                const int b = (int)(task_ / (num_kv_heads)), kh = (int)(task_ % (num_kv_heads)); \
+                BODY;                                                                            \
+                task_ = claimed_;                                                                \
+            }                                                                                    \
+        }                                                                                        \
     } while (0)
 
 /* One (sequence, KV head) task; inlined with a constant dtype (see paged_decode_attention). */
