@@ -37,7 +37,7 @@ from pathlib import Path
 
 from batchpilot.bench.metrics import SLA
 from batchpilot.bench.results import write_json
-from batchpilot.sim.tournament import document_shift, hindsight_regret, phase_shift, regret_table
+from batchpilot.sim.tournament import document_shift, hindsight_regret, output_shift, phase_shift, regret_table
 
 POLICIES = {
     "combined-clt": ["--batch-controller", "combined", "--memory-mode", "clt"],
@@ -65,6 +65,7 @@ def workloads(tmp: Path, scale: int) -> dict[str, list[str]]:
                                 + "\n" for r in reqs))
         return path
 
+    outputs = jsonl("output_shift.jsonl", output_shift(scale, 9))
     phases, documents = jsonl("phase_shift.jsonl", phase_shift(scale, 6)), jsonl("document_shift.jsonl",
                                                                                   document_shift(2 * scale, 8))
     azure = ["--dataset-name", "trace", "--dataset", str(AZURE_CODE), "--num-prompts", str(scale // 3),
@@ -78,6 +79,9 @@ def workloads(tmp: Path, scale: int) -> dict[str, list[str]]:
                                   "--output-dist", "uniform:200:500", "--ignore-eos", "--kv-cache-gib", "0.1"],
         "phase-shift": ["--dataset-name", "trace", "--dataset", str(phases), "--num-prompts", str(10 * scale),
                         "--request-rate", "inf", "--kv-cache-gib", "0.1"],
+        # short outputs, long (600-1,000), short, on a pool of ~36 short or ~5 long: the best limit moves
+        "output-shift": ["--dataset-name", "trace", "--dataset", str(outputs),
+                         "--num-prompts", str(10 * scale), "--request-rate", "inf", "--kv-cache-gib", "0.1"],
         # Documents on a pool that holds ~7 of them (0.25 GiB: 11,650 tokens of 1,000-2,000 + 100-300)
         "long-prompts-tight-kv": ["--num-prompts", str(scale // 4), "--input-dist", "uniform:1000:2000",
                                   "--output-dist", "uniform:100:300", "--ignore-eos", "--kv-cache-gib", "0.25"],

@@ -97,7 +97,7 @@ def test_sharegpt_lengths_filters_and_seeded_order(tmp_path):
     # the tournament's workload from it: model-chosen lengths below max_tokens 1024, all at once
     from batchpilot.sim.tournament import builtin_workloads
 
-    w = builtin_workloads([str(f), str(AZURE)], encode)[8:]
+    w = builtin_workloads([str(f), str(AZURE)], encode)[len(builtin_workloads()):]
     assert [x.name for x in w] == ["sg-sharegpt", "azure_code_2023_head300-trace", "azure_code_2023_head300-trace-late"]
     assert [(r.prompt_len, r.output_len, r.max_tokens) for r in w[0].make(2)] == [
         (r.prompt_len, r.output_len, 1024) for r in trace.requests[:2]]

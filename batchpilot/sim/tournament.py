@@ -60,8 +60,9 @@ def _lengths(n: int, prompt: str, output: str, seed: int, max_tokens: int | None
 def phase_shift(n: int, seed: int) -> list[SimRequest]:
     """Short outputs, then long ones, then short again, in queue order: served first come first
     served, the running mix shifts twice. Meant to need a high limit in the short phases and a low
-    one in the long phase; measured, it does not (benchmarks/sim_phase_split.py, docs/reproduction.md).
-    A shift whose best limit does move: benchmarks/sim_context_shift.py."""
+    one in the long phase; measured, it does not (benchmarks/sim_phase_split.py, docs/reproduction.md):
+    the short requests' prefills dominate their phase. Shifts whose best limit does move: output_shift,
+    and benchmarks/sim_context_shift.py."""
     return [r for phase in phase_shift_phases(n, seed) for r in phase]
 
 
@@ -69,6 +70,22 @@ def phase_shift_phases(n: int, seed: int) -> tuple[list[SimRequest], ...]:
     """The phase shift's three phases: n // 2 short requests, n // 4 long, n // 2 short."""
     short = lambda k, s: _lengths(k, "uniform:50:200", "uniform:8:48", s)  # noqa: E731
     return short(n // 2, seed), _lengths(max(1, n // 4), "uniform:20:80", "uniform:400:800", seed + 1), short(
+        n // 2, seed + 2)
+
+
+def output_shift(n: int, seed: int) -> list[SimRequest]:
+    """Short outputs, then long ones, then short again, where decode decides both phases: a short
+    request's prompt is 20-60 tokens, so a larger batch still pays in its phase, and the pool
+    (builtin_workloads: ~36 short requests at full length, ~5 long) makes a large batch of long
+    outputs preempt. On this CPU's profile the best static limit of a phase run alone moves from ~32
+    to ~8 (benchmarks/sim_phase_split.py --workload output-shift)."""
+    return [r for phase in output_shift_phases(n, seed) for r in phase]
+
+
+def output_shift_phases(n: int, seed: int) -> tuple[list[SimRequest], ...]:
+    """The output shift's three phases: n // 2 short requests, n // 8 long, n // 2 short."""
+    short = lambda k, s: _lengths(k, "uniform:20:60", "uniform:60:120", s)  # noqa: E731
+    return short(n // 2, seed), _lengths(max(1, n // 8), "uniform:20:80", "uniform:600:1000", seed + 1), short(
         n // 2, seed + 2)
 
 
@@ -94,7 +111,7 @@ def long_prompts(n: int, seed: int) -> list[SimRequest]:
 
 def builtin_workloads(datasets: list[str] | tuple[str, ...] = (), encode: Callable[[str], list[int]] | None = None
                       ) -> list[Workload]:
-    """The eight built-in workloads, and for each dataset given: two windows of a timed trace (its first
+    """The nine built-in workloads, and for each dataset given: two windows of a timed trace (its first
     requests, and those from half-way through it), or a ShareGPT file's conversations (`encode`
     counts their tokens). Lengths from a dataset are chosen by the "model" below max_tokens 1024
     (or the reference length, if longer), so no policy can read them from max_tokens."""
@@ -107,6 +124,8 @@ def builtin_workloads(datasets: list[str] | tuple[str, ...] = (), encode: Callab
         Workload("sharegpt-like-model-lengths", lambda n: _lengths(n, "lognormal:170:1.0", "lognormal:150:1.0", 5,
                                                                   max_tokens=2048), 16),
         Workload("phase-shift", lambda n: phase_shift(n, 6), 16),
+        # 22 mean requests (~4,600 tokens): the real tournament's 0.1 GiB pool for the default model
+        Workload("output-shift", lambda n: output_shift(n, 9), 22),
         # The pool holds ~7 documents' worth (1,700 tokens each): 7 and, for the shift, 36 of its mean request.
         Workload("long-prompts-tight-kv", lambda n: long_prompts(n // 4, 7), 7),
         Workload("document-shift", lambda n: document_shift(n, 8), 36),
