@@ -1,6 +1,6 @@
 """A shift workload (phase-shift, output-shift, document-shift) split into its phases, each run
-alone in the simulator: does its best static limit change from one phase to the next? (If it does not, no controller can beat every
-static limit on the whole run by adapting.)
+alone in the simulator: does its best static limit change from one phase to the next? (If it does
+not, no controller can beat every static limit on the whole run by adapting.)
 
     python benchmarks/sim_phase_split.py --hardware H100-80GB --model Llama-3-8B --scale 500
     python benchmarks/sim_phase_split.py --workload output-shift --profile docs/results/profile_cpu_zen4.json \
