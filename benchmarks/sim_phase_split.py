@@ -31,7 +31,7 @@ from batchpilot.sim.tournament import (
 )
 
 STATICS = (4, 8, 12, 16, 24, 32, 48, 64, 256)
-POLICIES = (*(f"static-{n}" for n in STATICS), "combined-cost", "combined-blocks", "sglang")
+POLICIES = (*(f"static-{n}" for n in STATICS), "combined-cost", "combined-peak", "combined-blocks", "sglang")
 SHIFTS = {  # the tournament's shift workloads: their phases from the seed builtin_workloads gives them
     "phase-shift": (lambda n: phase_shift_phases(n, 6), ("short", "long", "short again")),
     "output-shift": (lambda n: output_shift_phases(n, 9), ("short", "long", "short again")),

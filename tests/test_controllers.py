@@ -320,6 +320,24 @@ def test_peak_bound_at_cold_start_assumes_each_request_runs_to_its_cap():
     assert bound.admissible(v, 10) == 4
 
 
+def test_peak_bound_follows_a_long_request_past_a_history_of_short_ones():
+    """After a phase of short outputs the finished lengths say "done within ~100 steps"; a request known
+    to run 900 more tokens still grows for 900 steps, and the bound must look that far."""
+    from batchpilot.controllers.peak import PeakBound
+
+    bound = PeakBound(0.05)
+    bound.lengths.add(tuple(range(60, 121)))  # 61 finished short requests: 60-120 output tokens
+    # 100 blocks x 16 = 1600 tokens; each waiting request holds 50 tokens now and exactly 900 more at its
+    # peak (60 blocks): one fits, two overflow ~500 steps ahead (beyond twice the longest finished).
+    v = states_view([], [(50, 0, 900, True)] * 4, free=100)
+    assert bound.admissible(v, 4) == 1
+    # Unknown lengths: a running request past every finished one (1,000 output tokens) is expected to
+    # run as long again (to 2,100 tokens, 132 blocks); it overflows the pool alone ~800 steps ahead,
+    # so nothing more is admitted (a horizon of twice the longest finished, 241 steps, saw 85 blocks).
+    running = states_view([(1100, 1000, math.inf)], [(50, 0, math.inf)] * 2, free=31)
+    assert bound.admissible(running, 2) == 0
+
+
 def test_sla_loop_holds_the_chosen_percentile_of_requests_tpot():
     """The per-step signal is scaled by P90 / mean of finished requests' TPOT: a workload whose slowest
     tenth runs 1.5x the mean is held at a mean of target / 1.5."""

@@ -103,8 +103,12 @@ class PeakBound:
         out, cap = states[:, 1:2], states[:, 2:3]
         bs = view.block_size
         capacity = (view.num_total_blocks + view.num_saved_blocks) * bs  # per-sequence sizes count shared blocks
-        steps = _grid(max(1.0, float(np.max(np.minimum(cap, self._longest()) - out))))
         exact = states[:, 3:4] > 0
+        # To the last step any request may still run (survival's own reach): its cap when its length
+        # is known, else the finished ones' longest, or its own tail past them; a long request must
+        # not grow beyond a horizon drawn from a history of short ones.
+        reach = np.where(exact, cap, np.minimum(cap, np.maximum(self._longest(), 2 * out + 1)))
+        steps = _grid(max(1.0, float(np.max(reach - out))))
         if exact.any():  # use peaks just before a known-length request ends: check those steps too
             ends = (cap - out - 1)[exact]
             steps = np.unique(np.concatenate([steps, ends[(ends >= 0) & (ends <= steps[-1])].astype(np.int64)]))
