@@ -5,7 +5,7 @@ limit move from one phase to the next here, as the simulator says (benchmarks/si
         --policies combined-cost,sglang
 
 Each phase is given all at once (forced lengths, as the whole workload in lockstep_tournament.py),
-on the whole workload's pool (0.1 GiB for both shifts); output tok/s, P90 TPOT and preemptions
+on the pool lockstep_tournament.py gives both shifts (0.1 GiB); output tok/s, P90 TPOT and preemptions
 per contender. Minutes per phase: nothing else should run on the machine meanwhile.
 """
 
@@ -22,15 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lockstep_tournament import contenders, run_lockstep  # noqa: E402
 from real_tournament import POLICIES  # noqa: E402
 
-from batchpilot.sim.tournament import output_shift_phases, phase_shift_phases  # noqa: E402
+from batchpilot.sim.tournament import shift_phases  # noqa: E402
 
-SHIFTS = {"output-shift": (lambda n: output_shift_phases(n, 9), ("short", "long", "short again")),
-          "phase-shift": (lambda n: phase_shift_phases(n, 6), ("short", "long", "short again"))}
+WORKLOADS = ("output-shift", "phase-shift")  # the shifts the real tournament runs on a 0.1 GiB pool, at `scale`
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", default="output-shift", choices=sorted(SHIFTS))
+    p.add_argument("--workload", default="output-shift", choices=WORKLOADS)
     p.add_argument("--scale", type=int, default=200, help="the whole workload's scale, as lockstep_tournament's")
     p.add_argument("--phases", default="short,long", help="comma list of the phases to run: short, long, "
                                                           "short again")
@@ -39,8 +38,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    make, labels = SHIFTS[args.workload]
-    phases = dict(zip(labels, make(args.scale)))
+    phases = shift_phases(args.workload, args.scale)
     wanted = args.phases.split(",")
     if unknown := [w for w in wanted if w not in phases]:
         p.error(f"--phases: unknown {', '.join(unknown)} (phases: {', '.join(phases)})")

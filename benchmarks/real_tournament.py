@@ -37,7 +37,7 @@ from pathlib import Path
 
 from batchpilot.bench.metrics import SLA
 from batchpilot.bench.results import write_json
-from batchpilot.sim.tournament import document_shift, hindsight_regret, output_shift, phase_shift, regret_table
+from batchpilot.sim.tournament import hindsight_regret, regret_table, shift
 
 POLICIES = {
     "combined-clt": ["--batch-controller", "combined", "--memory-mode", "clt"],
@@ -65,9 +65,9 @@ def workloads(tmp: Path, scale: int) -> dict[str, list[str]]:
                                 + "\n" for r in reqs))
         return path
 
-    outputs = jsonl("output_shift.jsonl", output_shift(scale, 9))
-    phases, documents = jsonl("phase_shift.jsonl", phase_shift(scale, 6)), jsonl("document_shift.jsonl",
-                                                                                  document_shift(2 * scale, 8))
+    outputs = jsonl("output_shift.jsonl", shift("output-shift", scale))
+    phases = jsonl("phase_shift.jsonl", shift("phase-shift", scale))
+    documents = jsonl("document_shift.jsonl", shift("document-shift", 2 * scale))
     azure = ["--dataset-name", "trace", "--dataset", str(AZURE_CODE), "--num-prompts", str(scale // 3),
              "--kv-cache-gib", "0.25"]
     return {

@@ -21,22 +21,10 @@ from dataclasses import replace
 from batchpilot.cli import build_parser
 from batchpilot.config import ControllerConfig
 from batchpilot.sim.commands import Setup
-from batchpilot.sim.tournament import (
-    Runner,
-    builtin_workloads,
-    configurations,
-    document_shift_phases,
-    output_shift_phases,
-    phase_shift_phases,
-)
+from batchpilot.sim.tournament import SHIFTS, Runner, builtin_workloads, configurations, shift_phases
 
 STATICS = (4, 8, 12, 16, 24, 32, 48, 64, 256)
 POLICIES = (*(f"static-{n}" for n in STATICS), "combined-cost", "combined-peak", "combined-blocks", "sglang")
-SHIFTS = {  # the tournament's shift workloads: their phases from the seed builtin_workloads gives them
-    "phase-shift": (lambda n: phase_shift_phases(n, 6), ("short", "long", "short again")),
-    "output-shift": (lambda n: output_shift_phases(n, 9), ("short", "long", "short again")),
-    "document-shift": (lambda n: document_shift_phases(n, 8), ("chat", "documents", "chat again")),
-}
 
 
 def main(argv: list[str]) -> int:
@@ -50,14 +38,13 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(["simulate", "tournament", *argv])
     setup = Setup(args)
     runner = Runner(setup.cost, args.block_size, setup.max_model_len, None, args.max_num_batched_tokens)
-    make_phases, labels = SHIFTS[workload]
-    phases = make_phases(args.scale)
-    whole = [r for phase in phases for r in phase]
+    phases = shift_phases(workload, args.scale)
+    whole = [r for phase in phases.values() for r in phase]
     kv_requests = next(w.kv_requests for w in builtin_workloads() if w.name == workload)
     pool = runner.capacity_tokens(whole, kv_requests)
     configs = configurations(STATICS, ControllerConfig())
     print(f"{workload}: pool {pool} tokens; output tok/s (preemptions)")
-    for label, reqs in (*zip(labels, phases), ("whole run", whole)):
+    for label, reqs in (*phases.items(), ("whole run", whole)):
         offline = [replace(r, arrival_s=0.0) for r in reqs]
         runs = {name: runner.run(offline, pool, configs[name]) for name in POLICIES}
         best = max((name for name in runs if name.startswith("static-")), key=lambda n: runs[n]["output_throughput"])

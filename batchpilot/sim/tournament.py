@@ -57,51 +57,55 @@ def _lengths(n: int, prompt: str, output: str, seed: int, max_tokens: int | None
     return [replace(r, output_len=min(r.output_len, max_tokens), max_tokens=max_tokens) for r in reqs]
 
 
-def phase_shift(n: int, seed: int) -> list[SimRequest]:
-    """Short outputs, then long ones, then short again, in queue order: served first come first
-    served, the running mix shifts twice. Meant to need a high limit in the short phases and a low
-    one in the long phase; measured, it does not (benchmarks/sim_phase_split.py, docs/reproduction.md):
-    the short requests' prefills dominate their phase. Shifts whose best limit does move: output_shift,
-    and benchmarks/sim_context_shift.py."""
-    return [r for phase in phase_shift_phases(n, seed) for r in phase]
-
-
 def phase_shift_phases(n: int, seed: int) -> tuple[list[SimRequest], ...]:
-    """The phase shift's three phases: n // 2 short requests, n // 4 long, n // 2 short."""
+    """Short outputs (n // 2), then long ones (n // 4), then short again (n // 2), in queue order:
+    served first come first served, the running mix shifts twice. Meant to need a high limit in the
+    short phases and a low one in the long phase; measured, it does not (benchmarks/sim_phase_split.py,
+    docs/reproduction.md): the short requests' prefills dominate their phase. Shifts whose best limit
+    does move: the output shift, and benchmarks/sim_context_shift.py."""
     short = lambda k, s: _lengths(k, "uniform:50:200", "uniform:8:48", s)  # noqa: E731
     return short(n // 2, seed), _lengths(max(1, n // 4), "uniform:20:80", "uniform:400:800", seed + 1), short(
         n // 2, seed + 2)
 
 
-def output_shift(n: int, seed: int) -> list[SimRequest]:
-    """Short outputs, then long ones, then short again, where decode decides both phases: a short
-    request's prompt is 20-60 tokens, so a larger batch still pays in its phase, and the pool
-    (builtin_workloads: ~36 short requests at full length, ~5 long) makes a large batch of long
-    outputs preempt. On this CPU's profile the best static limit of a phase run alone moves from ~32
-    to ~8 (benchmarks/sim_phase_split.py --workload output-shift)."""
-    return [r for phase in output_shift_phases(n, seed) for r in phase]
-
-
 def output_shift_phases(n: int, seed: int) -> tuple[list[SimRequest], ...]:
-    """The output shift's three phases: n // 2 short requests, n // 8 long, n // 2 short."""
+    """Short outputs (n // 2), then long ones (n // 8), then short again (n // 2), where decode decides
+    every phase: a short request's prompt is 20-60 tokens, so a larger batch still pays in its phase,
+    and the pool (builtin_workloads: ~36 short requests at full length, ~5 long) makes a large batch
+    of long outputs preempt. The best static limit of a phase run alone moves from ~32 to ~8, on this
+    CPU's profile and on the engine (benchmarks/sim_phase_split.py, lockstep_phase_split.py)."""
     short = lambda k, s: _lengths(k, "uniform:20:60", "uniform:60:120", s)  # noqa: E731
     return short(n // 2, seed), _lengths(max(1, n // 8), "uniform:20:80", "uniform:600:1000", seed + 1), short(
         n // 2, seed + 2)
 
 
-def document_shift(n: int, seed: int) -> list[SimRequest]:
-    """Chat, then documents, then chat again, in queue order, on one pool. Meant as the case for a
-    limit that adapts: chat wants the limit where decode throughput stops rising with the batch, the
-    documents (long prompts, the pool holding about seven) one the pool holds through their outputs.
-    Measured, every limit from 8 up serves it within a few percent: with prefix caching a preempted
-    document finds most of its blocks again (docs/reproduction.md)."""
-    return [r for phase in document_shift_phases(n, seed) for r in phase]
-
-
 def document_shift_phases(n: int, seed: int) -> tuple[list[SimRequest], ...]:
-    """The document shift's three phases: n // 2 chat requests, n // 8 documents, n // 2 chat."""
+    """Chat (n // 2), then documents (n // 8), then chat again (n // 2), in queue order, on one pool.
+    Meant as the case for a limit that adapts: chat wants the limit where decode throughput stops
+    rising with the batch, the documents (long prompts, the pool holding about seven) one the pool
+    holds through their outputs. Measured, every limit from 8 up serves it within a few percent: with
+    prefix caching a preempted document finds most of its blocks again (docs/reproduction.md)."""
     chat = lambda k, s: _lengths(k, "uniform:50:200", "uniform:8:48", s)  # noqa: E731
     return chat(n // 2, seed), long_prompts(max(1, n // 8), seed + 1), chat(n // 2, seed + 2)
+
+
+SHIFTS = {  # the shift workloads: their phases from (n, seed), the phases' names, the seed they are drawn with
+    "phase-shift": (phase_shift_phases, ("short", "long", "short again"), 6),
+    "output-shift": (output_shift_phases, ("short", "long", "short again"), 9),
+    "document-shift": (document_shift_phases, ("chat", "documents", "chat again"), 8),
+}
+
+
+def shift_phases(name: str, n: int) -> dict[str, list[SimRequest]]:
+    """A shift workload's phases by name, drawn as the tournament draws it (the simulator's and the
+    real engine's alike)."""
+    make, labels, seed = SHIFTS[name]
+    return dict(zip(labels, make(n, seed)))
+
+
+def shift(name: str, n: int) -> list[SimRequest]:
+    """A shift workload whole: its phases in queue order."""
+    return [r for phase in shift_phases(name, n).values() for r in phase]
 
 
 def long_prompts(n: int, seed: int) -> list[SimRequest]:
@@ -123,12 +127,12 @@ def builtin_workloads(datasets: list[str] | tuple[str, ...] = (), encode: Callab
                                                               max_tokens=1024), 24),
         Workload("sharegpt-like-model-lengths", lambda n: _lengths(n, "lognormal:170:1.0", "lognormal:150:1.0", 5,
                                                                   max_tokens=2048), 16),
-        Workload("phase-shift", lambda n: phase_shift(n, 6), 16),
+        Workload("phase-shift", lambda n: shift("phase-shift", n), 16),
         # 22 mean requests (~4,600 tokens): the real tournament's 0.1 GiB pool for the default model
-        Workload("output-shift", lambda n: output_shift(n, 9), 22),
+        Workload("output-shift", lambda n: shift("output-shift", n), 22),
         # The pool holds ~7 documents' worth (1,700 tokens each): 7 and, for the shift, 36 of its mean request.
         Workload("long-prompts-tight-kv", lambda n: long_prompts(n // 4, 7), 7),
-        Workload("document-shift", lambda n: document_shift(n, 8), 36),
+        Workload("document-shift", lambda n: shift("document-shift", n), 36),
     ]
     for path in datasets:
         work += _dataset_workloads(path, encode)
