@@ -12,7 +12,6 @@ per contender. Minutes per phase: nothing else should run on the machine meanwhi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lockstep_tournament import contenders, run_lockstep  # noqa: E402
-from real_tournament import POLICIES  # noqa: E402
+from real_tournament import POLICIES, forced_lengths_trace  # noqa: E402
 
 from batchpilot.sim.tournament import shift_phases  # noqa: E402
 
@@ -45,9 +44,7 @@ def main() -> int:
     configs = contenders([int(n) for n in args.static.split(",")], [s for s in args.policies.split(",") if s])
     with tempfile.TemporaryDirectory() as tmp:
         for label in wanted:
-            path = Path(tmp) / "phase.jsonl"
-            path.write_text("".join(json.dumps({"timestamp": 0, "prompt_len": r.prompt_len, "output_len": r.output_len})
-                                    + "\n" for r in phases[label]))
+            path = forced_lengths_trace(Path(tmp) / "phase.jsonl", phases[label])
             rows = run_lockstep(["--dataset-name", "trace", "--dataset", str(path), "--num-prompts",
                                  str(len(phases[label])), "--request-rate", "inf", "--kv-cache-gib", "0.1"],
                                 configs, args.threads, args.seed)

@@ -58,12 +58,17 @@ TIMED = {"azure-code-timed": SLA(ttft_ms=15000, tpot_ms=1000), "uniform-poisson"
          "long-prompts-poisson": SLA(ttft_ms=10000, tpot_ms=100)}
 
 
+def forced_lengths_trace(path: Path, reqs) -> Path:
+    """Requests as a JSON Lines trace `bench --dataset-name trace` replays: their lengths forced, all at
+    t=0, in queue order."""
+    path.write_text("".join(json.dumps({"timestamp": 0, "prompt_len": r.prompt_len, "output_len": r.output_len})
+                            + "\n" for r in reqs))
+    return path
+
+
 def workloads(tmp: Path, scale: int) -> dict[str, list[str]]:
-    def jsonl(name: str, reqs) -> Path:  # forced lengths, all at t=0, in queue order
-        path = tmp / name
-        path.write_text("".join(json.dumps({"timestamp": 0, "prompt_len": r.prompt_len, "output_len": r.output_len})
-                                + "\n" for r in reqs))
-        return path
+    def jsonl(name: str, reqs) -> Path:
+        return forced_lengths_trace(tmp / name, reqs)
 
     outputs = jsonl("output_shift.jsonl", shift("output-shift", scale))
     phases = jsonl("phase_shift.jsonl", shift("phase-shift", scale))

@@ -3,7 +3,7 @@ alone in the simulator: does its best static limit change from one phase to the 
 not, no controller can beat every static limit on the whole run by adapting.)
 
     python benchmarks/sim_phase_split.py --hardware H100-80GB --model Llama-3-8B --scale 500
-    python benchmarks/sim_phase_split.py --workload output-shift --profile docs/results/profile_cpu_zen4.json \
+    python benchmarks/sim_phase_split.py --workload output-shift --profile docs/results/profile_cpu_zen4.json \\
         --kv-cache-gib 1 --max-num-batched-tokens 512 --scale 200
     python benchmarks/sim_phase_split.py --profile docs/results/profile_cpu_xeon.json --kv-cache-gib 1 \\
         --max-num-batched-tokens 512 --scale 200

@@ -328,12 +328,12 @@ def test_peak_bound_follows_a_long_request_past_a_history_of_short_ones():
     bound = PeakBound(0.05)
     bound.lengths.add(tuple(range(60, 121)))  # 61 finished short requests: 60-120 output tokens
     # 100 blocks x 16 = 1600 tokens; each waiting request holds 50 tokens now and exactly 900 more at its
-    # peak (60 blocks): one fits, two overflow ~500 steps ahead (beyond twice the longest finished).
+    # peak (60 blocks): one fits, two overflow ~750 steps ahead (beyond twice the longest finished).
     v = states_view([], [(50, 0, 900, True)] * 4, free=100)
     assert bound.admissible(v, 4) == 1
     # Unknown lengths: a running request past every finished one (1,000 output tokens) is expected to
-    # run as long again (to 2,100 tokens, 132 blocks); it overflows the pool alone ~800 steps ahead,
-    # so nothing more is admitted (a horizon of twice the longest finished, 241 steps, saw 85 blocks).
+    # run as long again (to 2,100 tokens, 132 blocks); it overflows the pool alone ~500 steps ahead, so
+    # nothing more is admitted (the old horizon, 256 steps from twice the longest finished, saw 85 blocks).
     running = states_view([(1100, 1000, math.inf)], [(50, 0, math.inf)] * 2, free=31)
     assert bound.admissible(running, 2) == 0
 
