@@ -4,9 +4,10 @@ limit move from one phase to the next here, as the simulator says (benchmarks/si
     python benchmarks/lockstep_phase_split.py --workload output-shift --scale 200 --static 8,16,32,64 \\
         --policies combined-cost,sglang
 
-Each phase is given all at once (forced lengths, as the whole workload in lockstep_tournament.py),
-on the pool lockstep_tournament.py gives both shifts (0.1 GiB); output tok/s, P90 TPOT and preemptions
-per contender. Minutes per phase: nothing else should run on the machine meanwhile.
+Each phase is given as lockstep_tournament.py gives the whole workload (its flags: all at once,
+forced lengths, the same pool), with the phase's requests in place of the workload's; output tok/s,
+P90 TPOT and preemptions per contender. Minutes per phase: nothing else should run on the machine
+meanwhile.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lockstep_tournament import contenders, run_lockstep  # noqa: E402
-from real_tournament import POLICIES, forced_lengths_trace  # noqa: E402
+from real_tournament import POLICIES, forced_lengths_trace, workloads  # noqa: E402
 
 from batchpilot.sim.tournament import shift_phases  # noqa: E402
 
-WORKLOADS = ("output-shift", "phase-shift")  # the shifts the real tournament runs on a 0.1 GiB pool, at `scale`
+WORKLOADS = ("output-shift", "phase-shift")  # the shifts the real tournament draws at `scale` (documents: 2x)
 
 
 def main() -> int:
@@ -43,11 +44,11 @@ def main() -> int:
         p.error(f"--phases: unknown {', '.join(unknown)} (phases: {', '.join(phases)})")
     configs = contenders([int(n) for n in args.static.split(",")], [s for s in args.policies.split(",") if s])
     with tempfile.TemporaryDirectory() as tmp:
+        flags = workloads(Path(tmp), args.scale)[args.workload]
+        at = flags.index("--dataset") + 1
         for label in wanted:
             path = forced_lengths_trace(Path(tmp) / "phase.jsonl", phases[label])
-            rows = run_lockstep(["--dataset-name", "trace", "--dataset", str(path), "--num-prompts",
-                                 str(len(phases[label])), "--request-rate", "inf", "--kv-cache-gib", "0.1"],
-                                configs, args.threads, args.seed)
+            rows = run_lockstep([*flags[:at], str(path), *flags[at + 1:]], configs, args.threads, args.seed)
             for name, r in rows.items():
                 print(f"{label:<12} {name:<16} {r['output_throughput']:7.1f} tok/s  p90 TPOT {r['p90_tpot_ms']:6.1f} ms"
                       f"  preempt {r['num_preemptions']:3d}", flush=True)

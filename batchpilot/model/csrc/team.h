@@ -6,8 +6,8 @@
  *
  * The split is fixed (the first n % T threads take one item more), not OpenMP's choice, because
  * weights are laid out by it: thread j's tiles of every projection lie one after another in a
- * stream of their own (kernels.GemvTiles, split by kernels.split_start), so that each thread reads one long run of memory
- * across the whole step and the prefetchers never restart (docs/reproduction.md).
+ * stream of their own (kernels.GemvTiles, split by kernels.split_start), so that each thread reads one
+ * long run of memory across the whole step and the prefetchers never restart (docs/reproduction.md).
  */
 #ifndef BATCHPILOT_TEAM_H
 #define BATCHPILOT_TEAM_H
