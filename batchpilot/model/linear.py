@@ -5,9 +5,11 @@ every call; at a few rows that reorder is most of the call. Prepacking once (wha
 backend and inductor's freezing do) made a bf16 matmul 1.3-2x faster at 1-128 rows on an AMX
 Xeon, and equal or slower at 512 (a prefill chunk), so there steps of up to `PACKED_MAX_ROWS_AMX`
 rows take the packed weight and larger ones the plain weight; with AVX512-BF16 and no AMX (Zen 4)
-the packed weight was 1.09x the plain one at 256-2048 rows, and serves every step. Below
+the packed weight was 1.09x the plain one at 256-2048 rows, and serves every step. Up to
 `GEMV_MAX_ROWS` rows our own kernel (kernels.gemv, where the CPU has AVX512-BF16) streams the
-weight at memory speed without oneDNN's per-call cost. The copies are kept side by side: packing
+weight at memory speed without oneDNN's per-call cost; with AMX, oneDNN's tiles outrun it from a
+few rows on (`GEMV_MAX_ROWS_AMX`: a decode step of 8 rows 1.15x faster through oneDNN, of 128 rows
+2.6x), so there it serves only the steps of up to that many rows. The copies are kept side by side: packing
 is only done for models small enough that they cost little (`PACK_LIMIT_BYTES`); measurements
 in docs/reproduction.md.
 
@@ -30,6 +32,7 @@ from batchpilot.model import kernels, quant
 from batchpilot.model.hugepages import HugePageArena
 
 GEMV_MAX_ROWS = 128  # our kernel and the one-call decode loop led oneDNN's prepacked call at 1-128 rows
+GEMV_MAX_ROWS_AMX = 4  # with AMX they lead it only to 4 rows (level at 2-4, behind from 8)
 GEMV_MAX_ROWS_EMULATED = 16  # where bf16 matmul is not native: our kernel leads oneDNN's float32 to 16 rows
 PACKED_MAX_ROWS_AMX = 128
 PACK_LIMIT_BYTES = 2 * 2**30  # weights of every packed layer together (bf16 bytes)
@@ -95,7 +98,9 @@ class Linear:
         where it is not, and our kernel's tiles for few rows where it runs."""
         if bf16_matmul_native():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight)
-            self.packed_rows = PACKED_MAX_ROWS_AMX if torch.cpu._is_amx_tile_supported() else 2**62
+            amx = torch.cpu._is_amx_tile_supported()
+            self.packed_rows = PACKED_MAX_ROWS_AMX if amx else 2**62
+            self.gemv_rows = GEMV_MAX_ROWS_AMX if amx else GEMV_MAX_ROWS
         else:
             self.upcast = torch.ops.mkldnn._reorder_linear_weight(self.weight.float())
             self.upcast_bias = None if self.bias is None else self.bias.float()
