@@ -8,17 +8,26 @@ copy, which batched matmuls consume without a further transpose copy.
 The batch's tokens are laid out decodes first (one token each), then prefill chunks. Decodes
 are attended together; each prefill chunk is attended causally (with an offset when earlier
 chunks of the same prompt are already in the cache) by our kernel where it is built, 2-3x
-torch's flash attention (docs/reproduction.md), else by scaled_dot_product_attention.
+torch's flash attention on AVX512-BF16 without AMX, else by scaled_dot_product_attention: with
+AMX, torch's kernel multiplies on the tiles and leads ours 1.2-2x, more the longer the context
+(docs/reproduction.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
 
 from batchpilot.model import kernels
+
+
+@cache
+def native_prefill() -> bool:
+    """Whether prefill chunks take our kernel (built, and no AMX for torch's to use)."""
+    return kernels.prefill_attention_available() and not torch.cpu._is_amx_tile_supported()
 
 
 @dataclass
@@ -72,7 +81,7 @@ def paged_attention(
             out[: meta.num_decodes] = _decode_attention(q_dec, k_cache, v_cache, meta, scale)
     for chunk in meta.prefills:
         o = None
-        if meta.native and kernels.prefill_attention_available():
+        if meta.native and native_prefill():
             slots = meta.slot_mapping[chunk.start : chunk.end] if chunk.context_slots is None else chunk.context_slots
             o = kernels.prefill_attention(q[chunk.start : chunk.end], k_cache, v_cache, slots, chunk.context_start,
                                           scale)
