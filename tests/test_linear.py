@@ -128,3 +128,37 @@ def test_default_model_greedy_is_the_same_with_and_without_packing(monkeypatch):
     # steps of up to GEMV_MAX_ROWS rows take our kernel: float32 sums of the same exact products in its own
     # order (and where bf16 is not native, against torch's bf16 loop): equal up to a near tie
     assert_greedy_close(with_packing, without, top=2)
+
+
+@pytest.fixture
+def amx_rows_restored():
+    yield
+    kernels.gemv_use_amx(kernels.GEMV_AMX_MIN_ROWS)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 33, 128])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gemv_on_the_amx_tiles_gives_float32_sums_of_exact_products(rows, with_bias, amx_rows_restored):
+    """Where the CPU has AMX the tiles take every step (a last block of fewer than 16 rows from a padded
+    copy, the tiles split over the team as the vector loop splits them): the same exact products, summed in
+    float32 in another order, and one rounding of those sums to bf16. Elsewhere the tiles are refused."""
+    from batchpilot.model.hugepages import HugePageArena
+
+    on_amx = kernels.gemv_use_amx(1)
+    assert on_amx == (kernels.gemv_amx_min_rows() == 1)
+    if not torch.cpu._is_amx_tile_supported():
+        assert not on_amx and kernels.gemv_amx_min_rows() == 0
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(3 * kernels.GEMV_TILE, 1536, generator=g).to(torch.bfloat16)
+    b = torch.randn(3 * kernels.GEMV_TILE, generator=g).to(torch.bfloat16) if with_bias else None
+    x = torch.randn(rows, 2 * 1536, generator=g).to(torch.bfloat16)[:, 1536:]  # strided rows
+    tiles = kernels.pack_gemv_weight(w).place([HugePageArena(), HugePageArena()])
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    sums, rounded = kernels.gemv(x, tiles, b, float_out=True), kernels.gemv(x, tiles, b)
+    torch.testing.assert_close(sums.double(), exact, rtol=1e-5, atol=2e-4)
+    assert torch.equal(sums.to(torch.bfloat16), rounded)
+    kernels.gemv_use_amx(0)
+    assert kernels.gemv_amx_min_rows() == 0
+    vector = kernels.gemv(x, tiles, b, float_out=True)
+    torch.testing.assert_close(vector.double(), exact, rtol=1e-5, atol=2e-4)
+    assert torch.equal(vector.to(torch.bfloat16), kernels.gemv(x, tiles, b))

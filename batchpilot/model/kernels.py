@@ -82,6 +82,8 @@ def _library() -> ctypes.CDLL | None:
         "silu_mul": (None, [ptr, ptr, i64, i64, i32, i32]),
         "write_kv": (None, [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i32, i32, i64, i32]),
         "gemv_bf16": (i32, [ptr, i64, ptr, i32, ptr, ptr, i64, i32, i64, i64, i64, i32]),
+        "gemv_amx_enable": (i32, [i32]),
+        "gemv_amx_min_rows": (i32, []),
         "decode_layers": (i32, [ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, i32, i32, i64, i64, i64, i32,
                                 i32, i32, i64, f32, f32, ptr, i32]),
         "dequant_int4": (None, [ptr, ptr, ptr, i64, i64, i64, i32, i32]),
@@ -89,11 +91,13 @@ def _library() -> ctypes.CDLL | None:
         "qdequant_bf16": (i32, [ptr, ptr, ptr, i32, i64, ptr, i64, i64, i32]),
     }
     for name, (restype, argtypes) in signatures.items():
-        built_per_cpu = ("gemv_bf16", "decode_layers", "qgemv_bf16", "qdequant_bf16")
+        built_per_cpu = ("gemv_bf16", "gemv_amx_enable", "gemv_amx_min_rows", "decode_layers", "qgemv_bf16", "qdequant_bf16")
         if name in built_per_cpu and not hasattr(lib, name):
             continue
         getattr(lib, name).restype = restype
         getattr(lib, name).argtypes = argtypes
+    if hasattr(lib, "gemv_amx_enable"):
+        lib.gemv_amx_enable(GEMV_AMX_MIN_ROWS)
     return lib
 
 
@@ -229,6 +233,9 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 GEMV_TILE = 64  # outputs per weight tile: TILE_N in csrc/tile_rows.h (and gemv.c's AVX2 path)
+# With AMX the tiles outran our vector loop at every row count, one row included (a decode step of the
+# default model 1.18x faster at 1 row, 1.55x at 8: docs/reproduction.md).
+GEMV_AMX_MIN_ROWS = 1
 
 
 @functools.cache
@@ -291,6 +298,20 @@ def gemv(x: torch.Tensor, tiles: GemvTiles, bias: torch.Tensor | None, float_out
     if rc != 0:
         raise ValueError(f"gemv: unsupported shape {tuple(x.shape)} x [{tiles.n}, {tiles.k}]")
     return y
+
+
+def gemv_use_amx(min_rows: int) -> bool:
+    """Let gemv (and the decode loop's projections) multiply steps of at least `min_rows` rows on the AMX
+    tiles (0: never; GEMV_AMX_MIN_ROWS from the library's load on). False where the library is built
+    without AMX or Linux refuses the process the tile state."""
+    lib = _library()
+    return lib is not None and hasattr(lib, "gemv_amx_enable") and bool(lib.gemv_amx_enable(min_rows))
+
+
+def gemv_amx_min_rows() -> int:
+    """The fewest rows a gemv takes the AMX tiles at; 0 where it never does."""
+    lib = _library()
+    return lib.gemv_amx_min_rows() if lib is not None and hasattr(lib, "gemv_amx_min_rows") else 0
 
 
 def decode_layers_available() -> bool:

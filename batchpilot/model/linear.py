@@ -7,9 +7,10 @@ Xeon, and equal or slower at 512 (a prefill chunk), so there steps of up to `PAC
 rows take the packed weight and larger ones the plain weight; with AVX512-BF16 and no AMX (Zen 4)
 the packed weight was 1.09x the plain one at 256-2048 rows, and serves every step. Up to
 `GEMV_MAX_ROWS` rows our own kernel (kernels.gemv, where the CPU has AVX512-BF16) streams the
-weight at memory speed without oneDNN's per-call cost; with AMX, oneDNN's tiles outrun it from a
-few rows on (`GEMV_MAX_ROWS_AMX`: a decode step of 8 rows 1.15x faster through oneDNN, of 128 rows
-2.6x), so there it serves only the steps of up to that many rows. The copies are kept side by side: packing
+weight at memory speed without oneDNN's per-call cost; with AMX it multiplies on the tiles too
+(kernels.gemv_amx_min_rows; its vector loop alone fell behind oneDNN's tiles from 8 rows, 2.6x at 128), and
+where the library has no AMX path its vector loop serves only the steps of up to `GEMV_MAX_ROWS_AMX`
+rows. The copies are kept side by side: packing
 is only done for models small enough that they cost little (`PACK_LIMIT_BYTES`); measurements
 in docs/reproduction.md.
 
@@ -32,7 +33,7 @@ from batchpilot.model import kernels, quant
 from batchpilot.model.hugepages import HugePageArena
 
 GEMV_MAX_ROWS = 128  # our kernel and the one-call decode loop led oneDNN's prepacked call at 1-128 rows
-GEMV_MAX_ROWS_AMX = 4  # with AMX they lead it only to 4 rows (level at 2-4, behind from 8)
+GEMV_MAX_ROWS_AMX = 4  # with AMX and our kernel without its AMX path: it leads oneDNN only to 4 rows
 GEMV_MAX_ROWS_EMULATED = 16  # where bf16 matmul is not native: our kernel leads oneDNN's float32 to 16 rows
 PACKED_MAX_ROWS_AMX = 128
 PACK_LIMIT_BYTES = 2 * 2**30  # weights of every packed layer together (bf16 bytes)
@@ -100,7 +101,7 @@ class Linear:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight)
             amx = torch.cpu._is_amx_tile_supported()
             self.packed_rows = PACKED_MAX_ROWS_AMX if amx else 2**62
-            self.gemv_rows = GEMV_MAX_ROWS_AMX if amx else GEMV_MAX_ROWS
+            self.gemv_rows = GEMV_MAX_ROWS_AMX if amx and not kernels.gemv_amx_min_rows() else GEMV_MAX_ROWS
         else:
             self.upcast = torch.ops.mkldnn._reorder_linear_weight(self.weight.float())
             self.upcast_bias = None if self.bias is None else self.bias.float()

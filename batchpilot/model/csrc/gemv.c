@@ -21,7 +21,50 @@
 #include "kernels.h"
 #include "team.h"
 #ifdef __AVX512BF16__
+#include "amx_rows.h"
 #include "tile_rows.h"
+
+#ifdef BATCHPILOT_AMX
+static int amx_min_rows; /* steps of at least this many rows take the AMX tiles; 0: never */
+
+/* Steps of at least `min_rows` rows (0: none) take the AMX tiles from now on, if Linux gives this process
+ * the tile state. Returns whether it did. */
+int gemv_amx_enable(int min_rows) {
+    static int granted = -1;
+    if (granted < 0) granted = amx_request();
+    amx_min_rows = granted ? min_rows : 0;
+    return granted;
+}
+
+/* The fewest rows a step has to take the AMX tiles; 0: it never does. */
+int gemv_amx_min_rows(void) { return amx_min_rows; }
+
+/* gemv_bf16_team's AMX path; returns 0 where it does not apply (this thread then takes the vector path:
+ * every thread decides alike, but for a padding buffer that cannot be allocated, which changes only how
+ * this thread computes its own tiles). */
+static int gemv_amx_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *w, int parts,
+                         const uint16_t *bias, void *y, int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N) {
+    if (amx_min_rows <= 0 || M < amx_min_rows || K % (2 * 16) != 0) return 0;
+    const int64_t tail = M % AMX_ROWS;
+    const uint16_t *pad = tail != 0 ? amx_pad(x + (M - tail) * x_stride, x_stride, tail, K) : NULL;
+    if (tail != 0 && pad == NULL) return 0;
+    amx_configure();
+    const int64_t tiles = N / TILE_N, K2 = K / 2, tile_elems = K2 * TILE_N * 2;
+    const int64_t last = team_end(tiles);
+    for (int64_t t = team_start(tiles); t < last; t++)
+        amx_tile_times_rows(M, x, x_stride, pad, part_tile(w, parts, tiles, tile_elems, t), K2,
+                            bias != NULL ? bias + t * TILE_N : NULL, (char *)y + t * TILE_N * (y_f32 ? 4 : 2),
+                            y_stride, y_f32, t + 1 < last ? part_tile(w, parts, tiles, tile_elems, t + 1) : NULL);
+    return 1;
+}
+#else
+int gemv_amx_enable(int min_rows) {
+    (void)min_rows;
+    return 0;
+}
+
+int gemv_amx_min_rows(void) { return 0; }
+#endif
 
 /* w: [N / 64][K / 2][64][2] bf16 (kernels.pack_gemv_weight) in `parts` pieces (team.h's split of the tiles:
  * laid out per thread, each thread's tiles of a step in one stream); x: [M, K] bf16 with row stride x_stride;
@@ -29,6 +72,12 @@
  * Called by every thread of a team; returns after a barrier. */
 void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *w, int parts, const uint16_t *bias,
                     void *y, int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N) {
+#ifdef BATCHPILOT_AMX
+    if (gemv_amx_team(x, x_stride, w, parts, bias, y, y_stride, y_f32, M, K, N)) {
+#pragma omp barrier
+        return;
+    }
+#endif
     const int64_t tiles = N / TILE_N, K2 = K / 2, tile_elems = K2 * TILE_N * 2;
     const int64_t first = team_start(tiles), last = team_end(tiles);
     for (int64_t t = first; t < last; t++)
