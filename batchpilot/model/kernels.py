@@ -91,7 +91,8 @@ def _library() -> ctypes.CDLL | None:
         "qdequant_bf16": (i32, [ptr, ptr, ptr, i32, i64, ptr, i64, i64, i32]),
     }
     for name, (restype, argtypes) in signatures.items():
-        built_per_cpu = ("gemv_bf16", "gemv_amx_enable", "gemv_amx_min_rows", "decode_layers", "qgemv_bf16", "qdequant_bf16")
+        built_per_cpu = ("gemv_bf16", "gemv_amx_enable", "gemv_amx_min_rows", "decode_layers", "qgemv_bf16",
+                         "qdequant_bf16")
         if name in built_per_cpu and not hasattr(lib, name):
             continue
         getattr(lib, name).restype = restype
