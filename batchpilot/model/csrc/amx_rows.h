@@ -67,16 +67,18 @@ static inline const uint16_t *amx_pad(const uint16_t *x, int64_t x_stride, int64
     return buffer;
 }
 
-/* The 16 x 16 sums of tile register C for `rows` live rows, plus bias, into y (its first output at y). */
-#define AMX_STORE(C, rows, bias, y, y_stride, y_f32)                                                                \
+/* The 16 x 16 sums of tile register C for `rows` live rows, times scale (16 floats, or NULL), plus bias
+ * (16 bf16, or NULL), into y (its first output at y). */
+#define AMX_STORE(C, rows, scale, bias, y, y_stride, y_f32)                                                         \
     do {                                                                                                           \
         float sums_[AMX_ROWS * 16];                                                                                \
         _tile_stored(C, sums_, 64);                                                                                \
+        const __m512 s_ = (scale) != NULL ? _mm512_loadu_ps(scale) : _mm512_set1_ps(1.0f);                         \
         const __m512 b_ = (bias) != NULL ? _mm512_castsi512_ps(_mm512_slli_epi32(                                 \
                                                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(bias))), 16)) \
                                          : _mm512_setzero_ps();                                                    \
         for (int64_t r_ = 0; r_ < (rows); r_++) {                                                                  \
-            const __m512 v_ = _mm512_add_ps(_mm512_loadu_ps(sums_ + r_ * 16), b_);                                 \
+            const __m512 v_ = _mm512_fmadd_ps(_mm512_loadu_ps(sums_ + r_ * 16), s_, b_);                           \
             if (y_f32)                                                                                             \
                 _mm512_storeu_ps((float *)(y) + r_ * (y_stride), v_);                                              \
             else                                                                                                   \
@@ -84,14 +86,15 @@ static inline const uint16_t *amx_pad(const uint16_t *x, int64_t x_stride, int64
         }                                                                                                          \
     } while (0)
 
-/* All M rows of x times the tile; y points at the tile's first output of row 0. K2 (input pairs) a
+/* All M rows of x times the tile, times scale (a float per output, or NULL), plus bias; y points at the
+ * tile's first output of row 0. K2 (input pairs) a
  * multiple of 16; pad: amx_pad's copy of the last M % 16 rows (NULL when there are none). The tile's two
  * halves of 32 outputs are taken in turn, so that the half stays in L1 while every block of rows passes.
  * The tile this thread computes next (`next`, or NULL) is fetched into L2 a slice per chunk of inputs
  * meanwhile, a few lines per chunk: the tile loads wait on memory otherwise (a decode step's weights are not in the cache). */
 static inline void amx_tile_times_rows(int64_t M, const uint16_t *x, int64_t x_stride, const uint16_t *pad,
-                                       const uint16_t *tile, int64_t K2, const uint16_t *bias, void *y,
-                                       int64_t y_stride, int y_f32, const uint16_t *next) {
+                                       const uint16_t *tile, int64_t K2, const float *scale, const uint16_t *bias,
+                                       void *y, int64_t y_stride, int y_f32, const uint16_t *next) {
     const int64_t blocks = (M + AMX_ROWS - 1) / AMX_ROWS, chunks = K2 / 16, full = M / AMX_ROWS;
     const size_t esize = y_f32 ? 4 : 2;
     /* the next tile's lines, spread evenly over this tile's chunk passes */
@@ -101,11 +104,13 @@ static inline void amx_tile_times_rows(int64_t M, const uint16_t *x, int64_t x_s
     for (int half = 0; half < 2; half++) {
         const uint16_t *w = tile + half * 32 * 2;
         const uint16_t *b0 = bias != NULL ? bias + half * 32 : NULL, *b1 = bias != NULL ? b0 + 16 : NULL;
+        const float *s0 = scale != NULL ? scale + half * 32 : NULL, *s1 = scale != NULL ? s0 + 16 : NULL;
         for (int64_t mb = 0; mb < blocks; mb += 2) {
             const int two = mb + 1 < blocks;
             const uint16_t *a0 = mb < full ? x + mb * AMX_ROWS * x_stride : pad;
             const uint16_t *a1 = mb + 1 < full ? x + (mb + 1) * AMX_ROWS * x_stride : pad;
-            const int64_t s0 = (mb < full ? x_stride : 2 * K2) * 2, s1 = (mb + 1 < full ? x_stride : 2 * K2) * 2;
+            const int64_t stride0 = (mb < full ? x_stride : 2 * K2) * 2;
+            const int64_t stride1 = (mb + 1 < full ? x_stride : 2 * K2) * 2;
             _tile_zero(4);
             _tile_zero(5);
             _tile_zero(6);
@@ -116,24 +121,24 @@ static inline void amx_tile_times_rows(int64_t M, const uint16_t *x, int64_t x_s
                 const uint16_t *wc = w + c * 16 * 128;
                 _tile_loadd(2, wc, 256);
                 _tile_loadd(3, wc + 32, 256);
-                _tile_loadd(0, a0 + c * AMX_K, s0);
+                _tile_loadd(0, a0 + c * AMX_K, stride0);
                 _tile_dpbf16ps(4, 0, 2);
                 _tile_dpbf16ps(5, 0, 3);
                 if (two) {
-                    _tile_loadd(1, a1 + c * AMX_K, s1);
+                    _tile_loadd(1, a1 + c * AMX_K, stride1);
                     _tile_dpbf16ps(6, 1, 2);
                     _tile_dpbf16ps(7, 1, 3);
                 }
             }
             const int64_t rows0 = M - mb * AMX_ROWS < AMX_ROWS ? M - mb * AMX_ROWS : AMX_ROWS;
             char *y0 = (char *)y + (mb * AMX_ROWS * y_stride + half * 32) * esize;
-            AMX_STORE(4, rows0, b0, y0, y_stride, y_f32);
-            AMX_STORE(5, rows0, b1, y0 + 16 * esize, y_stride, y_f32);
+            AMX_STORE(4, rows0, s0, b0, y0, y_stride, y_f32);
+            AMX_STORE(5, rows0, s1, b1, y0 + 16 * esize, y_stride, y_f32);
             if (two) {
                 const int64_t rows1 = M - (mb + 1) * AMX_ROWS < AMX_ROWS ? M - (mb + 1) * AMX_ROWS : AMX_ROWS;
                 char *y1 = y0 + AMX_ROWS * y_stride * esize;
-                AMX_STORE(6, rows1, b0, y1, y_stride, y_f32);
-                AMX_STORE(7, rows1, b1, y1 + 16 * esize, y_stride, y_f32);
+                AMX_STORE(6, rows1, s0, b0, y1, y_stride, y_f32);
+                AMX_STORE(7, rows1, s1, b1, y1 + 16 * esize, y_stride, y_f32);
             }
         }
     }

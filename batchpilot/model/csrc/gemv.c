@@ -52,7 +52,7 @@ static int gemv_amx_team(const uint16_t *x, int64_t x_stride, const uint16_t *co
     const int64_t tiles = N / TILE_N, K2 = K / 2, tile_elems = K2 * TILE_N * 2;
     const int64_t last = team_end(tiles);
     for (int64_t t = team_start(tiles); t < last; t++)
-        amx_tile_times_rows(M, x, x_stride, pad, part_tile(w, parts, tiles, tile_elems, t), K2,
+        amx_tile_times_rows(M, x, x_stride, pad, part_tile(w, parts, tiles, tile_elems, t), K2, NULL,
                             bias != NULL ? bias + t * TILE_N : NULL, (char *)y + t * TILE_N * (y_f32 ? 4 : 2),
                             y_stride, y_f32, t + 1 < last ? part_tile(w, parts, tiles, tile_elems, t + 1) : NULL);
     return 1;

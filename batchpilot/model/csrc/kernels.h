@@ -11,6 +11,8 @@
 void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *w, int parts, const uint16_t *bias,
                     void *y, int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N);
 
+int gemv_amx_min_rows(void); /* the fewest rows gemv_bf16_team multiplies on the AMX tiles; 0: never */
+
 #define QGEMV_XSUM 4096 /* floats of qgemv_bf16_team's shared xsum buffer */
 /* only with AVX512-BF16: */
 int qgemv_shape_ok(int bits, int64_t group, int64_t K, int64_t N);

@@ -28,6 +28,7 @@
 #ifdef __AVX512BF16__
 #include <immintrin.h>
 
+#include "amx_rows.h"
 #include "tile_rows.h"
 
 #define FUSED_MAX_M 4 /* up to this many rows, no buffer: each k-pair expanded in registers */
@@ -228,6 +229,16 @@ void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const v
 #pragma omp atomic write
         *failed = 1;
     }
+#ifdef BATCHPILOT_AMX
+    /* more rows with AMX: the expanded tile multiplied on the tiles (gemv.c's rule and threshold) */
+    const int64_t tail = M % AMX_ROWS;
+    const int amx_rows = gemv_amx_min_rows();
+    const uint16_t *pad = M > FUSED_MAX_M && amx_rows > 0 && M >= amx_rows && K % (2 * 16) == 0 && tail != 0
+                              ? amx_pad(x + (M - tail) * x_stride, x_stride, tail, K)
+                              : NULL;
+    const int amx = M > FUSED_MAX_M && amx_rows > 0 && M >= amx_rows && K % (2 * 16) == 0 && (tail == 0 || pad);
+    if (amx) amx_configure();
+#endif
     for (int64_t t = team_start(tiles); t < team_end(tiles); t++) {
         const float *scale = bits == 8 && group == 0 ? (const float *)scales + t * TILE_N : NULL;
         const uint16_t *s16 = (const uint16_t *)scales, *l16 = (const uint16_t *)lows;
@@ -248,6 +259,13 @@ void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const v
         }
         if (buf == NULL) continue;
         expand_tile(q, s16, l16, bits, group, K, t, buf);
+#ifdef BATCHPILOT_AMX
+        if (amx) {
+            amx_tile_times_rows(M, x, x_stride, pad, (const uint16_t *)buf, K2, scale, b, y + t * TILE_N, y_stride,
+                                0, NULL);
+            continue;
+        }
+#endif
         tile_times_rows(M, x, x_stride, (const uint16_t *)buf, K2, scale, b, y + t * TILE_N, y_stride, 0);
     }
 #pragma omp barrier
