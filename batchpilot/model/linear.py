@@ -3,8 +3,9 @@
 `F.linear` hands oneDNN a plain [out, in] weight, which it reorders into its blocked layout on
 every call; at a few rows that reorder is most of the call. Prepacking once (what vLLM's CPU
 backend and inductor's freezing do) made a bf16 matmul 1.3-2x faster at 1-128 rows on an AMX
-Xeon, and equal or slower at 512 (a prefill chunk), so there steps of up to `PACKED_MAX_ROWS_AMX`
-rows take the packed weight and larger ones the plain weight; with AVX512-BF16 and no AMX (Zen 4)
+Xeon, 1.2-1.4x at 192-320 (a mixed step: a prompt beside the decodes), and level or slower from 384 to 512
+(a prefill chunk), so there steps of up to `PACKED_MAX_ROWS_AMX` rows take the packed weight and larger
+ones the plain weight; with AVX512-BF16 and no AMX (Zen 4)
 the packed weight was 1.09x the plain one at 256-2048 rows, and serves every step. Up to
 `GEMV_MAX_ROWS` rows our own kernel (kernels.gemv, where the CPU has AVX512-BF16) streams the
 weight at memory speed without oneDNN's per-call cost; with AMX it multiplies on the tiles too
@@ -35,7 +36,7 @@ from batchpilot.model.hugepages import HugePageArena
 GEMV_MAX_ROWS = 128  # our kernel and the one-call decode loop led oneDNN's prepacked call at 1-128 rows
 GEMV_MAX_ROWS_AMX = 4  # with AMX and our kernel without its AMX path: it leads oneDNN only to 4 rows
 GEMV_MAX_ROWS_EMULATED = 16  # where bf16 matmul is not native: our kernel leads oneDNN's float32 to 16 rows
-PACKED_MAX_ROWS_AMX = 128
+PACKED_MAX_ROWS_AMX = 384
 PACK_LIMIT_BYTES = 2 * 2**30  # weights of every packed layer together (bf16 bytes)
 
 

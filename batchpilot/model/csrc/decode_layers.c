@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "team.h"
 
 #if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
 
@@ -79,11 +80,8 @@ int decode_layers(uint16_t *x, uint16_t *y, const void *const *weights, const in
         uint16_t *k_cache = caches[2 * l], *v_cache = caches[2 * l + 1];
         project(lw + QKV, lf, y, C, lw[QKV_BIAS], qkv, B, C, W, xsum, &failed);
         rope_team(qkv, W, cos_t, sin_t, B, H + KVH, D);
-#pragma omp single
-        {
-            write_kv(qkv + HD, W, qkv + HD + (int64_t)KVH * D, W, k_cache, v_cache, slots, B, KVH, D, num_slots, 1);
-            for (int64_t b = 0; b < B; b++) memcpy(q + b * HD, qkv + b * W, (size_t)HD * 2);
-        }
+        for (int64_t b = team_start(B); b < team_end(B); b++) memcpy(q + b * HD, qkv + b * W, (size_t)HD * 2);
+        write_kv_team(qkv + HD, W, qkv + HD + (int64_t)KVH * D, W, k_cache, v_cache, slots, B, KVH, D, num_slots);
         paged_decode_attention_team(q, k_cache, v_cache, attn, block_tables, context_lens, (int)B, H, KVH, D,
                                     table_width, block_size, num_slots, scale);
         project(lw + O, lf + 3, attn, HD, NULL, proj, B, HD, C, xsum, &failed);

@@ -24,6 +24,9 @@ void add_rms_norm_team(uint16_t *x, int64_t x_stride, const uint16_t *delta, int
                        const uint16_t *weight, uint16_t *out, int64_t out_stride, int64_t rows, int64_t cols, float eps);
 void rope_team(uint16_t *qkv, int64_t row_stride, const float *cos_t, const float *sin_t, int64_t rows, int heads,
                int head_dim);
+void write_kv_team(const uint16_t *k, int64_t k_stride, const uint16_t *v, int64_t v_stride, uint16_t *k_cache,
+                   uint16_t *v_cache, const int64_t *slots, int64_t rows, int kv_heads, int head_dim,
+                   int64_t num_slots);
 void silu_mul_team(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t cols);
 int paged_decode_attention_ok(int num_heads, int num_kv_heads, int head_dim, int block_size);
 void paged_decode_attention_team(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *out,
