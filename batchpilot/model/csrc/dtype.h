@@ -49,24 +49,30 @@ static inline __attribute__((always_inline)) __m512 bf16x16_load(const uint16_t 
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
-/* float_to_bf16 on 16 lanes, each result in the low half of its 32-bit lane (the same integer
- * rounding: VCVTNEPS2BF16 would also flush denormals). */
-static inline __attribute__((always_inline)) __m512i bf16x16_bits(__m512 f) {
+#ifdef __AVX512BF16__
+/* float_to_bf16 on 16 lanes, packed into 16 bf16: VCVTNEPS2BF16 rounds to
+ * nearest-even and quiets NaNs as float_to_bf16 does, and also flushes denormals to zero (a float under
+ * 1.2e-38: none of the values rounded here), in one instruction where the integer rounding below takes ~8. */
+static inline __attribute__((always_inline)) __m256i bf16x16_pack(__m512 f) { return (__m256i)_mm512_cvtneps_pbh(f); }
+#else
+/* float_to_bf16 on 16 lanes: the same integer rounding. */
+static inline __attribute__((always_inline)) __m256i bf16x16_pack(__m512 f) {
     const __m512i b = _mm512_castps_si512(f);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
     const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb), 16);
     const __m512i quiet_nan = _mm512_or_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(0x40));
-    return _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), quiet_nan);
+    return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), quiet_nan));
 }
+#endif
 
 /* round_to(1, f) on 16 lanes. */
 static inline __attribute__((always_inline)) __m512 bf16x16_round(__m512 f) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(bf16x16_bits(f), 16));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16x16_pack(f)), 16));
 }
 
 /* 16 floats stored as bf16, rounded as put() rounds them. */
 static inline __attribute__((always_inline)) void bf16x16_store(uint16_t *p, __m512 f) {
-    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(bf16x16_bits(f)));
+    _mm256_storeu_si256((__m256i *)p, bf16x16_pack(f));
 }
 #endif
 
