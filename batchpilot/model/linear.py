@@ -3,17 +3,15 @@
 `F.linear` hands oneDNN a plain [out, in] weight, which it reorders into its blocked layout on
 every call; at a few rows that reorder is most of the call. Prepacking once (what vLLM's CPU
 backend and inductor's freezing do) made a bf16 matmul 1.3-2x faster at 1-128 rows on an AMX
-Xeon, 1.2-1.4x at 192-320 (a mixed step: a prompt beside the decodes), and level or slower from 384 to 512
-(a prefill chunk), so there steps of up to `PACKED_MAX_ROWS_AMX` rows take the packed weight and larger
-ones the plain weight; with AVX512-BF16 and no AMX (Zen 4)
-the packed weight was 1.09x the plain one at 256-2048 rows, and serves every step. Up to
-`GEMV_MAX_ROWS` rows our own kernel (kernels.gemv, where the CPU has AVX512-BF16) streams the
-weight at memory speed without oneDNN's per-call cost; with AMX it multiplies on the tiles too
-(kernels.gemv_amx_min_rows; its vector loop alone fell behind oneDNN's tiles from 8 rows, 2.6x at 128), and
-where the library has no AMX path its vector loop serves only the steps of up to `GEMV_MAX_ROWS_AMX`
-rows. The copies are kept side by side: packing
-is only done for models small enough that they cost little (`PACK_LIMIT_BYTES`); measurements
-in docs/reproduction.md.
+Xeon, 1.2-1.4x at 192-320 (a mixed step: a prompt beside the decodes), and level or slower from 384 to
+512 (a prefill chunk), so there steps of up to `PACKED_MAX_ROWS_AMX` rows take the packed weight and
+larger ones the plain weight; with AVX512-BF16 and no AMX (Zen 4) the packed weight was 1.09x the plain
+one at 256-2048 rows, and serves every step. Up to `GEMV_MAX_ROWS` rows our own kernel (kernels.gemv,
+where the CPU has AVX512-BF16) streams the weight at memory speed without oneDNN's per-call cost; with
+AMX it multiplies on the tiles too (kernels.gemv_amx_min_rows: its vector loop alone fell behind oneDNN's
+tiles from 8 rows, 2.6x at 128), and where the library has no AMX path its vector loop serves only the
+steps of up to `GEMV_MAX_ROWS_AMX` rows. The copies are kept side by side: packing is only done for
+models small enough that they cost little (`PACK_LIMIT_BYTES`); measurements in docs/reproduction.md.
 
 Where the CPU has no bf16 instructions, bf16 matmuls are slow: torch's reference loop on AVX2-only
 CPUs (the AMD EPYC hosts here, 7x slower than float32), oneDNN's software conversion on AVX-512

@@ -67,6 +67,19 @@ static inline const uint16_t *amx_pad(const uint16_t *x, int64_t x_stride, int64
     return buffer;
 }
 
+/* Whether M rows of K inputs go on the tiles (at least min_rows of them, 0: never; K a multiple of 32).
+ * If they do, this thread's tiles are configured and *pad is amx_pad's copy of the last M % 16 rows (NULL
+ * when there are none); if that copy cannot be allocated, they do not. */
+static inline int amx_begin(const uint16_t *x, int64_t x_stride, int64_t M, int64_t K, int min_rows,
+                            const uint16_t **pad) {
+    const int64_t tail = M % AMX_ROWS;
+    *pad = NULL;
+    if (min_rows <= 0 || M < min_rows || K % AMX_K != 0) return 0;
+    if (tail != 0 && (*pad = amx_pad(x + (M - tail) * x_stride, x_stride, tail, K)) == NULL) return 0;
+    amx_configure();
+    return 1;
+}
+
 /* The 16 x 16 sums of tile register C for `rows` live rows, times scale (16 floats, or NULL), plus bias
  * (16 bf16, or NULL), into y (its first output at y). */
 #define AMX_STORE(C, rows, scale, bias, y, y_stride, y_f32)                                                         \

@@ -44,11 +44,8 @@ int gemv_amx_min_rows(void) { return amx_min_rows; }
  * this thread computes its own tiles). */
 static int gemv_amx_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *w, int parts,
                          const uint16_t *bias, void *y, int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N) {
-    if (amx_min_rows <= 0 || M < amx_min_rows || K % (2 * 16) != 0) return 0;
-    const int64_t tail = M % AMX_ROWS;
-    const uint16_t *pad = tail != 0 ? amx_pad(x + (M - tail) * x_stride, x_stride, tail, K) : NULL;
-    if (tail != 0 && pad == NULL) return 0;
-    amx_configure();
+    const uint16_t *pad;
+    if (!amx_begin(x, x_stride, M, K, amx_min_rows, &pad)) return 0;
     const int64_t tiles = N / TILE_N, K2 = K / 2, tile_elems = K2 * TILE_N * 2;
     const int64_t last = team_end(tiles);
     for (int64_t t = team_start(tiles); t < last; t++)

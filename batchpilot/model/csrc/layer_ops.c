@@ -79,8 +79,6 @@ INLINE void silu_mul_row16(const uint16_t *gate, const uint16_t *up, uint16_t *o
     }
 }
 #define ROW16(is_bf16, n) ((is_bf16) && (n) % 16 == 0)
-#else
-#define ROW16(is_bf16, n) 0
 #endif
 
 INLINE void add_rms_norm_row(char *x, const char *delta, const void *weight, char *out, int64_t cols, float eps,

@@ -230,14 +230,9 @@ void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const v
         *failed = 1;
     }
 #ifdef BATCHPILOT_AMX
-    /* more rows with AMX: the expanded tile multiplied on the tiles (gemv.c's rule and threshold) */
-    const int64_t tail = M % AMX_ROWS;
-    const int amx_rows = gemv_amx_min_rows();
-    const uint16_t *pad = M > FUSED_MAX_M && amx_rows > 0 && M >= amx_rows && K % (2 * 16) == 0 && tail != 0
-                              ? amx_pad(x + (M - tail) * x_stride, x_stride, tail, K)
-                              : NULL;
-    const int amx = M > FUSED_MAX_M && amx_rows > 0 && M >= amx_rows && K % (2 * 16) == 0 && (tail == 0 || pad);
-    if (amx) amx_configure();
+    /* more rows with AMX: the expanded tile multiplied on the tiles (gemv.c's threshold) */
+    const uint16_t *pad = NULL;
+    const int amx = M > FUSED_MAX_M && amx_begin(x, x_stride, M, K, gemv_amx_min_rows(), &pad);
 #endif
     for (int64_t t = team_start(tiles); t < team_end(tiles); t++) {
         const float *scale = bits == 8 && group == 0 ? (const float *)scales + t * TILE_N : NULL;
