@@ -24,6 +24,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "dtype.h"
 #include "tile_rows.h"
 
 #define AMX_ROWS 16 /* rows of x per block */
@@ -81,30 +82,28 @@ static inline int amx_begin(const uint16_t *x, int64_t x_stride, int64_t M, int6
 }
 
 /* The 16 x 16 sums of tile register C for `rows` live rows, times scale (16 floats, or NULL), plus bias
- * (16 bf16, or NULL), into y (its first output at y). */
-#define AMX_STORE(C, rows, scale, bias, y, y_stride, y_f32)                                                         \
-    do {                                                                                                           \
-        float sums_[AMX_ROWS * 16];                                                                                \
-        _tile_stored(C, sums_, 64);                                                                                \
-        const __m512 s_ = (scale) != NULL ? _mm512_loadu_ps(scale) : _mm512_set1_ps(1.0f);                         \
-        const __m512 b_ = (bias) != NULL ? _mm512_castsi512_ps(_mm512_slli_epi32(                                 \
-                                               _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(bias))), 16)) \
-                                         : _mm512_setzero_ps();                                                    \
-        for (int64_t r_ = 0; r_ < (rows); r_++) {                                                                  \
-            const __m512 v_ = _mm512_fmadd_ps(_mm512_loadu_ps(sums_ + r_ * 16), s_, b_);                           \
-            if (y_f32)                                                                                             \
-                _mm512_storeu_ps((float *)(y) + r_ * (y_stride), v_);                                              \
-            else                                                                                                   \
-                _mm256_storeu_si256((__m256i *)((uint16_t *)(y) + r_ * (y_stride)), (__m256i)_mm512_cvtneps_pbh(v_)); \
-        }                                                                                                          \
+ * (16 bf16, or NULL), into y (its first output at y): float32, or rounded to bf16. */
+#define AMX_STORE(C, rows, scale, bias, y, y_stride, y_f32)                                                 \
+    do {                                                                                                   \
+        float sums_[AMX_ROWS * 16];                                                                        \
+        _tile_stored(C, sums_, 64);                                                                        \
+        const __m512 s_ = (scale) != NULL ? _mm512_loadu_ps(scale) : _mm512_set1_ps(1.0f);                 \
+        const __m512 b_ = (bias) != NULL ? bf16x16_load(bias) : _mm512_setzero_ps();                       \
+        for (int64_t r_ = 0; r_ < (rows); r_++) {                                                          \
+            const __m512 v_ = _mm512_fmadd_ps(_mm512_loadu_ps(sums_ + r_ * 16), s_, b_);                   \
+            if (y_f32)                                                                                     \
+                _mm512_storeu_ps((float *)(y) + r_ * (y_stride), v_);                                      \
+            else                                                                                           \
+                bf16x16_store((uint16_t *)(y) + r_ * (y_stride), v_);                                      \
+        }                                                                                                  \
     } while (0)
 
 /* All M rows of x times the tile, times scale (a float per output, or NULL), plus bias; y points at the
- * tile's first output of row 0. K2 (input pairs) a
- * multiple of 16; pad: amx_pad's copy of the last M % 16 rows (NULL when there are none). The tile's two
- * halves of 32 outputs are taken in turn, so that the half stays in L1 while every block of rows passes.
- * The tile this thread computes next (`next`, or NULL) is fetched into L2 a slice per chunk of inputs
- * meanwhile, a few lines per chunk: the tile loads wait on memory otherwise (a decode step's weights are not in the cache). */
+ * tile's first output of row 0. K2 (input pairs) a multiple of 16; pad: amx_begin's copy of the last
+ * M % 16 rows (NULL when there are none). The tile's two halves of 32 outputs are taken in turn, so that
+ * the half stays in L1 while every block of rows passes. The tile this thread computes next (`next`, or
+ * NULL) is fetched into L2 meanwhile, a few lines per chunk of inputs: the tile loads wait on memory
+ * otherwise (a decode step's weights are not in the cache). */
 static inline void amx_tile_times_rows(int64_t M, const uint16_t *x, int64_t x_stride, const uint16_t *pad,
                                        const uint16_t *tile, int64_t K2, const float *scale, const uint16_t *bias,
                                        void *y, int64_t y_stride, int y_f32, const uint16_t *next) {
