@@ -50,16 +50,17 @@ static inline __attribute__((always_inline)) __m512 bf16x16_load(const uint16_t 
 }
 
 #ifdef __AVX512BF16__
-/* float_to_bf16 on 16 lanes, packed into 16 bf16: VCVTNEPS2BF16 rounds to
- * nearest-even and quiets NaNs as float_to_bf16 does, and also flushes denormals to zero (a float under
- * 1.2e-38: none of the values rounded here), in one instruction where the integer rounding below takes ~8. */
+/* float_to_bf16 on 16 lanes, packed into 16 bf16: VCVTNEPS2BF16 rounds to nearest-even and quiets NaNs as
+ * float_to_bf16 does, and also flushes denormals to zero (a float under 1.2e-38: none of the values rounded
+ * here), in one instruction where the integer rounding below takes ~8. */
 static inline __attribute__((always_inline)) __m256i bf16x16_pack(__m512 f) { return (__m256i)_mm512_cvtneps_pbh(f); }
 #else
 /* float_to_bf16 on 16 lanes: the same integer rounding. */
 static inline __attribute__((always_inline)) __m256i bf16x16_pack(__m512 f) {
     const __m512i b = _mm512_castps_si512(f);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+    const __m512i biased = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb);
+    const __m512i rounded = _mm512_srli_epi32(biased, 16);
     const __m512i quiet_nan = _mm512_or_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(0x40));
     return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), quiet_nan));
 }
