@@ -7,10 +7,10 @@ copy, which batched matmuls consume without a further transpose copy.
 
 The batch's tokens are laid out decodes first (one token each), then prefill chunks. Decodes
 are attended together; each prefill chunk is attended causally (with an offset when earlier
-chunks of the same prompt are already in the cache) by our kernel where it is built, 2-3x
-torch's flash attention on AVX512-BF16 without AMX, else by scaled_dot_product_attention: with
-AMX, torch's kernel multiplies on the tiles and leads ours 1.2-2x, more the longer the context
-(docs/reproduction.md).
+chunks of the same prompt are already in the cache) by our kernel where it is built: 2-3x
+torch's flash attention on AVX512-BF16 without AMX; with AMX, for bf16, its path on the tiles,
+1.5-2x torch's kernel (which leads our vector path there 1.2-2x). Elsewhere by
+scaled_dot_product_attention (docs/reproduction.md).
 """
 
 from __future__ import annotations
@@ -25,9 +25,14 @@ from batchpilot.model import kernels
 
 
 @cache
-def native_prefill() -> bool:
-    """Whether prefill chunks take our kernel (built, and no AMX for torch's to use)."""
-    return kernels.prefill_attention_available() and not torch.cpu._is_amx_tile_supported()
+def native_prefill(dtype: torch.dtype) -> bool:
+    """Whether prefill chunks of this dtype take our kernel: where it is built, and on an AMX CPU only
+    for bf16 on its AMX path (torch's kernel leads our vector path there)."""
+    if not kernels.prefill_attention_available():
+        return False
+    if torch.cpu._is_amx_tile_supported():
+        return dtype == torch.bfloat16 and kernels.prefill_attention_amx()
+    return True
 
 
 @dataclass
@@ -81,7 +86,7 @@ def paged_attention(
             out[: meta.num_decodes] = _decode_attention(q_dec, k_cache, v_cache, meta, scale)
     for chunk in meta.prefills:
         o = None
-        if meta.native and native_prefill():
+        if meta.native and native_prefill(q.dtype):
             slots = meta.slot_mapping[chunk.start : chunk.end] if chunk.context_slots is None else chunk.context_slots
             o = kernels.prefill_attention(q[chunk.start : chunk.end], k_cache, v_cache, slots, chunk.context_start,
                                           scale)

@@ -75,6 +75,7 @@ def _library() -> ctypes.CDLL | None:
         "paged_decode_attention": (i32, [ptr] * 6 + [i32] * 6 + [i64, f32, i32, i32]),
         "prefill_attention": (i32, [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i32, i32, i32, i64, f32, i32, i32]),
         "prefill_attention_available": (i32, []),
+        "prefill_attention_amx": (i32, []),
         "argmax_rows": (None, [ptr, i64, i64, ptr, i32, i32]),
         "sample_rows": (None, [ptr, i64, i64, ptr, ptr, ptr, i32, i32]),
         "add_rms_norm": (None, [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, f32, i32, i32]),
@@ -132,6 +133,13 @@ def prefill_attention_available() -> bool:
     """Our prefill kernel is used only where it was built for AVX-512 (csrc/prefill_attention.c)."""
     lib = _library()
     return lib is not None and bool(lib.prefill_attention_available())
+
+
+@functools.cache
+def prefill_attention_amx() -> bool:
+    """Whether bf16 prompts take our kernel's AMX path (built for the tiles, and Linux gives them)."""
+    lib = _library()
+    return lib is not None and bool(lib.prefill_attention_amx())
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,

@@ -87,11 +87,18 @@ static inline __attribute__((always_inline)) Lookahead lookahead_start(
 static inline __attribute__((always_inline)) void lookahead_fetch(Lookahead *la, const void *k_cache, const void *v_cache,
                                                                   size_t esize, int64_t block) {
     const int64_t upto = la->lines * (block + 1) / la->this_blocks;
-    for (; la->fetched < upto; la->fetched++) {
-        const int64_t blk = la->fetched / la->lines_per_block, line = la->fetched % la->lines_per_block;
-        const int64_t offset = (la->head_base + la->table[blk] * la->BS) * la->D * (int64_t)esize + line * 64;
-        __builtin_prefetch((const char *)k_cache + offset, 0, 2);
-        __builtin_prefetch((const char *)v_cache + offset, 0, 2);
+    while (la->fetched < upto) {
+        /* the rest of the current block, or as much of it as this share asks (no division per line) */
+        const int64_t blk = la->fetched / la->lines_per_block, line = la->fetched - blk * la->lines_per_block;
+        const int64_t n = upto - la->fetched < la->lines_per_block - line ? upto - la->fetched
+                                                                           : la->lines_per_block - line;
+        const char *k = (const char *)k_cache + (la->head_base + la->table[blk] * la->BS) * la->D * (int64_t)esize;
+        const char *v = (const char *)v_cache + (k - (const char *)k_cache);
+        for (int64_t i = line; i < line + n; i++) {
+            __builtin_prefetch(k + i * 64, 0, 2);
+            __builtin_prefetch(v + i * 64, 0, 2);
+        }
+        la->fetched += n;
     }
 }
 

@@ -34,6 +34,7 @@
 
 #include "dtype.h"
 #include "fast_exp.h"
+#include "prefill_amx.h"
 
 typedef float v16 __attribute__((vector_size(64)));
 
@@ -42,6 +43,15 @@ typedef float v16 __attribute__((vector_size(64)));
 #define TQ 16  /* query positions per task */
 #define DC 64  /* output dimensions summed in registers at a time: four vectors */
 #define MAX_D 256
+
+/* Whether bf16 prompts take the AMX tiles (prefill_amx.h): built for them, and Linux gives them. */
+int prefill_attention_amx(void) {
+#ifdef BATCHPILOT_AMX
+    return prefill_amx_granted();
+#else
+    return 0;
+#endif
+}
 
 int prefill_attention_available(void) {
 #ifdef __AVX512F__
@@ -241,6 +251,11 @@ static inline __attribute__((always_inline)) void attend_rows_bf16(
 int prefill_attention(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, void *out,
                       int64_t out_stride, const int64_t *slots, int64_t n, int64_t context_start, int num_heads,
                       int num_kv_heads, int D, int64_t num_slots, float scale, int is_bf16, int num_threads) {
+#ifdef BATCHPILOT_AMX
+    if (is_bf16 && D % 32 == 0 && D <= PA_MAX_D && scale > 0 && prefill_amx_granted())
+        return prefill_amx(q, q_stride, k_cache, v_cache, out, out_stride, slots, n, context_start,
+                           num_heads, num_kv_heads, D, num_slots, scale, num_threads);
+#endif
     if (D % DC != 0 || D > MAX_D) return -1;
     const int64_t L = context_start + n, nblocks = (L + BK - 1) / BK, G = num_heads / num_kv_heads;
     const size_t esize = is_bf16 ? 2 : 4;
