@@ -216,6 +216,9 @@ def main() -> int:
                         "benchmark do; 0: greedy)")
     p.add_argument("--worker", choices=sorted(PYTHONS), help=argparse.SUPPRESS)
     args = p.parse_args()
+    unknown = [c for c in args.cases.split(",") if c not in CASES]
+    if unknown:
+        p.error(f"--cases: unknown {', '.join(unknown)} (choose from {', '.join(CASES)})")
     if args.worker:
         if args.worker == "batchpilot":
             result = run_batchpilot(args.model, args.cases, args.quantization, args.temperature)
