@@ -59,12 +59,15 @@ def test_silu_mul_matches_torch_including_large_inputs(dtype, rows):
     torch.testing.assert_close(kernels.silu_mul(gate_up), F.silu(gate) * up, **TOL[dtype])
 
 
+# 8 dimensions: rows of partial lines (copied plainly), few rows (one thread); 64: whole lines (streaming
+# stores where built for AVX-512), rows enough for every thread.
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_write_kv_puts_each_row_in_its_slot(dtype):
-    kvh, d, slots_total = 2, 8, 50
-    qkv = _rand(5, 3 * kvh * d, dtype=dtype)
-    k, v = qkv[:, : kvh * d].view(5, kvh, d), qkv[:, kvh * d : 2 * kvh * d].view(5, kvh, d)  # strided rows
-    slots = torch.tensor([7, 0, 49, 23, 8])
+@pytest.mark.parametrize("rows,d", [(5, 8), (40, 64)])
+def test_write_kv_puts_each_row_in_its_slot(dtype, rows, d):
+    kvh, slots_total = 2, 50
+    qkv = _rand(rows, 3 * kvh * d, dtype=dtype)
+    k, v = qkv[:, : kvh * d].view(rows, kvh, d), qkv[:, kvh * d : 2 * kvh * d].view(rows, kvh, d)  # strided rows
+    slots = torch.randperm(slots_total, generator=torch.Generator().manual_seed(rows))[:rows]
     kc, vc = torch.zeros(kvh, slots_total, d, dtype=dtype), torch.zeros(kvh, slots_total, d, dtype=dtype)
     expect_k, expect_v = kc.clone(), vc.clone()
     expect_k.index_copy_(1, slots, k.transpose(0, 1))

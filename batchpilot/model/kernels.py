@@ -81,7 +81,7 @@ def _library() -> ctypes.CDLL | None:
         "add_rms_norm": (None, [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, f32, i32, i32]),
         "rope_in_place": (None, [ptr, i64, ptr, ptr, i64, i32, i32, i32, i32]),
         "silu_mul": (None, [ptr, ptr, i64, i64, i32, i32]),
-        "write_kv": (None, [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i32, i32, i64, i32]),
+        "write_kv": (None, [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i32, i32, i64, i32, i32]),
         "gemv_bf16": (i32, [ptr, i64, ptr, i32, ptr, ptr, i64, i32, i64, i64, i64, i32]),
         "gemv_amx_enable": (i32, [i32]),
         "gemv_amx_min_rows": (i32, []),
@@ -238,7 +238,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                          f"{v.stride()} ({k.dtype})")
     _library().write_kv(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
                         slots.data_ptr(), rows, kv_heads, head_dim, k_cache.shape[1],
-                        int(k.dtype == torch.bfloat16))
+                        int(k.dtype == torch.bfloat16), torch.get_num_threads())
 
 
 GEMV_TILE = 64  # outputs per weight tile: TILE_N in csrc/tile_rows.h (and gemv.c's AVX2 path)

@@ -40,7 +40,8 @@ void rope_in_place(void *qkv, int64_t row_stride, const float *cos_t, const floa
                    int heads, int head_dim, int is_bf16, int num_threads);
 void silu_mul(const void *gate_up, void *out, int64_t rows, int64_t cols, int is_bf16, int num_threads);
 void write_kv(const void *k, int64_t k_stride, const void *v, int64_t v_stride, void *k_cache, void *v_cache,
-              const int64_t *slots, int64_t rows, int kv_heads, int head_dim, int64_t num_slots, int is_bf16);
+              const int64_t *slots, int64_t rows, int kv_heads, int head_dim, int64_t num_slots, int is_bf16,
+              int num_threads);
 int paged_decode_attention(const void *q, const void *k_cache, const void *v_cache, void *out,
                            const int64_t *block_tables, const int64_t *context_lens, int num_seqs,
                            int num_heads, int num_kv_heads, int head_dim, int table_width,
