@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from batchpilot.model import kernels
-from batchpilot.model.attention import AttentionMetadata, PrefillChunk, _decode_attention, paged_attention
+from batchpilot.model.attention import (
+    AttentionMetadata,
+    PrefillChunk,
+    _decode_attention,
+    native_prefill,
+    paged_attention,
+)
 
 
 def make_case(dtype, lens=(1, 5, 16, 17, 40), heads=6, kv_heads=2, head_dim=32, block_size=8, num_blocks=40):
@@ -111,3 +117,15 @@ def test_prefill_attention_matches_dense(n, context_start, heads, kv_heads, head
     if kernels.prefill_attention_available():
         direct = kernels.prefill_attention(q, kc, vc, slots, context_start, scale)
         torch.testing.assert_close(direct.double(), ref, atol=tol, rtol=tol)
+
+
+def test_bf16_prompts_take_our_kernel_wherever_it_leads_torchs():
+    """Without AMX our vector kernel leads torch's; with AMX only its tile path does (float32 prompts keep
+    torch's kernel there). The prefill test above checks whichever path this host takes against dense."""
+    if not kernels.prefill_attention_available():
+        assert not native_prefill(torch.bfloat16)
+    elif torch.cpu._is_amx_tile_supported():
+        assert native_prefill(torch.bfloat16) == kernels.prefill_attention_amx()
+        assert not native_prefill(torch.float32)
+    else:
+        assert native_prefill(torch.bfloat16) and native_prefill(torch.float32)

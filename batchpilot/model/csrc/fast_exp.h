@@ -46,6 +46,24 @@ static inline __attribute__((always_inline)) __m512 exp16(__m512 x) {
     const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
+
+/* 2^t on 16 lanes (Cephes' exp2f: t = n + f, |f| <= 1/2, 2^f by a degree-6 polynomial, about 1 ulp;
+ * 2^n by scalef), in half exp16's instructions. t is clamped to [-125, 127.5]: below, about 2e-38 (as
+ * exp16, and never a denormal: making or using one costs a microcode assist, which made the prefill
+ * kernel 2x slower with the clamp at -150); above, about 2.4e38. */
+static inline __attribute__((always_inline)) __m512 exp2_16(__m512 t) {
+    t = _mm512_max_ps(_mm512_min_ps(t, _mm512_set1_ps(127.5f)), _mm512_set1_ps(-125.0f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
 #endif
 
 #endif

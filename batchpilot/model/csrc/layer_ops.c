@@ -74,7 +74,7 @@ INLINE void silu_mul_row16(const uint16_t *gate, const uint16_t *up, uint16_t *o
     const __m512 one = _mm512_set1_ps(1.0f);
     for (int64_t i = 0; i < cols; i += 16) {
         const __m512 g = bf16x16_load(gate + i);
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        const __m512 e = exp2_16(_mm512_mul_ps(g, _mm512_set1_ps(-1.44269504f))); /* e^-g */
         const __m512 silu = bf16x16_round(_mm512_div_ps(g, _mm512_add_ps(one, e)));
         bf16x16_store(out + i, _mm512_mul_ps(silu, bf16x16_load(up + i)));
     }

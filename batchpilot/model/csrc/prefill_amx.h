@@ -63,20 +63,6 @@ static inline __attribute__((always_inline)) void transpose16_epi32(__m512i *r) 
     }
 }
 
-/* 2^t on 16 lanes for t <= 0, to ~3e-6 relative, far below 0 exactly 0: 2^round(t) by scalef times a
- * degree-5 polynomial of the rest. The weights it gives are rounded to bf16 (2^-9) after. */
-static inline __attribute__((always_inline)) __m512 exp2_weights(__m512 t) {
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.3333558e-3f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
 /* The scores^T of key block blk into tile registers 4-5 (keys in 0 and 7, the queries in 6). */
 static inline __attribute__((always_inline)) void prefill_amx_scores(const uint16_t *kb, int64_t blk, int D,
                                                                     const uint32_t *qt) {
@@ -142,12 +128,12 @@ static inline void prefill_amx_task(const uint16_t *q, int64_t q_stride, uint16_
             }
         /* weights 2^((s - m) scale log2(e)); the maxima are of the unscaled sums (scale > 0) */
         const __m512 mc = _mm512_mul_ps(m, c16);
-        const __m512 corr = exp2_weights(_mm512_max_ps(_mm512_fmsub_ps(mx, c16, mc), _mm512_set1_ps(-200.0f)));
+        const __m512 corr = exp2_16(_mm512_fmsub_ps(mx, c16, mc));
         mx = m;
         __m512 sum = _mm512_setzero_ps();
         for (int j = 0; j < PA_KEYS; j += 2) {
             const __m512 s0 = _mm512_load_ps(s + 16 * j), s1 = _mm512_load_ps(s + 16 * (j + 1));
-            __m512 p0 = exp2_weights(_mm512_fmsub_ps(s0, c16, mc)), p1 = exp2_weights(_mm512_fmsub_ps(s1, c16, mc));
+            __m512 p0 = exp2_16(_mm512_fmsub_ps(s0, c16, mc)), p1 = exp2_16(_mm512_fmsub_ps(s1, c16, mc));
             if (!whole) { /* masked keys weigh 0 */
                 p0 = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(s0, neg_inf, _CMP_EQ_OQ), p0, _mm512_setzero_ps());
                 p1 = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(s1, neg_inf, _CMP_EQ_OQ), p1, _mm512_setzero_ps());
