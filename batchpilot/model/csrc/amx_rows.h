@@ -9,7 +9,7 @@
  * pairs, 4-7 the float32 sums of two blocks of rows times two groups of 16 outputs. Sums are rounded
  * to bf16 once, as F.linear does. A last block of fewer than 16 rows is read from a zero-padded copy.
  * Only where the compiler targets AMX-BF16, and only after the process was given the tile state
- * (amx_request: Linux hands it out on request).
+ * (amx_granted: Linux hands it out on request).
  */
 #ifndef BATCHPILOT_AMX_ROWS_H
 #define BATCHPILOT_AMX_ROWS_H
@@ -36,8 +36,13 @@ typedef struct __attribute__((packed)) {
     uint8_t rows[16];
 } AmxConfig;
 
-/* Whether Linux gave this process the tile state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA). */
-static inline int amx_request(void) { return syscall(SYS_arch_prctl, 0x1023, 18) == 0; }
+/* Whether Linux gave this process the tile state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); asked
+ * once per file that includes this, from the calling thread (the request is idempotent). */
+static inline int amx_granted(void) {
+    static int granted = -1;
+    if (granted < 0) granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    return granted;
+}
 
 /* Every tile 16 rows of 64 bytes. Loaded by each thread at each call: oneDNN's kernels load their own
  * configuration on the same threads. */

@@ -30,10 +30,8 @@ static int amx_min_rows; /* steps of at least this many rows take the AMX tiles;
 /* Steps of at least `min_rows` rows (0: none) take the AMX tiles from now on, if Linux gives this process
  * the tile state. Returns whether it did. */
 int gemv_amx_enable(int min_rows) {
-    static int granted = -1;
-    if (granted < 0) granted = amx_request();
-    amx_min_rows = granted ? min_rows : 0;
-    return granted;
+    amx_min_rows = amx_granted() ? min_rows : 0;
+    return amx_granted();
 }
 
 /* The fewest rows a step has to take the AMX tiles; 0: it never does. */

@@ -31,13 +31,6 @@
 #define PA_ROWS 16 /* query positions per task: the lanes of a vector */
 #define PA_MAX_D 256
 
-/* Whether Linux gave this process the tile state; asked once, from the calling thread. */
-static int prefill_amx_granted(void) {
-    static int granted = -1;
-    if (granted < 0) granted = amx_request();
-    return granted;
-}
-
 /* The 16 x 16 32-bit elements of r transposed in place: r[j] becomes the old lane j of every row. */
 static inline __attribute__((always_inline)) void transpose16_epi32(__m512i *r) {
     __m512i t[16];

@@ -47,7 +47,7 @@ typedef float v16 __attribute__((vector_size(64)));
 /* Whether bf16 prompts take the AMX tiles (prefill_amx.h): built for them, and Linux gives them. */
 int prefill_attention_amx(void) {
 #ifdef BATCHPILOT_AMX
-    return prefill_amx_granted();
+    return amx_granted();
 #else
     return 0;
 #endif
@@ -252,7 +252,7 @@ int prefill_attention(const void *q, int64_t q_stride, const void *k_cache, cons
                       int64_t out_stride, const int64_t *slots, int64_t n, int64_t context_start, int num_heads,
                       int num_kv_heads, int D, int64_t num_slots, float scale, int is_bf16, int num_threads) {
 #ifdef BATCHPILOT_AMX
-    if (is_bf16 && D % 32 == 0 && D <= PA_MAX_D && scale > 0 && prefill_amx_granted())
+    if (is_bf16 && D % 32 == 0 && D <= PA_MAX_D && scale > 0 && amx_granted())
         return prefill_amx(q, q_stride, k_cache, v_cache, out, out_stride, slots, n, context_start,
                            num_heads, num_kv_heads, D, num_slots, scale, num_threads);
 #endif
