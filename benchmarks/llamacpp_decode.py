@@ -25,13 +25,14 @@ import vllm_speed
 MARKER = "LLAMACPP_RESULT "
 
 
-def llamacpp_worker(gguf: str, threads: int) -> dict:
+def llamacpp_worker(gguf: str, threads: int, prompt_batch: int) -> dict:
     import time
 
     import numpy as np
-    from llama_cpp import Llama
+    from llama_cpp import Llama, llama_get_logits
 
-    llm = Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
+    llm = Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=512, n_batch=prompt_batch,
+                verbose=False)
     prompt = np.random.default_rng(0).integers(100, 49152, size=128).tolist()
     steps = []
     for _ in range(3):
@@ -39,7 +40,8 @@ def llamacpp_worker(gguf: str, threads: int) -> dict:
         llm.eval(prompt)
         start = time.perf_counter()
         for _ in range(64):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            # the last evaluated token's logits, from the context (llm.scores holds them only with logits_all)
+            token = int(np.argmax(np.ctypeslib.as_array(llama_get_logits(llm.ctx), shape=(llm.n_vocab(),))))
             llm.eval([token])
         steps.append((time.perf_counter() - start) / 64 * 1000)
     return {"step_ms": sorted(steps)[1], "passes_ms": steps}
@@ -50,6 +52,10 @@ def main() -> int:
     p.add_argument("--llamacpp-python", required=True)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--output-json", default=None)
+    p.add_argument("--llamacpp-prompt-batch", type=int, default=512,
+                   help="tokens of the prompt llama.cpp evaluates at once (its n_batch; 1 where its batched "
+                        "path fails, as its AMX build did on an AMX Xeon: the timed steps are one token each "
+                        "either way)")
     p.add_argument("--worker-gguf", help=argparse.SUPPRESS)
     p.add_argument("--worker-floor", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -57,7 +63,8 @@ def main() -> int:
         print(MARKER + json.dumps(vllm_speed.bf16_floor(args.worker_floor, vllm_speed.THREADS)), flush=True)
         return 0
     if args.worker_gguf:
-        print(MARKER + json.dumps(llamacpp_worker(args.worker_gguf, vllm_speed.THREADS)), flush=True)
+        print(MARKER + json.dumps(llamacpp_worker(args.worker_gguf, vllm_speed.THREADS, args.llamacpp_prompt_batch)),
+              flush=True)
         return 0
     code = ("from batchpilot.model.loader import default_gguf_path, default_model_dir; "
             "print(default_gguf_path()); print(default_model_dir())")
@@ -73,7 +80,8 @@ def main() -> int:
             if c in ("llama.cpp Q4_1", "bf16 floor"):
                 python = args.llamacpp_python if c == "llama.cpp Q4_1" else str(vllm_speed.PYTHONS["batchpilot"])
                 flag = ["--worker-gguf", gguf] if c == "llama.cpp Q4_1" else ["--worker-floor", folder]
-                r = subprocess.run([python, __file__, "--llamacpp-python", args.llamacpp_python, *flag],
+                r = subprocess.run([python, __file__, "--llamacpp-python", args.llamacpp_python,
+                                    "--llamacpp-prompt-batch", str(args.llamacpp_prompt_batch), *flag],
                                    capture_output=True, text=True, timeout=900,
                                    env={"OMP_NUM_THREADS": str(vllm_speed.THREADS), "PATH": "/usr/bin:/bin"})
                 if r.returncode != 0:
