@@ -206,34 +206,37 @@ INLINE void copy_to_cache(char *dst, const char *src, int64_t bytes) {
  * streaming stores on two threads; docs/reproduction.md). The next reads of these rows are the attention's,
  * after the fence.
  */
+static void write_kv_rows(const void *k, int64_t k_stride, const void *v, int64_t v_stride, void *k_cache,
+                          void *v_cache, const int64_t *slots, int64_t first, int64_t last, int kv_heads,
+                          int head_dim, int64_t num_slots, int is_bf16) {
+    const int64_t elem = is_bf16 ? 2 : 4, bytes = (int64_t)head_dim * elem;
+    for (int64_t r = first; r < last; r++)
+        for (int h = 0; h < kv_heads; h++) {
+            const int64_t dst = ((int64_t)h * num_slots + slots[r]) * bytes;
+            copy_to_cache((char *)k_cache + dst, (const char *)k + (r * k_stride + (int64_t)h * head_dim) * elem,
+                          bytes);
+            copy_to_cache((char *)v_cache + dst, (const char *)v + (r * v_stride + (int64_t)h * head_dim) * elem,
+                          bytes);
+        }
+#ifdef __AVX512F__
+    _mm_sfence();
+#endif
+}
+
 void write_kv(const void *k, int64_t k_stride, const void *v, int64_t v_stride, void *k_cache, void *v_cache,
               const int64_t *slots, int64_t rows, int kv_heads, int head_dim, int64_t num_slots, int is_bf16,
               int num_threads) {
-    const int64_t elem = is_bf16 ? 2 : 4, bytes = (int64_t)head_dim * elem;
 #pragma omp parallel num_threads(num_threads) if (rows >= MIN_PARALLEL_ROWS)
-    {
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r++)
-            for (int h = 0; h < kv_heads; h++) {
-                const int64_t dst = ((int64_t)h * num_slots + slots[r]) * bytes;
-                copy_to_cache((char *)k_cache + dst, (const char *)k + (r * k_stride + (int64_t)h * head_dim) * elem,
-                              bytes);
-                copy_to_cache((char *)v_cache + dst, (const char *)v + (r * v_stride + (int64_t)h * head_dim) * elem,
-                              bytes);
-            }
-#ifdef __AVX512F__
-        _mm_sfence();
-#endif
-    }
+    write_kv_rows(k, k_stride, v, v_stride, k_cache, v_cache, slots, team_start(rows), team_end(rows), kv_heads,
+                  head_dim, num_slots, is_bf16);
 }
 
 /* The bf16 kernels above for a team (team.h): rows split over its threads, then a barrier. */
 void write_kv_team(const uint16_t *k, int64_t k_stride, const uint16_t *v, int64_t v_stride, uint16_t *k_cache,
                    uint16_t *v_cache, const int64_t *slots, int64_t rows, int kv_heads, int head_dim,
                    int64_t num_slots) {
-    const int64_t first = team_start(rows);
-    write_kv(k + first * k_stride, k_stride, v + first * v_stride, v_stride, k_cache, v_cache, slots + first,
-             team_end(rows) - first, kv_heads, head_dim, num_slots, 1, 1);
+    write_kv_rows(k, k_stride, v, v_stride, k_cache, v_cache, slots, team_start(rows), team_end(rows), kv_heads,
+                  head_dim, num_slots, 1);
 #pragma omp barrier
 }
 
