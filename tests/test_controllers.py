@@ -437,3 +437,28 @@ def test_cost_mode_reads_the_pool_until_lengths_are_known():
     # Known lengths (ignore_eos with max_tokens): the peak of the admitted set decides.
     exact = states_view([], [(100, 0, 300, True)] * 10, free=100)
     assert c.limit(exact) == 4
+
+
+def test_peak_bound_answers_again_only_when_its_inputs_change(monkeypatch):
+    from batchpilot.controllers import memory
+    from batchpilot.controllers.base import StepStats
+
+    c = MemoryController("peak", max_num_seqs=100)
+    calls = []
+    real = c.peak.admissible
+    monkeypatch.setattr(c.peak, "admissible", lambda *a, **k: calls.append(1) or real(*a, **k))
+    # 1600 tokens: each request's peak is 25 blocks, so 4 of 10 fit (the test above).
+    v = states_view([], [(100, 0, 300, True)] * 10, free=100)
+    quiet = StepStats(0, 0, 0, 0.01, 0.0, 0, 0, 10)
+    for _ in range(memory.PEAK_REFRESH_STEPS):  # the same running set and queue: one answer, reused
+        assert c.limit(v) == 4
+        c.observe(quiet)
+    assert len(calls) == 1
+    assert c.limit(v) == 4 and len(calls) == 2  # and answered again once it is PEAK_REFRESH_STEPS old
+    running = states_view([(150, 50, 300, True)] * 4, [(100, 0, 300, True)] * 6, free=60)
+    assert c.limit(running) == 4 and len(calls) == 3  # the running set changed
+    c.observe(StepStats(4, 0, 4, 0.01, 0.5, 0, 4, 6, finished_lens=(400,), finished_output_lens=(300,)))
+    assert c.limit(running) == 4 and len(calls) == 4  # a request finished
+    c.observe(StepStats(4, 0, 4, 0.01, 0.5, 1, 4, 6))
+    c.limit(running)
+    assert len(calls) == 5  # a request was preempted

@@ -34,7 +34,7 @@ class StepCostModel:
     `refit_every` steps. `cost()` is None until the window has once held `min_steps` steps of both
     kinds (with prefill and decode-only), so that the three terms can be told apart."""
 
-    def __init__(self, window: int = 512, min_steps: int = 16, refit_every: int = 16):
+    def __init__(self, window: int = 512, min_steps: int = 16, refit_every: int = 64):
         self.rows: deque[tuple[float, float, float]] = deque(maxlen=window)
         self.min_steps = min_steps
         self.refit_every = refit_every
