@@ -31,7 +31,9 @@ Q8_GROUP = 32  # inputs per scale of group-wise int8 (GGUF's Q8_0), used for the
 # torch's kernels are 2-3x slower than bf16 from 16 rows; ours expands each tile once for all rows.
 TORCH_KERNEL_MAX_ROWS = 16
 QGEMV_MAX_ROWS = 128
-QGEMV_FUSED_MAX_ROWS = 4  # FUSED_MAX_M of csrc/qgemv.c: int4 sums exact products per group up to here
+# FUSED_MAX_M of csrc/qgemv.c: up to here int4 multiplies the exact weights by the inputs rounded to int8
+# (Int4Weight.activations), and group-wise int8 sums exact products per group
+QGEMV_FUSED_MAX_ROWS = 4
 
 TILE = 64  # outputs per tile of csrc/qgemv.c
 QUANTIZE_ROWS = 4096  # rows quantized at a time
@@ -45,6 +47,10 @@ class _Layout:
     @property
     def kernel_max_rows(self) -> int:
         return QGEMV_MAX_ROWS if self.tiled else TORCH_KERNEL_MAX_ROWS
+
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] as `matmul` multiplies it by reference(M), in float32: unchanged here."""
+        return x.float()
 
 
 @dataclass
@@ -97,7 +103,9 @@ class Int8Weight(_Layout):
 class Int4Weight(_Layout):
     """Tiled for our kernel (csrc/qgemv.c), else torch's packed layout."""
 
-    packed: torch.Tensor  # tiled: [N / 64][K / 2][64] bytes (k even low, k + 1 high); else torch's layout
+    # tiled: [N / 64][K / 8][64][4] bytes, a word per output and 8 inputs, byte i holding input i low and
+    # 4 + i high (csrc/qgemv.c); else torch's layout
+    packed: torch.Tensor
     # tiled: scale and low (value = q * scale + low), [2][N / 64][K / group][64] float16, or the scale
     # alone ([1][...]) for symmetric blocks (low = -8 * scale: GGUF's Q4_0); else scale and zero
     # (value = (q - 8) * scale + zero), [K / group][N][2] in the activations' dtype
@@ -135,6 +143,17 @@ class Int4Weight(_Layout):
         dequantize (our kernel's expanded tiles)."""
         return self.dequantize().float() if self.tiled and rows > QGEMV_FUSED_MAX_ROWS else self._exact()
 
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] as `matmul` multiplies it, in float32: up to QGEMV_FUSED_MAX_ROWS rows our kernel
+        rounds each group of a row to int8 (scale amax / 127, to nearest even: GGUF's Q8 blocks, as
+        llama.cpp multiplies Q4 weights), else x itself."""
+        if not self.tiled or x.shape[0] > QGEMV_FUSED_MAX_ROWS:
+            return x.float()
+        groups = x.float().view(x.shape[0], -1, self.group_size)
+        d = groups.abs().amax(dim=-1, keepdim=True) / 127
+        inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+        return ((groups * inv).round().clamp(-127, 127) * d).view(x.shape)
+
     @property
     def _lows(self) -> torch.Tensor | None:
         return self.scales_zeros[1] if len(self.scales_zeros) == 2 else None
@@ -143,8 +162,7 @@ class Int4Weight(_Layout):
         """q [N, K] (0-15)."""
         n, k = self.shape
         if self.tiled:
-            pairs = self.packed.transpose(1, 2).reshape(n, k // 2)
-            return unpack_pairs(pairs).view(n, k)
+            return untile_int4(self.packed, n, k)
         return unpack_int4(self.packed, n, k)
 
     def _exact(self) -> torch.Tensor:
@@ -240,7 +258,7 @@ def int4_from_blocks(pairs: torch.Tensor, scale: torch.Tensor, low: torch.Tensor
     if tiled is None:
         tiled = _tiled(n, k, dtype)
     if tiled:
-        tiles = pairs.view(n // TILE, TILE, k // 2).transpose(1, 2).contiguous()
+        tiles = tile_int4(unpack_pairs(pairs).view(n, k))
         symmetric = torch.equal(low.float(), -8 * scale.float())  # Q4_0: the low is implied
         sl = torch.stack([scale] if symmetric else [scale, low]).to(torch.float16)
         sl = sl.view(len(sl), n // TILE, TILE, k // group_size).transpose(2, 3)
@@ -285,6 +303,20 @@ def pack_pairs(q: torch.Tensor) -> torch.Tensor:
 def unpack_pairs(pairs: torch.Tensor) -> torch.Tensor:
     """pack_pairs undone: [..., K / 2] bytes -> [..., K / 2, 2] integers (flatten the last two for K)."""
     return torch.stack([pairs & 0xF, pairs >> 4], dim=-1)
+
+
+def tile_int4(q: torch.Tensor) -> torch.Tensor:
+    """Integers 0-15 [N, K] in csrc/qgemv.c's int4 tiles: [N / 64][K / 8][64][4] bytes, byte i of
+    (tile, word, output) holding input 8 word + i low and 8 word + 4 + i high."""
+    n, k = q.shape
+    q = q.to(torch.uint8).view(n // TILE, TILE, k // 8, 2, 4)
+    return (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).transpose(1, 2).contiguous()
+
+
+def untile_int4(tiles: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """tile_int4 undone: the integers [N, K] (uint8, 0-15)."""
+    words = tiles.view(n // TILE, k // 8, TILE, 4).transpose(1, 2)  # [N / 64][64][K / 8][4]
+    return torch.stack([words & 0xF, words >> 4], dim=3).reshape(n, k)
 
 
 def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:

@@ -6,7 +6,7 @@
  * about a seventh of a batch-1 step of the default model. The whole step is one OpenMP region, each
  * kernel a team kernel that ends in a barrier (team.h): a region per kernel cost ~270 forks a step.
  * Built where gemv_bf16 is; a projection may be bf16 or int8 / int4 (qgemv, where the CPU has
- * AVX512-BF16).
+ * AVX512-BF16 and VNNI).
  */
 #include <stdint.h>
 #include <string.h>
@@ -25,10 +25,10 @@ enum { FORMATS_PER_LAYER = 12 };
 /* Whether a projection of format f (bits, group, parts) and shape [N, K] runs here. */
 static int projection_ok(const int64_t *f, int64_t K, int64_t N) {
     if (f[0] == 16) return N % 64 == 0 && K % 2 == 0 && f[2] >= 1;
-#ifdef __AVX512BF16__
+#ifdef BATCHPILOT_QGEMV
     return qgemv_shape_ok((int)f[0], f[1], K, N);
 #else
-    return 0; /* qgemv is built only with AVX512-BF16; kernels.py does not ask for it elsewhere */
+    return 0; /* qgemv is built only with AVX512-BF16 and VNNI; kernels.py does not ask for it elsewhere */
 #endif
 }
 
@@ -48,7 +48,7 @@ static void project(const void *const *w, const int64_t *format, const uint16_t 
         gemv_bf16_team(x, x_stride, (const uint16_t *const *)w[0], (int)format[2], bias, y, N, 0, M, K, N);
         return;
     }
-#ifdef __AVX512BF16__
+#ifdef BATCHPILOT_QGEMV
     qgemv_bf16_team(x, x_stride, w[0], w[1], w[2], (int)format[0], format[1], bias, y, N, M, K, N, xsum, failed);
 #endif
 }

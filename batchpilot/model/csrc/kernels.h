@@ -13,8 +13,13 @@ void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *
 
 int gemv_amx_min_rows(void); /* the fewest rows gemv_bf16_team multiplies on the AMX tiles; 0: never */
 
-#define QGEMV_XSUM 4096 /* floats of qgemv_bf16_team's shared xsum buffer */
-/* only with AVX512-BF16: */
+/* floats of qgemv_bf16_team's shared workspace: each row's int8 inputs and per-group scales (int4) */
+#define QGEMV_XSUM 49152
+/* qgemv is built where the CPU has AVX512-BF16 and AVX512-VNNI (every CPU with the first has the second) */
+#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+#define BATCHPILOT_QGEMV 1
+#endif
+/* only with BATCHPILOT_QGEMV: */
 int qgemv_shape_ok(int bits, int64_t group, int64_t K, int64_t N);
 void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const void *scales, const void *lows,
                      int bits, int64_t group, const uint16_t *bias, uint16_t *y, int64_t y_stride, int64_t M,

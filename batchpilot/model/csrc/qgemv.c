@@ -6,18 +6,27 @@
  * every row by it as gemv.c does (vdpbf16ps of broadcast pairs of x), so memory carries only the
  * quantized bytes and the expansion is paid once per tile whatever the number of rows.
  *
- * Layouts (quant.py packs them), tiles of 64 outputs along N and pairs along K:
+ * int4 at up to FUSED_MAX_M rows runs as llama.cpp's Q4 x Q8 dot products do: each row's inputs are
+ * rounded to int8 per group (a float scale, amax / 127, per group of the weight's), and the 4-bit
+ * integers multiply them on the integer dot-product unit (vpdpbusd: 64 byte products a vector,
+ * summed in fours), each group's sum scaled once. Expanding nibbles to bf16 took a shuffle per 16
+ * weights on the one port that runs them; this takes none, and the step reads the weights at memory
+ * speed (docs/reproduction.md). quant.Int4Weight.activations gives the rows as the kernel rounds them.
+ *
+ * Layouts (quant.py packs them), tiles of 64 outputs along N:
  *   int8: q [N / 64][K / 2][64][2] int8, one float32 scale per output [N] (group 0). The tile holds q
  *         exactly (|q| <= 127 is exact in bf16); the sums are scaled at the end: y = s * sum(x q).
  *         With a group G > 0, a float16 scale per group of G inputs instead, [N / 64][K / G][64] (GGUF's
  *         Q8_0 blocks as they are); the tile holds q * scale rounded to bf16.
- *   int4: q [N / 64][K / 2][64] bytes, k even in the low nibble and k + 1 in the high one; scale and
+ *   int4: q [N / 64][K / 8][64] 32-bit words, one per output and eight inputs: byte i holds input i in
+ *         its low nibble and input 4 + i in its high one (a mask and a shift give the two sets of four
+ *         bytes vpdpbusd multiplies); scale and
  *         low per group of G inputs, [N / 64][K / G][64] float16 each (value = q * scale + low: a
  *         GGUF Q4_0 / Q4_1 block's own f16 numbers; float32 would add a third to the weight's bytes),
  *         lows NULL for symmetric blocks (Q4_0: low = -8 * scale);
  *         the tile holds (q - 8) * scale + zero, zero = low + 8 * scale, rounded to bf16, the value
  *         quant.Int4Weight.dequantize gives.
- * Built where the CPU has AVX512-BF16; elsewhere quant.py uses torch's kernels.
+ * Built where the CPU has AVX512-BF16 and VNNI (BATCHPILOT_QGEMV); elsewhere quant.py uses torch's kernels.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -25,8 +34,9 @@
 
 #include "kernels.h"
 #include "team.h"
-#ifdef __AVX512BF16__
+#ifdef BATCHPILOT_QGEMV
 #include <immintrin.h>
+#include <math.h>
 
 #include "amx_rows.h"
 #include "tile_rows.h"
@@ -84,31 +94,25 @@ static inline __attribute__((always_inline)) void expand_int8_grouped(const int8
     }
 }
 
-static inline __attribute__((always_inline)) void expand_int4(const uint8_t *src, const uint16_t *s,
+/* Input pair p (inputs 2p, 2p + 1 of each word's eight) of 64 outputs' words as bf16 pairs: the bit offsets
+ * of the two inputs' nibbles in a word. */
+static const int PAIR_SHIFT[4][2] = {{0, 8}, {16, 24}, {4, 12}, {20, 28}};
+
+static inline __attribute__((always_inline)) void expand_int4(const uint32_t *src, int p, const uint16_t *s,
                                                               const uint16_t *l, int64_t sg, __m512bh *w) {
     /* cvtne2ps gives [16 values of k, 16 of k + 1]; this permutation interleaves them into pairs */
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                                 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const __m512i low4 = _mm512_set1_epi32(0xF), eight = _mm512_set1_epi32(8);
+    const __m128i s0 = _mm_cvtsi32_si128(PAIR_SHIFT[p][0]), s1 = _mm_cvtsi32_si128(PAIR_SHIFT[p][1]);
     for (int c = 0; c < 4; c++) {
-        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + 16 * c)));
-        const __m512 q0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b, low4), eight));
-        const __m512 q1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 4), eight));
+        const __m512i v = _mm512_loadu_si512(src + 16 * c);
+        const __m512 q0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(_mm512_srl_epi32(v, s0), low4), eight));
+        const __m512 q1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(_mm512_srl_epi32(v, s1), low4), eight));
         __m512 sc, zc;
         scale_zero(s, l, sg + 16 * c, &sc, &zc);
-        const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(q1, sc, zc), _mm512_fmadd_ps(q0, sc, zc));
-        w[c] = (__m512bh)_mm512_permutexvar_epi16(interleave, (__m512i)v);
-    }
-}
-
-/* One k-pair of an int4 tile as the bf16 of q - 8 (exact), scales and zeros left for the group's end:
- * a table lookup instead of the float arithmetic of expand_int4. table: bf16(i - 8) in lanes 0-15. */
-static inline __attribute__((always_inline)) void raw_int4(const uint8_t *src, __m512i table, __m512bh *w) {
-    const __m512i low4 = _mm512_set1_epi32(0xF), high4 = _mm512_set1_epi32(0xF0);
-    for (int c = 0; c < 4; c++) {
-        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + 16 * c)));
-        const __m512i idx = _mm512_or_si512(_mm512_and_si512(b, low4), _mm512_slli_epi32(_mm512_and_si512(b, high4), 12));
-        w[c] = (__m512bh)_mm512_permutexvar_epi16(idx, table);
+        const __m512bh v2 = _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(q1, sc, zc), _mm512_fmadd_ps(q0, sc, zc));
+        w[c] = (__m512bh)_mm512_permutexvar_epi16(interleave, (__m512i)v2);
     }
 }
 
@@ -123,7 +127,7 @@ static inline __attribute__((always_inline)) void expand(const void *q, const ui
     else if (bits == 8)
         expand_int8_grouped((const int8_t *)q + (t * K2 + k2) * TILE_N * 2, scales, sg, w);
     else
-        expand_int4((const uint8_t *)q + (t * K2 + k2) * TILE_N, scales, lows, sg, w);
+        expand_int4((const uint32_t *)q + (t * (K / 8) + k2 / 4) * TILE_N, (int)(k2 % 4), scales, lows, sg, w);
 }
 
 /* The whole tile into buf [K / 2][64] bf16 pairs. */
@@ -137,9 +141,10 @@ static void expand_tile(const void *q, const uint16_t *scales, const uint16_t *l
 }
 
 /* The layouts both entry points take: whole tiles along N, pairs along K, and for group-wise scales
- * (int4 always, int8 with group > 0) whole groups of an even size. */
+ * (int4 always, int8 with group > 0) whole groups of an even size (int4: of whole words, 8 inputs). */
 static inline int shape_ok(int bits, int64_t group, int64_t K, int64_t N) {
-    return N % TILE_N == 0 && K % 2 == 0 && !(bits == 4 && group <= 0) && !(group > 0 && (K % group || group % 2));
+    return N % TILE_N == 0 && K % 2 == 0 && !(bits == 4 && (group <= 0 || group % 8)) &&
+           !(group > 0 && (K % group || group % 2));
 }
 
 /* Up to FUSED_MAX_M rows times tile t of int8 weights with a scale per output (applied to the sums),
@@ -158,15 +163,12 @@ static inline __attribute__((always_inline)) void fused_channels(
     tile_finish(acc, M, scale, bias, y + t * TILE_N, y_stride, 0);
 }
 
-/* Up to FUSED_MAX_M rows times tile t of group-wise weights, no buffer: per group, sum_k x q' in exact
- * bf16 products (int4: q' = q - 8; int8: q), then acc += sum * scale + zero * sum_k x (no zero for int8
- * or symmetric int4). M is a literal at each call. */
-static inline __attribute__((always_inline)) void fused_groups(
-        const int M, const uint16_t *x, int64_t x_stride, const void *q, const uint16_t *s16, const uint16_t *l16,
-        int bits, int64_t group, int64_t K, int64_t t, const float *xsum, __m512i table, const uint16_t *bias,
-        uint16_t *y, int64_t y_stride) {
+/* Up to FUSED_MAX_M rows times tile t of int8 weights with a float16 scale per group, no buffer: per
+ * group, sum_k x q in exact bf16 products, then acc += sum * scale. M is a literal at each call. */
+static inline __attribute__((always_inline)) void fused_int8_groups(
+        const int M, const uint16_t *x, int64_t x_stride, const void *q, const uint16_t *s16, int64_t group,
+        int64_t K, int64_t t, const uint16_t *bias, uint16_t *y, int64_t y_stride) {
     const int64_t K2 = K / 2, groups = K / group;
-    const int zeros = bits == 4 && l16 != NULL;
     __m512 acc[TILE_ROWS][4];
     for (int m = 0; m < M; m++)
         for (int c = 0; c < 4; c++) acc[m][c] = _mm512_setzero_ps();
@@ -176,23 +178,100 @@ static inline __attribute__((always_inline)) void fused_groups(
             for (int c = 0; c < 4; c++) part[m][c] = _mm512_setzero_ps();
         for (int64_t k2 = g * group / 2; k2 < (g + 1) * group / 2; k2++) {
             __m512bh w[4];
-            if (bits == 4)
-                raw_int4((const uint8_t *)q + (t * K2 + k2) * TILE_N, table, w);
-            else
-                expand_int8((const int8_t *)q + (t * K2 + k2) * TILE_N * 2, w);
+            expand_int8((const int8_t *)q + (t * K2 + k2) * TILE_N * 2, w);
             tile_accumulate(part, x, x_stride, M, k2, w);
         }
         const int64_t sg = (t * groups + g) * TILE_N;
         for (int c = 0; c < 4; c++) {
-            __m512 sc, zc;
-            scale_zero(s16, zeros ? l16 : NULL, sg + 16 * c, &sc, &zc);
+            const __m512 sc = load_f16(s16 + sg + 16 * c);
+            for (int m = 0; m < M; m++) acc[m][c] = _mm512_fmadd_ps(part[m][c], sc, acc[m][c]);
+        }
+    }
+    tile_finish(acc, M, NULL, bias, y + t * TILE_N, y_stride, 0);
+}
+
+/* The int4 path's inputs: each row's groups rounded to int8, xq [M][K], with d = amax / 127 per group,
+ * and d and d * sum(xq) per (row, group) in dx [M][groups] and dxs [M][groups]. Rounding is to nearest
+ * even (quant.Int4Weight.activations does the same in torch). */
+static void quantize_rows(const uint16_t *x, int64_t x_stride, int64_t M, int64_t K, int64_t group, int8_t *xq,
+                          float *dx, float *dxs) {
+    const int64_t groups = K / group;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < groups; g++) {
+            const uint16_t *xr = x + m * x_stride + g * group;
+            float amax = 0.0f;
+            for (int64_t k = 0; k < group; k++) {
+                const uint32_t bits32 = (uint32_t)xr[k] << 16;
+                float v;
+                memcpy(&v, &bits32, sizeof(v));
+                amax = fmaxf(amax, fabsf(v));
+            }
+            const float d = amax / 127.0f, inv = d != 0.0f ? 1.0f / d : 0.0f;
+            int32_t sum = 0;
+            for (int64_t k = 0; k < group; k++) {
+                const uint32_t bits32 = (uint32_t)xr[k] << 16;
+                float v;
+                memcpy(&v, &bits32, sizeof(v));
+                const float r = nearbyintf(v * inv);
+                const int32_t i = r > 127.0f ? 127 : r < -127.0f ? -127 : (int32_t)r;
+                xq[m * K + g * group + k] = (int8_t)i;
+                sum += i;
+            }
+            dx[m * groups + g] = d;
+            dxs[m * groups + g] = d * (float)sum;
+        }
+}
+
+/* Up to FUSED_MAX_M rows times tile t of int4 weights: per group, sum_k q xq exactly in int32 (vpdpbusd:
+ * the nibbles as unsigned bytes, the rounded inputs as signed ones), then acc += sum * scale * d +
+ * low * d * sum(xq) (low = -8 scale for symmetric blocks). M is a literal at each call. */
+static inline __attribute__((always_inline)) void fused_int4(
+        const int M, const int8_t *xq, const float *dx, const float *dxs, const void *q, const uint16_t *s16,
+        const uint16_t *l16, int64_t group, int64_t K, int64_t t, const uint16_t *bias, uint16_t *y,
+        int64_t y_stride) {
+    const int64_t words = K / 8, groups = K / group;
+    const uint32_t *tile = (const uint32_t *)q + t * words * TILE_N;
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    __m512 acc[TILE_ROWS][4];
+    for (int m = 0; m < M; m++)
+        for (int c = 0; c < 4; c++) acc[m][c] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m512i part[FUSED_MAX_M][4];
+        for (int m = 0; m < M; m++)
+            for (int c = 0; c < 4; c++) part[m][c] = _mm512_setzero_si512();
+        for (int64_t j = g * group / 8; j < (g + 1) * group / 8; j++) {
+            __m512i lo[4], hi[4];
+            for (int c = 0; c < 4; c++) {
+                const __m512i v = _mm512_loadu_si512(tile + j * TILE_N + 16 * c);
+                lo[c] = _mm512_and_si512(v, nibble);
+                hi[c] = _mm512_and_si512(_mm512_srli_epi32(v, 4), nibble);
+            }
             for (int m = 0; m < M; m++) {
-                acc[m][c] = _mm512_fmadd_ps(part[m][c], sc, acc[m][c]);
-                if (zeros) acc[m][c] = _mm512_fmadd_ps(_mm512_set1_ps(xsum[m * groups + g]), zc, acc[m][c]);
+                int32_t first, second;
+                memcpy(&first, xq + m * K + 8 * j, sizeof(first));
+                memcpy(&second, xq + m * K + 8 * j + 4, sizeof(second));
+                const __m512i xa = _mm512_set1_epi32(first), xb = _mm512_set1_epi32(second);
+                for (int c = 0; c < 4; c++)
+                    part[m][c] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(part[m][c], lo[c], xa), hi[c], xb);
+            }
+        }
+        const int64_t sg = (t * groups + g) * TILE_N;
+        for (int c = 0; c < 4; c++) {
+            const __m512 sc = load_f16(s16 + sg + 16 * c);
+            const __m512 lw = l16 == NULL ? _mm512_mul_ps(_mm512_set1_ps(-8.0f), sc) : load_f16(l16 + sg + 16 * c);
+            for (int m = 0; m < M; m++) {
+                const __m512 scaled = _mm512_mul_ps(sc, _mm512_set1_ps(dx[m * groups + g]));
+                acc[m][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(part[m][c]), scaled, acc[m][c]);
+                acc[m][c] = _mm512_fmadd_ps(lw, _mm512_set1_ps(dxs[m * groups + g]), acc[m][c]);
             }
         }
     }
     tile_finish(acc, M, NULL, bias, y + t * TILE_N, y_stride, 0);
+}
+
+/* Floats of the workspace the int4 path's rows take: dx and dxs, then xq (rounded up to whole floats). */
+static inline int64_t int4_workspace(int64_t M, int64_t K, int64_t group) {
+    return 2 * M * (K / group) + (M * K + 3) / 4;
 }
 
 /* bits 4: int4 (float16 scales and lows per group), 8: int8 (float32 scales per output with group 0, float16
@@ -204,24 +283,13 @@ void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const v
                      int bits, int64_t group, const uint16_t *bias, uint16_t *y, int64_t y_stride, int64_t M,
                      int64_t K, int64_t N, float *xsum, int *failed) {
     const int64_t tiles = N / TILE_N, K2 = K / 2;
-    if (bits == 4 && lows != NULL && M <= FUSED_MAX_M) { /* fused_groups adds zero * sum_k x */
+    const int64_t groups = group > 0 ? K / group : 0;
+    float *dx = xsum, *dxs = xsum + M * groups;
+    int8_t *xq = (int8_t *)(xsum + 2 * M * groups);
+    if (bits == 4 && M <= FUSED_MAX_M) {
 #pragma omp single
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t g = 0; g < K / group; g++) {
-                float sum = 0.0f;
-                for (int64_t k = g * group; k < (g + 1) * group; k++) {
-                    const uint32_t bits32 = (uint32_t)x[m * x_stride + k] << 16;
-                    float v;
-                    memcpy(&v, &bits32, sizeof(v));
-                    sum += v;
-                }
-                xsum[m * (K / group) + g] = sum;
-            }
+        quantize_rows(x, x_stride, M, K, group, xq, dx, dxs);
     }
-    const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(
-        _mm512_setzero_ps(), _mm512_cvtepi32_ps(_mm512_sub_epi32(
-                                 _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                 _mm512_set1_epi32(8))));
     /* up to FUSED_MAX_M rows: each k-pair expanded in registers and used at once; more: the tile
      * expanded once into the thread's buffer, then every row group reads it from L2 */
     uint32_t *buf = M > FUSED_MAX_M ? thread_buffer((size_t)K2 * TILE_N * sizeof(uint32_t)) : NULL;
@@ -240,9 +308,10 @@ void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const v
         const uint16_t *b = bias ? bias + t * TILE_N : NULL;
         if (M <= FUSED_MAX_M) {
             /* M a literal in each copy: the rows' sums stay in registers */
-#define FUSED(ROWS)                                                                                          \
-    (group > 0 ? fused_groups(ROWS, x, x_stride, q, s16, l16, bits, group, K, t, xsum, table, b, y, y_stride) \
-               : fused_channels(ROWS, x, x_stride, q, K, t, scale, b, y, y_stride))
+#define FUSED(ROWS)                                                                                    \
+    (bits == 4  ? fused_int4(ROWS, xq, dx, dxs, q, s16, l16, group, K, t, b, y, y_stride)           \
+     : group > 0 ? fused_int8_groups(ROWS, x, x_stride, q, s16, group, K, t, b, y, y_stride) \
+                 : fused_channels(ROWS, x, x_stride, q, K, t, scale, b, y, y_stride))
             switch (M) {
             case 1: FUSED(1); break;
             case 2: FUSED(2); break;
@@ -267,7 +336,7 @@ void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const v
 }
 
 int qgemv_shape_ok(int bits, int64_t group, int64_t K, int64_t N) {
-    return shape_ok(bits, group, K, N) && !(bits == 4 && group > 0 && K / group > QGEMV_XSUM / FUSED_MAX_M);
+    return shape_ok(bits, group, K, N) && !(bits == 4 && int4_workspace(FUSED_MAX_M, K, group) > QGEMV_XSUM);
 }
 
 /* qgemv_bf16_team on a team of its own. Returns -1 for N not a multiple of 64 or an odd K, -2 when a buffer
