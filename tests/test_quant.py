@@ -116,29 +116,6 @@ def test_int4_blocks_multiply_by_their_exact_values(rows, symmetric, layout):
     torch.testing.assert_close(out.float(), F.linear(w.activations(x), used), rtol=8e-3, atol=1e-2)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 4])
-def test_int4_few_rows_multiply_inputs_rounded_to_int8_per_group(rows):
-    """Up to the fused rows our int4 kernel rounds each group of 32 inputs to int8 (amax / 127, to nearest
-    even), as llama.cpp's Q4 x Q8 products do: its output is that rounded x times the exact weight, far
-    closer than to x itself; a group of zeros stays zero, and a group's largest input is exact."""
-    if not kernels.qgemv_available():
-        pytest.skip("our int4 kernel needs AVX512-BF16 (torch's layout multiplies x as it is)")
-    q, scale, low = q4_blocks(256, 128, seed=11, dtype=torch.float16)
-    w = quant.int4_from_blocks(quant.pack_pairs(q), scale, low, torch.bfloat16)
-    x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
-    x[:, 32:64] = 0
-    rounded = w.activations(x)
-    assert torch.equal(rounded[:, 32:64], torch.zeros(rows, 32))
-    peaks = x.float().view(rows, 4, 32).abs().argmax(-1, keepdim=True)
-    assert torch.equal(rounded.view(rows, 4, 32).gather(-1, peaks), x.float().view(rows, 4, 32).gather(-1, peaks))
-    exact = (q.float().view(256, 4, 32) * scale.unsqueeze(-1) + low.unsqueeze(-1)).view(256, 128)
-    out = w.matmul(x)
-    # the rounded rows' products, rounded to bf16, are the kernel's outputs (measured: all 256 x rows equal;
-    # against x itself a quarter); 98% leaves room for a float32 sum rounded the other way at a bf16 tie
-    assert (out == F.linear(rounded, exact).to(torch.bfloat16)).float().mean() >= 0.98
-    assert (out == F.linear(x.float(), exact).to(torch.bfloat16)).float().mean() < 0.5
-
-
 @pytest.mark.parametrize("rows", [1, 4, 5, 64])
 def test_int8_blocks_multiply_by_their_exact_values(rows, layout):
     """GGUF Q8_0 blocks (q * scale, a float16 scale per 32 inputs) in our tiles multiply by exactly
@@ -169,8 +146,9 @@ def test_int8_blocks_multiply_by_their_exact_values(rows, layout):
 @pytest.mark.parametrize("rows", [1, 2, 4])
 def test_int4_few_rows_multiply_inputs_rounded_to_int8_per_group(rows):
     """Up to the fused rows our int4 kernel rounds each group of 32 inputs to int8 (amax / 127, to nearest
-    even), as llama.cpp's Q4 x Q8 products do: its output is that rounded x times the exact weight, far
-    closer than to x itself; a group of zeros stays zero, and a group's largest input is exact."""
+    even), as llama.cpp's Q4 x Q8 products do: its outputs are that rounded x times the exact weight,
+    rounded to bf16; a group of zeros stays zero, and a group's largest input comes back (to a float32
+    rounding)."""
     if not kernels.qgemv_available():
         pytest.skip("our int4 kernel needs AVX512-BF16 (torch's layout multiplies x as it is)")
     q, scale, low = q4_blocks(256, 128, seed=11, dtype=torch.float16)
@@ -179,8 +157,9 @@ def test_int4_few_rows_multiply_inputs_rounded_to_int8_per_group(rows):
     x[:, 32:64] = 0
     rounded = w.activations(x)
     assert torch.equal(rounded[:, 32:64], torch.zeros(rows, 32))
-    peaks = x.float().view(rows, 4, 32).abs().argmax(-1, keepdim=True)
-    assert torch.equal(rounded.view(rows, 4, 32).gather(-1, peaks), x.float().view(rows, 4, 32).gather(-1, peaks))
+    groups = x.float().view(rows, 4, 32)
+    peaks = groups.abs().argmax(-1, keepdim=True)
+    torch.testing.assert_close(rounded.view(rows, 4, 32).gather(-1, peaks), groups.gather(-1, peaks), rtol=2**-23, atol=0)
     exact = (q.float().view(256, 4, 32) * scale.unsqueeze(-1) + low.unsqueeze(-1)).view(256, 128)
     out = w.matmul(x)
     # the rounded rows' products, rounded to bf16, are the kernel's outputs (measured: all 256 x rows equal;
