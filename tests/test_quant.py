@@ -159,7 +159,8 @@ def test_int4_few_rows_multiply_inputs_rounded_to_int8_per_group(rows):
     assert torch.equal(rounded[:, 32:64], torch.zeros(rows, 32))
     groups = x.float().view(rows, 4, 32)
     peaks = groups.abs().argmax(-1, keepdim=True)
-    torch.testing.assert_close(rounded.view(rows, 4, 32).gather(-1, peaks), groups.gather(-1, peaks), rtol=2**-23, atol=0)
+    torch.testing.assert_close(rounded.view(rows, 4, 32).gather(-1, peaks), groups.gather(-1, peaks),
+                               rtol=2**-23, atol=0)
     exact = (q.float().view(256, 4, 32) * scale.unsqueeze(-1) + low.unsqueeze(-1)).view(256, 128)
     out = w.matmul(x)
     # the rounded rows' products, rounded to bf16, are the kernel's outputs (measured: all 256 x rows equal;
