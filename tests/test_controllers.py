@@ -394,6 +394,23 @@ def test_step_cost_model_waits_for_steps_of_both_kinds():
     assert model.cost() is None
 
 
+def test_step_cost_model_fits_from_the_first_two_prefill_steps():
+    # All requests at once: a couple of 512-token prefill steps, then decodes (one admission per finish).
+    from batchpilot.controllers.step_cost import StepCostModel
+
+    model = StepCostModel()
+    model.add(StepStats(12, 512, 0, 0.01 + 0.0003 * 512, 0.1, 0, 12, 50))
+    for decode in range(12, 20):
+        model.add(StepStats(decode, 0, decode, 0.01 + 0.001 * decode, 0.5, 0, decode, 50))
+    assert model.cost() is None  # one prefill step: its term is not yet told apart from noise
+    model.add(StepStats(20, 300, 19, 0.01 + 0.0003 * 300 + 0.001 * 19, 0.5, 0, 20, 49))
+    for decode in range(20, 24):  # a first fit is tried every cold_refit_every steps
+        model.add(StepStats(decode, 0, decode, 0.01 + 0.001 * decode, 0.5, 0, decode, 49))
+    cost = model.cost()
+    assert cost is not None
+    assert cost.per_prefill_s == pytest.approx(0.0003, rel=1e-6) and cost.fixed_s == pytest.approx(0.01, rel=1e-6)
+
+
 def test_step_cost_model_keeps_its_fit_through_a_long_decode_only_phase():
     # Long outputs admit a prompt every few hundred steps: the window then holds decode-only steps
     # and cannot fit the prefill term again. Losing the fit then turned the cost rule off exactly

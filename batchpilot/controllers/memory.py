@@ -122,6 +122,7 @@ class MemoryController:
         self.b_mem = max_num_seqs  # no information yet: the pool alone gates admission
         self._peak_key: tuple[int, int] | None = None  # (running, waiting) the peak bound last answered for
         self._peak_age = 0  # steps since it answered
+        self.peak_refresh_steps = PEAK_REFRESH_STEPS
 
     @property
     def trace(self) -> dict[str, float]:
@@ -162,7 +163,7 @@ class MemoryController:
         PEAK_REFRESH_STEPS old."""
         key = (view.num_running, view.num_waiting)
         self._peak_age += 1
-        if key == self._peak_key and self._peak_age < PEAK_REFRESH_STEPS:
+        if key == self._peak_key and self._peak_age < self.peak_refresh_steps:
             return False
         self._peak_key, self._peak_age = key, 0
         return True

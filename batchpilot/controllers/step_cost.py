@@ -31,13 +31,18 @@ class StepCost(NamedTuple):
 
 class StepCostModel:
     """Least-squares fit of step time on (1, prefill tokens, decode tokens), refitted every
-    `refit_every` steps. `cost()` is None until the window has once held `min_steps` steps of both
-    kinds (with prefill and decode-only), so that the three terms can be told apart."""
+    `refit_every` steps, and every `cold_refit_every` until a first fit holds. `cost()` is None until
+    the window has once held `min_steps` steps of both kinds (with prefill and decode-only), so that
+    the three terms can be told apart. A run whose requests all come at once has a few prefill steps
+    (a 512-token step admits a dozen short prompts) and then one admission per finish: asking for 8
+    of them left the cost rule off for the first 500 steps of a 67-request run, where it decides
+    (docs/reproduction.md); two prefill steps of hundreds of tokens already fix their term."""
 
-    def __init__(self, window: int = 512, min_steps: int = 16, refit_every: int = 64):
+    def __init__(self, window: int = 512, min_steps: int = 4, refit_every: int = 64, cold_refit_every: int = 4):
         self.rows: deque[tuple[float, float, float]] = deque(maxlen=window)
         self.min_steps = min_steps
         self.refit_every = refit_every
+        self.cold_refit_every = cold_refit_every
         self._since_fit = 0
         self._cost: StepCost | None = None
 
@@ -46,7 +51,7 @@ class StepCostModel:
             return
         self.rows.append((stats.num_prefill_tokens, stats.num_decode_tokens, stats.step_time_s))
         self._since_fit += 1
-        if self._since_fit >= self.refit_every:
+        if self._since_fit >= (self.refit_every if self._cost is not None else self.cold_refit_every):
             self._since_fit = 0
             # A window that cannot separate the terms (a long phase of decode-only steps) keeps the
             # last fit: the machine did not change, only the mix of steps that measure it.
