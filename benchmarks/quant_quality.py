@@ -7,7 +7,8 @@ and greedy agreement on real chat prompts.
   text (LlamaModel.forward, every row's logits).
 - Agreement: --prompts chat prompts of `bench.datasets.builtin_conversations` (seed 1), greedy,
   --max-tokens each; the share of bf16's tokens generated before the first difference, and the share
-  of prompts whose whole output is the same.
+  of prompts whose whole output is the same. `--max-num-seqs 4` decodes at most 4 rows a step: the path
+  a lone user's requests take (int4 then rounds the inputs to int8, csrc/qgemv.c).
 
     python benchmarks/quant_quality.py
     python benchmarks/quant_quality.py --model <the default model's GGUF>   # its own Q4_1 / Q8_0 blocks
@@ -53,6 +54,7 @@ def main() -> int:
     p.add_argument("--prompts", type=int, default=40)
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-num-seqs", type=int, default=256, help="rows a decode step may have (static limit)")
     p.add_argument("--model", default=None, help="a folder or GGUF file (default: the default model's folder)")
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
@@ -76,7 +78,8 @@ def main() -> int:
         start = time.perf_counter()
         ppl = perplexity(model, texts)
         del model
-        llm = LLM(args.model, quantization=mode, threads=args.threads, kv_cache_gib=0.5)
+        llm = LLM(args.model, quantization=mode, threads=args.threads, kv_cache_gib=0.5,
+                  batch_controller="static", max_num_seqs=args.max_num_seqs)
         outputs = [o.outputs[0].token_ids for o in llm.chat(conversations, params)]
         del llm
         reference = reference or outputs
