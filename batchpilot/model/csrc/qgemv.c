@@ -32,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "dtype.h"
 #include "kernels.h"
 #include "team.h"
 #ifdef BATCHPILOT_QGEMV
@@ -200,19 +201,11 @@ static void quantize_rows(const uint16_t *x, int64_t x_stride, int64_t M, int64_
         for (int64_t g = 0; g < groups; g++) {
             const uint16_t *xr = x + m * x_stride + g * group;
             float amax = 0.0f;
-            for (int64_t k = 0; k < group; k++) {
-                const uint32_t bits32 = (uint32_t)xr[k] << 16;
-                float v;
-                memcpy(&v, &bits32, sizeof(v));
-                amax = fmaxf(amax, fabsf(v));
-            }
+            for (int64_t k = 0; k < group; k++) amax = fmaxf(amax, fabsf(bf16_to_float(xr[k])));
             const float d = amax / 127.0f, inv = d != 0.0f ? 1.0f / d : 0.0f;
             int32_t sum = 0;
             for (int64_t k = 0; k < group; k++) {
-                const uint32_t bits32 = (uint32_t)xr[k] << 16;
-                float v;
-                memcpy(&v, &bits32, sizeof(v));
-                const float r = nearbyintf(v * inv);
+                const float r = nearbyintf(bf16_to_float(xr[k]) * inv);
                 const int32_t i = r > 127.0f ? 127 : r < -127.0f ? -127 : (int32_t)r;
                 xq[m * K + g * group + k] = (int8_t)i;
                 sum += i;
