@@ -8,7 +8,8 @@
   zero = m + 8 s, the form torch's int4 kernel takes.
 
 Where the CPU has AVX512-BF16, weights are laid out in tiles for our kernel (csrc/qgemv.c), which
-expands a tile to bf16 once and multiplies every row of the step by it, up to QGEMV_MAX_ROWS rows.
+expands a tile to bf16 once and multiplies every row of the step by it, up to QGEMV_MAX_ROWS rows (int4
+at up to QGEMV_FUSED_MAX_ROWS rows instead multiplies its integers by the rows rounded to int8).
 Elsewhere torch's weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) serve up
 to TORCH_KERNEL_MAX_ROWS rows; their scales must be in the activations' dtype (bf16 rounds a
 group's scale and offset by up to 2^-9). Beyond those rows the weight is dequantized once per step

@@ -14,7 +14,7 @@ void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *
 int gemv_amx_min_rows(void); /* the fewest rows gemv_bf16_team multiplies on the AMX tiles; 0: never */
 
 /* floats of qgemv_bf16_team's shared workspace: each row's int8 inputs and per-group scales (int4) */
-#define QGEMV_XSUM 49152
+#define QGEMV_WORKSPACE 49152
 /* qgemv is built where the CPU has AVX512-BF16 and AVX512-VNNI (every CPU with the first has the second) */
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
 #define BATCHPILOT_QGEMV 1
@@ -23,7 +23,7 @@ int gemv_amx_min_rows(void); /* the fewest rows gemv_bf16_team multiplies on the
 int qgemv_shape_ok(int bits, int64_t group, int64_t K, int64_t N);
 void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const void *scales, const void *lows,
                      int bits, int64_t group, const uint16_t *bias, uint16_t *y, int64_t y_stride, int64_t M,
-                     int64_t K, int64_t N, float *xsum, int *failed);
+                     int64_t K, int64_t N, float *workspace, int *failed);
 
 void add_rms_norm_team(uint16_t *x, int64_t x_stride, const uint16_t *delta, int64_t delta_stride,
                        const uint16_t *weight, uint16_t *out, int64_t out_stride, int64_t rows, int64_t cols, float eps);

@@ -270,15 +270,15 @@ static inline int64_t int4_workspace(int64_t M, int64_t K, int64_t group) {
 /* bits 4: int4 (float16 scales and lows per group), 8: int8 (float32 scales per output with group 0, float16
  * scales per group with group > 0; lows NULL). x: [M, K] bf16
  * rows with stride x_stride (K even, rows 4-byte aligned); y: [M, N] bf16. Called by every thread of a team
- * (team.h), the shape checked by the caller (qgemv_shape_ok); returns after a barrier. xsum: shared, at least
- * QGEMV_XSUM floats; *failed set to 1 when a thread's buffer cannot be allocated. */
+ * (team.h), the shape checked by the caller (qgemv_shape_ok); returns after a barrier. workspace: shared, at least
+ * QGEMV_WORKSPACE floats; *failed set to 1 when a thread's buffer cannot be allocated. */
 void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const void *scales, const void *lows,
                      int bits, int64_t group, const uint16_t *bias, uint16_t *y, int64_t y_stride, int64_t M,
-                     int64_t K, int64_t N, float *xsum, int *failed) {
+                     int64_t K, int64_t N, float *workspace, int *failed) {
     const int64_t tiles = N / TILE_N, K2 = K / 2;
     const int64_t groups = group > 0 ? K / group : 0;
-    float *dx = xsum, *dxs = xsum + M * groups;
-    int8_t *xq = (int8_t *)(xsum + 2 * M * groups);
+    float *dx = workspace, *dxs = workspace + M * groups;
+    int8_t *xq = (int8_t *)(workspace + 2 * M * groups);
     if (bits == 4 && M <= FUSED_MAX_M) {
 #pragma omp single
         quantize_rows(x, x_stride, M, K, group, xq, dx, dxs);
@@ -329,7 +329,7 @@ void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const v
 }
 
 int qgemv_shape_ok(int bits, int64_t group, int64_t K, int64_t N) {
-    return shape_ok(bits, group, K, N) && !(bits == 4 && int4_workspace(FUSED_MAX_M, K, group) > QGEMV_XSUM);
+    return shape_ok(bits, group, K, N) && !(bits == 4 && int4_workspace(FUSED_MAX_M, K, group) > QGEMV_WORKSPACE);
 }
 
 /* qgemv_bf16_team on a team of its own. Returns -1 for N not a multiple of 64 or an odd K, -2 when a buffer
@@ -338,10 +338,10 @@ int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const void *s
                int bits, int64_t group, const uint16_t *bias, uint16_t *y, int64_t y_stride, int64_t M, int64_t K,
                int64_t N, int num_threads) {
     if (!qgemv_shape_ok(bits, group, K, N)) return -1;
-    float xsum[QGEMV_XSUM];
+    float workspace[QGEMV_WORKSPACE];
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
-    qgemv_bf16_team(x, x_stride, q, scales, lows, bits, group, bias, y, y_stride, M, K, N, xsum, &failed);
+    qgemv_bf16_team(x, x_stride, q, scales, lows, bits, group, bias, y, y_stride, M, K, N, workspace, &failed);
     return failed ? -2 : 0;
 }
 
