@@ -170,6 +170,36 @@ def test_int4_few_rows_multiply_inputs_rounded_to_int8_per_group(rows, layout):
     assert (out == F.linear(x.float(), exact).to(torch.bfloat16)).float().mean() < 0.5
 
 
+@pytest.mark.parametrize("rows", [1, 3, 4])
+def test_int8_groups_few_rows_multiply_inputs_as_int16_per_group(rows, layout):
+    """Up to the fused rows our kernel takes each group of 32 inputs of group-wise int8 (the lm_head, Q8_0)
+    as int16 times a power of two (2^(e - 15) for the group's largest f 2^e): inputs within 2^7 of the
+    largest come back exactly, a tiny one is rounded to that step, a group of zeros stays zero, and the
+    outputs are those rows' products with the exact weights, rounded to bf16. torch's layout multiplies x
+    as it is."""
+    g = torch.Generator().manual_seed(rows)
+    q = torch.randint(-127, 128, (128, 128), generator=g, dtype=torch.int8)
+    scale = (torch.rand(128, 4, generator=g) * 0.01 + 1e-4).to(torch.float16).float()
+    w = quant.int8_from_blocks(q, scale, torch.bfloat16)
+    x = torch.randn(rows, 128, generator=g).to(torch.bfloat16)
+    x[:, 32:64] = 0
+    x[:, 64] = 100.0  # this group's step: 2^(7 - 15) = 2^-8
+    x[:, 65] = 2**-12 * 3  # below it: rounded to 0
+    x[:, 66] = 2**-8 * 3  # on it: exact
+    rounded = w.activations(x)
+    if not w.tiled:
+        assert torch.equal(rounded, x.float())
+        return
+    assert torch.equal(rounded[:, 32:64], torch.zeros(rows, 32))
+    assert torch.equal(rounded[:, 65], torch.zeros(rows)) and torch.equal(rounded[:, 66], x[:, 66].float())
+    big = x.float().abs() >= x.float().view(rows, 4, 32).abs().amax(-1).repeat_interleave(32, 1) / 2**7
+    assert torch.equal(rounded[big], x.float()[big])
+    exact = (q.float().view(128, 4, 32) * scale.unsqueeze(-1)).view(128, 128)
+    out = w.matmul(x)
+    # 98%: room for a float32 sum rounded the other way at a bf16 tie
+    assert (out == F.linear(rounded, exact).to(torch.bfloat16)).float().mean() >= 0.98
+
+
 def test_int8_groups_keep_each_weight_within_half_a_step_of_its_group(layout):
     """Group-wise int8 (Q8_0's scheme, float16 scale amax / 127 per 32 inputs) where our kernel runs:
     every weight within half its group's step, a zero group exactly zero; per output elsewhere."""

@@ -12,6 +12,9 @@
  * summed in fours), each group's sum scaled once. Expanding nibbles to bf16 took a shuffle per 16
  * weights on the one port that runs them; this takes none, and the step reads the weights at memory
  * speed (docs/reproduction.md). quant.Int4Weight.activations gives the rows as the kernel rounds them.
+ * Group-wise int8 (the lm_head, GGUF Q8_0) at up to FUSED_MAX_M rows likewise multiplies integers: the
+ * weights widened to int16 pairs, each row's groups as int16 with a power-of-two scale (exact for every
+ * input within 2^7 of its group's largest), on vpdpwssd. quant.Int8Weight.activations gives those rows.
  *
  * Layouts (quant.py packs them), tiles of 64 outputs along N:
  *   int8: q [N / 64][K / 2][64][2] int8, one float32 scale per output [N] (group 0). The tile holds q
@@ -164,28 +167,61 @@ static inline __attribute__((always_inline)) void fused_channels(
     tile_finish(acc, M, scale, bias, y + t * TILE_N, y_stride, 0);
 }
 
-/* Up to FUSED_MAX_M rows times tile t of int8 weights with a float16 scale per group, no buffer: per
- * group, sum_k x q in exact bf16 products, then acc += sum * scale. M is a literal at each call. */
+/* The group-wise int8 path's inputs: each row's groups as int16 with a power-of-two scale, xq [M][K] and
+ * d = 2^(e - 15) per (row, group) in dx [M][groups], for the group's largest magnitude amax = f 2^e (f in
+ * [0.5, 1)): every bf16 input of at least amax / 2^7 is exact (its 8 significant bits fit) and the smaller
+ * ones are rounded (to nearest even) at amax / 2^15, below bf16's own step at the group's largest.
+ * quant.Int8Weight.activations does the same in torch. */
+static void quantize_rows_int16(const uint16_t *x, int64_t x_stride, int64_t M, int64_t K, int64_t group,
+                                int16_t *xq, float *dx) {
+    const int64_t groups = K / group;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < groups; g++) {
+            const uint16_t *xr = x + m * x_stride + g * group;
+            float amax = 0.0f;
+            for (int64_t k = 0; k < group; k++) amax = fmaxf(amax, fabsf(bf16_to_float(xr[k])));
+            int e = 0;
+            frexpf(amax, &e);
+            const float inv = amax != 0.0f ? ldexpf(1.0f, 15 - e) : 0.0f; /* |x| inv < 2^15: no clamp */
+            for (int64_t k = 0; k < group; k++)
+                xq[m * K + g * group + k] = (int16_t)nearbyintf(bf16_to_float(xr[k]) * inv);
+            dx[m * groups + g] = amax != 0.0f ? ldexpf(1.0f, e - 15) : 0.0f;
+        }
+}
+
+/* Up to FUSED_MAX_M rows times tile t of int8 weights with a float16 scale per group, no buffer: per group,
+ * sum_k q xq exactly in int32 (vpdpwssd: pairs of int16 products, the weights sign-extended from their
+ * pairs; at most 32 x 127 x 2^15 per group), then acc += sum * scale * d. One widening per 32 weights where
+ * the expansion to bf16 took five. M is a literal at each call. */
 static inline __attribute__((always_inline)) void fused_int8_groups(
-        const int M, const uint16_t *x, int64_t x_stride, const void *q, const uint16_t *s16, int64_t group,
+        const int M, const int16_t *xq, const float *dx, const void *q, const uint16_t *s16, int64_t group,
         int64_t K, int64_t t, const uint16_t *bias, uint16_t *y, int64_t y_stride) {
     const int64_t K2 = K / 2, groups = K / group;
+    const int8_t *tile = (const int8_t *)q + t * K2 * TILE_N * 2;
     __m512 acc[TILE_ROWS][4];
     for (int m = 0; m < M; m++)
         for (int c = 0; c < 4; c++) acc[m][c] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
-        __m512 part[TILE_ROWS][4];
+        __m512i part[FUSED_MAX_M][4];
         for (int m = 0; m < M; m++)
-            for (int c = 0; c < 4; c++) part[m][c] = _mm512_setzero_ps();
+            for (int c = 0; c < 4; c++) part[m][c] = _mm512_setzero_si512();
         for (int64_t k2 = g * group / 2; k2 < (g + 1) * group / 2; k2++) {
-            __m512bh w[4];
-            expand_int8((const int8_t *)q + (t * K2 + k2) * TILE_N * 2, w);
-            tile_accumulate(part, x, x_stride, M, k2, w);
+            __m512i w[4];
+            for (int c = 0; c < 4; c++)
+                w[c] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(tile + k2 * TILE_N * 2 + 32 * c)));
+            for (int m = 0; m < M; m++) {
+                int32_t pair;
+                memcpy(&pair, xq + m * K + 2 * k2, sizeof(pair));
+                const __m512i xv = _mm512_set1_epi32(pair);
+                for (int c = 0; c < 4; c++) part[m][c] = _mm512_dpwssd_epi32(part[m][c], w[c], xv);
+            }
         }
         const int64_t sg = (t * groups + g) * TILE_N;
         for (int c = 0; c < 4; c++) {
             const __m512 sc = load_f16(s16 + sg + 16 * c);
-            for (int m = 0; m < M; m++) acc[m][c] = _mm512_fmadd_ps(part[m][c], sc, acc[m][c]);
+            for (int m = 0; m < M; m++)
+                acc[m][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(part[m][c]),
+                                            _mm512_mul_ps(sc, _mm512_set1_ps(dx[m * groups + g])), acc[m][c]);
         }
     }
     tile_finish(acc, M, NULL, bias, y + t * TILE_N, y_stride, 0);
@@ -262,9 +298,11 @@ static inline __attribute__((always_inline)) void fused_int4(
     tile_finish(acc, M, NULL, bias, y + t * TILE_N, y_stride, 0);
 }
 
-/* Floats of the workspace the int4 path's rows take: dx and dxs, then xq (rounded up to whole floats). */
-static inline int64_t int4_workspace(int64_t M, int64_t K, int64_t group) {
-    return 2 * M * (K / group) + (M * K + 3) / 4;
+/* Floats of the workspace the fused paths' rows take: int4, dx and dxs then xq int8; group-wise int8, dx then
+ * xq int16 (each rounded up to whole floats). */
+static inline int64_t fused_workspace(int bits, int64_t M, int64_t K, int64_t group) {
+    if (group <= 0) return 0;
+    return bits == 4 ? 2 * M * (K / group) + (M * K + 3) / 4 : M * (K / group) + (M * K + 1) / 2;
 }
 
 /* bits 4: int4 (float16 scales and lows per group), 8: int8 (float32 scales per output with group 0, float16
@@ -279,9 +317,13 @@ void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const v
     const int64_t groups = group > 0 ? K / group : 0;
     float *dx = workspace, *dxs = workspace + M * groups;
     int8_t *xq = (int8_t *)(workspace + 2 * M * groups);
-    if (bits == 4 && M <= FUSED_MAX_M) {
+    int16_t *xq16 = (int16_t *)(workspace + M * groups);
+    if (M <= FUSED_MAX_M && group > 0) {
 #pragma omp single
-        quantize_rows(x, x_stride, M, K, group, xq, dx, dxs);
+        if (bits == 4)
+            quantize_rows(x, x_stride, M, K, group, xq, dx, dxs);
+        else
+            quantize_rows_int16(x, x_stride, M, K, group, xq16, dx);
     }
     /* up to FUSED_MAX_M rows: each k-pair expanded in registers and used at once; more: the tile
      * expanded once into the thread's buffer, then every row group reads it from L2 */
@@ -303,7 +345,7 @@ void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const v
             /* M a literal in each copy: the rows' sums stay in registers */
 #define FUSED(ROWS)                                                                                    \
     (bits == 4  ? fused_int4(ROWS, xq, dx, dxs, q, s16, l16, group, K, t, b, y, y_stride)           \
-     : group > 0 ? fused_int8_groups(ROWS, x, x_stride, q, s16, group, K, t, b, y, y_stride) \
+     : group > 0 ? fused_int8_groups(ROWS, xq16, dx, q, s16, group, K, t, b, y, y_stride)   \
                  : fused_channels(ROWS, x, x_stride, q, K, t, scale, b, y, y_stride))
             switch (M) {
             case 1: FUSED(1); break;
@@ -329,7 +371,7 @@ void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const v
 }
 
 int qgemv_shape_ok(int bits, int64_t group, int64_t K, int64_t N) {
-    return shape_ok(bits, group, K, N) && !(bits == 4 && int4_workspace(FUSED_MAX_M, K, group) > QGEMV_WORKSPACE);
+    return shape_ok(bits, group, K, N) && fused_workspace(bits, FUSED_MAX_M, K, group) <= QGEMV_WORKSPACE;
 }
 
 /* qgemv_bf16_team on a team of its own. Returns -1 for N not a multiple of 64 or an odd K, -2 when a buffer
