@@ -35,7 +35,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "dtype.h"
 #include "kernels.h"
 #include "team.h"
 #ifdef BATCHPILOT_QGEMV
@@ -167,6 +166,24 @@ static inline __attribute__((always_inline)) void fused_channels(
     tile_finish(acc, M, scale, bias, y + t * TILE_N, y_stride, 0);
 }
 
+/* The lanes of a group's 16 inputs from k on that the group still holds (left: group - k). */
+static inline __attribute__((always_inline)) __mmask16 part_mask(int64_t left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+}
+
+/* Those inputs as floats, the lanes past the group zero. */
+static inline __attribute__((always_inline)) __m512 group_part(const uint16_t *p, int64_t left) {
+    const __m256i h = _mm256_maskz_loadu_epi16(part_mask(left), p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* The largest magnitude of a group of bf16 inputs. */
+static inline __attribute__((always_inline)) float group_amax(const uint16_t *xr, int64_t group) {
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t k = 0; k < group; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(group_part(xr + k, group - k)));
+    return _mm512_reduce_max_ps(amax);
+}
+
 /* The group-wise int8 path's inputs: each row's groups as int16 with a power-of-two scale, xq [M][K] and
  * d = 2^(e - 15) per (row, group) in dx [M][groups], for the group's largest magnitude amax = f 2^e (f in
  * [0.5, 1)): every bf16 input of at least amax / 2^7 is exact (its 8 significant bits fit) and the smaller
@@ -178,13 +195,16 @@ static void quantize_rows_int16(const uint16_t *x, int64_t x_stride, int64_t M, 
     for (int64_t m = 0; m < M; m++)
         for (int64_t g = 0; g < groups; g++) {
             const uint16_t *xr = x + m * x_stride + g * group;
-            float amax = 0.0f;
-            for (int64_t k = 0; k < group; k++) amax = fmaxf(amax, fabsf(bf16_to_float(xr[k])));
+            int16_t *out = xq + m * K + g * group;
+            const float amax = group_amax(xr, group);
             int e = 0;
             frexpf(amax, &e);
-            const float inv = amax != 0.0f ? ldexpf(1.0f, 15 - e) : 0.0f; /* |x| inv < 2^15: no clamp */
-            for (int64_t k = 0; k < group; k++)
-                xq[m * K + g * group + k] = (int16_t)nearbyintf(bf16_to_float(xr[k]) * inv);
+            /* |x| inv < 2^15: no clamp; cvtps rounds to nearest even */
+            const __m512 inv = _mm512_set1_ps(amax != 0.0f ? ldexpf(1.0f, 15 - e) : 0.0f);
+            for (int64_t k = 0; k < group; k += 16) {
+                const __m512i i = _mm512_cvtps_epi32(_mm512_mul_ps(group_part(xr + k, group - k), inv));
+                _mm256_mask_storeu_epi16(out + k, part_mask(group - k), _mm512_cvtepi32_epi16(i));
+            }
             dx[m * groups + g] = amax != 0.0f ? ldexpf(1.0f, e - 15) : 0.0f;
         }
 }
@@ -233,21 +253,22 @@ static inline __attribute__((always_inline)) void fused_int8_groups(
 static void quantize_rows(const uint16_t *x, int64_t x_stride, int64_t M, int64_t K, int64_t group, int8_t *xq,
                           float *dx, float *dxs) {
     const int64_t groups = K / group;
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
     for (int64_t m = 0; m < M; m++)
         for (int64_t g = 0; g < groups; g++) {
             const uint16_t *xr = x + m * x_stride + g * group;
-            float amax = 0.0f;
-            for (int64_t k = 0; k < group; k++) amax = fmaxf(amax, fabsf(bf16_to_float(xr[k])));
-            const float d = amax / 127.0f, inv = d != 0.0f ? 1.0f / d : 0.0f;
-            int32_t sum = 0;
-            for (int64_t k = 0; k < group; k++) {
-                const float r = nearbyintf(bf16_to_float(xr[k]) * inv);
-                const int32_t i = r > 127.0f ? 127 : r < -127.0f ? -127 : (int32_t)r;
-                xq[m * K + g * group + k] = (int8_t)i;
-                sum += i;
+            int8_t *out = xq + m * K + g * group;
+            const float d = group_amax(xr, group) / 127.0f;
+            const __m512 inv = _mm512_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+            __m512i sum = _mm512_setzero_si512();
+            for (int64_t k = 0; k < group; k += 16) { /* cvtps rounds to nearest even */
+                __m512i i = _mm512_cvtps_epi32(_mm512_mul_ps(group_part(xr + k, group - k), inv));
+                i = _mm512_min_epi32(_mm512_max_epi32(i, lo), hi);
+                _mm_mask_storeu_epi8(out + k, part_mask(group - k), _mm512_cvtepi32_epi8(i));
+                sum = _mm512_add_epi32(sum, i);
             }
             dx[m * groups + g] = d;
-            dxs[m * groups + g] = d * (float)sum;
+            dxs[m * groups + g] = d * (float)_mm512_reduce_add_epi32(sum);
         }
 }
 
