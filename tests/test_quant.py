@@ -170,17 +170,23 @@ def test_int4_few_rows_multiply_inputs_rounded_to_int8_per_group(rows, layout):
     assert (out == F.linear(x.float(), exact).to(torch.bfloat16)).float().mean() < 0.5
 
 
+@pytest.mark.parametrize("scales", ["per group", "per output"])
 @pytest.mark.parametrize("rows", [1, 3, 4])
-def test_int8_groups_few_rows_multiply_inputs_as_int16_per_group(rows, layout):
-    """Up to the fused rows our kernel takes each group of 32 inputs of group-wise int8 (the lm_head, Q8_0)
-    as int16 times a power of two (2^(e - 15) for the group's largest f 2^e): inputs within 2^7 of the
-    largest come back exactly, a tiny one is rounded to that step, a group of zeros stays zero, and the
-    outputs are those rows' products with the exact weights, rounded to bf16. torch's layout multiplies x
-    as it is."""
+def test_int8_few_rows_multiply_inputs_as_int16_per_group(rows, scales, layout):
+    """Up to the fused rows our int8 kernel takes each group of 32 inputs (the weight's groups: the lm_head,
+    Q8_0; or 32 inputs where its scales are per output) as int16 times a power of two (2^(e - 15) for the
+    group's largest f 2^e): inputs within 2^7 of the largest come back exactly, a tiny one is rounded to
+    that step, a group of zeros stays zero, and the outputs are those rows' products with the exact weights,
+    rounded to bf16. torch's layout multiplies x as it is."""
     g = torch.Generator().manual_seed(rows)
     q = torch.randint(-127, 128, (128, 128), generator=g, dtype=torch.int8)
-    scale = (torch.rand(128, 4, generator=g) * 0.01 + 1e-4).to(torch.float16).float()
-    w = quant.int8_from_blocks(q, scale, torch.bfloat16)
+    if scales == "per group":
+        scale = (torch.rand(128, 4, generator=g) * 0.01 + 1e-4).to(torch.float16).float()
+        w = quant.int8_from_blocks(q, scale, torch.bfloat16)
+    else:  # scales per output: the rows in groups of 32 all the same
+        scale = (torch.rand(128, 1, generator=g) * 0.01 + 1e-4).to(torch.bfloat16).float().expand(128, 4)
+        w = quant.quantize_int8((q.float() * scale[:, :1]).to(torch.bfloat16), torch.bfloat16)
+        assert w.group_size == 0
     x = torch.randn(rows, 128, generator=g).to(torch.bfloat16)
     x[:, 32:64] = 0
     x[:, 64] = 100.0  # this group's step: 2^(7 - 15) = 2^-8
@@ -194,7 +200,9 @@ def test_int8_groups_few_rows_multiply_inputs_as_int16_per_group(rows, layout):
     assert torch.equal(rounded[:, 65], torch.zeros(rows)) and torch.equal(rounded[:, 66], x[:, 66].float())
     big = x.float().abs() >= x.float().view(rows, 4, 32).abs().amax(-1).repeat_interleave(32, 1) / 2**7
     assert torch.equal(rounded[big], x.float()[big])
-    exact = (q.float().view(128, 4, 32) * scale.unsqueeze(-1)).view(128, 128)
+    exact = w.reference(rows)
+    if scales == "per group":
+        assert torch.equal(exact, (q.float().view(128, 4, 32) * scale.unsqueeze(-1)).view(128, 128))
     out = w.matmul(x)
     # 98%: room for a float32 sum rounded the other way at a bf16 tie
     assert (out == F.linear(rounded, exact).to(torch.bfloat16)).float().mean() >= 0.98

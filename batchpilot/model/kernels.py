@@ -90,10 +90,11 @@ def _library() -> ctypes.CDLL | None:
         "dequant_int4": (None, [ptr, ptr, ptr, i64, i64, i64, i32, i32]),
         "qgemv_bf16": (i32, [ptr, i64, ptr, ptr, ptr, i32, i64, ptr, ptr, i64, i64, i64, i64, i32]),
         "qdequant_bf16": (i32, [ptr, ptr, ptr, i32, i64, ptr, i64, i64, i32]),
+        "qgemv_row_group": (i64, [i32, i64, i64]),
     }
     for name, (restype, argtypes) in signatures.items():
         built_per_cpu = ("gemv_bf16", "gemv_amx_enable", "gemv_amx_min_rows", "decode_layers", "qgemv_bf16",
-                         "qdequant_bf16")
+                         "qdequant_bf16", "qgemv_row_group")
         if name in built_per_cpu and not hasattr(lib, name):
             continue
         getattr(lib, name).restype = restype
@@ -369,6 +370,13 @@ def qgemv_available() -> bool:
     """Our int8/int4 matmul (csrc/qgemv.c) is built only where the CPU has AVX512-BF16."""
     lib = _library()
     return lib is not None and hasattr(lib, "qgemv_bf16")
+
+
+def qgemv_row_group(bits: int, group: int, k: int) -> int:
+    """The inputs per int16 scale our int8 kernel gives each row at few rows (csrc/qgemv.c); 0 where it
+    multiplies the rows as they are."""
+    lib = _library()
+    return int(lib.qgemv_row_group(bits, group, k)) if lib is not None and hasattr(lib, "qgemv_row_group") else 0
 
 
 def qgemv(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor | None, bits: int, group: int,

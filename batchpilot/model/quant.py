@@ -10,7 +10,7 @@
 Where the CPU has AVX512-BF16, weights are laid out in tiles for our kernel (csrc/qgemv.c), which
 expands a tile to bf16 once and multiplies every row of the step by it, up to QGEMV_MAX_ROWS rows (int4
 at up to QGEMV_FUSED_MAX_ROWS rows instead multiplies its integers by the rows rounded to int8, and
-group-wise int8 there by the rows as int16 with a power-of-two scale per group: `activations`).
+int8 there by the rows as int16 with a power-of-two scale per group of inputs: `activations`).
 Elsewhere torch's weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) serve up
 to TORCH_KERNEL_MAX_ROWS rows; their scales must be in the activations' dtype (bf16 rounds a
 group's scale and offset by up to 2^-9). Beyond those rows the weight is dequantized once per step
@@ -34,7 +34,7 @@ Q8_GROUP = 32  # inputs per scale of group-wise int8 (GGUF's Q8_0), used for the
 TORCH_KERNEL_MAX_ROWS = 16
 QGEMV_MAX_ROWS = 128
 # FUSED_MAX_M of csrc/qgemv.c: up to here int4 multiplies the exact weights by the inputs rounded to int8
-# (Int4Weight.activations), and group-wise int8 by the inputs as int16 (Int8Weight.activations), in integers
+# (Int4Weight.activations), and int8 by the inputs as int16 (Int8Weight.activations), in integers
 QGEMV_FUSED_MAX_ROWS = 4
 
 TILE = 64  # outputs per tile of csrc/qgemv.c
@@ -77,13 +77,14 @@ class Int8Weight(_Layout):
         return (self.q, self.scales, None, 8, self.group_size) if self.tiled else None
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] as `matmul` multiplies it, in float32: with scales per group, up to QGEMV_FUSED_MAX_ROWS
-        rows, our kernel takes each group of a row as int16 times 2^(e - 15) for the group's largest
-        magnitude f 2^e (f in [0.5, 1)), rounded to nearest even: exact for inputs within 2^7 of it. Else
-        x itself."""
-        if not (self.tiled and self.group_size) or x.shape[0] > QGEMV_FUSED_MAX_ROWS:
+        """x [M, K] as `matmul` multiplies it, in float32: up to QGEMV_FUSED_MAX_ROWS rows our kernel takes
+        each group of a row (the weight's group, or 32 inputs with scales per output: kernels.qgemv_row_group)
+        as int16 times 2^(e - 15) for the group's largest magnitude f 2^e (f in [0.5, 1)), rounded to
+        nearest even: exact for inputs within 2^7 of it. Else x itself."""
+        group = kernels.qgemv_row_group(8, self.group_size, self.shape[1]) if self.tiled else 0
+        if not group or x.shape[0] > QGEMV_FUSED_MAX_ROWS:
             return x.float()
-        groups = x.float().view(x.shape[0], -1, self.group_size)
+        groups = x.float().view(x.shape[0], -1, group)
         _, e = torch.frexp(groups.abs().amax(dim=-1, keepdim=True))
         step = torch.ldexp(torch.ones_like(groups[..., :1]), e - 15)  # amax 0: e 0, and the group is zeros
         return ((groups / step).round() * step).view(x.shape)

@@ -21,6 +21,7 @@ int gemv_amx_min_rows(void); /* the fewest rows gemv_bf16_team multiplies on the
 #endif
 /* only with BATCHPILOT_QGEMV: */
 int qgemv_shape_ok(int bits, int64_t group, int64_t K, int64_t N);
+int64_t qgemv_row_group(int bits, int64_t group, int64_t K);
 void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const void *scales, const void *lows,
                      int bits, int64_t group, const uint16_t *bias, uint16_t *y, int64_t y_stride, int64_t M,
                      int64_t K, int64_t N, float *workspace, int *failed);

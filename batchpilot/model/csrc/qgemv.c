@@ -12,9 +12,10 @@
  * summed in fours), each group's sum scaled once. Expanding nibbles to bf16 took a shuffle per 16
  * weights on the one port that runs them; this takes none, and the step reads the weights at memory
  * speed (docs/reproduction.md). quant.Int4Weight.activations gives the rows as the kernel rounds them.
- * Group-wise int8 (the lm_head, GGUF Q8_0) at up to FUSED_MAX_M rows likewise multiplies integers: the
- * weights widened to int16 pairs, each row's groups as int16 with a power-of-two scale (exact for every
- * input within 2^7 of its group's largest), on vpdpwssd. quant.Int8Weight.activations gives those rows.
+ * int8 at up to FUSED_MAX_M rows likewise multiplies integers: the weights widened to int16 pairs, each
+ * row's groups (the weight's, or ROW_GROUP inputs for scales per output) as int16 with a power-of-two scale
+ * (exact for every input within 2^7 of its group's largest), on vpdpwssd. quant.Int8Weight.activations
+ * gives those rows.
  *
  * Layouts (quant.py packs them), tiles of 64 outputs along N:
  *   int8: q [N / 64][K / 2][64][2] int8, one float32 scale per output [N] (group 0). The tile holds q
@@ -45,6 +46,7 @@
 #include "tile_rows.h"
 
 #define FUSED_MAX_M 4 /* up to this many rows, no buffer: each k-pair expanded in registers */
+#define ROW_GROUP 32  /* inputs per int16 scale of a row for int8 weights with scales per output */
 
 /* Each thread's tile buffer, kept between calls: a fresh allocation per call is a fresh mapping at
  * these sizes (above malloc's mmap threshold), whose page faults cost more than the matmul at one row. */
@@ -184,7 +186,7 @@ static inline __attribute__((always_inline)) float group_amax(const uint16_t *xr
     return _mm512_reduce_max_ps(amax);
 }
 
-/* The group-wise int8 path's inputs: each row's groups as int16 with a power-of-two scale, xq [M][K] and
+/* The int8 path's inputs: each row's groups as int16 with a power-of-two scale, xq [M][K] and
  * d = 2^(e - 15) per (row, group) in dx [M][groups], for the group's largest magnitude amax = f 2^e (f in
  * [0.5, 1)): every bf16 input of at least amax / 2^7 is exact (its 8 significant bits fit) and the smaller
  * ones are rounded (to nearest even) at amax / 2^15, below bf16's own step at the group's largest.
@@ -209,13 +211,14 @@ static void quantize_rows_int16(const uint16_t *x, int64_t x_stride, int64_t M, 
         }
 }
 
-/* Up to FUSED_MAX_M rows times tile t of int8 weights with a float16 scale per group, no buffer: per group,
- * sum_k q xq exactly in int32 (vpdpwssd: pairs of int16 products, the weights sign-extended from their
- * pairs; at most 32 x 127 x 2^15 per group), then acc += sum * scale * d. One widening per 32 weights where
- * the expansion to bf16 took five. M is a literal at each call. */
-static inline __attribute__((always_inline)) void fused_int8_groups(
-        const int M, const int16_t *xq, const float *dx, const void *q, const uint16_t *s16, int64_t group,
-        int64_t K, int64_t t, const uint16_t *bias, uint16_t *y, int64_t y_stride) {
+/* Up to FUSED_MAX_M rows times tile t of int8 weights, no buffer: per group of `group` inputs, sum_k q xq
+ * exactly in int32 (vpdpwssd: pairs of int16 products, the weights sign-extended from their pairs; at most
+ * 32 x 127 x 2^15 per group), then acc += sum * d, times the group's float16 scale (s16) where the weight has
+ * them, else times the float32 scale per output (scale) at the end. One widening per 32 weights where the
+ * expansion to bf16 took five. M is a literal at each call. */
+static inline __attribute__((always_inline)) void fused_int8(
+        const int M, const int16_t *xq, const float *dx, int64_t group, const void *q, const uint16_t *s16,
+        const float *scale, int64_t K, int64_t t, const uint16_t *bias, uint16_t *y, int64_t y_stride) {
     const int64_t K2 = K / 2, groups = K / group;
     const int8_t *tile = (const int8_t *)q + t * K2 * TILE_N * 2;
     __m512 acc[TILE_ROWS][4];
@@ -238,13 +241,13 @@ static inline __attribute__((always_inline)) void fused_int8_groups(
         }
         const int64_t sg = (t * groups + g) * TILE_N;
         for (int c = 0; c < 4; c++) {
-            const __m512 sc = load_f16(s16 + sg + 16 * c);
+            const __m512 sc = s16 != NULL ? load_f16(s16 + sg + 16 * c) : _mm512_set1_ps(1.0f);
             for (int m = 0; m < M; m++)
                 acc[m][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(part[m][c]),
                                             _mm512_mul_ps(sc, _mm512_set1_ps(dx[m * groups + g])), acc[m][c]);
         }
     }
-    tile_finish(acc, M, NULL, bias, y + t * TILE_N, y_stride, 0);
+    tile_finish(acc, M, scale, bias, y + t * TILE_N, y_stride, 0);
 }
 
 /* The int4 path's inputs: each row's groups rounded to int8, xq [M][K], with d = amax / 127 per group,
@@ -319,11 +322,22 @@ static inline __attribute__((always_inline)) void fused_int4(
     tile_finish(acc, M, NULL, bias, y + t * TILE_N, y_stride, 0);
 }
 
+/* The inputs per int16 scale of int8's fused path: the weight's group, or ROW_GROUP for scales per output
+ * where K holds whole ones and FUSED_MAX_M such rows fit the workspace (0: else, and the k-pairs are expanded
+ * to bf16 instead). */
+static inline int64_t int8_row_group(int bits, int64_t group, int64_t K) {
+    if (bits != 8) return 0;
+    if (group > 0) return group;
+    const int fits = FUSED_MAX_M * (K / ROW_GROUP) + (FUSED_MAX_M * K + 1) / 2 <= QGEMV_WORKSPACE;
+    return K % ROW_GROUP == 0 && fits ? ROW_GROUP : 0;
+}
+
 /* Floats of the workspace the fused paths' rows take: int4, dx and dxs then xq int8; group-wise int8, dx then
  * xq int16 (each rounded up to whole floats). */
 static inline int64_t fused_workspace(int bits, int64_t M, int64_t K, int64_t group) {
-    if (group <= 0) return 0;
-    return bits == 4 ? 2 * M * (K / group) + (M * K + 3) / 4 : M * (K / group) + (M * K + 1) / 2;
+    const int64_t g = int8_row_group(bits, group, K);
+    if (bits == 4) return 2 * M * (K / group) + (M * K + 3) / 4;
+    return g > 0 ? M * (K / g) + (M * K + 1) / 2 : 0;
 }
 
 /* bits 4: int4 (float16 scales and lows per group), 8: int8 (float32 scales per output with group 0, float16
@@ -338,13 +352,14 @@ void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const v
     const int64_t groups = group > 0 ? K / group : 0;
     float *dx = workspace, *dxs = workspace + M * groups;
     int8_t *xq = (int8_t *)(workspace + 2 * M * groups);
-    int16_t *xq16 = (int16_t *)(workspace + M * groups);
-    if (M <= FUSED_MAX_M && group > 0) {
+    const int64_t row_group = int8_row_group(bits, group, K);
+    int16_t *xq16 = row_group > 0 ? (int16_t *)(workspace + M * (K / row_group)) : NULL;
+    if (M <= FUSED_MAX_M && (bits == 4 || row_group > 0)) {
 #pragma omp single
         if (bits == 4)
             quantize_rows(x, x_stride, M, K, group, xq, dx, dxs);
         else
-            quantize_rows_int16(x, x_stride, M, K, group, xq16, dx);
+            quantize_rows_int16(x, x_stride, M, K, row_group, xq16, dx);
     }
     /* up to FUSED_MAX_M rows: each k-pair expanded in registers and used at once; more: the tile
      * expanded once into the thread's buffer, then every row group reads it from L2 */
@@ -366,8 +381,9 @@ void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const v
             /* M a literal in each copy: the rows' sums stay in registers */
 #define FUSED(ROWS)                                                                                    \
     (bits == 4  ? fused_int4(ROWS, xq, dx, dxs, q, s16, l16, group, K, t, b, y, y_stride)           \
-     : group > 0 ? fused_int8_groups(ROWS, xq16, dx, q, s16, group, K, t, b, y, y_stride)   \
-                 : fused_channels(ROWS, x, x_stride, q, K, t, scale, b, y, y_stride))
+     : row_group > 0 ? fused_int8(ROWS, xq16, dx, row_group, q, group > 0 ? s16 : NULL, scale, K, t, b, y,  \
+                                  y_stride)                                                                  \
+                     : fused_channels(ROWS, x, x_stride, q, K, t, scale, b, y, y_stride))
             switch (M) {
             case 1: FUSED(1); break;
             case 2: FUSED(2); break;
@@ -390,6 +406,10 @@ void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const v
     }
 #pragma omp barrier
 }
+
+/* The inputs per int16 scale the fused int8 path gives each row (quant.Int8Weight.activations); 0 where it
+ * does not run. */
+int64_t qgemv_row_group(int bits, int64_t group, int64_t K) { return int8_row_group(bits, group, K); }
 
 int qgemv_shape_ok(int bits, int64_t group, int64_t K, int64_t N) {
     return shape_ok(bits, group, K, N) && fused_workspace(bits, FUSED_MAX_M, K, group) <= QGEMV_WORKSPACE;
