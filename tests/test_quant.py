@@ -208,6 +208,18 @@ def test_int8_few_rows_multiply_inputs_as_int16_per_group(rows, scales, layout):
     assert (out == F.linear(rounded, exact).to(torch.bfloat16)).float().mean() >= 0.98
 
 
+@pytest.mark.parametrize("rows", [1, 4])
+def test_int8_per_output_without_whole_groups_multiplies_the_rows_as_they_are(rows, layout):
+    """Scales per output and K not a multiple of 32: the kernel has no groups to take the rows in and
+    expands the weights to bf16 instead; the rows are multiplied as they are."""
+    g = torch.Generator().manual_seed(rows)
+    weight = torch.randn(128, 80, generator=g).to(torch.bfloat16)
+    w = quant.quantize_int8(weight, torch.bfloat16)
+    x = torch.randn(rows, 80, generator=g).to(torch.bfloat16)
+    assert torch.equal(w.activations(x), x.float())
+    torch.testing.assert_close(w.matmul(x).float(), F.linear(x.float(), w.reference(rows)), rtol=8e-3, atol=1e-2)
+
+
 def test_int8_groups_keep_each_weight_within_half_a_step_of_its_group(layout):
     """Group-wise int8 (Q8_0's scheme, float16 scale amax / 127 per 32 inputs) where our kernel runs:
     every weight within half its group's step, a zero group exactly zero; per output elsewhere."""
