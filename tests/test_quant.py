@@ -220,6 +220,20 @@ def test_int8_per_output_without_whole_groups_multiplies_the_rows_as_they_are(ro
     torch.testing.assert_close(w.matmul(x).float(), F.linear(x.float(), w.reference(rows)), rtol=8e-3, atol=1e-2)
 
 
+def test_int8_blocks_of_a_70b_down_projection_run_at_few_rows(layout):
+    """Q8_0 blocks with K = 28,672 inputs (a 70B model's MLP width) at 4 rows: the rows as int16 fit the
+    kernel's workspace, and the outputs are those rows' products with the exact weights."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (64, 28672), generator=g, dtype=torch.int8)
+    scale = (torch.rand(64, 28672 // 32, generator=g) * 0.01 + 1e-4).to(torch.float16).float()
+    w = quant.int8_from_blocks(q, scale, torch.bfloat16)
+    x = torch.randn(4, 28672, generator=g).to(torch.bfloat16)
+    out = w.matmul(x).float()
+    ref = F.linear(w.activations(x), w.reference(4))
+    # sums of 28,672 products (|y| ~ 60): bf16 outputs, and torch's kernel sums the bf16-rounded weights
+    assert ((out - ref).norm() / ref.norm()).item() < (4e-3 if w.tiled else 2e-2)
+
+
 def test_int8_groups_keep_each_weight_within_half_a_step_of_its_group(layout):
     """Group-wise int8 (Q8_0's scheme, float16 scale amax / 127 per 32 inputs) where our kernel runs:
     every weight within half its group's step, a zero group exactly zero; per output elsewhere."""

@@ -13,8 +13,9 @@ void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *
 
 int gemv_amx_min_rows(void); /* the fewest rows gemv_bf16_team multiplies on the AMX tiles; 0: never */
 
-/* floats of qgemv_bf16_team's shared workspace: each row's int8 inputs and per-group scales (int4) */
-#define QGEMV_WORKSPACE 49152
+/* floats of qgemv_bf16_team's shared workspace (on the caller's stack): up to 4 rows' inputs as int8 (int4)
+ * or int16 (int8) and their scales per group of 32, for K up to 32768 */
+#define QGEMV_WORKSPACE (4 * 32768 / 2 + 4 * 32768 / 32)
 /* qgemv is built where the CPU has AVX512-BF16 and AVX512-VNNI (every CPU with the first has the second) */
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
 #define BATCHPILOT_QGEMV 1

@@ -332,8 +332,8 @@ static inline int64_t int8_row_group(int bits, int64_t group, int64_t K) {
     return K % ROW_GROUP == 0 && fits ? ROW_GROUP : 0;
 }
 
-/* Floats of the workspace the fused paths' rows take: int4, dx and dxs then xq int8; group-wise int8, dx then
- * xq int16 (each rounded up to whole floats). */
+/* Floats of the workspace the fused paths' rows take: int4, dx and dxs then xq int8; int8, dx then xq int16
+ * (each rounded up to whole floats). */
 static inline int64_t fused_workspace(int bits, int64_t M, int64_t K, int64_t group) {
     const int64_t g = int8_row_group(bits, group, K);
     if (bits == 4) return 2 * M * (K / group) + (M * K + 3) / 4;
