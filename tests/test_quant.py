@@ -143,7 +143,7 @@ def test_int8_blocks_multiply_by_their_exact_values(rows, layout):
     torch.testing.assert_close(out.float(), F.linear(w.activations(x), used), rtol=8e-3, atol=1e-2)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("rows", [1, 2, 4, 6, 8])
 def test_int4_few_rows_multiply_inputs_rounded_to_int8_per_group(rows, layout):
     """Up to the fused rows our int4 kernel rounds each group of 32 inputs to int8 (amax / 127, to nearest
     even), as llama.cpp's Q4 x Q8 products do: its outputs are that rounded x times the exact weight,
@@ -171,13 +171,13 @@ def test_int4_few_rows_multiply_inputs_rounded_to_int8_per_group(rows, layout):
 
 
 @pytest.mark.parametrize("scales", ["per group", "per output"])
-@pytest.mark.parametrize("rows", [1, 3, 4])
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 8])
 def test_int8_few_rows_multiply_inputs_as_int16_per_group(rows, scales, layout):
-    """Up to the fused rows our int8 kernel takes each group of 32 inputs (the weight's groups: the lm_head,
-    Q8_0; or 32 inputs where its scales are per output) as int16 times a power of two (2^(e - 15) for the
-    group's largest f 2^e): inputs within 2^7 of the largest come back exactly, a tiny one is rounded to
-    that step, a group of zeros stays zero, and the outputs are those rows' products with the exact weights,
-    rounded to bf16. torch's layout multiplies x as it is."""
+    """Up to the fused rows (4 a pass over a tile) our int8 kernel takes each group of 32 inputs (the
+    weight's groups: the lm_head, Q8_0; or 32 inputs where its scales are per output) as int16 times a
+    power of two (2^(e - 15) for the group's largest f 2^e): inputs within 2^7 of the largest come back
+    exactly, a tiny one is rounded to that step, a group of zeros stays zero, and the outputs are those
+    rows' products with the exact weights, rounded to bf16. torch's layout multiplies x as it is."""
     g = torch.Generator().manual_seed(rows)
     q = torch.randint(-127, 128, (128, 128), generator=g, dtype=torch.int8)
     if scales == "per group":

@@ -35,7 +35,7 @@ TORCH_KERNEL_MAX_ROWS = 16
 QGEMV_MAX_ROWS = 128
 # FUSED_MAX_M of csrc/qgemv.c: up to here int4 multiplies the exact weights by the inputs rounded to int8
 # (Int4Weight.activations), and int8 by the inputs as int16 (Int8Weight.activations), in integers
-QGEMV_FUSED_MAX_ROWS = 4
+QGEMV_FUSED_MAX_ROWS = 8
 
 TILE = 64  # outputs per tile of csrc/qgemv.c
 QUANTIZE_ROWS = 4096  # rows quantized at a time

@@ -45,7 +45,8 @@
 #include "amx_rows.h"
 #include "tile_rows.h"
 
-#define FUSED_MAX_M 4 /* up to this many rows, no buffer: each k-pair expanded in registers */
+#define FUSED_MAX_M 8 /* up to this many rows, no buffer: integer products (int8 / int4), FUSED_PASS rows a pass */
+#define FUSED_PASS 4
 #define ROW_GROUP 32  /* inputs per int16 scale of a row for int8 weights with scales per output */
 
 /* Each thread's tile buffer, kept between calls: a fresh allocation per call is a fresh mapping at
@@ -225,7 +226,7 @@ static inline __attribute__((always_inline)) void fused_int8(
     for (int m = 0; m < M; m++)
         for (int c = 0; c < 4; c++) acc[m][c] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
-        __m512i part[FUSED_MAX_M][4];
+        __m512i part[FUSED_PASS][4];
         for (int m = 0; m < M; m++)
             for (int c = 0; c < 4; c++) part[m][c] = _mm512_setzero_si512();
         for (int64_t k2 = g * group / 2; k2 < (g + 1) * group / 2; k2++) {
@@ -289,7 +290,7 @@ static inline __attribute__((always_inline)) void fused_int4(
     for (int m = 0; m < M; m++)
         for (int c = 0; c < 4; c++) acc[m][c] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
-        __m512i part[FUSED_MAX_M][4];
+        __m512i part[FUSED_PASS][4];
         for (int m = 0; m < M; m++)
             for (int c = 0; c < 4; c++) part[m][c] = _mm512_setzero_si512();
         for (int64_t j = g * group / 8; j < (g + 1) * group / 8; j++) {
@@ -344,7 +345,7 @@ static inline int64_t fused_workspace(int bits, int64_t M, int64_t K, int64_t gr
  * scales per group with group > 0; lows NULL). x: [M, K] bf16
  * rows with stride x_stride (K even, rows 4-byte aligned); y: [M, N] bf16. Called by every thread of a team
  * (team.h), the shape checked by the caller (qgemv_shape_ok); returns after a barrier. workspace: shared, at least
- * QGEMV_WORKSPACE floats; *failed set to 1 when a thread's buffer cannot be allocated. */
+ * QGEMV_WORKSPACE floats (qgemv_workspace); *failed set to 1 when a thread's buffer cannot be allocated. */
 void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const void *scales, const void *lows,
                      int bits, int64_t group, const uint16_t *bias, uint16_t *y, int64_t y_stride, int64_t M,
                      int64_t K, int64_t N, float *workspace, int *failed) {
@@ -378,19 +379,28 @@ void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const v
         const uint16_t *s16 = (const uint16_t *)scales, *l16 = (const uint16_t *)lows;
         const uint16_t *b = bias ? bias + t * TILE_N : NULL;
         if (M <= FUSED_MAX_M) {
-            /* M a literal in each copy: the rows' sums stay in registers */
-#define FUSED(ROWS)                                                                                    \
-    (bits == 4  ? fused_int4(ROWS, xq, dx, dxs, q, s16, l16, group, K, t, b, y, y_stride)           \
-     : row_group > 0 ? fused_int8(ROWS, xq16, dx, row_group, q, group > 0 ? s16 : NULL, scale, K, t, b, y,  \
-                                  y_stride)                                                                  \
-                     : fused_channels(ROWS, x, x_stride, q, K, t, scale, b, y, y_stride))
-            switch (M) {
-            case 1: FUSED(1); break;
-            case 2: FUSED(2); break;
-            case 3: FUSED(3); break;
-            default: FUSED(4);
-            }
+            /* FUSED_PASS rows at a time over the tile (read again from L2), the count a literal in each copy:
+             * the rows' sums stay in registers */
+            for (int64_t m0 = 0; m0 < M; m0 += FUSED_PASS) {
+                const int64_t g8 = row_group > 0 ? K / row_group : 0;
+                const int8_t *xq_m = xq + m0 * K;
+                const int16_t *xq16_m = xq16 != NULL ? xq16 + m0 * K : NULL;
+                const float *dx_m = dx + m0 * (bits == 4 ? groups : g8), *dxs_m = dxs + m0 * groups;
+                const uint16_t *x_m = x + m0 * x_stride;
+                uint16_t *y_m = y + m0 * y_stride;
+#define FUSED(ROWS)                                                                                               \
+    (bits == 4 ? fused_int4(ROWS, xq_m, dx_m, dxs_m, q, s16, l16, group, K, t, b, y_m, y_stride)                \
+     : row_group > 0 ? fused_int8(ROWS, xq16_m, dx_m, row_group, q, group > 0 ? s16 : NULL, scale, K, t, b, y_m, \
+                                  y_stride)                                                                       \
+                     : fused_channels(ROWS, x_m, x_stride, q, K, t, scale, b, y_m, y_stride))
+                switch (M - m0 < FUSED_PASS ? M - m0 : FUSED_PASS) {
+                case 1: FUSED(1); break;
+                case 2: FUSED(2); break;
+                case 3: FUSED(3); break;
+                default: FUSED(4);
+                }
 #undef FUSED
+            }
             continue;
         }
         if (buf == NULL) continue;
@@ -411,6 +421,14 @@ void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const v
  * does not run. */
 int64_t qgemv_row_group(int bits, int64_t group, int64_t K) { return int8_row_group(bits, group, K); }
 
+/* The calling thread's workspace for qgemv_bf16_team (QGEMV_WORKSPACE floats, half a megabyte: too much for a
+ * stack), kept between calls; NULL when it cannot be allocated. */
+float *qgemv_workspace(void) {
+    static __thread float *buffer = NULL;
+    if (buffer == NULL) buffer = aligned_alloc(64, QGEMV_WORKSPACE * sizeof(float));
+    return buffer;
+}
+
 int qgemv_shape_ok(int bits, int64_t group, int64_t K, int64_t N) {
     return shape_ok(bits, group, K, N) && fused_workspace(bits, FUSED_MAX_M, K, group) <= QGEMV_WORKSPACE;
 }
@@ -421,7 +439,8 @@ int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const void *s
                int bits, int64_t group, const uint16_t *bias, uint16_t *y, int64_t y_stride, int64_t M, int64_t K,
                int64_t N, int num_threads) {
     if (!qgemv_shape_ok(bits, group, K, N)) return -1;
-    float workspace[QGEMV_WORKSPACE];
+    float *workspace = qgemv_workspace();
+    if (workspace == NULL) return -2;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     qgemv_bf16_team(x, x_stride, q, scales, lows, bits, group, bias, y, y_stride, M, K, N, workspace, &failed);
