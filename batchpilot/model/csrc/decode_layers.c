@@ -71,12 +71,7 @@ int decode_layers(uint16_t *x, uint16_t *y, const void *const *weights, const in
     if (!formats_ok(formats, num_layers, C, W, HD, I) || !paged_decode_attention_ok(H, KVH, D, block_size)) return -1;
     uint16_t *qkv = scratch, *q = qkv + B * W, *attn = q + B * HD, *proj = attn + B * HD;
     uint16_t *gate_up = proj + B * C, *act = gate_up + B * 2 * I;
-#ifdef BATCHPILOT_QGEMV
-    float *workspace = qgemv_workspace();
-    if (workspace == NULL) return -2;
-#else
-    float *workspace = NULL;
-#endif
+    float workspace[QGEMV_WORKSPACE];
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     for (int l = 0; l < num_layers; l++) {

@@ -13,8 +13,9 @@ void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *
 
 int gemv_amx_min_rows(void); /* the fewest rows gemv_bf16_team multiplies on the AMX tiles; 0: never */
 
-/* floats of qgemv_bf16_team's shared workspace (qgemv_workspace): up to 8 rows' inputs as int8 (int4) or
- * int16 (int8) and their scales per group of 32, for K up to 32768 */
+/* floats of qgemv_bf16_team's shared workspace, on the caller's stack (half a megabyte; a heap buffer per
+ * thread made the batch-1 int4 step 5-8% slower): up to 8 rows' inputs as int8 (int4) or int16 (int8) and
+ * their scales per group of 32, for K up to 32768 */
 #define QGEMV_WORKSPACE (8 * 32768 / 2 + 8 * 32768 / 32)
 /* qgemv is built where the CPU has AVX512-BF16 and AVX512-VNNI (every CPU with the first has the second) */
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
@@ -23,7 +24,6 @@ int gemv_amx_min_rows(void); /* the fewest rows gemv_bf16_team multiplies on the
 /* only with BATCHPILOT_QGEMV: */
 int qgemv_shape_ok(int bits, int64_t group, int64_t K, int64_t N);
 int64_t qgemv_row_group(int bits, int64_t group, int64_t K);
-float *qgemv_workspace(void);
 void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const void *scales, const void *lows,
                      int bits, int64_t group, const uint16_t *bias, uint16_t *y, int64_t y_stride, int64_t M,
                      int64_t K, int64_t N, float *workspace, int *failed);

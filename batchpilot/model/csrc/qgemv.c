@@ -345,7 +345,7 @@ static inline int64_t fused_workspace(int bits, int64_t M, int64_t K, int64_t gr
  * scales per group with group > 0; lows NULL). x: [M, K] bf16
  * rows with stride x_stride (K even, rows 4-byte aligned); y: [M, N] bf16. Called by every thread of a team
  * (team.h), the shape checked by the caller (qgemv_shape_ok); returns after a barrier. workspace: shared, at least
- * QGEMV_WORKSPACE floats (qgemv_workspace); *failed set to 1 when a thread's buffer cannot be allocated. */
+ * QGEMV_WORKSPACE floats; *failed set to 1 when a thread's buffer cannot be allocated. */
 void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const void *scales, const void *lows,
                      int bits, int64_t group, const uint16_t *bias, uint16_t *y, int64_t y_stride, int64_t M,
                      int64_t K, int64_t N, float *workspace, int *failed) {
@@ -421,14 +421,6 @@ void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const v
  * does not run. */
 int64_t qgemv_row_group(int bits, int64_t group, int64_t K) { return int8_row_group(bits, group, K); }
 
-/* The calling thread's workspace for qgemv_bf16_team (QGEMV_WORKSPACE floats, half a megabyte: too much for a
- * stack), kept between calls; NULL when it cannot be allocated. */
-float *qgemv_workspace(void) {
-    static __thread float *buffer = NULL;
-    if (buffer == NULL) buffer = aligned_alloc(64, QGEMV_WORKSPACE * sizeof(float));
-    return buffer;
-}
-
 int qgemv_shape_ok(int bits, int64_t group, int64_t K, int64_t N) {
     return shape_ok(bits, group, K, N) && fused_workspace(bits, FUSED_MAX_M, K, group) <= QGEMV_WORKSPACE;
 }
@@ -439,8 +431,7 @@ int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const void *s
                int bits, int64_t group, const uint16_t *bias, uint16_t *y, int64_t y_stride, int64_t M, int64_t K,
                int64_t N, int num_threads) {
     if (!qgemv_shape_ok(bits, group, K, N)) return -1;
-    float *workspace = qgemv_workspace();
-    if (workspace == NULL) return -2;
+    float workspace[QGEMV_WORKSPACE];
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     qgemv_bf16_team(x, x_stride, q, scales, lows, bits, group, bias, y, y_stride, M, K, N, workspace, &failed);
