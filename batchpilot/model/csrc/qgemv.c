@@ -355,6 +355,7 @@ void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const v
     int8_t *xq = (int8_t *)(workspace + 2 * M * groups);
     const int64_t row_group = int8_row_group(bits, group, K);
     int16_t *xq16 = row_group > 0 ? (int16_t *)(workspace + M * (K / row_group)) : NULL;
+    const int64_t row_scales = bits == 4 ? groups : row_group > 0 ? K / row_group : 0; /* dx's per row */
     if (M <= FUSED_MAX_M && (bits == 4 || row_group > 0)) {
 #pragma omp single
         if (bits == 4)
@@ -362,8 +363,8 @@ void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const v
         else
             quantize_rows_int16(x, x_stride, M, K, row_group, xq16, dx);
     }
-    /* up to FUSED_MAX_M rows: each k-pair expanded in registers and used at once; more: the tile
-     * expanded once into the thread's buffer, then every row group reads it from L2 */
+    /* up to FUSED_MAX_M rows: integer products (int8 without whole groups: each k-pair expanded in registers);
+     * more: the tile expanded once into the thread's buffer, then every row group reads it from L2 */
     uint32_t *buf = M > FUSED_MAX_M ? thread_buffer((size_t)K2 * TILE_N * sizeof(uint32_t)) : NULL;
     if (M > FUSED_MAX_M && buf == NULL) {
 #pragma omp atomic write
@@ -382,10 +383,9 @@ void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const v
             /* FUSED_PASS rows at a time over the tile (read again from L2), the count a literal in each copy:
              * the rows' sums stay in registers */
             for (int64_t m0 = 0; m0 < M; m0 += FUSED_PASS) {
-                const int64_t g8 = row_group > 0 ? K / row_group : 0;
                 const int8_t *xq_m = xq + m0 * K;
                 const int16_t *xq16_m = xq16 != NULL ? xq16 + m0 * K : NULL;
-                const float *dx_m = dx + m0 * (bits == 4 ? groups : g8), *dxs_m = dxs + m0 * groups;
+                const float *dx_m = dx + m0 * row_scales, *dxs_m = dxs + m0 * groups;
                 const uint16_t *x_m = x + m0 * x_stride;
                 uint16_t *y_m = y + m0 * y_stride;
 #define FUSED(ROWS)                                                                                               \
