@@ -208,10 +208,11 @@ def test_int8_few_rows_multiply_inputs_as_int16_per_group(rows, scales, layout):
     assert (out == F.linear(rounded, exact).to(torch.bfloat16)).float().mean() >= 0.98
 
 
-@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("rows", [1, 4, 5, 8])
 def test_int8_per_output_without_whole_groups_multiplies_the_rows_as_they_are(rows, layout):
     """Scales per output and K not a multiple of 32: the kernel has no groups to take the rows in and
-    expands the weights to bf16 instead; the rows are multiplied as they are."""
+    expands the weights to bf16 instead (in registers up to 4 rows, once per tile beyond); the rows are
+    multiplied as they are."""
     g = torch.Generator().manual_seed(rows)
     weight = torch.randn(128, 80, generator=g).to(torch.bfloat16)
     w = quant.quantize_int8(weight, torch.bfloat16)

@@ -356,30 +356,32 @@ void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const v
     const int64_t row_group = int8_row_group(bits, group, K);
     int16_t *xq16 = row_group > 0 ? (int16_t *)(workspace + M * (K / row_group)) : NULL;
     const int64_t row_scales = bits == 4 ? groups : row_group > 0 ? K / row_group : 0; /* dx's per row */
-    if (M <= FUSED_MAX_M && (bits == 4 || row_group > 0)) {
+    /* integer products up to FUSED_MAX_M rows; int8 without whole groups expands each k-pair in registers,
+     * which pays off for one pass (FUSED_PASS rows) only */
+    const int fused = M <= (bits == 4 || row_group > 0 ? FUSED_MAX_M : FUSED_PASS);
+    if (fused && (bits == 4 || row_group > 0)) {
 #pragma omp single
         if (bits == 4)
             quantize_rows(x, x_stride, M, K, group, xq, dx, dxs);
         else
             quantize_rows_int16(x, x_stride, M, K, row_group, xq16, dx);
     }
-    /* up to FUSED_MAX_M rows: integer products (int8 without whole groups: each k-pair expanded in registers);
-     * more: the tile expanded once into the thread's buffer, then every row group reads it from L2 */
-    uint32_t *buf = M > FUSED_MAX_M ? thread_buffer((size_t)K2 * TILE_N * sizeof(uint32_t)) : NULL;
-    if (M > FUSED_MAX_M && buf == NULL) {
+    /* more rows: the tile expanded once into the thread's buffer, then every row group reads it from L2 */
+    uint32_t *buf = !fused ? thread_buffer((size_t)K2 * TILE_N * sizeof(uint32_t)) : NULL;
+    if (!fused && buf == NULL) {
 #pragma omp atomic write
         *failed = 1;
     }
 #ifdef BATCHPILOT_AMX
     /* more rows with AMX: the expanded tile multiplied on the tiles (gemv.c's threshold) */
     const uint16_t *pad = NULL;
-    const int amx = M > FUSED_MAX_M && amx_begin(x, x_stride, M, K, gemv_amx_min_rows(), &pad);
+    const int amx = !fused && amx_begin(x, x_stride, M, K, gemv_amx_min_rows(), &pad);
 #endif
     for (int64_t t = team_start(tiles); t < team_end(tiles); t++) {
         const float *scale = bits == 8 && group == 0 ? (const float *)scales + t * TILE_N : NULL;
         const uint16_t *s16 = (const uint16_t *)scales, *l16 = (const uint16_t *)lows;
         const uint16_t *b = bias ? bias + t * TILE_N : NULL;
-        if (M <= FUSED_MAX_M) {
+        if (fused) {
             /* FUSED_PASS rows at a time over the tile (read again from L2), the count a literal in each copy:
              * the rows' sums stay in registers */
             for (int64_t m0 = 0; m0 < M; m0 += FUSED_PASS) {
