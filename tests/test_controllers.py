@@ -429,6 +429,31 @@ def test_step_cost_model_keeps_its_fit_through_a_long_decode_only_phase():
     assert kept is not None and kept.per_prefill_s == pytest.approx(fitted.per_prefill_s, rel=1e-6)
 
 
+def test_step_cost_model_takes_no_fit_from_steps_that_confound_its_terms():
+    # The first steps of a measured run (lockstep, output shift, the cost policy): three slow prefill
+    # steps (the first ones of a process run from cold caches) and then decode-only steps that all hold
+    # 36 rows. Least squares reads the prefill steps' falling times as a negative per-row cost and a
+    # fixed term several times the true ~15 ms, which made the cost rule admit past every overflow.
+    from batchpilot.controllers.step_cost import StepCostModel
+
+    steps = [StepStats(12, 512, 0, 0.1707, 0.1, 0, 12, 55), StepStats(23, 501, 11, 0.1522, 0.2, 0, 23, 44),
+             StepStats(34, 490, 22, 0.1317, 0.3, 0, 34, 33), StepStats(36, 158, 33, 0.0671, 0.4, 0, 36, 31)]
+    steps += [StepStats(36, 0, 36, 0.024 + 0.00005 * i + (0.006 if i % 6 == 0 else 0), 0.5, 0, 36, 31)
+              for i in range(60)]
+    x = np.array([(1.0, s.num_prefill_tokens, s.num_decode_tokens) for s in steps])
+    plain = np.linalg.lstsq(x, np.array([s.step_time_s for s in steps]), rcond=None)[0]
+    assert plain[0] > 0.05 and plain[2] < 0  # what was taken before (clipped to 0 per row)
+    model = StepCostModel(refit_every=1)
+    for s in steps:
+        model.add(s)
+    assert model.cost() is None
+    # Once rows finish and the batch shrinks, the decode steps tell the fixed term from the per-row one.
+    for i, rows in enumerate([30] * 20 + [24] * 20 + [16] * 20):
+        model.add(StepStats(rows, 0, rows, 0.015 + 0.0003 * rows + (0.002 if i % 5 == 0 else 0), 0.5, 0, rows, 0))
+    cost = model.cost()
+    assert cost is not None and 0.010 < cost.fixed_s < 0.022 and cost.per_decode_s > 0
+
+
 def test_overflow_is_admitted_only_when_the_batch_gain_pays_the_recompute():
     from batchpilot.controllers.peak import PeakBound
     from batchpilot.controllers.step_cost import StepCost

@@ -36,7 +36,15 @@ class StepCostModel:
     the three terms can be told apart. A run whose requests all come at once has a few prefill steps
     (a 512-token step admits a dozen short prompts) and then one admission per finish: asking for 8
     of them left the cost rule off for the first 500 steps of a 67-request run, where it decides
-    (docs/reproduction.md); two prefill steps of hundreds of tokens already fix their term."""
+    (docs/reproduction.md); two prefill steps of hundreds of tokens already fix their term.
+
+    A fit that reads a per-row cost below zero by more than twice its standard error is not taken:
+    a row cannot make a step faster, so the steps confound the terms. Early in a run the first
+    prefill steps are slow (caches cold) and the decode-only steps all hold about the same batch;
+    least squares then reads a negative per-row cost and a fixed term several times the true one
+    (81 ms against ~15 ms at one run's step 8, docs/reproduction.md), and the cost rule, which admits
+    past an overflow in proportion to fixed / per_prefill, admitted past every one.
+    """
 
     def __init__(self, window: int = 512, min_steps: int = 4, refit_every: int = 64, cold_refit_every: int = 4):
         self.rows: deque[tuple[float, float, float]] = deque(maxlen=window)
@@ -71,5 +79,18 @@ class StepCostModel:
         if rank < 3:
             return None
         fixed, per_prefill, per_decode = (float(c) for c in coef)
+        if per_decode < -2 * _standard_errors(x, seconds, coef)[2]:
+            return None
         # A negative term is noise around zero: held at zero, it neither inflates nor hides a cost.
         return StepCost(max(fixed, 0.0), max(per_prefill, 0.0), max(per_decode, 0.0))
+
+
+def _standard_errors(x: np.ndarray, y: np.ndarray, coef: np.ndarray) -> np.ndarray:
+    """Each coefficient's standard error: the residual variance times the diagonal of (X^T X)^-1
+    (0 for an exact fit, as when the steps are a model's own noiseless output)."""
+    dof = len(y) - x.shape[1]
+    if dof <= 0:
+        return np.zeros(x.shape[1])
+    residual = y - x @ coef
+    variance = float(residual @ residual) / dof
+    return np.sqrt(variance * np.clip(np.diag(np.linalg.pinv(x.T @ x)), 0.0, None))
