@@ -162,3 +162,32 @@ def test_gemv_on_the_amx_tiles_gives_float32_sums_of_exact_products(rows, with_b
     vector = kernels.gemv(x, tiles, b, float_out=True)
     torch.testing.assert_close(vector.double(), exact, rtol=1e-5, atol=2e-4)
     assert torch.equal(vector.to(torch.bfloat16), kernels.gemv(x, tiles, b))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 128, 129])
+@pytest.mark.parametrize("amx", [True, False])
+def test_gemv_on_two_threads_splits_the_middle_tile_of_an_odd_count_by_its_inputs(rows, amx, amx_rows_restored):
+    """Nine tiles (the default model's O and down projections) on two threads: thread 0 takes the first
+    half of the middle tile's inputs, thread 1 the second, and their float32 sums are added; past
+    GEMV_SPLIT_MAX_ROWS (128) the tile is taken whole. Either way the sums are of exact products, rounding
+    them gives the bf16 output, and the tiles' placement in parts does not change a bit."""
+    from batchpilot.model.hugepages import HugePageArena
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        kernels.gemv_use_amx(1 if amx else 0)
+        g = torch.Generator().manual_seed(rows)
+        w = torch.randn(9 * kernels.GEMV_TILE, 1536, generator=g).to(torch.bfloat16)
+        b = torch.randn(9 * kernels.GEMV_TILE, generator=g).to(torch.bfloat16)
+        x = torch.randn(rows, 1536, generator=g).to(torch.bfloat16)
+        whole = kernels.pack_gemv_weight(w)
+        placed = whole.place([HugePageArena(), HugePageArena()])
+        exact = F.linear(x.double(), w.double(), b.double())
+        for _ in range(20):  # thread 1's sums are posted while thread 0 works: no run may read them early
+            sums = kernels.gemv(x, placed, b, float_out=True)
+            torch.testing.assert_close(sums.double(), exact, rtol=1e-5, atol=2e-4)
+        assert torch.equal(sums.to(torch.bfloat16), kernels.gemv(x, placed, b))
+        assert torch.equal(kernels.gemv(x, whole, b, float_out=True), sums)
+    finally:
+        torch.set_num_threads(threads)

@@ -43,9 +43,10 @@ static int formats_ok(const int64_t *formats, int num_layers, int64_t C, int64_t
 
 /* y [M, N] = x [M, K] W^T (+ bias) on the team: kernels.gemv's bf16 tiles (bits 16) or qgemv's int8 / int4. */
 static void project(const void *const *w, const int64_t *format, const uint16_t *x, int64_t x_stride,
-                    const void *bias, uint16_t *y, int64_t M, int64_t K, int64_t N, float *workspace, int *failed) {
+                    const void *bias, uint16_t *y, int64_t M, int64_t K, int64_t N, float *workspace, GemvSplit *split,
+                    int *failed) {
     if (format[0] == 16) {
-        gemv_bf16_team(x, x_stride, (const uint16_t *const *)w[0], (int)format[2], bias, y, N, 0, M, K, N);
+        gemv_bf16_team(x, x_stride, (const uint16_t *const *)w[0], (int)format[2], bias, y, N, 0, M, K, N, split);
         return;
     }
 #ifdef BATCHPILOT_QGEMV
@@ -72,23 +73,24 @@ int decode_layers(uint16_t *x, uint16_t *y, const void *const *weights, const in
     uint16_t *qkv = scratch, *q = qkv + B * W, *attn = q + B * HD, *proj = attn + B * HD;
     uint16_t *gate_up = proj + B * C, *act = gate_up + B * 2 * I;
     float workspace[QGEMV_WORKSPACE];
+    GemvSplit split = {.ready = 0};
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     for (int l = 0; l < num_layers; l++) {
         const void *const *lw = weights + (int64_t)l * POINTERS_PER_LAYER;
         const int64_t *lf = formats + (int64_t)l * FORMATS_PER_LAYER;
         uint16_t *k_cache = caches[2 * l], *v_cache = caches[2 * l + 1];
-        project(lw + QKV, lf, y, C, lw[QKV_BIAS], qkv, B, C, W, workspace, &failed);
+        project(lw + QKV, lf, y, C, lw[QKV_BIAS], qkv, B, C, W, workspace, &split, &failed);
         rope_team(qkv, W, cos_t, sin_t, B, H + KVH, D);
         for (int64_t b = team_start(B); b < team_end(B); b++) memcpy(q + b * HD, qkv + b * W, (size_t)HD * 2);
         write_kv_team(qkv + HD, W, qkv + HD + (int64_t)KVH * D, W, k_cache, v_cache, slots, B, KVH, D, num_slots);
         paged_decode_attention_team(q, k_cache, v_cache, attn, block_tables, context_lens, (int)B, H, KVH, D,
                                     table_width, block_size, num_slots, scale);
-        project(lw + O, lf + 3, attn, HD, NULL, proj, B, HD, C, workspace, &failed);
+        project(lw + O, lf + 3, attn, HD, NULL, proj, B, HD, C, workspace, &split, &failed);
         add_rms_norm_team(x, C, proj, C, lw[FFN_NORM], y, C, B, C, eps);
-        project(lw + GATE_UP, lf + 6, y, C, NULL, gate_up, B, C, 2 * I, workspace, &failed);
+        project(lw + GATE_UP, lf + 6, y, C, NULL, gate_up, B, C, 2 * I, workspace, &split, &failed);
         silu_mul_team(gate_up, act, B, I);
-        project(lw + DOWN, lf + 9, act, I, NULL, proj, B, I, C, workspace, &failed);
+        project(lw + DOWN, lf + 9, act, I, NULL, proj, B, I, C, workspace, &split, &failed);
         add_rms_norm_team(x, C, proj, C, lw[NEXT_NORM], y, C, B, C, eps);
     }
     return failed ? -2 : 0;

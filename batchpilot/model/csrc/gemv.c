@@ -37,21 +37,6 @@ int gemv_amx_enable(int min_rows) {
 /* The fewest rows a step has to take the AMX tiles; 0: it never does. */
 int gemv_amx_min_rows(void) { return amx_min_rows; }
 
-/* gemv_bf16_team's AMX path; returns 0 where it does not apply (this thread then takes the vector path:
- * every thread decides alike, but for a padding buffer that cannot be allocated, which changes only how
- * this thread computes its own tiles). */
-static int gemv_amx_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *w, int parts,
-                         const uint16_t *bias, void *y, int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N) {
-    const uint16_t *pad;
-    if (!amx_begin(x, x_stride, M, K, amx_min_rows, &pad)) return 0;
-    const int64_t tiles = N / TILE_N, K2 = K / 2, tile_elems = K2 * TILE_N * 2;
-    const int64_t last = team_end(tiles);
-    for (int64_t t = team_start(tiles); t < last; t++)
-        amx_tile_times_rows(M, x, x_stride, pad, part_tile(w, parts, tiles, tile_elems, t), K2, NULL,
-                            bias != NULL ? bias + t * TILE_N : NULL, (char *)y + t * TILE_N * (y_f32 ? 4 : 2),
-                            y_stride, y_f32, t + 1 < last ? part_tile(w, parts, tiles, tile_elems, t + 1) : NULL);
-    return 1;
-}
 #else
 int gemv_amx_enable(int min_rows) {
     (void)min_rows;
@@ -61,24 +46,87 @@ int gemv_amx_enable(int min_rows) {
 int gemv_amx_min_rows(void) { return 0; }
 #endif
 
-/* w: [N / 64][K / 2][64][2] bf16 (kernels.pack_gemv_weight) in `parts` pieces (team.h's split of the tiles:
- * laid out per thread, each thread's tiles of a step in one stream); x: [M, K] bf16 with row stride x_stride;
- * bias: [N] bf16 or NULL; y: [M, N] with row stride y_stride, bf16, or float32 (the sums unrounded) when y_f32.
- * Called by every thread of a team; returns after a barrier. */
-void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *w, int parts, const uint16_t *bias,
-                    void *y, int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N) {
+/* Inputs [k2_begin, k2_end) (pairs) of one tile times the M rows of x, on the AMX tiles where amx (pad:
+ * amx_begin's, rows of K) or the vector loop otherwise; next: the tile this thread takes after it (fetched
+ * meanwhile on the AMX path), or NULL. */
+static inline void tile_part_times_rows(int amx, int64_t M, const uint16_t *x, int64_t x_stride, const uint16_t *pad,
+                                        int64_t K, const uint16_t *tile, int64_t k2_begin, int64_t k2_end,
+                                        const uint16_t *bias, void *y, int64_t y_stride, int y_f32,
+                                        const uint16_t *next) {
+    x += 2 * k2_begin;
+    tile += k2_begin * TILE_N * 2;
 #ifdef BATCHPILOT_AMX
-    if (gemv_amx_team(x, x_stride, w, parts, bias, y, y_stride, y_f32, M, K, N)) {
-#pragma omp barrier
+    if (amx) {
+        amx_tile_times_rows(M, x, x_stride, pad != NULL ? pad + 2 * k2_begin : NULL, K, tile, k2_end - k2_begin, NULL,
+                            bias, y, y_stride, y_f32, next);
         return;
     }
 #endif
-    const int64_t tiles = N / TILE_N, K2 = K / 2, tile_elems = K2 * TILE_N * 2;
-    const int64_t first = team_start(tiles), last = team_end(tiles);
+    (void)amx, (void)pad, (void)K, (void)next;
+    tile_times_rows(M, x, x_stride, tile, k2_end - k2_begin, NULL, bias, y, y_stride, y_f32);
+}
+
+/* Whether a team splits the middle tile by its inputs (see gemv_bf16_team): the same answer on every thread. */
+static int gemv_halves(const GemvSplit *split, int64_t tiles, int64_t K2, int64_t M) {
+    return split != NULL && omp_get_num_threads() == 2 && tiles % 2 == 1 && M <= GEMV_SPLIT_MAX_ROWS &&
+           K2 % 32 == 0; /* each half a whole number of the AMX path's 16-pair chunks */
+}
+
+/* Thread 0's end of a split middle tile: its half's sums plus thread 1's (once posted), plus bias, into y. */
+static void finish_halves(GemvSplit *split, const uint16_t *bias, void *y, int64_t y_stride, int y_f32, int64_t M) {
+    while (!__atomic_load_n(&split->ready, __ATOMIC_ACQUIRE)) _mm_pause();
+    split->ready = 0; /* read again only after the team's barrier */
+    for (int64_t m = 0; m < M; m++)
+        for (int c = 0; c < TILE_N / 16; c++) {
+            __m512 v = _mm512_add_ps(_mm512_loadu_ps(split->sums[0] + m * TILE_N + 16 * c),
+                                     _mm512_loadu_ps(split->sums[1] + m * TILE_N + 16 * c));
+            if (bias != NULL) v = _mm512_add_ps(v, bf16x16_load(bias + 16 * c));
+            if (y_f32)
+                _mm512_storeu_ps((float *)y + m * y_stride + 16 * c, v);
+            else
+                bf16x16_store((uint16_t *)y + m * y_stride + 16 * c, v);
+        }
+}
+
+/* w: [N / 64][K / 2][64][2] bf16 (kernels.pack_gemv_weight) in `parts` pieces (team.h's split of the tiles:
+ * laid out per thread, each thread's tiles of a step in one stream); x: [M, K] bf16 with row stride x_stride;
+ * bias: [N] bf16 or NULL; y: [M, N] with row stride y_stride, bf16, or float32 (the sums unrounded) when y_f32.
+ * Called by every thread of a team; returns after a barrier. split: memory the team shares, or NULL. With it,
+ * a team of two threads over an odd number of tiles splits the middle tile (the last of thread 0's part) by
+ * its inputs: thread 1 takes the second half first and posts its float32 sums, thread 0 takes the first half
+ * last and adds them. Otherwise one thread reads a whole tile more than the other, and a thread cannot read
+ * faster while the other waits (on a Xeon each core streams at its own limit). */
+void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *w, int parts, const uint16_t *bias,
+                    void *y, int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N, GemvSplit *split) {
+    const int64_t tiles = N / TILE_N, K2 = K / 2, tile_elems = K2 * TILE_N * 2, mid = tiles / 2;
+    const size_t esize = y_f32 ? 4 : 2;
+    const uint16_t *pad = NULL;
+#ifdef BATCHPILOT_AMX
+    /* every thread decides alike, but for a padding buffer that cannot be allocated, which changes only how
+     * this thread computes its own tiles */
+    const int amx = amx_begin(x, x_stride, M, K, amx_min_rows, &pad);
+#else
+    const int amx = 0;
+#endif
+    const int halves = gemv_halves(split, tiles, K2, M), thread = omp_get_thread_num();
+    const int64_t first = team_start(tiles), last = halves && thread == 0 ? mid : team_end(tiles);
+#define TILE(t) part_tile(w, parts, tiles, tile_elems, (t))
+    if (halves && thread == 1) {
+        tile_part_times_rows(amx, M, x, x_stride, pad, K, TILE(mid), K2 / 2, K2, NULL, split->sums[1], TILE_N, 1,
+                             first < last ? TILE(first) : NULL);
+        __atomic_store_n(&split->ready, 1, __ATOMIC_RELEASE);
+    }
     for (int64_t t = first; t < last; t++)
-        tile_times_rows(M, x, x_stride, part_tile(w, parts, tiles, tile_elems, t), K2, NULL,
-                        bias != NULL ? bias + t * TILE_N : NULL, (char *)y + t * TILE_N * (y_f32 ? 4 : 2), y_stride,
-                        y_f32);
+        tile_part_times_rows(amx, M, x, x_stride, pad, K, TILE(t), 0, K2, bias != NULL ? bias + t * TILE_N : NULL,
+                             (char *)y + t * TILE_N * esize, y_stride, y_f32,
+                             t + 1 < last ? TILE(t + 1) : halves && thread == 0 ? TILE(mid) : NULL);
+    if (halves && thread == 0) {
+        tile_part_times_rows(amx, M, x, x_stride, pad, K, TILE(mid), 0, K2 / 2, NULL, split->sums[0], TILE_N, 1,
+                             NULL);
+        finish_halves(split, bias != NULL ? bias + mid * TILE_N : NULL, (char *)y + mid * TILE_N * esize, y_stride,
+                      y_f32, M);
+    }
+#undef TILE
 #pragma omp barrier
 }
 #endif
@@ -89,7 +137,8 @@ void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *
 /* As above (same layout, arguments and result); a tile (K x 64 bf16, 72 KB at K = 576) stays in
  * L2 while each row of x passes over it. */
 void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *w, int parts, const uint16_t *bias,
-                    void *y, int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N) {
+                    void *y, int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N, GemvSplit *split) {
+    (void)split; /* whole tiles only: the split pays where a core streams at its own limit (Xeon) */
     const int64_t tiles = N / TILE_N, K2 = K / 2, tile_elems = K2 * TILE_N * 2;
     const __m256i high_half = _mm256_set1_epi32((int)0xFFFF0000u);
     for (int64_t t = team_start(tiles); t < team_end(tiles); t++) {
@@ -131,8 +180,9 @@ void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *
 int gemv_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *const *w, int parts, const uint16_t *bias, void *y,
               int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N, int num_threads) {
     if (N % TILE_N != 0 || K % 2 != 0) return -1;
+    GemvSplit split = {.ready = 0};
 #pragma omp parallel num_threads(num_threads)
-    gemv_bf16_team(x, x_stride, w, parts, bias, y, y_stride, y_f32, M, K, N);
+    gemv_bf16_team(x, x_stride, w, parts, bias, y, y_stride, y_f32, M, K, N, &split);
     return 0;
 }
 #endif

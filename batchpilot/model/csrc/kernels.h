@@ -7,9 +7,18 @@
 
 #include <stdint.h>
 
+/* rows up to which gemv_bf16_team splits a tile between two threads */
+#define GEMV_SPLIT_MAX_ROWS 128
+/* What the two threads of a team share to split one tile (gemv.c): each half's float32 sums, [M][64], and
+ * whether thread 1's are posted (0 between calls). Declared by the function that opens the team. */
+typedef struct {
+    float sums[2][GEMV_SPLIT_MAX_ROWS * 64];
+    int ready;
+} GemvSplit;
+
 /* `_team` kernels: called by every thread of an OpenMP team, each returns after a barrier (team.h). */
 void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *w, int parts, const uint16_t *bias,
-                    void *y, int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N);
+                    void *y, int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N, GemvSplit *split);
 
 int gemv_amx_min_rows(void); /* the fewest rows gemv_bf16_team multiplies on the AMX tiles; 0: never */
 
