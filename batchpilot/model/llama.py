@@ -202,7 +202,8 @@ class LlamaModel:
                 and meta.num_decodes == t):  # every layer in one native call: the same kernels, in order
             k_cache = kv_caches[0][0]
             kernels.decode_layers(x, y, self.decode_weights, self.decode_formats,
-                                  kernels.pointers([c for kv in kv_caches for c in kv]),
+                                  meta.cache_pointers if meta.cache_pointers is not None
+                                  else kernels.pointers([c for kv in kv_caches for c in kv]),
                                   a.num_layers, cos, sin, meta.slot_mapping, meta.decode_tables, meta.decode_lens,
                                   meta.block_size, k_cache.shape[1], h, kvh, d, a.intermediate_size,
                                   a.rms_norm_eps, scale)
