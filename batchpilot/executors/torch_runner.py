@@ -118,8 +118,10 @@ class TorchRunner:
         token_ids, positions, meta, sample_rows = self._prepare(ordered)
         prompt_rows = _prompt_logprob_rows(ordered)
         wanted = [row for row, _ in sample_rows] + [row for _, _, rows in prompt_rows for row in rows]
+        # every row in order (a decode-only step): no index tensor, no gather of the lm_head's input
+        every_row = len(wanted) == len(token_ids) and wanted == list(range(len(wanted)))
         logits = self.model.forward(token_ids, positions, self.kv_caches, meta,
-                                    torch.tensor(wanted, dtype=torch.long))
+                                    None if every_row else torch.tensor(wanted, dtype=torch.long))
         prompt_lps = _prompt_logprobs(logits[len(sample_rows):], prompt_rows) if prompt_rows else {}
         rows = [_sampling_row(s.request, self._generator(s)) for _, s in sample_rows]
         tokens, logprobs = sample(logits[: len(sample_rows)], rows)

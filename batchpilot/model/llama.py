@@ -160,7 +160,7 @@ class LlamaModel:
         positions: torch.Tensor,  # [T]
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer: ([S, KVH, D], [S, KVH, D])
         meta: AttentionMetadata,
-        logits_rows: torch.Tensor,  # [R] rows whose next-token logits are wanted
+        logits_rows: torch.Tensor | None,  # [R] rows whose next-token logits are wanted; None: every row, in order
     ) -> torch.Tensor:
         """Run the batch through the model; returns logits [R, vocab] in the model's dtype, or float32 where
         the lm_head's GEMV computed them (the sampler converts to float32 only what needs it: a greedy
@@ -185,7 +185,7 @@ class LlamaModel:
             y = _rms_norm(x, layer.ffn_norm, a.rms_norm_eps)
             gate, up = layer.gate_up(y).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
-        x = _rms_norm(x[logits_rows], self.norm, a.rms_norm_eps)
+        x = _rms_norm(x if logits_rows is None else x[logits_rows], self.norm, a.rms_norm_eps)
         return self.lm_head(x)
 
     def _forward_fused(self, token_ids, positions, kv_caches, meta, logits_rows) -> torch.Tensor:
@@ -207,7 +207,7 @@ class LlamaModel:
                                   a.num_layers, cos, sin, meta.slot_mapping, meta.decode_tables, meta.decode_lens,
                                   meta.block_size, k_cache.shape[1], h, kvh, d, a.intermediate_size,
                                   a.rms_norm_eps, scale)
-            return self.lm_head(y[logits_rows])
+            return self.lm_head(y if logits_rows is None else y[logits_rows])
         for layer, (k_cache, v_cache), next_norm in zip(self.layers, kv_caches, self._next_norms()):
             qkv = layer.qkv(y)
             kernels.rope_in_place(qkv, cos, sin, h + kvh, d)
@@ -217,7 +217,7 @@ class LlamaModel:
             o = paged_attention(q, k, v, k_cache, v_cache, meta, scale)
             kernels.add_rms_norm(x, layer.o(o.view(t, h * d)), layer.ffn_norm, y, a.rms_norm_eps)
             kernels.add_rms_norm(x, layer.down(kernels.silu_mul(layer.gate_up(y))), next_norm, y, a.rms_norm_eps)
-        return self.lm_head(y[logits_rows])
+        return self.lm_head(y if logits_rows is None else y[logits_rows])
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
