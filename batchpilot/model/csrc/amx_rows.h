@@ -106,10 +106,10 @@ static inline int amx_begin(const uint16_t *x, int64_t x_stride, int64_t M, int6
 /* All M rows of x times the tile, times scale (a float per output, or NULL), plus bias; y points at the
  * tile's first output of row 0. K2 (input pairs) a multiple of 16; pad: amx_begin's copy of the last
  * M % 16 rows (NULL when there are none), pad_stride elements a row (x, pad and tile may point into the
- * middle of their inputs: gemv.c takes half a tile's inputs on each of two threads). The tile's two halves of 32 outputs are taken in turn, so that
- * the half stays in L1 while every block of rows passes. The tile this thread computes next (`next`, or
- * NULL) is fetched into L2 meanwhile, a few lines per chunk of inputs: the tile loads wait on memory
- * otherwise (a decode step's weights are not in the cache). */
+ * middle of their inputs: gemv.c takes half a tile's inputs on each of two threads). The tile's two halves
+ * of 32 outputs are taken in turn, so that the half stays in L1 while every block of rows passes. The tile
+ * this thread computes next (`next`, or NULL) is fetched into L2 meanwhile, a few lines per chunk of inputs:
+ * the tile loads wait on memory otherwise (a decode step's weights are not in the cache). */
 static inline void amx_tile_times_rows(int64_t M, const uint16_t *x, int64_t x_stride, const uint16_t *pad,
                                        int64_t pad_stride, const uint16_t *tile, int64_t K2, const float *scale,
                                        const uint16_t *bias, void *y, int64_t y_stride, int y_f32,
