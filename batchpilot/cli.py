@@ -78,6 +78,9 @@ def add_controller_args(p: argparse.ArgumentParser) -> None:
                    help="tpot: all decoding steps, token-weighted; decode: decode-only steps (the paper's D(b))")
     c.add_argument("--sla-percentile", type=float, default=90.0,
                    help="percentile of requests' TPOT held inside --sla-tpot-ms (0: the mean, as the paper)")
+    c.add_argument("--sla-ttft-ms", type=float, default=None,
+                   help="TTFT target: while the request next in line has waited 80%% of it, the TPOT loop "
+                        "stops holding admissions back (memory still bounds the batch)")
     c.add_argument("--controller-trace", default=None, metavar="PATH", help="JSONL trace, one line per step")
     c.add_argument("--sglang-init-ratio", type=float, default=0.7, help="sglang: starting new_token_ratio")
     c.add_argument("--sglang-min-ratio-factor", type=float, default=0.14, help="sglang: floor as a share of it")
@@ -92,7 +95,7 @@ def controller_config(args: argparse.Namespace) -> ControllerConfig:
         memory_mode=args.memory_mode, memory_factor=args.memory_factor, mem_epsilon=args.mem_epsilon,
         sla_tpot_ms=args.sla_tpot_ms, sla_tolerance_ms=args.sla_tolerance_ms, sla_alpha=args.sla_alpha,
         sla_delta=args.sla_delta, sla_window=args.sla_window, sla_signal=args.sla_signal,
-        sla_percentile=args.sla_percentile,
+        sla_percentile=args.sla_percentile, sla_ttft_ms=args.sla_ttft_ms,
         trace_path=args.controller_trace, sglang_init_ratio=args.sglang_init_ratio,
         sglang_min_ratio_factor=args.sglang_min_ratio_factor, sglang_decay_steps=args.sglang_decay_steps,
         sglang_clip_max_new_tokens=args.sglang_clip_max_new_tokens,

@@ -132,6 +132,7 @@ class ControllerConfig:
     sla_window: int = 16
     sla_signal: str = "tpot"  # "tpot" (all steps that decode, token-weighted) or "decode" (decode-only steps)
     sla_percentile: float = 90.0  # the percentile of requests' TPOT held inside the band (0: the mean)
+    sla_ttft_ms: float | None = None  # the TTFT target; the SLA loop lets go while a queued request risks it
     trace_path: str | None = None  # JSONL, one line per step
     # The sglang policy's constants (SGLang's defaults)
     sglang_init_ratio: float = 0.7
@@ -158,6 +159,8 @@ class ControllerConfig:
             raise ValueError("--batch-controller sla needs --sla-tpot-ms (per-class targets refine it)")
         if self.sla_tpot_ms is not None and self.sla_tpot_ms <= 0:
             raise ValueError(f"--sla-tpot-ms must be positive, got {self.sla_tpot_ms}")
+        if self.sla_ttft_ms is not None and self.sla_ttft_ms <= 0:
+            raise ValueError(f"--sla-ttft-ms must be positive, got {self.sla_ttft_ms}")
         if self.sla_tolerance_ms is not None and self.sla_tolerance_ms < 0:
             raise ValueError(f"--sla-tolerance-ms must be non-negative, got {self.sla_tolerance_ms}")
         if self.sla_alpha < 1:

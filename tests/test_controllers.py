@@ -136,6 +136,55 @@ def test_sla_respects_bounds_and_never_goes_below_decoding():
     assert c.limit(view(running=12, decoding=12)) == 12
 
 
+def test_sla_lets_go_while_the_next_request_in_line_risks_its_ttft():
+    """With a TTFT target, the loop stops holding admissions back while the request next in line has waited
+    more than 80% of it (memory alone bounds the batch), and holds them again once the queue moves."""
+    from dataclasses import replace
+
+    c = sla(ttft_ms=5000)
+    c.b_sla = 5
+    queued = view(running=8, waiting=3, decoding=8)
+    assert c.limit(replace(queued, next_wait_s=3.9)) == 8  # 3.9 s < 4.0 s: the TPOT loop holds
+    assert c.limit(replace(queued, next_wait_s=4.1)) == 100  # past 80% of 5 s: B_max
+    assert c.limit(replace(queued, next_wait_s=0.5)) == 8
+    held = sla()
+    held.b_sla = 5
+    assert held.limit(replace(queued, next_wait_s=60.0)) == 8  # no TTFT target: the loop never lets go
+
+
+def test_the_scheduler_reports_how_long_the_next_request_in_line_has_waited():
+    from batchpilot.config import SchedulerConfig
+    from batchpilot.controllers.static import StaticController
+    from batchpilot.engine.block_pool import BlockPool, KVCacheManager
+    from batchpilot.engine.engine import LLMEngine
+    from batchpilot.engine.scheduler import Scheduler
+    from batchpilot.sampling_params import SamplingParams
+
+    now = [10.0]
+    sched = Scheduler(SchedulerConfig(), KVCacheManager(BlockPool(64, 4)), StaticController(1), 1024)
+    assert sched.view().next_wait_s == 0.0  # no clock yet, nothing waiting
+    engine = LLMEngine(sched, None, tokenizer=None, clock=lambda: now[0])
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=4), "a")
+    now[0] = 12.5
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=4), "b")
+    now[0] = 13.0
+    assert sched.view().next_wait_s == pytest.approx(3.0)  # "a", first in line, arrived at 10.0
+
+
+def test_the_simulated_tournament_tells_our_policies_the_ttft_target_and_sglang_nothing():
+    from batchpilot.sim.tournament import configurations
+
+    configs = configurations((8, 32), ControllerConfig(), sla_tpot_ms=50, sla_ttft_ms=5000)
+    assert configs["combined-cost"].sla_ttft_ms == 5000 and configs["combined-cost"].sla_tpot_ms == 50
+    assert configs["sglang"].sla_ttft_ms is None and configs["static-8"].sla_ttft_ms is None
+    assert configurations((8,), ControllerConfig(), None, 5000)["combined-cost"].sla_ttft_ms is None
+
+
+def test_sla_ttft_must_be_positive():
+    with pytest.raises(ValueError, match="--sla-ttft-ms"):
+        ControllerConfig(sla_tpot_ms=50, sla_ttft_ms=0)
+
+
 def test_sla_decode_signal_ignores_steps_with_prefill():
     c = sla(signal="decode")
     before = (c.b_low, c.b_high)

@@ -25,7 +25,8 @@ def make_controller(config: ControllerConfig, class_tpots_ms: tuple[float, ...] 
     def sla_loop(tpot_ms: float) -> SLAController:
         tolerance = config.sla_tolerance_ms if tpot_ms == config.sla_tpot_ms else None
         return SLAController(tpot_ms, tolerance, config.sla_alpha, config.sla_delta, config.sla_window,
-                             config.min_num_seqs, config.max_num_seqs, config.sla_signal, config.sla_percentile)
+                             config.min_num_seqs, config.max_num_seqs, config.sla_signal, config.sla_percentile,
+                             config.sla_ttft_ms)
 
     sla: SLAController | ClassSLAController | None = None
     if class_tpots_ms:

@@ -51,6 +51,9 @@ class SchedulerView:
     # controller's own --sla-tpot-ms holds for those).
     sla_tpot_ms: float | None = None
     has_classless: bool = True
+    # How long the request next in line has waited (s) by the engine's clock; 0 when none waits (or the
+    # driver keeps no clock): a TTFT at risk that the SLA loop weighs against TPOT.
+    next_wait_s: float = 0.0
 
 
 @dataclass(frozen=True)

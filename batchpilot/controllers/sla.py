@@ -28,6 +28,9 @@ from collections.abc import Callable
 
 from batchpilot.controllers.base import SchedulerView, StepStats
 
+# While the request next in line has waited this share of the TTFT target, the loop lets go: a request that
+# misses its TTFT misses the SLA whatever its TPOT (docs/design_notes.md).
+TTFT_RELEASE = 0.8
 SPREAD_WINDOW = 32  # finished requests whose TPOT spread scales the signal (few: docs/design_notes.md)
 MIN_SPREAD_SAMPLES = 16
 
@@ -37,13 +40,14 @@ class SLAController:
 
     def __init__(self, tpot_ms: float, tolerance_ms: float | None = None, alpha: int = 4, delta: int = 2,
                  window: int = 16, min_num_seqs: int = 1, max_num_seqs: int = 256, signal: str = "tpot",
-                 percentile: float = 90.0):
+                 percentile: float = 90.0, ttft_ms: float | None = None):
         tolerance_ms = 0.1 * tpot_ms if tolerance_ms is None else tolerance_ms
         self.signal = signal
         self.percentile = percentile
         self.finished_tpots: deque[float] = deque(maxlen=SPREAD_WINDOW)
         self.spread = 1.0  # percentile / mean of the recent requests' TPOT
         self.target_s = tpot_ms / 1000
+        self.release_wait_s = None if ttft_ms is None else TTFT_RELEASE * ttft_ms / 1000
         self.tolerance_s = tolerance_ms / 1000
         # The band is centred on the target (docs/design_notes.md: a band under it lost capacity).
         self.center_s = self.target_s
@@ -66,6 +70,8 @@ class SLAController:
             self.spread = max(1.0, at / (sum(ordered) / n))
 
     def limit(self, view: SchedulerView) -> int:
+        if self.release_wait_s is not None and view.next_wait_s > self.release_wait_s:
+            return self.b_max  # the TTFT at risk outweighs the TPOT target: memory alone bounds admissions
         # The SLA limit only stops admissions: it never asks to evict decoding sequences.
         return min(max(self.b_sla, view.num_decoding), self.b_max)
 

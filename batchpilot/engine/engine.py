@@ -84,6 +84,7 @@ class LLMEngine:
         self.grammars = (GrammarCompiler(tokenizer, vocab_size or tokenizer.vocab_size, eos_token_ids)
                          if tokenizer is not None else None)
         self.clock = clock
+        scheduler.clock = clock  # the one that stamps arrival times, for the wait of the next request in line
         self.trace = trace
         self.start_time = clock()
         self.output_processor = OutputProcessor(tokenizer)

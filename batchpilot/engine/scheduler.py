@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from batchpilot.config import SchedulerConfig, SLAClass
 from batchpilot.controllers.base import BatchController, SchedulerView, SeqState
@@ -43,6 +43,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        # the clock that stamps requests' arrival_time: set by the engine that drives this scheduler
+        self.clock: Callable[[], float] | None = None
         self.num_preemptions_total = 0
         self.last_limit = 0
         self._finished_ids: list[str] = []
@@ -148,6 +150,7 @@ class Scheduler:
             sla_tpot_ms=min((self.sla_classes[name].tpot_ms for name in self._active_classes
                              if self.sla_classes[name].tpot_ms is not None), default=None),
             has_classless=self._num_classless > 0,
+            next_wait_s=self.clock() - self.waiting[0].arrival_time if self.waiting and self.clock else 0.0,
         )
 
     def _state(self, r: Request) -> SeqState:

@@ -216,14 +216,16 @@ class Runner:
         return found.capacity if found.bounded else None
 
 
-def configurations(statics: tuple[int, ...], base: ControllerConfig, sla_tpot_ms: float | None = None
-                   ) -> dict[str, ControllerConfig]:
-    """The static sweep and the contenders; ours get the SLA's TPOT target (SGLang has no such loop)."""
+def configurations(statics: tuple[int, ...], base: ControllerConfig, sla_tpot_ms: float | None = None,
+                   sla_ttft_ms: float | None = None) -> dict[str, ControllerConfig]:
+    """The static sweep and the contenders; ours get the SLA's TPOT and TTFT targets (SGLang has no such
+    loop)."""
     configs = {f"static-{n}": replace(base, name="static", max_num_seqs=n) for n in statics}
     for name, policy in POLICIES.items():
         ours = policy.name != "sglang"
         configs[name] = replace(base, name=policy.name, memory_mode=policy.memory_mode, max_num_seqs=max(statics),
-                                sla_tpot_ms=sla_tpot_ms if ours else None)
+                                sla_tpot_ms=sla_tpot_ms if ours else None,
+                                sla_ttft_ms=sla_ttft_ms if ours and sla_tpot_ms is not None else None)
     return configs
 
 
@@ -333,9 +335,10 @@ def cmd_tournament(args: argparse.Namespace) -> int:
         workloads = [w for w in workloads if w.name in wanted]
     statics = tuple(int(n) for n in args.static.split(",") if n.strip())
     sla_tpot = setup.sla.tpot_ms if setup.sla is not None else None
+    sla_ttft = setup.sla.ttft_ms if setup.sla is not None else None
     configs = configurations(statics, ControllerConfig())
     table = run_tournament(runner, workloads, configs, args.scale, args.target,
-                           sla_configs=configurations(statics, ControllerConfig(), sla_tpot))
+                           sla_configs=configurations(statics, ControllerConfig(), sla_tpot, sla_ttft))
     print("\nThroughput regret against the hindsight-best static limit (negative: better than all):")
     print(regret_table(table))
     if setup.sla is not None:
