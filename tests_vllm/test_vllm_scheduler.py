@@ -155,6 +155,23 @@ def test_the_view_counts_blocks_shared_by_prefix_caching(monkeypatch, clock):
     assert s._view().num_saved_blocks == 50
 
 
+def test_the_view_reports_the_wait_of_the_next_request_in_line_and_the_sla_loop_lets_go(monkeypatch, clock):
+    """vLLM stamps arrival_time with time.time(): the view's wait is measured against it, and past 80% of
+    BATCHPILOT_VLLM_CONFIG's sla_ttft_ms the SLA loop stops holding admissions back."""
+    s = make_scheduler(monkeypatch, {"name": "sla", "sla_tpot_ms": 50, "sla_ttft_ms": 5000})
+    assert s._view().next_wait_s == 0.0  # nothing waits
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    for i, arrived in enumerate((100.0, 102.0)):
+        s.add_request(Request(request_id=str(i), prompt_token_ids=[5] * 32, sampling_params=params,
+                              pooling_params=None, arrival_time=arrived))
+    monkeypatch.setattr(plugin.time, "time", lambda: 103.5)
+    assert s._view().next_wait_s == pytest.approx(3.5)  # request 0, first in line
+    s.controller.b_sla = 2
+    assert s.controller.limit(s._view()) == 2  # 3.5 s < 4 s: the TPOT loop holds
+    monkeypatch.setattr(plugin.time, "time", lambda: 104.5)
+    assert s.controller.limit(s._view()) == 64  # past 80% of 5 s: B_max
+
+
 def test_the_sla_loop_settles_on_a_synthetic_latency_curve_without_evicting(monkeypatch, clock, tmp_path):
     # a step at batch b takes 10 ms + 2 ms x b: a 50 ms TPOT target fits about 20 sequences;
     # requests of 60 tokens come and go, so the batch can follow the limit down from 32

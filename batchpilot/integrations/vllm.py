@@ -146,6 +146,7 @@ class DynamicBatchScheduler(Scheduler):
         # tables count it once per holder: the difference is what sharing saves.
         held = sum(len(manager.req_to_blocks.get(r.request_id, ()))
                    for manager in self.kv_cache_manager.coordinator.single_type_managers for r in running)
+        first = next(iter(self.waiting), None)  # vLLM stamps arrival_time with time.time()
         return SchedulerView(
             num_running=len(running),
             num_waiting=len(self.waiting),
@@ -156,6 +157,7 @@ class DynamicBatchScheduler(Scheduler):
             running=lambda: [_state(r, self.max_model_len) for r in running],
             waiting=lambda k: [_state(r, self.max_model_len) for r in itertools.islice(self.waiting, k)],
             num_saved_blocks=max(0, held - (total - free)),
+            next_wait_s=time.time() - first.arrival_time if first is not None else 0.0,
         )
 
     def schedule(self, *args, **kwargs):
