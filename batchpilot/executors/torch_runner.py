@@ -102,7 +102,7 @@ class TorchRunner:
         # probs @ V even where the mask gives it weight 0.
         pool = HugePageArena().empty((a.num_layers, 2, a.num_kv_heads, slots, a.head_dim), model.dtype).zero_()
         self.kv_caches = [(layer[0], layer[1]) for layer in pool]  # per layer: K, V [KVH, S, D], contiguous
-        self.cache_pointers = kernels.pointers([c for kv in self.kv_caches for c in kv])  # for decode_layers
+        self.cache_pointers = kernels.cache_pointers(self.kv_caches)  # for decode_layers, built once
         self.native_attention = native_attention and kernels.native_available()
         self._generators: dict[str, torch.Generator] = {}
         self._seed_source = torch.Generator().manual_seed(seed)

@@ -60,7 +60,7 @@ class AttentionMetadata:
     decode_lens: torch.Tensor | None  # [B] context length of each decode, its new token included
     native: bool  # use the C kernels (kernels.py) for cache writes, decodes and prefills, not torch's
     prefills: list[PrefillChunk]
-    # every layer's K then V cache as kernels.pointers gives them, built once by the runner that owns the
+    # every layer's K then V cache (kernels.cache_pointers), built once by the runner that owns the
     # caches (building it took ~80 us of a ~12 ms batch-1 step); None: the model builds it per step
     cache_pointers: ctypes.Array | None = None
 

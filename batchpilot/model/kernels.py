@@ -336,6 +336,11 @@ def pointers(tensors: list[torch.Tensor | int | None]) -> ctypes.Array:
                                               for t in tensors))
 
 
+def cache_pointers(kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> ctypes.Array:
+    """Every layer's K then V cache, the order decode_layers takes them in."""
+    return pointers([cache for layer in kv_caches for cache in layer])
+
+
 def decode_layers(x: torch.Tensor, y: torch.Tensor, weights: ctypes.Array, formats: ctypes.Array,
                   caches: ctypes.Array, num_layers: int, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
                   tables: torch.Tensor, lens: torch.Tensor, block_size: int, num_slots: int, heads: int,

@@ -203,7 +203,7 @@ class LlamaModel:
             k_cache = kv_caches[0][0]
             kernels.decode_layers(x, y, self.decode_weights, self.decode_formats,
                                   meta.cache_pointers if meta.cache_pointers is not None
-                                  else kernels.pointers([c for kv in kv_caches for c in kv]),
+                                  else kernels.cache_pointers(kv_caches),
                                   a.num_layers, cos, sin, meta.slot_mapping, meta.decode_tables, meta.decode_lens,
                                   meta.block_size, k_cache.shape[1], h, kvh, d, a.intermediate_size,
                                   a.rms_norm_eps, scale)
