@@ -80,7 +80,8 @@ def add_controller_args(p: argparse.ArgumentParser) -> None:
                    help="percentile of requests' TPOT held inside --sla-tpot-ms (0: the mean, as the paper)")
     c.add_argument("--sla-ttft-ms", type=float, default=None,
                    help="TTFT target: while the request next in line has waited 80%% of it, the TPOT loop "
-                        "stops holding admissions back (memory still bounds the batch)")
+                        "stops holding admissions back (memory still bounds the batch); a request whose "
+                        "--sla-class sets a ttft is judged by that one")
     c.add_argument("--controller-trace", default=None, metavar="PATH", help="JSONL trace, one line per step")
     c.add_argument("--sglang-init-ratio", type=float, default=0.7, help="sglang: starting new_token_ratio")
     c.add_argument("--sglang-min-ratio-factor", type=float, default=0.14, help="sglang: floor as a share of it")

@@ -152,6 +152,24 @@ def test_sla_lets_go_while_the_next_request_in_line_risks_its_ttft():
     assert held.limit(replace(queued, next_wait_s=60.0)) == 8  # no TTFT target: the loop never lets go
 
 
+def test_sla_lets_go_at_the_ttft_of_the_next_requests_own_class():
+    """A request whose SLA class sets a TTFT is released at 80% of that target, not of --sla-ttft-ms: a strict
+    class sooner, a lax one later; one with no class keeps the loop's own target."""
+    from dataclasses import replace
+
+    c = sla(ttft_ms=5000)
+    c.b_sla = 5
+    queued = view(running=8, waiting=3, decoding=8)
+    assert c.limit(replace(queued, next_wait_s=0.9, next_ttft_ms=1000)) == 100  # past 80% of its own 1 s
+    assert c.limit(replace(queued, next_wait_s=4.1, next_ttft_ms=20000)) == 8  # its class allows 20 s
+    assert c.limit(replace(queued, next_wait_s=16.1, next_ttft_ms=20000)) == 100
+    assert c.limit(replace(queued, next_wait_s=4.1, next_ttft_ms=None)) == 100  # no class: --sla-ttft-ms
+    held = sla()  # no --sla-ttft-ms: a class's own target still holds for its requests
+    held.b_sla = 5
+    assert held.limit(replace(queued, next_wait_s=0.9, next_ttft_ms=1000)) == 100
+    assert held.limit(replace(queued, next_wait_s=0.7, next_ttft_ms=1000)) == 8
+
+
 def test_the_scheduler_reports_how_long_the_next_request_in_line_has_waited():
     from batchpilot.config import SchedulerConfig
     from batchpilot.controllers.static import StaticController
@@ -169,6 +187,25 @@ def test_the_scheduler_reports_how_long_the_next_request_in_line_has_waited():
     engine.add_request([1, 2, 3], SamplingParams(max_tokens=4), "b")
     now[0] = 13.0
     assert sched.view().next_wait_s == pytest.approx(3.0)  # "a", first in line, arrived at 10.0
+    assert sched.view().next_ttft_ms is None  # it names no SLA class
+
+
+def test_the_scheduler_reports_the_ttft_target_of_the_next_request_in_lines_class():
+    from batchpilot.config import SchedulerConfig, SLAClass
+    from batchpilot.controllers.static import StaticController
+    from batchpilot.engine.block_pool import BlockPool, KVCacheManager
+    from batchpilot.engine.engine import LLMEngine
+    from batchpilot.engine.scheduler import Scheduler
+    from batchpilot.sampling_params import SamplingParams
+
+    classes = (SLAClass("chat", tpot_ms=60, ttft_ms=2000), SLAClass("batch", tpot_ms=200))
+    sched = Scheduler(SchedulerConfig(sla_classes=classes), KVCacheManager(BlockPool(64, 4)), StaticController(1),
+                      1024)
+    engine = LLMEngine(sched, None, tokenizer=None, clock=lambda: 0.0)
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=4), "b", sla_class="batch")
+    assert sched.view().next_ttft_ms is None  # its class sets no TTFT
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=4), "c", sla_class="chat")
+    assert sched.view().next_ttft_ms == 2000  # "c" goes ahead of "b": its TTFT orders the queue
 
 
 def test_the_simulated_tournament_tells_our_policies_the_ttft_target_and_sglang_nothing():

@@ -54,6 +54,9 @@ class SchedulerView:
     # How long the request next in line has waited (s) by the engine's clock; 0 when none waits (or the
     # driver keeps no clock): a TTFT at risk that the SLA loop weighs against TPOT.
     next_wait_s: float = 0.0
+    # That request's own TTFT target (ms), from its SLA class; None where it names no class or its class sets no
+    # TTFT (the controller's --sla-ttft-ms then holds for it).
+    next_ttft_ms: float | None = None
 
 
 @dataclass(frozen=True)

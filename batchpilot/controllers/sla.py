@@ -28,8 +28,8 @@ from collections.abc import Callable
 
 from batchpilot.controllers.base import SchedulerView, StepStats
 
-# While the request next in line has waited this share of the TTFT target, the loop lets go: a request that
-# misses its TTFT misses the SLA whatever its TPOT (docs/design_notes.md).
+# While the request next in line has waited this share of its TTFT target (its SLA class's, else --sla-ttft-ms),
+# the loop lets go: a request that misses its TTFT misses the SLA whatever its TPOT (docs/design_notes.md).
 TTFT_RELEASE = 0.8
 SPREAD_WINDOW = 32  # finished requests whose TPOT spread scales the signal (few: docs/design_notes.md)
 MIN_SPREAD_SAMPLES = 16
@@ -70,7 +70,8 @@ class SLAController:
             self.spread = max(1.0, at / (sum(ordered) / n))
 
     def limit(self, view: SchedulerView) -> int:
-        if self.release_wait_s is not None and view.next_wait_s > self.release_wait_s:
+        release_s = self.release_wait_s if view.next_ttft_ms is None else TTFT_RELEASE * view.next_ttft_ms / 1000
+        if release_s is not None and view.next_wait_s > release_s:
             return self.b_max  # the TTFT at risk outweighs the TPOT target: memory alone bounds admissions
         # The SLA limit only stops admissions: it never asks to evict decoding sequences.
         return min(max(self.b_sla, view.num_decoding), self.b_max)

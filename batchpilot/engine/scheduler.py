@@ -134,6 +134,7 @@ class Scheduler:
     def view(self) -> SchedulerView:
         pool = self.kv.pool
         running = self.running
+        head = self.waiting[0] if self.waiting else None
         return SchedulerView(  # list comprehensions, not generators: this runs every step
             num_running=len(running),
             num_waiting=len(self.waiting),
@@ -150,7 +151,8 @@ class Scheduler:
             sla_tpot_ms=min((self.sla_classes[name].tpot_ms for name in self._active_classes
                              if self.sla_classes[name].tpot_ms is not None), default=None),
             has_classless=self._num_classless > 0,
-            next_wait_s=self.clock() - self.waiting[0].arrival_time if self.waiting and self.clock else 0.0,
+            next_wait_s=self.clock() - head.arrival_time if head is not None and self.clock else 0.0,
+            next_ttft_ms=head.sla_class.ttft_ms if head is not None and head.sla_class is not None else None,
         )
 
     def _state(self, r: Request) -> SeqState:
