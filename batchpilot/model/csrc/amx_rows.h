@@ -103,19 +103,28 @@ static inline int amx_begin(const uint16_t *x, int64_t x_stride, int64_t M, int6
         }                                                                                                  \
     } while (0)
 
+/* Chunks (4 KB of a tile's lines each) by which a cold tile's own fetch runs ahead of its loads: 2, 4 and 8 timed
+ * alike (docs/reproduction.md). */
+#define COLD_AHEAD_CHUNKS 4
+
 /* All M rows of x times the tile, times scale (a float per output, or NULL), plus bias; y points at the
  * tile's first output of row 0. K2 (input pairs) a multiple of 16; pad: amx_begin's copy of the last
  * M % 16 rows (NULL when there are none), pad_stride elements a row (x, pad and tile may point into the
  * middle of their inputs: gemv.c takes half a tile's inputs on each of two threads). The tile's two halves
  * of 32 outputs are taken in turn, so that the half stays in L1 while every block of rows passes. The tile
  * this thread computes next (`next`, or NULL) is fetched into L2 meanwhile, a few lines per chunk of inputs:
- * the tile loads wait on memory otherwise (a decode step's weights are not in the cache). */
+ * the tile loads wait on memory otherwise (a decode step's weights are not in the cache). A `cold` tile, one
+ * that no earlier tile fetched (a thread's first of a projection), fetches its own lines too, a few chunks
+ * ahead of its loads during the first half. */
 static inline void amx_tile_times_rows(int64_t M, const uint16_t *x, int64_t x_stride, const uint16_t *pad,
                                        int64_t pad_stride, const uint16_t *tile, int64_t K2, const float *scale,
                                        const uint16_t *bias, void *y, int64_t y_stride, int y_f32,
-                                       const uint16_t *next) {
+                                       const uint16_t *next, int cold) {
     const int64_t blocks = (M + AMX_ROWS - 1) / AMX_ROWS, chunks = K2 / 16, full = M / AMX_ROWS;
     const size_t esize = y_f32 ? 4 : 2;
+    const int64_t own_lines = cold ? K2 * TILE_N * 2 * 2 / 64 : 0;
+    int64_t own = 0;
+    for (; own < own_lines && own < COLD_AHEAD_CHUNKS * 64; own++) __builtin_prefetch((const char *)tile + own * 64, 0, 2);
     /* the next tile's lines, spread evenly over this tile's chunk passes */
     const int64_t lines = next != NULL ? K2 * TILE_N * 2 * 2 / 64 : 0, passes = 2 * ((blocks + 1) / 2) * chunks;
     const int64_t per_chunk = (lines + passes - 1) / passes;
@@ -135,6 +144,8 @@ static inline void amx_tile_times_rows(int64_t M, const uint16_t *x, int64_t x_s
             _tile_zero(6);
             _tile_zero(7);
             for (int64_t c = 0; c < chunks; c++) {
+                for (int64_t i = 0; i < 64 && own < own_lines; i++, own++)
+                    __builtin_prefetch((const char *)tile + own * 64, 0, 2);
                 for (int64_t i = 0; i < per_chunk && fetched < lines; i++, fetched++)
                     __builtin_prefetch((const char *)next + fetched * 64, 0, 2);
                 const uint16_t *wc = w + c * 16 * 128;

@@ -48,21 +48,21 @@ int gemv_amx_min_rows(void) { return 0; }
 
 /* Inputs [k2_begin, k2_end) (pairs) of one tile times the M rows of x, on the AMX tiles where amx (pad:
  * amx_begin's, rows of K) or the vector loop otherwise; next: the tile this thread takes after it (fetched
- * meanwhile on the AMX path), or NULL. */
+ * meanwhile on the AMX path), or NULL; cold: no earlier tile fetched this one (the AMX path fetches it too). */
 static inline void tile_part_times_rows(int amx, int64_t M, const uint16_t *x, int64_t x_stride, const uint16_t *pad,
                                         int64_t K, const uint16_t *tile, int64_t k2_begin, int64_t k2_end,
                                         const uint16_t *bias, void *y, int64_t y_stride, int y_f32,
-                                        const uint16_t *next) {
+                                        const uint16_t *next, int cold) {
     x += 2 * k2_begin;
     tile += k2_begin * TILE_N * 2;
 #ifdef BATCHPILOT_AMX
     if (amx) {
         amx_tile_times_rows(M, x, x_stride, pad != NULL ? pad + 2 * k2_begin : NULL, K, tile, k2_end - k2_begin, NULL,
-                            bias, y, y_stride, y_f32, next);
+                            bias, y, y_stride, y_f32, next, cold);
         return;
     }
 #endif
-    (void)amx, (void)pad, (void)K, (void)next;
+    (void)amx, (void)pad, (void)K, (void)next, (void)cold;
     tile_times_rows(M, x, x_stride, tile, k2_end - k2_begin, NULL, bias, y, y_stride, y_f32);
 }
 
@@ -113,16 +113,17 @@ void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *
 #define TILE(t) part_tile(w, parts, tiles, tile_elems, (t))
     if (halves && thread == 1) {
         tile_part_times_rows(amx, M, x, x_stride, pad, K, TILE(mid), K2 / 2, K2, NULL, split->sums[1], TILE_N, 1,
-                             first < last ? TILE(first) : NULL);
+                             first < last ? TILE(first) : NULL, 1);
         __atomic_store_n(&split->ready, 1, __ATOMIC_RELEASE);
     }
     for (int64_t t = first; t < last; t++)
         tile_part_times_rows(amx, M, x, x_stride, pad, K, TILE(t), 0, K2, bias != NULL ? bias + t * TILE_N : NULL,
                              (char *)y + t * TILE_N * esize, y_stride, y_f32,
-                             t + 1 < last ? TILE(t + 1) : halves && thread == 0 ? TILE(mid) : NULL);
+                             t + 1 < last ? TILE(t + 1) : halves && thread == 0 ? TILE(mid) : NULL,
+                             t == first && !(halves && thread == 1));
     if (halves && thread == 0) {
         tile_part_times_rows(amx, M, x, x_stride, pad, K, TILE(mid), 0, K2 / 2, NULL, split->sums[0], TILE_N, 1,
-                             NULL);
+                             NULL, first == last);
         finish_halves(split, bias != NULL ? bias + mid * TILE_N : NULL, (char *)y + mid * TILE_N * esize, y_stride,
                       y_f32, M);
     }

@@ -410,7 +410,7 @@ void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const v
 #ifdef BATCHPILOT_AMX
         if (amx) {
             amx_tile_times_rows(M, x, x_stride, pad, K, (const uint16_t *)buf, K2, scale, b, y + t * TILE_N,
-                                y_stride, 0, NULL);
+                                y_stride, 0, NULL, 0);
             continue;
         }
 #endif
