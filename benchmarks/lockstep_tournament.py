@@ -65,14 +65,36 @@ def contenders(statics: list[int], policies: list[str]) -> dict[str, list[str]]:
     return flags
 
 
+def told_the_sla(configs: dict[str, list[str]], sla: SLA | None) -> dict[str, list[str]]:
+    """Our policies told the workload's SLA (--sla-tpot-ms, --sla-ttft-ms), as the simulated tournament tells
+    them: a user states the SLA their traffic is judged by; static limits and SGLang's rule take no such target."""
+    if sla is None:
+        return configs
+    targets = [*(["--sla-tpot-ms", str(sla.tpot_ms)] if sla.tpot_ms else []),
+               *(["--sla-ttft-ms", str(sla.ttft_ms)] if sla.tpot_ms and sla.ttft_ms else [])]
+    ours = {name for name, flags in configs.items() if "combined" in flags}
+    return {name: [*flags, *targets] if name in ours else flags for name, flags in configs.items()}
+
+
 def run_lockstep(workload_flags: list[str], configs: dict[str, list[str]], threads: int, seed: int,
                  sla: SLA | None = None) -> dict[str, dict]:
     parser = build_parser()
     base = ["bench", "throughput", *workload_flags, "--threads", str(threads), "--seed", str(seed)]
-    args = {name: parser.parse_args([*base, *flags]) for name, flags in configs.items()}
+    args = {name: parser.parse_args([*base, *flags]) for name, flags in told_the_sla(configs, sla).items()}
     engines: dict = {}
     for name, a in args.items():  # one model, shared: every engine reads the same weights at the same addresses
         engines[name] = build_engine(engine_config(a), next(iter(engines.values())).executor.model if engines else None)
+    clock = dict.fromkeys(engines, 0.0)
+    step_start: dict[str, float | None] = dict.fromkeys(engines)
+    for name, engine in engines.items():
+        # each engine's own clock (the sum of its steps), also for the arrival stamps from which its scheduler
+        # tells the SLA loop how long the next request in line has waited; real time inside a step, so that
+        # the engine times its steps as ever
+        def own_clock(name: str = name) -> float:
+            start = step_start[name]
+            return clock[name] + (0.0 if start is None else time.perf_counter() - start)
+        engine.clock = engine.scheduler.clock = own_clock
+        engine.start_time = 0.0
     first = next(iter(args.values()))
     requests, ignore_eos = workload_requests(first, next(iter(engines.values())).tokenizer, first.num_prompts, seed)
     arrivals = arrival_offsets([r.arrival_s for r in requests], first.request_rate, first.burstiness, seed)
@@ -93,7 +115,6 @@ def run_lockstep(workload_flags: list[str], configs: dict[str, list[str]], threa
             arrival_of[name][engine.add_request(r.prompt, params)] = (r.prompt_len, arrivals[i])
             pending[name] += 1
 
-    clock = dict.fromkeys(engines, 0.0)
     first_token: dict[str, dict[str, float]] = {name: {} for name in engines}
     produced: dict[str, dict[str, int]] = {name: {} for name in engines}
     records: dict[str, list[RequestRecord]] = {name: [] for name in engines}
@@ -106,9 +127,10 @@ def run_lockstep(workload_flags: list[str], configs: dict[str, list[str]], threa
             gc.collect()
         for name in rng.sample(active, len(active)):
             admit(name)
-            start = time.perf_counter()
+            start = step_start[name] = time.perf_counter()
             outputs = engines[name].step()
             clock[name] += time.perf_counter() - start
+            step_start[name] = None
             now = clock[name]
             for o in outputs:
                 rid = o.request_id
