@@ -73,7 +73,9 @@ def add_controller_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--sla-tolerance-ms", type=float, default=None, help="band eps_D (default 10%% of D_SLA)")
     c.add_argument("--sla-alpha", type=int, default=4)
     c.add_argument("--sla-delta", type=int, default=2)
-    c.add_argument("--sla-window", type=int, default=16, help="steps averaged for the latency signal")
+    c.add_argument("--sla-window", type=int, default=16,
+                   help="steps averaged for the latency signal, at least (it follows the mean output length of "
+                        "recent requests, up to 256)")
     c.add_argument("--sla-signal", default="tpot", choices=["tpot", "decode"],
                    help="tpot: all decoding steps, token-weighted; decode: decode-only steps (the paper's D(b))")
     c.add_argument("--sla-percentile", type=float, default=90.0,

@@ -152,6 +152,33 @@ def test_sla_lets_go_while_the_next_request_in_line_risks_its_ttft():
     assert held.limit(replace(queued, next_wait_s=60.0)) == 8  # no TTFT target: the loop never lets go
 
 
+def test_the_sla_loops_window_follows_the_life_of_recent_requests():
+    """After requests of ~200 output tokens finish, a 1.5 s prefill chunk stays in the signal for as long as a
+    request lives: 30 quiet steps of 70 ms later a request that lived through them saw (1.5 + 30 x 0.07) / 31 =
+    116 ms a token, over the 100 ms target, and the loop admits nothing more. A 16-step window has forgotten the
+    chunk by then, reads 70 ms as room and opens up."""
+    from dataclasses import replace
+
+    def run(finished_outputs):
+        c = sla(tpot_ms=100, tolerance_ms=10)  # window 16 at first
+        c.observe(replace(stats(4, 0.07), finished_output_lens=finished_outputs))
+        c.observe(stats(4, 1.5, prefill=512))
+        for _ in range(30):
+            c.observe(stats(4, 0.07))
+        return c
+
+    lived = run((180, 200, 220))
+    assert lived.samples.maxlen == 200
+    assert lived.limit(view(running=4, waiting=1, decoding=4)) == 4  # holds the batch it has
+    forgot = run(())
+    assert forgot.samples.maxlen == 16
+    assert forgot.limit(view(running=4, waiting=1, decoding=4)) > 4
+    short = run((3, 5))  # never shorter than --sla-window
+    assert short.samples.maxlen == 16
+    long = run((5000,))  # nor longer than MAX_WINDOW
+    assert long.samples.maxlen == 256
+
+
 def test_sla_lets_go_at_the_ttft_of_the_next_requests_own_class():
     """A request whose SLA class sets a TTFT is released at 80% of that target, not of --sla-ttft-ms: a strict
     class sooner, a lax one later; one with no class keeps the loop's own target."""

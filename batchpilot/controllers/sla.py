@@ -8,7 +8,8 @@ Signal (our choice, `--sla-signal`):
 - `tpot` (default): the time per output token that decoding requests actually see: over the
   window, the mean step time weighted by the decode tokens in each step, counting steps that
   also prefill a chunk. Those stalls are part of every user's TPOT, so an SLA on TPOT must
-  see them; the window (16 steps) smooths the spike one long chunk causes.
+  see them. The window is 16 steps until requests finish, then about a request's life (the mean
+  output length of recent requests, up to 256 steps): what each user's TPOT averages over.
 - `decode`: the paper's D(b), measured on decode-only steps; steps with any prefill tokens
   are dropped. It identifies the latency curve cleanly but cannot keep a TPOT SLA when
   admissions are frequent: the mixed steps users wait through never enter the signal
@@ -33,6 +34,9 @@ from batchpilot.controllers.base import SchedulerView, StepStats
 TTFT_RELEASE = 0.8
 SPREAD_WINDOW = 32  # finished requests whose TPOT spread scales the signal (few: docs/design_notes.md)
 MIN_SPREAD_SAMPLES = 16
+# The signal's window follows the mean output length of the last SPREAD_WINDOW finished requests (a request's
+# life in steps), from `window` up to this many steps (docs/design_notes.md).
+MAX_WINDOW = 256
 
 
 class SLAController:
@@ -45,6 +49,8 @@ class SLAController:
         self.signal = signal
         self.percentile = percentile
         self.finished_tpots: deque[float] = deque(maxlen=SPREAD_WINDOW)
+        self.finished_outputs: deque[int] = deque(maxlen=SPREAD_WINDOW)
+        self.min_window = window
         self.spread = 1.0  # percentile / mean of the recent requests' TPOT
         self.target_s = tpot_ms / 1000
         self.release_wait_s = None if ttft_ms is None else TTFT_RELEASE * ttft_ms / 1000
@@ -69,6 +75,16 @@ class SLAController:
             at = ordered[min(n - 1, int(self.percentile / 100 * n))]
             self.spread = max(1.0, at / (sum(ordered) / n))
 
+    def _follow_lifetimes(self, output_lens: tuple[int, ...]) -> None:
+        """Window the signal over about a request's life: a user's TPOT averages every step it lives through, so
+        a window of a few steps reads a long prefill chunk as a passing spike and the quiet steps between as room,
+        and the loop admits into a batch whose requests already sit at the target."""
+        self.finished_outputs.extend(output_lens)
+        mean = sum(self.finished_outputs) / len(self.finished_outputs)
+        steps = max(self.min_window, min(MAX_WINDOW, round(mean)))
+        if steps != self.samples.maxlen:
+            self.samples = deque(self.samples, maxlen=steps)
+
     def limit(self, view: SchedulerView) -> int:
         release_s = self.release_wait_s if view.next_ttft_ms is None else TTFT_RELEASE * view.next_ttft_ms / 1000
         if release_s is not None and view.next_wait_s > release_s:
@@ -79,6 +95,8 @@ class SLAController:
     def observe(self, stats: StepStats) -> None:
         if stats.finished_tpots:
             self._learn_spread(stats.finished_tpots)
+        if stats.finished_output_lens:
+            self._follow_lifetimes(stats.finished_output_lens)
         if not stats.num_decode_tokens or (self.signal == "decode" and stats.num_prefill_tokens):
             return
         self.samples.append((stats.step_time_s, stats.num_decode_tokens))
