@@ -122,11 +122,14 @@ static inline void amx_tile_times_rows(int64_t M, const uint16_t *x, int64_t x_s
                                        const uint16_t *next, int cold) {
     const int64_t blocks = (M + AMX_ROWS - 1) / AMX_ROWS, chunks = K2 / 16, full = M / AMX_ROWS;
     const size_t esize = y_f32 ? 4 : 2;
-    const int64_t own_lines = cold ? K2 * TILE_N * 2 * 2 / 64 : 0;
+    const int64_t tile_lines = K2 * TILE_N * 2 * 2 / 64, chunk_lines = tile_lines / chunks;
+    /* a cold tile's own lines, COLD_AHEAD_CHUNKS ahead of the first half's loads */
+    const int64_t own_lines = cold ? tile_lines : 0;
     int64_t own = 0;
-    for (; own < own_lines && own < COLD_AHEAD_CHUNKS * 64; own++) __builtin_prefetch((const char *)tile + own * 64, 0, 2);
+    for (; own < own_lines && own < COLD_AHEAD_CHUNKS * chunk_lines; own++)
+        __builtin_prefetch((const char *)tile + own * 64, 0, 2);
     /* the next tile's lines, spread evenly over this tile's chunk passes */
-    const int64_t lines = next != NULL ? K2 * TILE_N * 2 * 2 / 64 : 0, passes = 2 * ((blocks + 1) / 2) * chunks;
+    const int64_t lines = next != NULL ? tile_lines : 0, passes = 2 * ((blocks + 1) / 2) * chunks;
     const int64_t per_chunk = (lines + passes - 1) / passes;
     int64_t fetched = 0;
     for (int half = 0; half < 2; half++) {
@@ -144,7 +147,7 @@ static inline void amx_tile_times_rows(int64_t M, const uint16_t *x, int64_t x_s
             _tile_zero(6);
             _tile_zero(7);
             for (int64_t c = 0; c < chunks; c++) {
-                for (int64_t i = 0; i < 64 && own < own_lines; i++, own++)
+                for (int64_t i = 0; i < chunk_lines && own < own_lines; i++, own++)
                     __builtin_prefetch((const char *)tile + own * 64, 0, 2);
                 for (int64_t i = 0; i < per_chunk && fetched < lines; i++, fetched++)
                     __builtin_prefetch((const char *)next + fetched * 64, 0, 2);
