@@ -122,7 +122,8 @@ static inline void amx_tile_times_rows(int64_t M, const uint16_t *x, int64_t x_s
                                        const uint16_t *next, int cold) {
     const int64_t blocks = (M + AMX_ROWS - 1) / AMX_ROWS, chunks = K2 / 16, full = M / AMX_ROWS;
     const size_t esize = y_f32 ? 4 : 2;
-    const int64_t tile_lines = K2 * TILE_N * 2 * 2 / 64, chunk_lines = tile_lines / chunks;
+    /* a chunk: 16 input pairs of 64 outputs (4 KB); a tile: `chunks` of them */
+    const int64_t chunk_lines = 16 * TILE_N * 2 * 2 / 64, tile_lines = chunks * chunk_lines;
     /* a cold tile's own lines, COLD_AHEAD_CHUNKS ahead of the first half's loads */
     const int64_t own_lines = cold ? tile_lines : 0;
     int64_t own = 0;
