@@ -50,7 +50,7 @@ from batchpilot.bench.workload import workload_requests  # noqa: E402
 from batchpilot.cli import build_parser, engine_config  # noqa: E402
 from batchpilot.llm import build_engine  # noqa: E402
 from batchpilot.sampling_params import SamplingParams  # noqa: E402
-from batchpilot.sim.tournament import hindsight_regret  # noqa: E402
+from batchpilot.sim.tournament import hindsight_regret, sla_targets  # noqa: E402
 
 
 def contenders(statics: list[int], policies: list[str]) -> dict[str, list[str]]:
@@ -66,14 +66,15 @@ def contenders(statics: list[int], policies: list[str]) -> dict[str, list[str]]:
 
 
 def told_the_sla(configs: dict[str, list[str]], sla: SLA | None) -> dict[str, list[str]]:
-    """Our policies told the workload's SLA (--sla-tpot-ms, --sla-ttft-ms), as the simulated tournament tells
-    them: a user states the SLA their traffic is judged by; static limits and SGLang's rule take no such target."""
+    """Each contender's flags with the SLA targets sim.tournament.sla_targets gives its controller."""
     if sla is None:
         return configs
-    targets = [*(["--sla-tpot-ms", str(sla.tpot_ms)] if sla.tpot_ms else []),
-               *(["--sla-ttft-ms", str(sla.ttft_ms)] if sla.tpot_ms and sla.ttft_ms else [])]
-    ours = {name for name, flags in configs.items() if "combined" in flags}
-    return {name: [*flags, *targets] if name in ours else flags for name, flags in configs.items()}
+    told = {}
+    for name, flags in configs.items():
+        tpot, ttft = sla_targets(flags[flags.index("--batch-controller") + 1], sla.tpot_ms, sla.ttft_ms)
+        told[name] = [*flags, *(["--sla-tpot-ms", str(tpot)] if tpot else []),
+                      *(["--sla-ttft-ms", str(ttft)] if ttft else [])]
+    return told
 
 
 def run_lockstep(workload_flags: list[str], configs: dict[str, list[str]], threads: int, seed: int,

@@ -244,6 +244,15 @@ def test_the_simulated_tournament_tells_our_policies_the_ttft_target_and_sglang_
     assert configurations((8,), ControllerConfig(), None, 5000)["combined-cost"].sla_ttft_ms is None
 
 
+def test_the_sla_targets_rule_tells_our_controllers_alone():
+    from batchpilot.sim.tournament import sla_targets
+
+    assert sla_targets("combined", 100.0, 10000.0) == (100.0, 10000.0)
+    assert sla_targets("combined", 100.0, None) == (100.0, None)
+    assert sla_targets("combined", None, 10000.0) == (None, None)  # TTFT alone does not start the SLA loop
+    assert sla_targets("static", 100.0, 10000.0) == sla_targets("sglang", 100.0, 10000.0) == (None, None)
+
+
 def test_sla_ttft_must_be_positive():
     with pytest.raises(ValueError, match="--sla-ttft-ms"):
         ControllerConfig(sla_tpot_ms=50, sla_ttft_ms=0)

@@ -216,16 +216,24 @@ class Runner:
         return found.capacity if found.bounded else None
 
 
+def sla_targets(controller: str, sla_tpot_ms: float | None,
+                sla_ttft_ms: float | None) -> tuple[float | None, float | None]:
+    """The (TPOT, TTFT) targets a tournament tells a contender: ours take the SLA a user states (TTFT only
+    beside a TPOT, which starts the SLA loop); static limits and SGLang's rule have no such loop. The one
+    rule for the simulated tournament and the real engine's (benchmarks/lockstep_tournament.py)."""
+    if controller in ("static", "sglang") or sla_tpot_ms is None:
+        return None, None
+    return sla_tpot_ms, sla_ttft_ms
+
+
 def configurations(statics: tuple[int, ...], base: ControllerConfig, sla_tpot_ms: float | None = None,
                    sla_ttft_ms: float | None = None) -> dict[str, ControllerConfig]:
-    """The static sweep and the contenders; ours get the SLA's TPOT and TTFT targets (SGLang has no such
-    loop)."""
+    """The static sweep and the contenders, told the SLA as sla_targets says."""
     configs = {f"static-{n}": replace(base, name="static", max_num_seqs=n) for n in statics}
     for name, policy in POLICIES.items():
-        ours = policy.name != "sglang"
+        tpot, ttft = sla_targets(policy.name, sla_tpot_ms, sla_ttft_ms)
         configs[name] = replace(base, name=policy.name, memory_mode=policy.memory_mode, max_num_seqs=max(statics),
-                                sla_tpot_ms=sla_tpot_ms if ours else None,
-                                sla_ttft_ms=sla_ttft_ms if ours and sla_tpot_ms is not None else None)
+                                sla_tpot_ms=tpot, sla_ttft_ms=ttft)
     return configs
 
 
