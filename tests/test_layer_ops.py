@@ -99,19 +99,26 @@ def test_fused_forward_gives_the_unfused_outputs(default_model_dir):
         assert first_a.logprob == pytest.approx(first_b.logprob, abs=0.25)
 
 
-def _assert_one_native_call_per_decode_step_changes_nothing(llm, prompts, max_tokens, monkeypatch):
+def _assert_one_native_call_per_decode_step_changes_nothing(llm, prompts, max_tokens, monkeypatch, head: bool):
     """Generate with kernels.decode_layers (which must run every decode step after the prefill, all
-    rows at once) and with the per-layer loop: the same tokens and log-probs, exactly."""
+    rows at once, and the lm_head too where `head`: a bf16 lm_head) and with the per-layer loop: the same
+    tokens and log-probs, exactly."""
     from batchpilot import SamplingParams
 
     model = llm.engine.executor.model
     assert model.decode_weights is not None and model.decode_max_rows >= len(prompts)
-    calls = []
+    calls, heads = [], []
     native = kernels.decode_layers
-    monkeypatch.setattr(kernels, "decode_layers", lambda x, *rest: calls.append(x.shape[0]) or native(x, *rest))
+    def counted(x, *rest):
+        calls.append(x.shape[0])
+        heads.append(rest[-1] is not None)  # the logits the lm_head writes inside the call
+        return native(x, *rest)
+
+    monkeypatch.setattr(kernels, "decode_layers", counted)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=3)
     whole = llm.generate(prompts, params)
     assert len(calls) >= max_tokens - 1 and len(prompts) in calls
+    assert set(heads) == {head}
     weights, model.decode_weights = model.decode_weights, None
     per_kernel = llm.generate(prompts, params)
     model.decode_weights = weights
@@ -129,7 +136,7 @@ def test_decode_steps_in_one_native_call_give_the_per_kernel_outputs_bit_for_bit
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village there was",
                "Question: What is 12 times 12? Answer:"]
     _assert_one_native_call_per_decode_step_changes_nothing(LLM(str(default_model_dir), kv_cache_gib=0.1), prompts,
-                                                            24, monkeypatch)
+                                                            24, monkeypatch, head=True)
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
@@ -144,4 +151,4 @@ def test_quantized_decode_steps_in_one_native_call_give_the_per_kernel_outputs_b
         assert llm.engine.executor.model.decode_weights is None
         return
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
-    _assert_one_native_call_per_decode_step_changes_nothing(llm, prompts, 12, monkeypatch)
+    _assert_one_native_call_per_decode_step_changes_nothing(llm, prompts, 12, monkeypatch, head=False)

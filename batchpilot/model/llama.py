@@ -197,17 +197,23 @@ class LlamaModel:
         scale = 1.0 / math.sqrt(d)
         x = self.embed[token_ids]  # [T, hidden], the residual stream, updated in place
         y = torch.empty_like(x)  # the normed input of the next projection
-        kernels.add_rms_norm(x, None, self.layers[0].attn_norm, y, a.rms_norm_eps)
         if (self.decode_weights is not None and t <= self.decode_max_rows and meta.native and not meta.prefills
                 and meta.num_decodes == t):  # every layer in one native call: the same kernels, in order
             k_cache = kv_caches[0][0]
+            # the lm_head in the same call where its bf16 tiles take these rows and every row wants logits
+            lm = self.lm_head
+            head = lm.gemv if logits_rows is None and t <= lm.gemv_rows and lm.bias is None else None
+            logits = None if head is None else x.new_empty(t, head.n, dtype=torch.float32 if lm.float_out else x.dtype)
             kernels.decode_layers(x, y, self.decode_weights, self.decode_formats,
                                   meta.cache_pointers if meta.cache_pointers is not None
                                   else kernels.cache_pointers(kv_caches),
                                   a.num_layers, cos, sin, meta.slot_mapping, meta.decode_tables, meta.decode_lens,
                                   meta.block_size, k_cache.shape[1], h, kvh, d, a.intermediate_size,
-                                  a.rms_norm_eps, scale)
+                                  a.rms_norm_eps, scale, self.layers[0].attn_norm, head, logits)
+            if logits is not None:
+                return logits
             return self.lm_head(y if logits_rows is None else y[logits_rows])
+        kernels.add_rms_norm(x, None, self.layers[0].attn_norm, y, a.rms_norm_eps)
         for layer, (k_cache, v_cache), next_norm in zip(self.layers, kv_caches, self._next_norms()):
             qkv = layer.qkv(y)
             kernels.rope_in_place(qkv, cos, sin, h + kvh, d)
