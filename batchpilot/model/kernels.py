@@ -344,13 +344,12 @@ def cache_pointers(kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> ctypes
 def decode_layers(x: torch.Tensor, y: torch.Tensor, weights: ctypes.Array, formats: ctypes.Array,
                   caches: ctypes.Array, num_layers: int, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
                   tables: torch.Tensor, lens: torch.Tensor, block_size: int, num_slots: int, heads: int,
-                  kv_heads: int, head_dim: int, intermediate: int, eps: float, scale: float,
-                  first_norm: torch.Tensor | None = None, head: GemvTiles | None = None,
-                  logits: torch.Tensor | None = None) -> None:
-    """Every layer of a decode-only bf16 step (csrc/decode_layers.c): x [B, C] the residual stream and
-    y [B, C] the first layer's normed input, both updated in place (y ends as the lm_head's input).
-    With first_norm, y is computed from x first; with head (the lm_head's tiles) and logits ([B, vocab],
-    float32 or bf16), the lm_head's GEMV runs too, in the same native call.
+                  kv_heads: int, head_dim: int, intermediate: int, eps: float, scale: float, first_norm: torch.Tensor,
+                  head: GemvTiles | None = None, logits: torch.Tensor | None = None) -> None:
+    """Every layer of a decode-only bf16 step (csrc/decode_layers.c): x [B, C] the residual stream, updated
+    in place; y [B, C] set to x normed by first_norm (the first layer's input norm), and on return the
+    lm_head's input. With head (the lm_head's tiles) and logits ([B, vocab], float32 or bf16), the lm_head's
+    GEMV runs too, in the same native call.
     weights: 15 pointers a layer (the qkv, o, gate_up and down projections' weight, scales and lows,
     then the qkv bias, the ffn norm, the next norm; a bf16 weight is the address of its GemvTiles'
     pointers); formats: 12 int64 a layer (each projection's bits, group and parts); caches: a layer's
@@ -359,8 +358,8 @@ def decode_layers(x: torch.Tensor, y: torch.Tensor, weights: ctypes.Array, forma
     scratch = x.new_empty(b * ((heads + 2 * kv_heads) * head_dim + 2 * heads * head_dim + c + 3 * intermediate))
     if (head is None) != (logits is None):
         raise ValueError("decode_layers: head and logits go together")
-    rc = _library().decode_layers(x.data_ptr(), y.data_ptr(), None if first_norm is None else first_norm.data_ptr(),
-                                  weights, formats, caches, num_layers, cos.data_ptr(),
+    rc = _library().decode_layers(x.data_ptr(), y.data_ptr(), first_norm.data_ptr(), weights, formats, caches,
+                                  num_layers, cos.data_ptr(),
                                   sin.data_ptr(), slots.data_ptr(), tables.data_ptr(), lens.data_ptr(),
                                   tables.shape[1], block_size, num_slots, b, c, heads, kv_heads, head_dim,
                                   intermediate, eps, scale, None if head is None else head.address,

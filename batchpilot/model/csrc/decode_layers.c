@@ -55,23 +55,23 @@ static void project(const void *const *w, const int64_t *format, const uint16_t 
 }
 
 /*
- * x: [B, C] bf16, the residual stream (updated in place); y: [B, C] bf16, the normed input of the
- * first layer's QKV on entry (or computed here from x when first_norm is not NULL) and of the lm_head on
- * return. head: the lm_head's bf16 tile parts (head_parts of them, [vocab, C]) or NULL; with it, logits
- * [B, vocab] (float32 when logits_f32, else bf16) get y times it in the same region: the Python and
- * the region's start that a call of its own cost come after the weights' stream, from cold caches
- * (docs/reproduction.md). weights: POINTERS_PER_LAYER a layer
- * (NEXT_NORM is the next layer's input norm or the final one; an absent bias or lows is NULL);
- * formats: FORMATS_PER_LAYER a layer. caches: a layer's K then V cache, [KVH, S, D] each.
- * cos, sin: [B, D/2] float32. scratch: bf16, at least B * ((H + 2 KVH) D + 2 H D + C + 3 I).
- * One parallel region for the whole step: each kernel is a team kernel ending in a barrier.
- * Returns 0, -1 for a shape the kernels do not take, -2 when a buffer cannot be allocated.
+ * x: [B, C] bf16, the residual stream (updated in place); y: [B, C] bf16, set to the normed input of
+ * the first layer's QKV (first_norm) and on return the lm_head's. head: the lm_head's bf16 tile parts
+ * (head_parts of them, [vocab, C]) or NULL; with it, logits [B, vocab] (float32 when logits_f32, else
+ * bf16) get y times it in the same region: the Python and the region's start that a call of its own
+ * cost come after the weights' stream, from cold caches (docs/reproduction.md). weights:
+ * POINTERS_PER_LAYER a layer (NEXT_NORM is the next layer's input norm or the final one; an absent
+ * bias or lows is NULL); formats: FORMATS_PER_LAYER a layer. caches: a layer's K then V cache,
+ * [KVH, S, D] each. cos, sin: [B, D/2] float32. scratch: bf16, at least
+ * B * ((H + 2 KVH) D + 2 H D + C + 3 I). One parallel region for the whole step: each kernel is a team
+ * kernel ending in a barrier. Returns 0, -1 for a shape the kernels do not take, -2 when a buffer
+ * cannot be allocated.
  */
-int decode_layers(uint16_t *x, uint16_t *y, const uint16_t *first_norm, const void *const *weights, const int64_t *formats,
-                  void *const *caches, int num_layers, const float *cos_t, const float *sin_t, const int64_t *slots,
-                  const int64_t *block_tables, const int64_t *context_lens, int table_width, int block_size,
-                  int64_t num_slots, int64_t B, int64_t C, int H, int KVH, int D, int64_t I, float eps, float scale,
-                  const uint16_t *const *head, int head_parts, int64_t vocab, void *logits, int logits_f32,
+int decode_layers(uint16_t *x, uint16_t *y, const uint16_t *first_norm, const void *const *weights,
+                  const int64_t *formats, void *const *caches, int num_layers, const float *cos_t, const float *sin_t,
+                  const int64_t *slots, const int64_t *block_tables, const int64_t *context_lens, int table_width,
+                  int block_size, int64_t num_slots, int64_t B, int64_t C, int H, int KVH, int D, int64_t I, float eps,
+                  float scale, const uint16_t *const *head, int head_parts, int64_t vocab, void *logits, int logits_f32,
                   uint16_t *scratch, int num_threads) {
     const int64_t W = (int64_t)(H + 2 * KVH) * D, HD = (int64_t)H * D;
     if (!formats_ok(formats, num_layers, C, W, HD, I) || !paged_decode_attention_ok(H, KVH, D, block_size)) return -1;
@@ -84,25 +84,25 @@ int decode_layers(uint16_t *x, uint16_t *y, const uint16_t *first_norm, const vo
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {
-    if (first_norm != NULL) add_rms_norm_team(x, C, NULL, 0, first_norm, y, C, B, C, eps);
-    for (int l = 0; l < num_layers; l++) {
-        const void *const *lw = weights + (int64_t)l * POINTERS_PER_LAYER;
-        const int64_t *lf = formats + (int64_t)l * FORMATS_PER_LAYER;
-        uint16_t *k_cache = caches[2 * l], *v_cache = caches[2 * l + 1];
-        project(lw + QKV, lf, y, C, lw[QKV_BIAS], qkv, B, C, W, workspace, &split, &failed);
-        rope_team(qkv, W, cos_t, sin_t, B, H + KVH, D);
-        for (int64_t b = team_start(B); b < team_end(B); b++) memcpy(q + b * HD, qkv + b * W, (size_t)HD * 2);
-        write_kv_team(qkv + HD, W, qkv + HD + (int64_t)KVH * D, W, k_cache, v_cache, slots, B, KVH, D, num_slots);
-        paged_decode_attention_team(q, k_cache, v_cache, attn, block_tables, context_lens, (int)B, H, KVH, D,
-                                    table_width, block_size, num_slots, scale);
-        project(lw + O, lf + 3, attn, HD, NULL, proj, B, HD, C, workspace, &split, &failed);
-        add_rms_norm_team(x, C, proj, C, lw[FFN_NORM], y, C, B, C, eps);
-        project(lw + GATE_UP, lf + 6, y, C, NULL, gate_up, B, C, 2 * I, workspace, &split, &failed);
-        silu_mul_team(gate_up, act, B, I);
-        project(lw + DOWN, lf + 9, act, I, NULL, proj, B, I, C, workspace, &split, &failed);
-        add_rms_norm_team(x, C, proj, C, lw[NEXT_NORM], y, C, B, C, eps);
-    }
-    if (head != NULL) gemv_bf16_team(y, C, head, head_parts, NULL, logits, vocab, logits_f32, B, C, vocab, &split);
+        add_rms_norm_team(x, C, NULL, 0, first_norm, y, C, B, C, eps);
+        for (int l = 0; l < num_layers; l++) {
+            const void *const *lw = weights + (int64_t)l * POINTERS_PER_LAYER;
+            const int64_t *lf = formats + (int64_t)l * FORMATS_PER_LAYER;
+            uint16_t *k_cache = caches[2 * l], *v_cache = caches[2 * l + 1];
+            project(lw + QKV, lf, y, C, lw[QKV_BIAS], qkv, B, C, W, workspace, &split, &failed);
+            rope_team(qkv, W, cos_t, sin_t, B, H + KVH, D);
+            for (int64_t b = team_start(B); b < team_end(B); b++) memcpy(q + b * HD, qkv + b * W, (size_t)HD * 2);
+            write_kv_team(qkv + HD, W, qkv + HD + (int64_t)KVH * D, W, k_cache, v_cache, slots, B, KVH, D, num_slots);
+            paged_decode_attention_team(q, k_cache, v_cache, attn, block_tables, context_lens, (int)B, H, KVH, D,
+                                        table_width, block_size, num_slots, scale);
+            project(lw + O, lf + 3, attn, HD, NULL, proj, B, HD, C, workspace, &split, &failed);
+            add_rms_norm_team(x, C, proj, C, lw[FFN_NORM], y, C, B, C, eps);
+            project(lw + GATE_UP, lf + 6, y, C, NULL, gate_up, B, C, 2 * I, workspace, &split, &failed);
+            silu_mul_team(gate_up, act, B, I);
+            project(lw + DOWN, lf + 9, act, I, NULL, proj, B, I, C, workspace, &split, &failed);
+            add_rms_norm_team(x, C, proj, C, lw[NEXT_NORM], y, C, B, C, eps);
+        }
+        if (head != NULL) gemv_bf16_team(y, C, head, head_parts, NULL, logits, vocab, logits_f32, B, C, vocab, &split);
     }
     return failed ? -2 : 0;
 }
