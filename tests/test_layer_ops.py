@@ -1,5 +1,7 @@
 """The fused element-wise kernels reproduce llama.py's torch code (and the model its outputs)."""
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -109,10 +111,11 @@ def _assert_one_native_call_per_decode_step_changes_nothing(llm, prompts, max_to
     assert model.decode_weights is not None and model.decode_max_rows >= len(prompts)
     calls, heads = [], []
     native = kernels.decode_layers
-    def counted(x, *rest):
-        calls.append(x.shape[0])
-        heads.append(rest[-1] is not None)  # the logits the lm_head writes inside the call
-        return native(x, *rest)
+    def counted(*args):
+        bound = inspect.signature(native).bind(*args).arguments
+        calls.append(bound["x"].shape[0])
+        heads.append(bound.get("logits") is not None)  # the logits the lm_head writes inside the call
+        return native(*args)
 
     monkeypatch.setattr(kernels, "decode_layers", counted)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=3)
@@ -152,3 +155,44 @@ def test_quantized_decode_steps_in_one_native_call_give_the_per_kernel_outputs_b
         return
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
     _assert_one_native_call_per_decode_step_changes_nothing(llm, prompts, 12, monkeypatch, head=False)
+
+
+@pytest.mark.parametrize("nans", ["none", "late", "early and late"])
+def test_greedy_argmax_inside_the_step_call_is_the_samplers(default_model_dir, monkeypatch, nans):
+    """A greedy decode step takes its tokens from the argmax decode_layers computes with the logits, each
+    thread over its own columns: the sampler's argmax of the same logits (the first maximum, or the first
+    NaN), where ties and NaNs lie in different threads' columns. The lm_head is replaced by one whose logits
+    are 0 but for four rows: +s, -s in the first thread's columns and again in the last's (s = the step's
+    y times a vector), so that every step's maximum is a tie across threads; NaN rows where asked."""
+    from batchpilot import LLM, SamplingParams
+
+    llm = LLM(str(default_model_dir), kv_cache_gib=0.1)
+    model = llm.engine.executor.model
+    lm = model.lm_head
+    vocab, hidden = lm.gemv.n, lm.gemv.k
+    last = kernels.split_start(vocab // kernels.GEMV_TILE, torch.get_num_threads(), torch.get_num_threads() - 1)
+    late = last * kernels.GEMV_TILE + 7  # in the last thread's columns
+    weight = torch.zeros(vocab, hidden, dtype=torch.bfloat16)
+    v = _rand(hidden, dtype=torch.bfloat16, seed=3)
+    weight[[5, 9, late + 1, late + 2]] = torch.stack([v, -v, v, -v])
+    if "late" in nans:
+        weight[late, 0] = float("nan")
+    if "early" in nans:
+        weight[11, 0] = float("nan")
+    monkeypatch.setattr(lm, "gemv", kernels.pack_gemv_weight(weight))
+    calls = []
+    native = kernels.decode_layers
+    def counted(*args):
+        calls.append(inspect.signature(native).bind(*args).arguments.get("argmax") is not None)
+        return native(*args)
+
+    monkeypatch.setattr(kernels, "decode_layers", counted)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    inside = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert calls and all(calls)  # every decode step took the argmax inside its call
+    monkeypatch.setattr(model, "forward_greedy", lambda *a: (model.forward(*a, None), None))
+    sampler = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert inside == sampler
+    expected = {"none": {5, 9}, "late": {late}, "early and late": {11}}[nans]
+    assert all(set(tokens[1:]) <= expected for tokens in inside)  # the first token is the prefill's

@@ -13,7 +13,7 @@ from batchpilot.model import kernels
 from batchpilot.model.attention import AttentionMetadata, PrefillChunk
 from batchpilot.model.hugepages import HugePageArena
 from batchpilot.model.llama import LlamaModel
-from batchpilot.model.sampler import SamplingRow, sample
+from batchpilot.model.sampler import SamplingRow, greedy_as_is, sample
 from batchpilot.sampling_params import TokenLogprobs
 
 logger = logging.getLogger(__name__)
@@ -120,11 +120,15 @@ class TorchRunner:
         wanted = [row for row, _ in sample_rows] + [row for _, _, rows in prompt_rows for row in rows]
         # every row in order (a decode-only step): no index tensor, no gather of the lm_head's input
         every_row = len(wanted) == len(token_ids) and wanted == list(range(len(wanted)))
-        logits = self.model.forward(token_ids, positions, self.kv_caches, meta,
-                                    None if every_row else torch.tensor(wanted, dtype=torch.long))
-        prompt_lps = _prompt_logprobs(logits[len(sample_rows):], prompt_rows) if prompt_rows else {}
         rows = [_sampling_row(s.request, self._generator(s)) for _, s in sample_rows]
-        tokens, logprobs = sample(logits[: len(sample_rows)], rows)
+        argmax = None
+        if every_row and not prompt_rows and greedy_as_is(rows):
+            logits, argmax = self.model.forward_greedy(token_ids, positions, self.kv_caches, meta)
+        else:
+            logits = self.model.forward(token_ids, positions, self.kv_caches, meta,
+                                        None if every_row else torch.tensor(wanted, dtype=torch.long))
+        prompt_lps = _prompt_logprobs(logits[len(sample_rows):], prompt_rows) if prompt_rows else {}
+        tokens, logprobs = sample(logits[: len(sample_rows)], rows, argmax)
         ids = [s.request.request_id for _, s in sample_rows]
         return RunnerOutput(
             dict(zip(ids, tokens)),

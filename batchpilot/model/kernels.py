@@ -86,7 +86,7 @@ def _library() -> ctypes.CDLL | None:
         "gemv_amx_enable": (i32, [i32]),
         "gemv_amx_min_rows": (i32, []),
         "decode_layers": (i32, [ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, i32, i32, i64, i64, i64,
-                                i32, i32, i32, i64, f32, f32, ptr, i32, i64, ptr, i32, ptr, i32]),
+                                i32, i32, i32, i64, f32, f32, ptr, i32, i64, ptr, i32, ptr, ptr, i32]),
         "dequant_int4": (None, [ptr, ptr, ptr, i64, i64, i64, i32, i32]),
         "qgemv_bf16": (i32, [ptr, i64, ptr, ptr, ptr, i32, i64, ptr, ptr, i64, i64, i64, i64, i32]),
         "qdequant_bf16": (i32, [ptr, ptr, ptr, i32, i64, ptr, i64, i64, i32]),
@@ -345,11 +345,13 @@ def decode_layers(x: torch.Tensor, y: torch.Tensor, weights: ctypes.Array, forma
                   caches: ctypes.Array, num_layers: int, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
                   tables: torch.Tensor, lens: torch.Tensor, block_size: int, num_slots: int, heads: int,
                   kv_heads: int, head_dim: int, intermediate: int, eps: float, scale: float, first_norm: torch.Tensor,
-                  head: GemvTiles | None = None, logits: torch.Tensor | None = None) -> None:
+                  head: GemvTiles | None = None, logits: torch.Tensor | None = None,
+                  argmax: torch.Tensor | None = None) -> None:
     """Every layer of a decode-only bf16 step (csrc/decode_layers.c): x [B, C] the residual stream, updated
     in place; y [B, C] set to x normed by first_norm (the first layer's input norm), and on return the
     lm_head's input. With head (the lm_head's tiles) and logits ([B, vocab], float32 or bf16), the lm_head's
-    GEMV runs too, in the same native call.
+    GEMV runs too, in the same native call; and with argmax ([B] int64) each row's argmax of the logits, as
+    argmax_rows gives it (greedy sampling, from the logits while they are in the threads' caches).
     weights: 15 pointers a layer (the qkv, o, gate_up and down projections' weight, scales and lows,
     then the qkv bias, the ffn norm, the next norm; a bf16 weight is the address of its GemvTiles'
     pointers); formats: 12 int64 a layer (each projection's bits, group and parts); caches: a layer's
@@ -358,6 +360,8 @@ def decode_layers(x: torch.Tensor, y: torch.Tensor, weights: ctypes.Array, forma
     scratch = x.new_empty(b * ((heads + 2 * kv_heads) * head_dim + 2 * heads * head_dim + c + 3 * intermediate))
     if (head is None) != (logits is None):
         raise ValueError("decode_layers: head and logits go together")
+    if argmax is not None and (logits is None or argmax.dtype != torch.long or argmax.shape != (b,)):
+        raise ValueError("decode_layers: argmax needs the logits and one int64 per row")
     rc = _library().decode_layers(x.data_ptr(), y.data_ptr(), first_norm.data_ptr(), weights, formats, caches,
                                   num_layers, cos.data_ptr(),
                                   sin.data_ptr(), slots.data_ptr(), tables.data_ptr(), lens.data_ptr(),
@@ -366,7 +370,8 @@ def decode_layers(x: torch.Tensor, y: torch.Tensor, weights: ctypes.Array, forma
                                   0 if head is None else len(head.parts), 0 if head is None else head.n,
                                   None if logits is None else logits.data_ptr(),
                                   int(logits is not None and logits.dtype == torch.float32),
-                                  scratch.data_ptr(), torch.get_num_threads())
+                                  None if argmax is None else argmax.data_ptr(), scratch.data_ptr(),
+                                  torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"decode_layers: kernel error {rc} (heads {heads}, head_dim {head_dim}, block {block_size})")
 

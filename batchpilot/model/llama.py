@@ -166,7 +166,7 @@ class LlamaModel:
         the lm_head's GEMV computed them (the sampler converts to float32 only what needs it: a greedy
         batch takes its argmax from bf16 directly)."""
         if self.fused:
-            return self._forward_fused(token_ids, positions, kv_caches, meta, logits_rows)
+            return self._forward_fused(token_ids, positions, kv_caches, meta, logits_rows, None)[0]
         a = self.args
         t = token_ids.shape[0]
         h, kvh, d = a.num_heads, a.num_kv_heads, a.head_dim
@@ -188,8 +188,22 @@ class LlamaModel:
         x = _rms_norm(x if logits_rows is None else x[logits_rows], self.norm, a.rms_norm_eps)
         return self.lm_head(x)
 
-    def _forward_fused(self, token_ids, positions, kv_caches, meta, logits_rows) -> torch.Tensor:
-        """forward() with its element-wise steps fused: ~12 calls a layer instead of ~45."""
+    def forward_greedy(self, token_ids: torch.Tensor, positions: torch.Tensor,
+                       kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                       meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """forward() of every row, for a step that samples each greedily: the logits, and each row's argmax
+        where the step's one native call computed it too (None: the sampler takes it). Inside that call the
+        scan reads the logits from the threads' caches, with no Python after the weights' stream."""
+        if not self.fused:
+            return self.forward(token_ids, positions, kv_caches, meta, None), None
+        return self._forward_fused(token_ids, positions, kv_caches, meta, None,
+                                   torch.empty(token_ids.shape[0], dtype=torch.long))
+
+    def _forward_fused(self, token_ids, positions, kv_caches, meta, logits_rows,
+                       argmax: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """forward() with its element-wise steps fused: ~12 calls a layer instead of ~45. With argmax ([T]
+        int64), the logits' argmax is written into it where the lm_head runs inside the step's native call;
+        returns the logits and argmax where it was, else None."""
         a = self.args
         t = token_ids.shape[0]
         h, kvh, d = a.num_heads, a.num_kv_heads, a.head_dim
@@ -209,10 +223,11 @@ class LlamaModel:
                                   else kernels.cache_pointers(kv_caches),
                                   a.num_layers, cos, sin, meta.slot_mapping, meta.decode_tables, meta.decode_lens,
                                   meta.block_size, k_cache.shape[1], h, kvh, d, a.intermediate_size,
-                                  a.rms_norm_eps, scale, self.layers[0].attn_norm, head, logits)
+                                  a.rms_norm_eps, scale, self.layers[0].attn_norm, head, logits,
+                                  None if head is None else argmax)
             if logits is not None:
-                return logits
-            return self.lm_head(y if logits_rows is None else y[logits_rows])
+                return logits, argmax
+            return self.lm_head(y if logits_rows is None else y[logits_rows]), None
         kernels.add_rms_norm(x, None, self.layers[0].attn_norm, y, a.rms_norm_eps)
         for layer, (k_cache, v_cache), next_norm in zip(self.layers, kv_caches, self._next_norms()):
             qkv = layer.qkv(y)
@@ -223,7 +238,7 @@ class LlamaModel:
             o = paged_attention(q, k, v, k_cache, v_cache, meta, scale)
             kernels.add_rms_norm(x, layer.o(o.view(t, h * d)), layer.ffn_norm, y, a.rms_norm_eps)
             kernels.add_rms_norm(x, layer.down(kernels.silu_mul(layer.gate_up(y))), next_norm, y, a.rms_norm_eps)
-        return self.lm_head(y if logits_rows is None else y[logits_rows])
+        return self.lm_head(y if logits_rows is None else y[logits_rows]), None
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

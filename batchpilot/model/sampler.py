@@ -33,8 +33,20 @@ class SamplingRow:
     stop_token_ids: frozenset[int] = frozenset()  # not sampled before params.min_tokens
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """Pick one token per row of logits [R, V] (bf16 or float32; float32 is modified in place).
+def greedy_as_is(rows: list[SamplingRow]) -> bool:
+    """Whether every row's token is the argmax of its logits as they are: greedy, with no logprobs, penalties
+    or shaping (then the model may compute it with the logits: LlamaModel.forward_greedy)."""
+    return all(r.params.greedy and _as_is(r) for r in rows)
+
+
+def _as_is(r: SamplingRow) -> bool:
+    return r.params.logprobs is None and not _penalised(r) and not _shapes(r)
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow],
+           argmax: torch.Tensor | None = None) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """Pick one token per row of logits [R, V] (bf16 or float32; float32 is modified in place). argmax: each
+    row's argmax of the logits where the model computed it already ([R] int64), used when greedy_as_is(rows).
 
     A batch of greedy rows without logprobs or penalties takes its argmax from the logits as they
     are (bf16 converts to float32 exactly, so the argmax is the same; the conversion of [128, 49152]
@@ -45,9 +57,9 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], li
         The sampled token ids, and per row the logprobs asked for (None where not asked).
         Logprobs are of the model's raw distribution, before penalties and temperature.
     """
-    as_is = all(r.params.logprobs is None and not _penalised(r) and not _shapes(r) for r in rows)
-    if as_is and all(r.params.greedy for r in rows):
-        return _argmax(logits).tolist(), [None] * len(rows)
+    if greedy_as_is(rows):
+        return (_argmax(logits) if argmax is None else argmax).tolist(), [None] * len(rows)
+    as_is = all(_as_is(r) for r in rows)
     if (as_is and logits.dtype in kernels.LOGIT_DTYPES and kernels.native_available()
             and all(_temperature_only(r) for r in rows)):
         return _sample_random(logits, rows).tolist(), [None] * len(rows)  # read in place, bf16 or not

@@ -9,9 +9,11 @@
  * AVX512-BF16 and VNNI).
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "kernels.h"
+#include "row_scan.h"
 #include "team.h"
 
 #if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
@@ -54,12 +56,53 @@ static void project(const void *const *w, const int64_t *format, const uint16_t 
 #endif
 }
 
+
+/* One thread's part of a row's greedy scan: its columns' maximum and the first index holding it, or its first
+ * NaN (index -1: no columns). */
+typedef struct {
+    float best;
+    int nan;
+    int64_t index;
+} ScanPart;
+
+/* tokens[b] = the first index of row b's maximum in logits [B, vocab], or of its first NaN: argmax.c's answer.
+ * Thread j scans the columns of the lm_head tiles it computed (64 outputs each, gemv_bf16_team's split), still
+ * in its caches; then each row's parts are joined in column order: the first part holding the row's first NaN
+ * or its maximum holds the first index of it. */
+static void argmax_team(const void *logits, int is_bf16, int64_t B, int64_t vocab, ScanPart *parts,
+                        int64_t *tokens) {
+    const int T = omp_get_num_threads(), j = omp_get_thread_num();
+    const int64_t tiles = vocab / 64, first = team_start(tiles) * 64, n = team_end(tiles) * 64 - first;
+    for (int64_t b = 0; b < B && n > 0; b++) {
+        ScanPart *part = parts + b * T + j;
+        const char *row = (const char *)logits + (b * vocab + first) * (is_bf16 ? 2 : 4);
+        part->best = row_max(row, is_bf16, n, &part->nan);
+        part->index = first + (part->nan ? first_nan(row, is_bf16, n) : first_equal(row, is_bf16, n, part->best));
+    }
+    for (int64_t b = 0; b < B && n == 0; b++) parts[b * T + j] = (ScanPart){.best = -INFINITY, .nan = 0, .index = -1};
+#pragma omp barrier
+    for (int64_t b = team_start(B); b < team_end(B); b++) {
+        const ScanPart *row = parts + b * T;
+        int at = -1;
+        for (int i = 0; i < T && at < 0; i++)
+            if (row[i].nan) at = i;
+        float best = -INFINITY;
+        for (int i = 0; i < T; i++)
+            if (row[i].index >= 0 && row[i].best > best) best = row[i].best;
+        for (int i = 0; i < T && at < 0; i++)
+            if (row[i].index >= 0 && row[i].best == best) at = i;
+        tokens[b] = at < 0 ? 0 : row[at].index;
+    }
+#pragma omp barrier
+}
+
 /*
  * x: [B, C] bf16, the residual stream (updated in place); y: [B, C] bf16, set to the normed input of
  * the first layer's QKV (first_norm) and on return the lm_head's. head: the lm_head's bf16 tile parts
  * (head_parts of them, [vocab, C]) or NULL; with it, logits [B, vocab] (float32 when logits_f32, else
- * bf16) get y times it in the same region: the Python and the region's start that a call of its own
- * cost come after the weights' stream, from cold caches (docs/reproduction.md). weights:
+ * bf16) get y times it in the same region, and with tokens ([B] int64, or NULL) each row's argmax too (greedy
+ * sampling): the Python and the region's start that a call of its own cost come after the weights' stream, from
+ * cold caches (docs/reproduction.md). weights:
  * POINTERS_PER_LAYER a layer (NEXT_NORM is the next layer's input norm or the final one; an absent
  * bias or lows is NULL); formats: FORMATS_PER_LAYER a layer. caches: a layer's K then V cache,
  * [KVH, S, D] each. cos, sin: [B, D/2] float32. scratch: bf16, at least
@@ -72,7 +115,7 @@ int decode_layers(uint16_t *x, uint16_t *y, const uint16_t *first_norm, const vo
                   const int64_t *slots, const int64_t *block_tables, const int64_t *context_lens, int table_width,
                   int block_size, int64_t num_slots, int64_t B, int64_t C, int H, int KVH, int D, int64_t I, float eps,
                   float scale, const uint16_t *const *head, int head_parts, int64_t vocab, void *logits, int logits_f32,
-                  uint16_t *scratch, int num_threads) {
+                  int64_t *tokens, uint16_t *scratch, int num_threads) {
     const int64_t W = (int64_t)(H + 2 * KVH) * D, HD = (int64_t)H * D;
     if (!formats_ok(formats, num_layers, C, W, HD, I) || !paged_decode_attention_ok(H, KVH, D, block_size)) return -1;
     const int64_t head_format[3] = {16, 0, head_parts};
@@ -82,6 +125,9 @@ int decode_layers(uint16_t *x, uint16_t *y, const uint16_t *first_norm, const vo
     float workspace[QGEMV_WORKSPACE];
     GemvSplit split = {.ready = 0};
     int failed = 0;
+    ScanPart *scan = NULL;
+    if (head != NULL && tokens != NULL && (scan = malloc((size_t)(B * num_threads) * sizeof(ScanPart))) == NULL)
+        return -2;
 #pragma omp parallel num_threads(num_threads)
     {
         add_rms_norm_team(x, C, NULL, 0, first_norm, y, C, B, C, eps);
@@ -103,7 +149,9 @@ int decode_layers(uint16_t *x, uint16_t *y, const uint16_t *first_norm, const vo
             add_rms_norm_team(x, C, proj, C, lw[NEXT_NORM], y, C, B, C, eps);
         }
         if (head != NULL) gemv_bf16_team(y, C, head, head_parts, NULL, logits, vocab, logits_f32, B, C, vocab, &split);
+        if (scan != NULL) argmax_team(logits, !logits_f32, B, vocab, scan, tokens);
     }
+    free(scan);
     return failed ? -2 : 0;
 }
 #endif
