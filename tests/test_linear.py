@@ -191,3 +191,28 @@ def test_gemv_on_two_threads_splits_the_middle_tile_of_an_odd_count_by_its_input
         assert torch.equal(kernels.gemv(x, whole, b, float_out=True), sums)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_gemv_tiles_shared_out_at_run_time_are_each_computed_once(rows):
+    """An even number of tiles on two threads is shared out as they go: each takes its part's tiles from the
+    front, then the other's from the back. Whichever thread computes a tile, it is the same sums: 2 threads
+    give the 1-thread output bit for bit, call after call on fresh inputs (a tile skipped would keep another
+    call's values, one taken twice a torn row), placed in two streams as the model's are."""
+    from batchpilot.model.hugepages import HugePageArena
+
+    threads = torch.get_num_threads()
+    try:
+        g = torch.Generator().manual_seed(rows)
+        w = torch.randn(64 * kernels.GEMV_TILE, 576, generator=g).to(torch.bfloat16)
+        placed = kernels.pack_gemv_weight(w).place([HugePageArena(), HugePageArena()])
+        for _ in range(30):
+            x = torch.randn(rows, 576, generator=g).to(torch.bfloat16)
+            torch.set_num_threads(2)
+            shared = kernels.gemv(x, placed, None, float_out=True)
+            torch.set_num_threads(1)
+            alone = kernels.gemv(x, placed, None, float_out=True)
+            assert torch.equal(shared, alone)
+        torch.testing.assert_close(alone.double(), F.linear(x.double(), w.double()), rtol=1e-5, atol=2e-4)
+    finally:
+        torch.set_num_threads(threads)

@@ -66,9 +66,9 @@ typedef struct {
 } ScanPart;
 
 /* tokens[b] = the first index of row b's maximum in logits [B, vocab], or of its first NaN: argmax.c's answer.
- * Thread j scans the columns of the lm_head tiles it computed (64 outputs each, gemv_bf16_team's split), still
- * in its caches; then each row's parts are joined in column order: the first part holding the row's first NaN
- * or its maximum holds the first index of it. */
+ * Thread j scans the columns of its part of the lm_head's tiles (64 outputs each, gemv_bf16_team's split; it
+ * computed most of them, so they are in its caches); then each row's parts are joined in column order: the first
+ * part holding the row's first NaN or its maximum holds the first index of it. */
 static void argmax_team(const void *logits, int is_bf16, int64_t B, int64_t vocab, ScanPart *parts,
                         int64_t *tokens) {
     const int T = omp_get_num_threads(), j = omp_get_thread_num();

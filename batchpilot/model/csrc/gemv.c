@@ -88,6 +88,27 @@ static void finish_halves(GemvSplit *split, const uint16_t *bias, void *y, int64
         }
 }
 
+/* A claim word: the call (24 bits, mod 2^24), then the part's first and end tile not yet taken (20 bits each). */
+#define CLAIM_TILES (1 << 20)
+static inline uint64_t claim_pack(uint64_t call, int64_t front, int64_t back) {
+    return ((call & 0xFFFFFF) << 40) | ((uint64_t)front << 20) | (uint64_t)back;
+}
+static inline int64_t claim_front(uint64_t w) { return (int64_t)((w >> 20) & (CLAIM_TILES - 1)); }
+static inline int64_t claim_back(uint64_t w) { return (int64_t)(w & (CLAIM_TILES - 1)); }
+
+/* Takes a tile of part `owner`'s claim for this call: its front one (the owner, in stream order) or its last
+ * (another thread, done with its own part); -1 when none is left or the owner has not posted this call's. */
+static inline int64_t claim_take(GemvClaim *claim, uint64_t call, int from_back) {
+    uint64_t w = __atomic_load_n(&claim->word, __ATOMIC_ACQUIRE);
+    for (;;) {
+        const int64_t front = claim_front(w), back = claim_back(w);
+        if ((w >> 40) != (call & 0xFFFFFF) || front >= back) return -1;
+        const uint64_t taken = from_back ? claim_pack(call, front, back - 1) : claim_pack(call, front + 1, back);
+        if (__atomic_compare_exchange_n(&claim->word, &w, taken, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            return from_back ? back - 1 : front;
+    }
+}
+
 /* w: [N / 64][K / 2][64][2] bf16 (kernels.pack_gemv_weight) in `parts` pieces (team.h's split of the tiles:
  * laid out per thread, each thread's tiles of a step in one stream); x: [M, K] bf16 with row stride x_stride;
  * bias: [N] bf16 or NULL; y: [M, N] with row stride y_stride, bf16, or float32 (the sums unrounded) when y_f32.
@@ -95,7 +116,11 @@ static void finish_halves(GemvSplit *split, const uint16_t *bias, void *y, int64
  * a team of two threads over an odd number of tiles splits the middle tile (the last of thread 0's part) by
  * its inputs: thread 1 takes the second half first and posts its float32 sums, thread 0 takes the first half
  * last and adds them. Otherwise one thread reads a whole tile more than the other, and a thread cannot read
- * faster while the other waits (on a Xeon each core streams at its own limit). */
+ * faster while the other waits (on a Xeon each core streams at its own limit). Without the halves, the tiles are
+ * shared out at run time: each thread takes its own part's from the front, in stream order, then the other
+ * parts' from their back, so that a thread the memory serves faster at that moment does not wait for the
+ * other at the barrier (the two cores of a Zen 4 EPYC finished the lm_head's even split 37-132 us apart). Each
+ * tile is computed whole by whichever thread takes it: the same sums. */
 void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *w, int parts, const uint16_t *bias,
                     void *y, int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N, GemvSplit *split) {
     const int64_t tiles = N / TILE_N, K2 = K / 2, tile_elems = K2 * TILE_N * 2, mid = tiles / 2;
@@ -108,9 +133,25 @@ void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *
 #else
     const int amx = 0;
 #endif
-    const int halves = gemv_halves(split, tiles, K2, M), thread = omp_get_thread_num();
+    const int halves = gemv_halves(split, tiles, K2, M), thread = omp_get_thread_num(), team = omp_get_num_threads();
     const int64_t first = team_start(tiles), last = halves && thread == 0 ? mid : team_end(tiles);
 #define TILE(t) part_tile(w, parts, tiles, tile_elems, (t))
+    if (split != NULL && !halves && team > 1 && team <= GEMV_MAX_TEAM && tiles < CLAIM_TILES) {
+        GemvClaim *own = &split->claims[thread];
+        const uint64_t call = (uint64_t)++own->calls;
+        __atomic_store_n(&own->word, claim_pack(call, first, last), __ATOMIC_RELEASE);
+        for (int64_t t; (t = claim_take(own, call, 0)) >= 0;)
+            tile_part_times_rows(amx, M, x, x_stride, pad, K, TILE(t), 0, K2, bias != NULL ? bias + t * TILE_N : NULL,
+                                 (char *)y + t * TILE_N * esize, y_stride, y_f32, t + 1 < last ? TILE(t + 1) : NULL,
+                                 t == first);
+        for (int v = 1; v < team; v++)
+            for (int64_t t; (t = claim_take(&split->claims[(thread + v) % team], call, 1)) >= 0;)
+                tile_part_times_rows(amx, M, x, x_stride, pad, K, TILE(t), 0, K2,
+                                     bias != NULL ? bias + t * TILE_N : NULL, (char *)y + t * TILE_N * esize, y_stride,
+                                     y_f32, NULL, 1);
+#pragma omp barrier
+        return;
+    }
     if (halves && thread == 1) {
         tile_part_times_rows(amx, M, x, x_stride, pad, K, TILE(mid), K2 / 2, K2, NULL, split->sums[1], TILE_N, 1,
                              first < last ? TILE(first) : NULL, 1);
