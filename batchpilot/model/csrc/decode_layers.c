@@ -56,7 +56,6 @@ static void project(const void *const *w, const int64_t *format, const uint16_t 
 #endif
 }
 
-
 /* One thread's part of a row's greedy scan: its columns' maximum and the first index holding it, or its first
  * NaN (index -1: no columns). */
 typedef struct {

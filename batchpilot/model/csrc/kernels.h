@@ -9,9 +9,6 @@
 
 /* rows up to which gemv_bf16_team splits a tile between two threads */
 #define GEMV_SPLIT_MAX_ROWS 128
-/* What the threads of a team share in gemv_bf16_team (gemv.c): to split one tile between two threads, each
- * half's float32 sums, [M][64], and whether thread 1's are posted (0 between calls); to share out the tiles at
- * run time, each thread's claim. Declared, zeroed, by the function that opens the team. */
 /* threads of a team that share out the tiles of an even split at run time (gemv.c); larger teams split statically */
 #define GEMV_MAX_TEAM 16
 /* One thread's part of the tiles at run time: the tiles [front, back) of it not yet taken, and the call they
@@ -20,6 +17,9 @@ typedef struct {
     _Alignas(64) uint64_t word;
     int calls; /* the owner's calls of gemv_bf16_team with this GemvSplit so far */
 } GemvClaim;
+/* What the threads of a team share in gemv_bf16_team (gemv.c): to split one tile between two threads, each
+ * half's float32 sums, [M][64], and whether thread 1's are posted (0 between calls); to share out the tiles at
+ * run time, each thread's claim. Declared, zeroed, by the function that opens the team. */
 typedef struct {
     float sums[2][GEMV_SPLIT_MAX_ROWS * 64];
     int ready;
