@@ -131,6 +131,10 @@ class Linear:
             return None
         return (self.gemv.address, None, None, 16, 0, len(self.gemv.parts)), self.gemv_rows
 
+    def gemv_for(self, rows: int) -> kernels.GemvTiles | None:
+        """The bf16 tiles __call__ multiplies `rows` rows by (kernels.gemv), or None where another path runs."""
+        return self.gemv if self.gemv is not None and rows <= self.gemv_rows else None
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized is not None:
             x2 = x.reshape(-1, x.shape[-1])
@@ -140,8 +144,8 @@ class Linear:
                 y = y + self.bias
             return y.view(*x.shape[:-1], y.shape[-1])
         if x.dim() == 2:
-            if self.gemv is not None and x.shape[0] <= self.gemv_rows:
-                return kernels.gemv(x, self.gemv, self.bias, self.float_out)
+            if (tiles := self.gemv_for(x.shape[0])) is not None:
+                return kernels.gemv(x, tiles, self.bias, self.float_out)
             if self.packed is not None and x.shape[0] <= self.packed_rows:
                 return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
             if self.upcast is not None:

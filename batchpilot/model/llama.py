@@ -216,7 +216,7 @@ class LlamaModel:
             k_cache = kv_caches[0][0]
             # the lm_head in the same call where its bf16 tiles take these rows and every row wants logits
             lm = self.lm_head
-            head = lm.gemv if logits_rows is None and t <= lm.gemv_rows and lm.bias is None else None
+            head = lm.gemv_for(t) if logits_rows is None and lm.bias is None else None
             logits = None if head is None else x.new_empty(t, head.n, dtype=torch.float32 if lm.float_out else x.dtype)
             kernels.decode_layers(x, y, self.decode_weights, self.decode_formats,
                                   meta.cache_pointers if meta.cache_pointers is not None
