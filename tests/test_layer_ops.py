@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from batchpilot.model import kernels
+from batchpilot.model import kernels, quant
 from batchpilot.model.llama import _rms_norm, _rope
 
 # bf16: one rounding of the result apart at most (float sums in another order); float32: close.
@@ -157,6 +157,25 @@ def test_quantized_decode_steps_in_one_native_call_give_the_per_kernel_outputs_b
     _assert_one_native_call_per_decode_step_changes_nothing(llm, prompts, 12, monkeypatch, head=False)
 
 
+def test_decode_steps_in_one_native_call_expand_a_4_bit_embedding_in_python(default_model_dir, monkeypatch):
+    """An embedding kept in 4-bit blocks (quant.Int4Rows, as a Q4 GGUF's under int4), which the native call
+    cannot look up: the step expands its rows into the residual stream first, and gives the per-kernel
+    outputs (a call that took the rows from anywhere else would not)."""
+    from batchpilot import LLM
+
+    llm = LLM(str(default_model_dir), kv_cache_gib=0.1)
+    model = llm.engine.executor.model
+    table = model.embed.float()
+    groups = table.view(table.shape[0], -1, quant.INT4_GROUP)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = ((high - low) / 15).clamp_min(1e-8)
+    q = ((groups - low) / scale).round().clamp(0, 15).flatten(-2)
+    monkeypatch.setattr(model, "embed", quant.Int4Rows(quant.pack_pairs(q), scale.squeeze(-1).half(),
+                                                       low.squeeze(-1).half(), model.dtype))
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    _assert_one_native_call_per_decode_step_changes_nothing(llm, prompts, 10, monkeypatch, head=True)
+
+
 @pytest.mark.parametrize("nans", ["none", "late", "early and late"])
 def test_greedy_argmax_inside_the_step_call_is_the_samplers(default_model_dir, monkeypatch, nans):
     """A greedy decode step takes its tokens from the argmax decode_layers computes with the logits, each
@@ -196,3 +215,20 @@ def test_greedy_argmax_inside_the_step_call_is_the_samplers(default_model_dir, m
     assert inside == sampler
     expected = {"none": {5, 9}, "late": {late}, "early and late": {11}}[nans]
     assert all(set(tokens[1:]) <= expected for tokens in inside)  # the first token is the prefill's
+
+
+def test_decode_buffers_are_made_once_and_grow_for_more_rows():
+    """A decode step's tensors are views of buffers made for the most rows seen: the same memory step after
+    step (no allocation), new memory only for more rows than ever, each view its row count's shape."""
+    from batchpilot.model.llama import DecodeBuffers
+
+    buffers = DecodeBuffers(hidden=8, scratch_per_row=5, vocab=128, dtype=torch.bfloat16, logits_dtype=torch.float32)
+    x, y, scratch, logits, argmax = buffers.rows(2)
+    assert (x.shape, y.shape, scratch.shape, logits.shape, argmax.shape) == ((2, 8), (2, 8), (10,), (2, 128), (2,))
+    assert logits.dtype == torch.float32 and x.dtype == torch.bfloat16 and argmax.dtype == torch.long
+    again = buffers.rows(2)
+    assert [t.data_ptr() for t in again] == [t.data_ptr() for t in (x, y, scratch, logits, argmax)]
+    assert buffers.rows(1)[3].data_ptr() == logits.data_ptr()  # fewer rows: the same memory
+    bigger = buffers.rows(3)
+    assert buffers.capacity >= 4 and bigger[3].shape == (3, 128) and bigger[3].is_contiguous()
+    assert buffers.rows(4)[3].data_ptr() == bigger[3].data_ptr()  # grown geometrically: 4 rows fit already

@@ -85,8 +85,8 @@ def _library() -> ctypes.CDLL | None:
         "gemv_bf16": (i32, [ptr, i64, ptr, i32, ptr, ptr, i64, i32, i64, i64, i64, i32]),
         "gemv_amx_enable": (i32, [i32]),
         "gemv_amx_min_rows": (i32, []),
-        "decode_layers": (i32, [ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, i32, i32, i64, i64, i64,
-                                i32, i32, i32, i64, f32, f32, ptr, i32, i64, ptr, i32, ptr, ptr, i32]),
+        "decode_layers": (i32, [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32,
+                                i64, i64, i64, i32, i32, i32, i64, f32, f32, ptr, i32, i64, ptr, i32, ptr, ptr, i32]),
         "dequant_int4": (None, [ptr, ptr, ptr, i64, i64, i64, i32, i32]),
         "qgemv_bf16": (i32, [ptr, i64, ptr, ptr, ptr, i32, i64, ptr, ptr, i64, i64, i64, i64, i32]),
         "qdequant_bf16": (i32, [ptr, ptr, ptr, i32, i64, ptr, i64, i64, i32]),
@@ -341,39 +341,50 @@ def cache_pointers(kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> ctypes
     return pointers([cache for layer in kv_caches for cache in layer])
 
 
-def decode_layers(x: torch.Tensor, y: torch.Tensor, weights: ctypes.Array, formats: ctypes.Array,
-                  caches: ctypes.Array, num_layers: int, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
-                  tables: torch.Tensor, lens: torch.Tensor, block_size: int, num_slots: int, heads: int,
-                  kv_heads: int, head_dim: int, intermediate: int, eps: float, scale: float, first_norm: torch.Tensor,
-                  head: GemvTiles | None = None, logits: torch.Tensor | None = None,
+def decode_layers(x: torch.Tensor, y: torch.Tensor, scratch: torch.Tensor, embed: torch.Tensor | None,
+                  token_ids: torch.Tensor, weights: ctypes.Array, formats: ctypes.Array, caches: ctypes.Array,
+                  num_layers: int, rope_cos: torch.Tensor, rope_sin: torch.Tensor, positions: torch.Tensor,
+                  slots: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, block_size: int, num_slots: int,
+                  heads: int, kv_heads: int, head_dim: int, intermediate: int, eps: float, scale: float,
+                  first_norm: torch.Tensor, head: GemvTiles | None = None, logits: torch.Tensor | None = None,
                   argmax: torch.Tensor | None = None) -> None:
-    """Every layer of a decode-only bf16 step (csrc/decode_layers.c): x [B, C] the residual stream, updated
-    in place; y [B, C] set to x normed by first_norm (the first layer's input norm), and on return the
-    lm_head's input. With head (the lm_head's tiles) and logits ([B, vocab], float32 or bf16), the lm_head's
-    GEMV runs too, in the same native call; and with argmax ([B] int64) each row's argmax of the logits, as
-    argmax_rows gives it (greedy sampling, from the logits while they are in the threads' caches).
+    """Every layer of a decode-only bf16 step (csrc/decode_layers.c): x [B, C] the residual stream, set to the
+    rows of embed ([vocab, C] bf16) that token_ids ([B] int64) pick, unless embed is None (then the caller has
+    set them), and updated in place; y [B, C] set to x normed by first_norm (the first layer's input norm), and
+    on return the lm_head's input. rope_cos, rope_sin: the model's tables [positions, D/2] float32, indexed by
+    positions ([B] int64) in the call. scratch: bf16, decode_scratch_elements(...) of them. With head (the
+    lm_head's tiles) and logits ([B, vocab], float32 or bf16), the lm_head's GEMV runs too, in the same native
+    call; and with argmax ([B] int64) each row's argmax of the logits, as argmax_rows gives it (greedy sampling,
+    from the logits while they are in the threads' caches).
     weights: 15 pointers a layer (the qkv, o, gate_up and down projections' weight, scales and lows,
     then the qkv bias, the ffn norm, the next norm; a bf16 weight is the address of its GemvTiles'
     pointers); formats: 12 int64 a layer (each projection's bits, group and parts); caches: a layer's
     K then V cache."""
     b, c = x.shape
-    scratch = x.new_empty(b * ((heads + 2 * kv_heads) * head_dim + 2 * heads * head_dim + c + 3 * intermediate))
     if (head is None) != (logits is None):
         raise ValueError("decode_layers: head and logits go together")
     if argmax is not None and (logits is None or argmax.dtype != torch.long or argmax.shape != (b,)):
         raise ValueError("decode_layers: argmax needs the logits and one int64 per row")
-    rc = _library().decode_layers(x.data_ptr(), y.data_ptr(), first_norm.data_ptr(), weights, formats, caches,
-                                  num_layers, cos.data_ptr(),
-                                  sin.data_ptr(), slots.data_ptr(), tables.data_ptr(), lens.data_ptr(),
-                                  tables.shape[1], block_size, num_slots, b, c, heads, kv_heads, head_dim,
-                                  intermediate, eps, scale, None if head is None else head.address,
-                                  0 if head is None else len(head.parts), 0 if head is None else head.n,
-                                  None if logits is None else logits.data_ptr(),
+    if scratch.numel() < decode_scratch_elements(b, c, heads, kv_heads, head_dim, intermediate):
+        raise ValueError("decode_layers: scratch too small")
+    rc = _library().decode_layers(x.data_ptr(), y.data_ptr(), None if embed is None else embed.data_ptr(),
+                                  token_ids.data_ptr(), first_norm.data_ptr(), weights, formats, caches, num_layers,
+                                  rope_cos.data_ptr(), rope_sin.data_ptr(), positions.data_ptr(), slots.data_ptr(),
+                                  tables.data_ptr(), lens.data_ptr(), tables.shape[1], block_size, num_slots, b, c,
+                                  heads, kv_heads, head_dim, intermediate, eps, scale,
+                                  None if head is None else head.address, 0 if head is None else len(head.parts),
+                                  0 if head is None else head.n, None if logits is None else logits.data_ptr(),
                                   int(logits is not None and logits.dtype == torch.float32),
                                   None if argmax is None else argmax.data_ptr(), scratch.data_ptr(),
                                   torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"decode_layers: kernel error {rc} (heads {heads}, head_dim {head_dim}, block {block_size})")
+
+
+def decode_scratch_elements(rows: int, hidden: int, heads: int, kv_heads: int, head_dim: int,
+                            intermediate: int) -> int:
+    """The bf16 elements of scratch decode_layers needs for `rows` rows (csrc/decode_layers.c's buffers)."""
+    return rows * ((heads + 2 * kv_heads) * head_dim + 2 * heads * head_dim + hidden + 3 * intermediate)
 
 
 def dequant_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, shape: tuple[int, int], group: int) -> torch.Tensor:

@@ -48,6 +48,37 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     return torch.where(medium, blended, scaled).float()
 
 
+class DecodeBuffers:
+    """The tensors a decode_layers step writes (the residual stream, the normed rows, the kernels' scratch, the
+    logits and their argmax), made once for the most rows seen and viewed per row count: a step's allocations,
+    from the caches the weights' stream left cold, cost ~15 us each (docs/reproduction.md). The logits and
+    argmax a step returns are these buffers: valid until the model's next decode step."""
+
+    def __init__(self, hidden: int, scratch_per_row: int, vocab: int, dtype: torch.dtype,
+                 logits_dtype: torch.dtype):
+        self.hidden, self.scratch_per_row, self.vocab = hidden, scratch_per_row, vocab
+        self.dtype, self.logits_dtype = dtype, logits_dtype
+        self.capacity = 0
+        self._views: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [n, hidden], y [n, hidden], scratch [n * scratch_per_row], logits [n, vocab], argmax [n]."""
+        views = self._views.get(n)
+        if views is None:
+            if n > self.capacity:  # grown geometrically, so a batch that grows a row a step allocates rarely
+                self.capacity = max(n, 2 * self.capacity)
+                c = self.capacity
+                self._x = torch.empty(c, self.hidden, dtype=self.dtype)
+                self._y = torch.empty(c, self.hidden, dtype=self.dtype)
+                self._scratch = torch.empty(c * self.scratch_per_row, dtype=self.dtype)
+                self._logits = torch.empty(c, self.vocab, dtype=self.logits_dtype)
+                self._argmax = torch.empty(c, dtype=torch.long)
+                self._views.clear()
+            views = self._views[n] = (self._x[:n], self._y[:n], self._scratch[: n * self.scratch_per_row],
+                                      self._logits[:n], self._argmax[:n])
+        return views
+
+
 class LlamaModel:
     """Weights of one model in one dtype, and the forward pass over a paged KV cache."""
 
@@ -127,6 +158,11 @@ class LlamaModel:
         # The fused element-wise kernels (kernels.py), or the torch code they reproduce.
         self.fused = kernels.layer_ops_supports(dtype)
         self.decode_weights, self.decode_formats, self.decode_max_rows = self._decode_layers_weights()
+        head = self.lm_head
+        self.decode_buffers = DecodeBuffers(
+            args.hidden_size, kernels.decode_scratch_elements(1, args.hidden_size, args.num_heads, args.num_kv_heads,
+                                                              args.head_dim, args.intermediate_size),
+            head.gemv.n if head.gemv is not None else 0, dtype, torch.float32 if head.float_out else dtype)
 
     def _decode_layers_weights(self):
         """kernels.decode_layers' per-layer pointers and formats, and the most rows it takes; None, None, 0
@@ -196,38 +232,23 @@ class LlamaModel:
         scan reads the logits from the threads' caches, with no Python after the weights' stream."""
         if not self.fused:
             return self.forward(token_ids, positions, kv_caches, meta, None), None
-        return self._forward_fused(token_ids, positions, kv_caches, meta, None,
-                                   torch.empty(token_ids.shape[0], dtype=torch.long))
+        return self._forward_fused(token_ids, positions, kv_caches, meta, None, greedy=True)
 
     def _forward_fused(self, token_ids, positions, kv_caches, meta, logits_rows,
-                       argmax: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """forward() with its element-wise steps fused: ~12 calls a layer instead of ~45. With argmax ([T]
-        int64), the logits' argmax is written into it where the lm_head runs inside the step's native call;
-        returns the logits and argmax where it was, else None."""
+                       greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """forward() with its element-wise steps fused: ~12 calls a layer instead of ~45. Where the lm_head runs
+        inside a decode step's native call, greedy asks for the logits' argmax there too; returns the logits and
+        the argmax where it was computed, else None."""
         a = self.args
         t = token_ids.shape[0]
         h, kvh, d = a.num_heads, a.num_kv_heads, a.head_dim
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [T, D/2] float32
         scale = 1.0 / math.sqrt(d)
-        x = self.embed[token_ids]  # [T, hidden], the residual stream, updated in place
-        y = torch.empty_like(x)  # the normed input of the next projection
         if (self.decode_weights is not None and t <= self.decode_max_rows and meta.native and not meta.prefills
                 and meta.num_decodes == t):  # every layer in one native call: the same kernels, in order
-            k_cache = kv_caches[0][0]
-            # the lm_head in the same call where its bf16 tiles take these rows and every row wants logits
-            lm = self.lm_head
-            head = lm.gemv_for(t) if logits_rows is None and lm.bias is None else None
-            logits = None if head is None else x.new_empty(t, head.n, dtype=torch.float32 if lm.float_out else x.dtype)
-            kernels.decode_layers(x, y, self.decode_weights, self.decode_formats,
-                                  meta.cache_pointers if meta.cache_pointers is not None
-                                  else kernels.cache_pointers(kv_caches),
-                                  a.num_layers, cos, sin, meta.slot_mapping, meta.decode_tables, meta.decode_lens,
-                                  meta.block_size, k_cache.shape[1], h, kvh, d, a.intermediate_size,
-                                  a.rms_norm_eps, scale, self.layers[0].attn_norm, head, logits,
-                                  None if head is None else argmax)
-            if logits is not None:
-                return logits, argmax
-            return self.lm_head(y if logits_rows is None else y[logits_rows]), None
+            return self._decode_step(token_ids, positions, kv_caches, meta, logits_rows, greedy)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [T, D/2] float32
+        x = self.embed[token_ids]  # [T, hidden], the residual stream, updated in place
+        y = torch.empty_like(x)  # the normed input of the next projection
         kernels.add_rms_norm(x, None, self.layers[0].attn_norm, y, a.rms_norm_eps)
         for layer, (k_cache, v_cache), next_norm in zip(self.layers, kv_caches, self._next_norms()):
             qkv = layer.qkv(y)
@@ -238,6 +259,31 @@ class LlamaModel:
             o = paged_attention(q, k, v, k_cache, v_cache, meta, scale)
             kernels.add_rms_norm(x, layer.o(o.view(t, h * d)), layer.ffn_norm, y, a.rms_norm_eps)
             kernels.add_rms_norm(x, layer.down(kernels.silu_mul(layer.gate_up(y))), next_norm, y, a.rms_norm_eps)
+        return self.lm_head(y if logits_rows is None else y[logits_rows]), None
+
+    def _decode_step(self, token_ids, positions, kv_caches, meta, logits_rows,
+                     greedy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A decode-only step in one native call (kernels.decode_layers) on the model's DecodeBuffers: the
+        embedding rows and the rotary angles are looked up in the call, the lm_head runs in it where its bf16
+        tiles take these rows and every row wants logits, and with greedy the argmax too."""
+        a = self.args
+        t = token_ids.shape[0]
+        x, y, scratch, logits, argmax = self.decode_buffers.rows(t)
+        lm = self.lm_head
+        head = lm.gemv_for(t) if logits_rows is None and lm.bias is None else None
+        embed = self.embed if isinstance(self.embed, torch.Tensor) else None
+        if embed is None:  # a quantized table expands its rows in Python
+            x.copy_(self.embed[token_ids])
+        kernels.decode_layers(x, y, scratch, embed, token_ids, self.decode_weights, self.decode_formats,
+                              meta.cache_pointers if meta.cache_pointers is not None
+                              else kernels.cache_pointers(kv_caches),
+                              a.num_layers, self.rope_cos, self.rope_sin, positions, meta.slot_mapping,
+                              meta.decode_tables, meta.decode_lens, meta.block_size, kv_caches[0][0].shape[1],
+                              a.num_heads, a.num_kv_heads, a.head_dim, a.intermediate_size, a.rms_norm_eps,
+                              1.0 / math.sqrt(a.head_dim), self.layers[0].attn_norm, head,
+                              None if head is None else logits, argmax if head is not None and greedy else None)
+        if head is not None:
+            return logits, argmax if greedy else None
         return self.lm_head(y if logits_rows is None else y[logits_rows]), None
 
 

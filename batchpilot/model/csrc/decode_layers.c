@@ -96,21 +96,24 @@ static void argmax_team(const void *logits, int is_bf16, int64_t B, int64_t voca
 }
 
 /*
- * x: [B, C] bf16, the residual stream (updated in place); y: [B, C] bf16, set to the normed input of
- * the first layer's QKV (first_norm) and on return the lm_head's. head: the lm_head's bf16 tile parts
+ * x: [B, C] bf16, the residual stream (updated in place), first set to the rows token_ids ([B] int64) pick from
+ * embed ([vocab, C] bf16) where embed is not NULL (else the caller has set it); y: [B, C] bf16, set to the normed
+ * input of the first layer's QKV (first_norm) and on return the lm_head's. head: the lm_head's bf16 tile parts
  * (head_parts of them, [vocab, C]) or NULL; with it, logits [B, vocab] (float32 when logits_f32, else
  * bf16) get y times it in the same region, and with tokens ([B] int64, or NULL) each row's argmax too (greedy
  * sampling): the Python and the region's start that a call of its own cost come after the weights' stream, from
  * cold caches (docs/reproduction.md). weights:
  * POINTERS_PER_LAYER a layer (NEXT_NORM is the next layer's input norm or the final one; an absent
  * bias or lows is NULL); formats: FORMATS_PER_LAYER a layer. caches: a layer's K then V cache,
- * [KVH, S, D] each. cos, sin: [B, D/2] float32. scratch: bf16, at least
+ * [KVH, S, D] each. rope_cos, rope_sin: [positions, D/2] float32, row positions[b] ([B] int64) for row b: the
+ * step's inputs are indexed here, not by a torch call each (a cold torch call cost ~15 us). scratch: bf16, at least
  * B * ((H + 2 KVH) D + 2 H D + C + 3 I). One parallel region for the whole step: each kernel is a team
  * kernel ending in a barrier. Returns 0, -1 for a shape the kernels do not take, -2 when a buffer
  * cannot be allocated.
  */
-int decode_layers(uint16_t *x, uint16_t *y, const uint16_t *first_norm, const void *const *weights,
-                  const int64_t *formats, void *const *caches, int num_layers, const float *cos_t, const float *sin_t,
+int decode_layers(uint16_t *x, uint16_t *y, const uint16_t *embed, const int64_t *token_ids,
+                  const uint16_t *first_norm, const void *const *weights, const int64_t *formats, void *const *caches,
+                  int num_layers, const float *rope_cos, const float *rope_sin, const int64_t *positions,
                   const int64_t *slots, const int64_t *block_tables, const int64_t *context_lens, int table_width,
                   int block_size, int64_t num_slots, int64_t B, int64_t C, int H, int KVH, int D, int64_t I, float eps,
                   float scale, const uint16_t *const *head, int head_parts, int64_t vocab, void *logits, int logits_f32,
@@ -129,13 +132,16 @@ int decode_layers(uint16_t *x, uint16_t *y, const uint16_t *first_norm, const vo
         return -2;
 #pragma omp parallel num_threads(num_threads)
     {
+        /* the rows add_rms_norm_team gives this thread: no barrier between */
+        for (int64_t b = team_start(B); embed != NULL && b < team_end(B); b++)
+            memcpy(x + b * C, embed + token_ids[b] * C, (size_t)C * 2);
         add_rms_norm_team(x, C, NULL, 0, first_norm, y, C, B, C, eps);
         for (int l = 0; l < num_layers; l++) {
             const void *const *lw = weights + (int64_t)l * POINTERS_PER_LAYER;
             const int64_t *lf = formats + (int64_t)l * FORMATS_PER_LAYER;
             uint16_t *k_cache = caches[2 * l], *v_cache = caches[2 * l + 1];
             project(lw + QKV, lf, y, C, lw[QKV_BIAS], qkv, B, C, W, workspace, &split, &failed);
-            rope_team(qkv, W, cos_t, sin_t, B, H + KVH, D);
+            rope_team(qkv, W, rope_cos, rope_sin, positions, B, H + KVH, D);
             for (int64_t b = team_start(B); b < team_end(B); b++) memcpy(q + b * HD, qkv + b * W, (size_t)HD * 2);
             write_kv_team(qkv + HD, W, qkv + HD + (int64_t)KVH * D, W, k_cache, v_cache, slots, B, KVH, D, num_slots);
             paged_decode_attention_team(q, k_cache, v_cache, attn, block_tables, context_lens, (int)B, H, KVH, D,

@@ -49,8 +49,9 @@ void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const v
 
 void add_rms_norm_team(uint16_t *x, int64_t x_stride, const uint16_t *delta, int64_t delta_stride,
                        const uint16_t *weight, uint16_t *out, int64_t out_stride, int64_t rows, int64_t cols, float eps);
-void rope_team(uint16_t *qkv, int64_t row_stride, const float *cos_t, const float *sin_t, int64_t rows, int heads,
-               int head_dim);
+/* cos_table, sin_table: [positions, head_dim / 2] float32, row positions[r] for row r */
+void rope_team(uint16_t *qkv, int64_t row_stride, const float *cos_table, const float *sin_table,
+               const int64_t *positions, int64_t rows, int heads, int head_dim);
 void write_kv_team(const uint16_t *k, int64_t k_stride, const uint16_t *v, int64_t v_stride, uint16_t *k_cache,
                    uint16_t *v_cache, const int64_t *slots, int64_t rows, int kv_heads, int head_dim,
                    int64_t num_slots);

@@ -249,11 +249,11 @@ void add_rms_norm_team(uint16_t *x, int64_t x_stride, const uint16_t *delta, int
 #pragma omp barrier
 }
 
-void rope_team(uint16_t *qkv, int64_t row_stride, const float *cos_t, const float *sin_t, int64_t rows, int heads,
-               int head_dim) {
+void rope_team(uint16_t *qkv, int64_t row_stride, const float *cos_table, const float *sin_table,
+               const int64_t *positions, int64_t rows, int heads, int head_dim) {
     for (int64_t r = team_start(rows); r < team_end(rows); r++)
-        rope_row((char *)(qkv + r * row_stride), cos_t + r * (head_dim / 2), sin_t + r * (head_dim / 2), heads,
-                 head_dim, 1);
+        rope_row((char *)(qkv + r * row_stride), cos_table + positions[r] * (head_dim / 2),
+                 sin_table + positions[r] * (head_dim / 2), heads, head_dim, 1);
 #pragma omp barrier
 }
 
