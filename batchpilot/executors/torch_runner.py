@@ -9,6 +9,7 @@ import torch
 from batchpilot.config import CacheConfig
 from batchpilot.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
 from batchpilot.engine.request import Request
+from batchpilot.executors.decode_inputs import DecodeInputs
 from batchpilot.model import kernels
 from batchpilot.model.attention import AttentionMetadata, PrefillChunk
 from batchpilot.model.hugepages import HugePageArena
@@ -104,6 +105,8 @@ class TorchRunner:
         self.kv_caches = [(layer[0], layer[1]) for layer in pool]  # per layer: K, V [KVH, S, D], contiguous
         self.cache_pointers = kernels.cache_pointers(self.kv_caches)  # for decode_layers, built once
         self.native_attention = native_attention and kernels.native_available()
+        # a decode-only step's inputs in buffers made once; its tables' width suits the native attention only
+        self.decode_inputs = DecodeInputs(block_size) if self.native_attention else None
         self._generators: dict[str, torch.Generator] = {}
         self._seed_source = torch.Generator().manual_seed(seed)
 
@@ -128,7 +131,8 @@ class TorchRunner:
             logits = self.model.forward(token_ids, positions, self.kv_caches, meta,
                                         None if every_row else torch.tensor(wanted, dtype=torch.long))
         prompt_lps = _prompt_logprobs(logits[len(sample_rows):], prompt_rows) if prompt_rows else {}
-        tokens, logprobs = sample(logits[: len(sample_rows)], rows, argmax)
+        tokens, logprobs = sample(logits if logits.shape[0] == len(sample_rows) else logits[: len(sample_rows)], rows,
+                                  argmax)
         ids = [s.request.request_id for _, s in sample_rows]
         return RunnerOutput(
             dict(zip(ids, tokens)),
@@ -148,6 +152,11 @@ class TorchRunner:
 
     def _prepare(self, ordered: list[ScheduledRequest]):
         bs = self.block_size
+        if self.decode_inputs is not None and all(s.num_new_tokens == 1 for s in ordered):
+            tokens, positions, slots, tables, lens = self.decode_inputs.fill(ordered)
+            meta = AttentionMetadata(slot_mapping=slots, block_size=bs, num_decodes=len(ordered), decode_tables=tables,
+                                     decode_lens=lens, native=True, prefills=[], cache_pointers=self.cache_pointers)
+            return tokens, positions, meta, [(row, s) for row, s in enumerate(ordered) if s.sample]
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
