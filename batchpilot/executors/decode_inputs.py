@@ -23,8 +23,9 @@ class DecodeInputs:
     def _grow(self, rows: int, width: int) -> None:
         """New buffers for at least `rows` rows of `width` blocks, geometrically, so growth is rare."""
         self.rows, self.width = max(rows, 2 * self.rows), max(width, 2 * self.width)
-        self._columns = torch.zeros(4, self.rows, dtype=torch.long)  # tokens, positions, slots, lengths
-        self._tables = torch.zeros(self.rows, self.width, dtype=torch.long)
+        with torch.inference_mode(False):  # usable in and out of inference mode
+            self._columns = torch.zeros(4, self.rows, dtype=torch.long)  # tokens, positions, slots, lengths
+            self._tables = torch.zeros(self.rows, self.width, dtype=torch.long)
         self._columns_np, self._tables_np = self._columns.numpy(), self._tables.numpy()
         self._views.clear()
 

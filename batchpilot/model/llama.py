@@ -68,11 +68,12 @@ class DecodeBuffers:
             if n > self.capacity:  # grown geometrically, so a batch that grows a row a step allocates rarely
                 self.capacity = max(n, 2 * self.capacity)
                 c = self.capacity
-                self._x = torch.empty(c, self.hidden, dtype=self.dtype)
-                self._y = torch.empty(c, self.hidden, dtype=self.dtype)
-                self._scratch = torch.empty(c * self.scratch_per_row, dtype=self.dtype)
-                self._logits = torch.empty(c, self.vocab, dtype=self.logits_dtype)
-                self._argmax = torch.empty(c, dtype=torch.long)
+                with torch.inference_mode(False):  # usable in and out of inference mode
+                    self._x = torch.empty(c, self.hidden, dtype=self.dtype)
+                    self._y = torch.empty(c, self.hidden, dtype=self.dtype)
+                    self._scratch = torch.empty(c * self.scratch_per_row, dtype=self.dtype)
+                    self._logits = torch.empty(c, self.vocab, dtype=self.logits_dtype)
+                    self._argmax = torch.empty(c, dtype=torch.long)
                 self._views.clear()
             views = self._views[n] = (self._x[:n], self._y[:n], self._scratch[: n * self.scratch_per_row],
                                       self._logits[:n], self._argmax[:n])
