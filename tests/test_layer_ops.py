@@ -131,13 +131,14 @@ def _assert_one_native_call_per_decode_step_changes_nothing(llm, prompts, max_to
         assert [(p.logprob, p.top) for p in steps_a] == [(p.logprob, p.top) for p in steps_b]
 
 
-def test_decode_steps_in_one_native_call_give_the_per_kernel_outputs_bit_for_bit(default_model_dir, monkeypatch):
+@pytest.mark.parametrize("rows", [2, 6])  # each thread normalizes every row itself up to 4 rows, the team beyond
+def test_decode_steps_in_one_native_call_give_the_per_kernel_outputs_bit_for_bit(default_model_dir, monkeypatch, rows):
     """kernels.decode_layers runs the same kernels in the same order as the per-layer Python loop; prompts
     of different lengths, so the rows have different contexts."""
     from batchpilot import LLM
 
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village there was",
-               "Question: What is 12 times 12? Answer:"]
+               "Question: What is 12 times 12? Answer:", "import numpy as np\n", "Water boils at"][:rows]
     _assert_one_native_call_per_decode_step_changes_nothing(LLM(str(default_model_dir), kv_cache_gib=0.1), prompts,
                                                             24, monkeypatch, head=True)
 

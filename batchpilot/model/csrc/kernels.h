@@ -26,6 +26,8 @@ typedef struct {
     GemvClaim claims[GEMV_MAX_TEAM];
 } GemvSplit;
 
+/* rows up to which decode_layers has each thread compute the norms and silu of every row itself */
+#define DECODE_PRIVATE_ROWS 4
 /* `_team` kernels: called by every thread of an OpenMP team, each returns after a barrier (team.h). */
 void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *w, int parts, const uint16_t *bias,
                     void *y, int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N, GemvSplit *split);
@@ -47,15 +49,16 @@ void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const v
                      int bits, int64_t group, const uint16_t *bias, uint16_t *y, int64_t y_stride, int64_t M,
                      int64_t K, int64_t N, float *workspace, int *failed);
 
-void add_rms_norm_team(uint16_t *x, int64_t x_stride, const uint16_t *delta, int64_t delta_stride,
-                       const uint16_t *weight, uint16_t *out, int64_t out_stride, int64_t rows, int64_t cols, float eps);
+void add_rms_norm_rows(uint16_t *x, int64_t x_stride, const uint16_t *delta, int64_t delta_stride,
+                       const uint16_t *weight, uint16_t *out, int64_t out_stride, int64_t r0, int64_t r1,
+                       int64_t cols, float eps);
 /* cos_table, sin_table: [positions, head_dim / 2] float32, row positions[r] for row r */
 void rope_team(uint16_t *qkv, int64_t row_stride, const float *cos_table, const float *sin_table,
                const int64_t *positions, int64_t rows, int heads, int head_dim);
 void write_kv_team(const uint16_t *k, int64_t k_stride, const uint16_t *v, int64_t v_stride, uint16_t *k_cache,
                    uint16_t *v_cache, const int64_t *slots, int64_t rows, int kv_heads, int head_dim,
                    int64_t num_slots);
-void silu_mul_team(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t cols);
+void silu_mul_rows(const uint16_t *gate_up, uint16_t *out, int64_t r0, int64_t r1, int64_t cols);
 int paged_decode_attention_ok(int num_heads, int num_kv_heads, int head_dim, int block_size);
 void paged_decode_attention_team(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *out,
                                  const int64_t *block_tables, const int64_t *context_lens, int num_seqs,

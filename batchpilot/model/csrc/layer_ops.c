@@ -240,13 +240,14 @@ void write_kv_team(const uint16_t *k, int64_t k_stride, const uint16_t *v, int64
 #pragma omp barrier
 }
 
-void add_rms_norm_team(uint16_t *x, int64_t x_stride, const uint16_t *delta, int64_t delta_stride,
-                       const uint16_t *weight, uint16_t *out, int64_t out_stride, int64_t rows, int64_t cols,
-                       float eps) {
-    for (int64_t r = team_start(rows); r < team_end(rows); r++)
+/* Rows [r0, r1) of add_rms_norm (bf16), no barrier: for a team splitting the rows, or for a thread that
+ * computes every row itself (decode_layers.c). */
+void add_rms_norm_rows(uint16_t *x, int64_t x_stride, const uint16_t *delta, int64_t delta_stride,
+                       const uint16_t *weight, uint16_t *out, int64_t out_stride, int64_t r0, int64_t r1,
+                       int64_t cols, float eps) {
+    for (int64_t r = r0; r < r1; r++)
         add_rms_norm_row((char *)(x + r * x_stride), delta ? (const char *)(delta + r * delta_stride) : NULL, weight,
                          (char *)(out + r * out_stride), cols, eps, 1);
-#pragma omp barrier
 }
 
 void rope_team(uint16_t *qkv, int64_t row_stride, const float *cos_table, const float *sin_table,
@@ -257,9 +258,9 @@ void rope_team(uint16_t *qkv, int64_t row_stride, const float *cos_table, const 
 #pragma omp barrier
 }
 
-void silu_mul_team(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t cols) {
-    for (int64_t r = team_start(rows); r < team_end(rows); r++)
+/* Rows [r0, r1) of silu_mul (bf16), no barrier, as add_rms_norm_rows. */
+void silu_mul_rows(const uint16_t *gate_up, uint16_t *out, int64_t r0, int64_t r1, int64_t cols) {
+    for (int64_t r = r0; r < r1; r++)
         silu_mul_row((const char *)(gate_up + r * 2 * cols), (const char *)(gate_up + (r * 2 + 1) * cols),
                      (char *)(out + r * cols), cols, 1);
-#pragma omp barrier
 }
