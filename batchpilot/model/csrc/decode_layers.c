@@ -1,7 +1,8 @@
 /*
- * Every layer of a decode-only step in one call: the same kernels in the same order as
- * llama.py's fused forward (gemv, rope, write_kv, paged attention, add_rms_norm, silu_mul), so the
- * result is bit for bit the same. At a few rows each of those kernels takes tens of microseconds
+ * Every layer of a decode-only step in one call: the same kernels as llama.py's fused forward (gemv, rope,
+ * write_kv, paged attention, add_rms_norm, silu_mul), on the same values, so the result is bit for bit the same;
+ * the rotary embedding and the cache writes are done head by head by the attention's tasks (rope_kv_head), each
+ * task's own, with no barrier of their own. At a few rows each of those kernels takes tens of microseconds
  * while the Python between them took ~60 us a layer (calls, views, ctypes argument conversion):
  * about a seventh of a batch-1 step of the default model. The whole step is one OpenMP region, each
  * kernel a team kernel that ends in a barrier (team.h): a region per kernel cost ~270 forks a step.
@@ -159,11 +160,9 @@ int decode_layers(uint16_t *x, uint16_t *y, const uint16_t *embed, const int64_t
             const int64_t *lf = formats + (int64_t)l * FORMATS_PER_LAYER;
             uint16_t *k_cache = caches[2 * l], *v_cache = caches[2 * l + 1];
             project(lw + QKV, lf, yt, C, lw[QKV_BIAS], qkv, B, C, W, workspace, &split, &failed);
-            rope_team(qkv, W, rope_cos, rope_sin, positions, B, H + KVH, D);
-            for (int64_t b = team_start(B); b < team_end(B); b++) memcpy(q + b * HD, qkv + b * W, (size_t)HD * 2);
-            write_kv_team(qkv + HD, W, qkv + HD + (int64_t)KVH * D, W, k_cache, v_cache, slots, B, KVH, D, num_slots);
+            const HeadPrep prep = {qkv, W, rope_cos, rope_sin, positions, slots};
             paged_decode_attention_team(q, k_cache, v_cache, attn, block_tables, context_lens, (int)B, H, KVH, D,
-                                        table_width, block_size, num_slots, scale);
+                                        table_width, block_size, num_slots, scale, &prep);
             project(lw + O, lf + 3, attn, HD, NULL, proj, B, HD, C, workspace, &split, &failed);
             add_rms_norm_rows(xt, C, proj, C, lw[FFN_NORM], yt, C, r0, r1, C, eps);
             if (mine == NULL) {

@@ -52,18 +52,23 @@ void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const v
 void add_rms_norm_rows(uint16_t *x, int64_t x_stride, const uint16_t *delta, int64_t delta_stride,
                        const uint16_t *weight, uint16_t *out, int64_t out_stride, int64_t r0, int64_t r1,
                        int64_t cols, float eps);
-/* cos_table, sin_table: [positions, head_dim / 2] float32, row positions[r] for row r */
-void rope_team(uint16_t *qkv, int64_t row_stride, const float *cos_table, const float *sin_table,
-               const int64_t *positions, int64_t rows, int heads, int head_dim);
-void write_kv_team(const uint16_t *k, int64_t k_stride, const uint16_t *v, int64_t v_stride, uint16_t *k_cache,
-                   uint16_t *v_cache, const int64_t *slots, int64_t rows, int kv_heads, int head_dim,
-                   int64_t num_slots);
 void silu_mul_rows(const uint16_t *gate_up, uint16_t *out, int64_t r0, int64_t r1, int64_t cols);
+void rope_kv_head(uint16_t *qkv_row, uint16_t *q_row, const float *c, const float *s, int64_t slot, int kh, int H,
+                  int KVH, int D, uint16_t *k_cache, uint16_t *v_cache, int64_t num_slots);
+/* What paged_decode_attention_team's tasks do first, each for its row and KV head (rope_kv_head), or NULL:
+ * qkv [B, row_stride] (the fused projection's rows), the rotary tables [positions, D / 2] and each row's position
+ * and cache slot. q, the kernel's queries, are written there. */
+typedef struct {
+    uint16_t *qkv;
+    int64_t row_stride;
+    const float *cos_table, *sin_table;
+    const int64_t *positions, *slots;
+} HeadPrep;
 int paged_decode_attention_ok(int num_heads, int num_kv_heads, int head_dim, int block_size);
-void paged_decode_attention_team(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *out,
+void paged_decode_attention_team(uint16_t *q, uint16_t *k_cache, uint16_t *v_cache, uint16_t *out,
                                  const int64_t *block_tables, const int64_t *context_lens, int num_seqs,
                                  int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
-                                 int64_t num_slots, float scale);
+                                 int64_t num_slots, float scale, const HeadPrep *prep);
 void add_rms_norm(void *x, int64_t x_stride, const void *delta, int64_t delta_stride, const void *weight,
                   void *out, int64_t out_stride, int64_t rows, int64_t cols, float eps, int is_bf16,
                   int num_threads);

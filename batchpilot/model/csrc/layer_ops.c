@@ -231,13 +231,19 @@ void write_kv(const void *k, int64_t k_stride, const void *v, int64_t v_stride, 
                   head_dim, num_slots, is_bf16);
 }
 
-/* The bf16 kernels above for a team (team.h): rows split over its threads, then a barrier. */
-void write_kv_team(const uint16_t *k, int64_t k_stride, const uint16_t *v, int64_t v_stride, uint16_t *k_cache,
-                   uint16_t *v_cache, const int64_t *slots, int64_t rows, int kv_heads, int head_dim,
-                   int64_t num_slots) {
-    write_kv_rows(k, k_stride, v, v_stride, k_cache, v_cache, slots, team_start(rows), team_end(rows), kv_heads,
-                  head_dim, num_slots, 1);
-#pragma omp barrier
+/* A decode step's per-head work before its attention (decode_layers.c), for one row and KV head kh: the rotary
+ * embedding of the head's G = H / KVH query heads and of its key head in place in the row of qkv ([(H + 2 KVH) D]),
+ * the query heads copied to q_row ([H D]), the key and value written to the cache at the row's slot. The same
+ * functions as rope_in_place and write_kv, head by head: the same values. */
+void rope_kv_head(uint16_t *qkv_row, uint16_t *q_row, const float *c, const float *s, int64_t slot, int kh, int H,
+                  int KVH, int D, uint16_t *k_cache, uint16_t *v_cache, int64_t num_slots) {
+    const int G = H / KVH;
+    uint16_t *queries = qkv_row + (int64_t)kh * G * D, *key = qkv_row + (int64_t)(H + kh) * D;
+    rope_row((char *)queries, c, s, G, D, 1);
+    rope_row((char *)key, c, s, 1, D, 1);
+    memcpy(q_row + (int64_t)kh * G * D, queries, (size_t)G * D * 2);
+    const int64_t head = (int64_t)kh * num_slots * D;
+    write_kv_rows(key, 0, key + (int64_t)KVH * D, 0, k_cache + head, v_cache + head, &slot, 0, 1, 1, D, num_slots, 1);
 }
 
 /* Rows [r0, r1) of add_rms_norm (bf16), no barrier: for a team splitting the rows, or for a thread that
@@ -248,14 +254,6 @@ void add_rms_norm_rows(uint16_t *x, int64_t x_stride, const uint16_t *delta, int
     for (int64_t r = r0; r < r1; r++)
         add_rms_norm_row((char *)(x + r * x_stride), delta ? (const char *)(delta + r * delta_stride) : NULL, weight,
                          (char *)(out + r * out_stride), cols, eps, 1);
-}
-
-void rope_team(uint16_t *qkv, int64_t row_stride, const float *cos_table, const float *sin_table,
-               const int64_t *positions, int64_t rows, int heads, int head_dim) {
-    for (int64_t r = team_start(rows); r < team_end(rows); r++)
-        rope_row((char *)(qkv + r * row_stride), cos_table + positions[r] * (head_dim / 2),
-                 sin_table + positions[r] * (head_dim / 2), heads, head_dim, 1);
-#pragma omp barrier
 }
 
 /* Rows [r0, r1) of silu_mul (bf16), no barrier, as add_rms_norm_rows. */

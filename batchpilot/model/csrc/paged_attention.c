@@ -406,14 +406,20 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
  * (sequence, KV head) tasks in order, split as team.h splits (at batch 1 a step's attention is a few
  * microseconds a task: a shared counter's claims cost more than they balance). The shape checked by the caller
  * (paged_decode_attention_ok). */
-void paged_decode_attention_team(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *out,
+void paged_decode_attention_team(uint16_t *q, uint16_t *k_cache, uint16_t *v_cache, uint16_t *out,
                                  const int64_t *block_tables, const int64_t *context_lens, int num_seqs,
                                  int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
-                                 int64_t num_slots, float scale) {
+                                 int64_t num_slots, float scale, const HeadPrep *prep) {
     const int64_t tasks = (int64_t)num_seqs * num_kv_heads, last = team_end(tasks);
     for (int64_t task = team_start(tasks); task < last; task++) {
         const int64_t next = task + 1 < last ? task + 1 : -1;
         const int b = (int)(task / num_kv_heads), kh = (int)(task % num_kv_heads);
+        if (prep != NULL) { /* only this task reads its queries and its key and value row */
+            const int64_t at = prep->positions[b] * (head_dim / 2);
+            rope_kv_head(prep->qkv + b * prep->row_stride, q + (int64_t)b * num_heads * head_dim,
+                         prep->cos_table + at, prep->sin_table + at, prep->slots[b], kh, num_heads, num_kv_heads,
+                         head_dim, k_cache, v_cache, num_slots);
+        }
 #ifdef __AVX512BF16__
         if ((head_dim == 64 || head_dim == 128) && block_size % 16 == 0) {
             if (head_dim == 64) ATTEND_BF16(2); else ATTEND_BF16(4);
