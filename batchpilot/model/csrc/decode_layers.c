@@ -113,8 +113,9 @@ static void argmax_team(const void *logits, int is_bf16, int64_t B, int64_t voca
  * MLP's activations and computes the norms and silu of every row itself (the same functions, so the same values
  * in each copy): the rows' norms and silu cost a thread ~1 us where a team kernel's barrier and the other thread
  * idling cost as much, and a barrier each split the weights' stream (a 270 MB read in 300 barrier-separated runs
- * took ~8% longer than in one on a Zen 4 EPYC at 60 GB/s: docs/reproduction.md); 6 barriers a layer instead of
- * 10. Returns 0, -1 for a shape the kernels do not take, -2 when a buffer cannot be allocated.
+ * took ~8% longer than in one on a Zen 4 EPYC at 60 GB/s: docs/reproduction.md): a barrier a layer after each
+ * projection and after the attention, 5, where the team's norms and silu add 3. Returns 0, -1 for a shape the
+ * kernels do not take, -2 when a buffer cannot be allocated.
  */
 int decode_layers(uint16_t *x, uint16_t *y, const uint16_t *embed, const int64_t *token_ids,
                   const uint16_t *first_norm, const void *const *weights, const int64_t *formats, void *const *caches,
