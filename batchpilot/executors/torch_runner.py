@@ -111,10 +111,14 @@ class TorchRunner:
         self._seed_source = torch.Generator().manual_seed(seed)
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        if self.decode_inputs is not None and sched.scheduled and all(s.num_new_tokens == 1 for s in sched.scheduled):
+        if self._decode_only(sched.scheduled):
             return self._execute(sched)  # no autograd state to skip there; the mode's enter and exit cost ~40 us cold
         with torch.inference_mode():
             return self._execute(sched)
+
+    def _decode_only(self, scheduled: list[ScheduledRequest]) -> bool:
+        """Whether every row decodes one token on the native attention: the steps decode_inputs serves."""
+        return self.decode_inputs is not None and bool(scheduled) and all(s.num_new_tokens == 1 for s in scheduled)
 
     def _execute(self, sched: SchedulerOutput) -> RunnerOutput:
         for rid in sched.finished_ids:
@@ -157,7 +161,7 @@ class TorchRunner:
 
     def _prepare(self, ordered: list[ScheduledRequest]):
         bs = self.block_size
-        if self.decode_inputs is not None and all(s.num_new_tokens == 1 for s in ordered):
+        if self._decode_only(ordered):
             tokens, positions, slots, tables, lens = self.decode_inputs.fill(ordered)
             meta = AttentionMetadata(slot_mapping=slots, block_size=bs, num_decodes=len(ordered), decode_tables=tables,
                                      decode_lens=lens, native=True, prefills=[], cache_pointers=self.cache_pointers)
