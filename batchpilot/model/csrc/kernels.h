@@ -55,7 +55,7 @@ void add_rms_norm_rows(uint16_t *x, int64_t x_stride, const uint16_t *delta, int
 void silu_mul_rows(const uint16_t *gate_up, uint16_t *out, int64_t r0, int64_t r1, int64_t cols);
 void rope_kv_head(uint16_t *qkv_row, uint16_t *q_row, const float *c, const float *s, int64_t slot, int kh, int H,
                   int KVH, int D, uint16_t *k_cache, uint16_t *v_cache, int64_t num_slots);
-/* What paged_decode_attention_team's tasks do first, each for its row and KV head (rope_kv_head), or NULL:
+/* What paged_decode_attention_team's tasks do first, each for its row and KV head (rope_kv_head):
  * qkv [B, row_stride] (the fused projection's rows), the rotary tables [positions, D / 2] and each row's position
  * and cache slot. q, the kernel's queries, are written there. */
 typedef struct {

@@ -403,7 +403,7 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
 }
 
 /* paged_decode_attention for bf16 caches, on the calling team (team.h), each thread its share of the
- * (sequence, KV head) tasks in order, split as team.h splits (at batch 1 a step's attention is a few
+ * (sequence, KV head) tasks in order, each task first doing its head's share of `prep` (rope_kv_head), split as team.h splits (at batch 1 a step's attention is a few
  * microseconds a task: a shared counter's claims cost more than they balance). The shape checked by the caller
  * (paged_decode_attention_ok). */
 void paged_decode_attention_team(uint16_t *q, uint16_t *k_cache, uint16_t *v_cache, uint16_t *out,
@@ -414,12 +414,10 @@ void paged_decode_attention_team(uint16_t *q, uint16_t *k_cache, uint16_t *v_cac
     for (int64_t task = team_start(tasks); task < last; task++) {
         const int64_t next = task + 1 < last ? task + 1 : -1;
         const int b = (int)(task / num_kv_heads), kh = (int)(task % num_kv_heads);
-        if (prep != NULL) { /* only this task reads its queries and its key and value row */
-            const int64_t at = prep->positions[b] * (head_dim / 2);
-            rope_kv_head(prep->qkv + b * prep->row_stride, q + (int64_t)b * num_heads * head_dim,
-                         prep->cos_table + at, prep->sin_table + at, prep->slots[b], kh, num_heads, num_kv_heads,
-                         head_dim, k_cache, v_cache, num_slots);
-        }
+        const int64_t at = prep->positions[b] * (head_dim / 2); /* only this task reads these queries, key, value */
+        rope_kv_head(prep->qkv + b * prep->row_stride, q + (int64_t)b * num_heads * head_dim, prep->cos_table + at,
+                     prep->sin_table + at, prep->slots[b], kh, num_heads, num_kv_heads, head_dim, k_cache, v_cache,
+                     num_slots);
 #ifdef __AVX512BF16__
         if ((head_dim == 64 || head_dim == 128) && block_size % 16 == 0) {
             if (head_dim == 64) ATTEND_BF16(2); else ATTEND_BF16(4);
