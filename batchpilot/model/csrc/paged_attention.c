@@ -403,9 +403,9 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
 }
 
 /* paged_decode_attention for bf16 caches, on the calling team (team.h), each thread its share of the
- * (sequence, KV head) tasks in order, each task first doing its head's share of `prep` (rope_kv_head), split as team.h splits (at batch 1 a step's attention is a few
- * microseconds a task: a shared counter's claims cost more than they balance). The shape checked by the caller
- * (paged_decode_attention_ok). */
+ * (sequence, KV head) tasks in order, split as team.h splits (at batch 1 a step's attention is a few
+ * microseconds a task: a shared counter's claims cost more than they balance); each task first does its head's
+ * share of `prep` (rope_kv_head). The shape checked by the caller (paged_decode_attention_ok). */
 void paged_decode_attention_team(uint16_t *q, uint16_t *k_cache, uint16_t *v_cache, uint16_t *out,
                                  const int64_t *block_tables, const int64_t *context_lens, int num_seqs,
                                  int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
