@@ -46,15 +46,23 @@ static int formats_ok(const int64_t *formats, int num_layers, int64_t C, int64_t
 
 /* y [M, N] = x [M, K] W^T (+ bias) on the team: kernels.gemv's bf16 tiles (bits 16) or qgemv's int8 / int4. */
 static void project(const void *const *w, const int64_t *format, const uint16_t *x, int64_t x_stride,
-                    const void *bias, uint16_t *y, int64_t M, int64_t K, int64_t N, float *workspace, GemvSplit *split,
+                    const void *bias, uint16_t *y, int64_t M, int64_t K, int64_t N, float *workspace, TeamShared *team,
                     int *failed) {
     if (format[0] == 16) {
-        gemv_bf16_team(x, x_stride, (const uint16_t *const *)w[0], (int)format[2], bias, y, N, 0, M, K, N, split);
+        gemv_bf16_team(x, x_stride, (const uint16_t *const *)w[0], (int)format[2], bias, y, N, 0, M, K, N, team);
         return;
     }
 #ifdef BATCHPILOT_QGEMV
-    qgemv_bf16_team(x, x_stride, w[0], w[1], w[2], (int)format[0], format[1], bias, y, N, M, K, N, workspace, failed);
+    qgemv_bf16_team(x, x_stride, w[0], w[1], w[2], (int)format[0], format[1], bias, y, N, M, K, N, workspace, failed,
+                    team);
 #endif
+}
+
+/* Where this thread starts reading a projection's weights (w, format as project takes them): its part of bf16
+ * tiles split for this team, or NULL (quantized weights are one part, read by all). */
+static const void *own_part(const void *const *w, const int64_t *format) {
+    if (format[0] != 16 || format[2] != omp_get_num_threads()) return NULL;
+    return ((const uint16_t *const *)w[0])[omp_get_thread_num()];
 }
 
 /* One thread's part of a row's greedy scan: its columns' maximum and the first index holding it, or its first
@@ -70,7 +78,7 @@ typedef struct {
  * computed most of them, so they are in its caches); then each row's parts are joined in column order: the first
  * part holding the row's first NaN or its maximum holds the first index of it. */
 static void argmax_team(const void *logits, int is_bf16, int64_t B, int64_t vocab, ScanPart *parts,
-                        int64_t *tokens) {
+                        int64_t *tokens, TeamShared *team) {
     const int T = omp_get_num_threads(), j = omp_get_thread_num();
     const int64_t tiles = vocab / 64, first = team_start(tiles) * 64, n = team_end(tiles) * 64 - first;
     for (int64_t b = 0; b < B && n > 0; b++) {
@@ -80,7 +88,7 @@ static void argmax_team(const void *logits, int is_bf16, int64_t B, int64_t voca
         part->index = first + (part->nan ? first_nan(row, is_bf16, n) : first_equal(row, is_bf16, n, part->best));
     }
     for (int64_t b = 0; b < B && n == 0; b++) parts[b * T + j] = (ScanPart){.best = -INFINITY, .nan = 0, .index = -1};
-#pragma omp barrier
+    team_wait(&team->barrier, NULL);
     for (int64_t b = team_start(B); b < team_end(B); b++) {
         const ScanPart *row = parts + b * T;
         int at = -1;
@@ -93,7 +101,7 @@ static void argmax_team(const void *logits, int is_bf16, int64_t B, int64_t voca
             if (row[i].index >= 0 && row[i].best == best) at = i;
         tokens[b] = at < 0 ? 0 : row[at].index;
     }
-#pragma omp barrier
+    team_wait(&team->barrier, NULL);
 }
 
 /*
@@ -131,7 +139,7 @@ int decode_layers(uint16_t *x, uint16_t *y, const uint16_t *embed, const int64_t
     uint16_t *qkv = scratch, *q = qkv + B * W, *attn = q + B * HD, *proj = attn + B * HD;
     uint16_t *gate_up = proj + B * C, *act = gate_up + B * 2 * I;
     float workspace[QGEMV_WORKSPACE];
-    GemvSplit split = {.ready = 0};
+    TeamShared team = {.barrier = {0}};
     int failed = 0;
     ScanPart *scan = NULL;
     if (head != NULL && tokens != NULL && (scan = malloc((size_t)(B * num_threads) * sizeof(ScanPart))) == NULL)
@@ -153,35 +161,28 @@ int decode_layers(uint16_t *x, uint16_t *y, const uint16_t *embed, const int64_t
         for (int64_t b = r0; (embed != NULL || mine != NULL) && b < r1; b++) /* the rows from embed, or the caller's */
             memcpy(xt + b * C, embed != NULL ? embed + token_ids[b] * C : x + b * C, (size_t)C * 2);
         add_rms_norm_rows(xt, C, NULL, 0, first_norm, yt, C, r0, r1, C, eps);
-        if (mine == NULL) {
-#pragma omp barrier
-        }
+        if (mine == NULL) team_wait(&team.barrier, own_part(weights + QKV, formats));
         for (int l = 0; l < num_layers; l++) {
             const void *const *lw = weights + (int64_t)l * POINTERS_PER_LAYER;
             const int64_t *lf = formats + (int64_t)l * FORMATS_PER_LAYER;
             uint16_t *k_cache = caches[2 * l], *v_cache = caches[2 * l + 1];
-            project(lw + QKV, lf, yt, C, lw[QKV_BIAS], qkv, B, C, W, workspace, &split, &failed);
+            project(lw + QKV, lf, yt, C, lw[QKV_BIAS], qkv, B, C, W, workspace, &team, &failed);
             const HeadPrep prep = {qkv, W, rope_cos, rope_sin, positions, slots};
             paged_decode_attention_team(q, k_cache, v_cache, attn, block_tables, context_lens, (int)B, H, KVH, D,
-                                        table_width, block_size, num_slots, scale, &prep);
-            project(lw + O, lf + 3, attn, HD, NULL, proj, B, HD, C, workspace, &split, &failed);
+                                        table_width, block_size, num_slots, scale, &prep, &team,
+                                        own_part(lw + O, lf + 3));
+            project(lw + O, lf + 3, attn, HD, NULL, proj, B, HD, C, workspace, &team, &failed);
             add_rms_norm_rows(xt, C, proj, C, lw[FFN_NORM], yt, C, r0, r1, C, eps);
-            if (mine == NULL) {
-#pragma omp barrier
-            }
-            project(lw + GATE_UP, lf + 6, yt, C, NULL, gate_up, B, C, 2 * I, workspace, &split, &failed);
+            if (mine == NULL) team_wait(&team.barrier, own_part(lw + GATE_UP, lf + 6));
+            project(lw + GATE_UP, lf + 6, yt, C, NULL, gate_up, B, C, 2 * I, workspace, &team, &failed);
             silu_mul_rows(gate_up, actt, r0, r1, I);
-            if (mine == NULL) {
-#pragma omp barrier
-            }
-            project(lw + DOWN, lf + 9, actt, I, NULL, proj, B, I, C, workspace, &split, &failed);
+            if (mine == NULL) team_wait(&team.barrier, own_part(lw + DOWN, lf + 9));
+            project(lw + DOWN, lf + 9, actt, I, NULL, proj, B, I, C, workspace, &team, &failed);
             add_rms_norm_rows(xt, C, proj, C, lw[NEXT_NORM], yt, C, r0, r1, C, eps);
-            if (mine == NULL) {
-#pragma omp barrier
-            }
+            if (mine == NULL) team_wait(&team.barrier, NULL); /* the projection's wait fetched what comes next */
         }
-        if (head != NULL) gemv_bf16_team(yt, C, head, head_parts, NULL, logits, vocab, logits_f32, B, C, vocab, &split);
-        if (scan != NULL) argmax_team(logits, !logits_f32, B, vocab, scan, tokens);
+        if (head != NULL) gemv_bf16_team(yt, C, head, head_parts, NULL, logits, vocab, logits_f32, B, C, vocab, &team);
+        if (scan != NULL) argmax_team(logits, !logits_f32, B, vocab, scan, tokens, &team);
         if (mine != NULL && omp_get_thread_num() == 0) {
             memcpy(x, xt, (size_t)(B * C) * 2);
             memcpy(y, yt, (size_t)(B * C) * 2);

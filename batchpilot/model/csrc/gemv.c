@@ -67,8 +67,8 @@ static inline void tile_part_times_rows(int amx, int64_t M, const uint16_t *x, i
 }
 
 /* Whether a team splits the middle tile by its inputs (see gemv_bf16_team): the same answer on every thread. */
-static int gemv_halves(const GemvSplit *split, int64_t tiles, int64_t K2, int64_t M) {
-    return split != NULL && omp_get_num_threads() == 2 && tiles % 2 == 1 && M <= GEMV_SPLIT_MAX_ROWS &&
+static int gemv_halves(int64_t tiles, int64_t K2, int64_t M) {
+    return omp_get_num_threads() == 2 && tiles % 2 == 1 && M <= GEMV_SPLIT_MAX_ROWS &&
            K2 % 32 == 0; /* each half a whole number of the AMX path's 16-pair chunks */
 }
 
@@ -112,8 +112,8 @@ static inline int64_t claim_take(GemvClaim *claim, uint64_t call, int from_back)
 /* w: [N / 64][K / 2][64][2] bf16 (kernels.pack_gemv_weight) in `parts` pieces (team.h's split of the tiles:
  * laid out per thread, each thread's tiles of a step in one stream); x: [M, K] bf16 with row stride x_stride;
  * bias: [N] bf16 or NULL; y: [M, N] with row stride y_stride, bf16, or float32 (the sums unrounded) when y_f32.
- * Called by every thread of a team; returns after a barrier. split: memory the team shares, or NULL. With it,
- * a team of two threads over an odd number of tiles splits the middle tile (the last of thread 0's part) by
+ * Called by every thread of a team; returns after the team's barrier, each thread fetching the start of its part
+ * of the next weight while it waits (team_wait). team: what the threads share. A team of two threads over an odd number of tiles splits the middle tile (the last of thread 0's part) by
  * its inputs: thread 1 takes the second half first and posts its float32 sums, thread 0 takes the first half
  * last and adds them. Otherwise one thread reads a whole tile more than the other, and a thread cannot read
  * faster while the other waits (on a Xeon each core streams at its own limit). Without the halves, the tiles are
@@ -122,8 +122,9 @@ static inline int64_t claim_take(GemvClaim *claim, uint64_t call, int from_back)
  * other at the barrier (the two cores of a Zen 4 EPYC finished the lm_head's even split 37-132 us apart). Each
  * tile is computed whole by whichever thread takes it: the same sums. */
 void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *w, int parts, const uint16_t *bias,
-                    void *y, int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N, GemvSplit *split) {
+                    void *y, int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N, TeamShared *team) {
     const int64_t tiles = N / TILE_N, K2 = K / 2, tile_elems = K2 * TILE_N * 2, mid = tiles / 2;
+    GemvSplit *const split = &team->gemv;
     const size_t esize = y_f32 ? 4 : 2;
     const uint16_t *pad = NULL;
 #ifdef BATCHPILOT_AMX
@@ -133,10 +134,11 @@ void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *
 #else
     const int amx = 0;
 #endif
-    const int halves = gemv_halves(split, tiles, K2, M), thread = omp_get_thread_num(), team = omp_get_num_threads();
+    const int halves = gemv_halves(tiles, K2, M), thread = omp_get_thread_num(), threads = omp_get_num_threads();
     const int64_t first = team_start(tiles), last = halves && thread == 0 ? mid : team_end(tiles);
+    const uint16_t *const next = own_stream_end(w, parts, tiles, tile_elems);
 #define TILE(t) part_tile(w, parts, tiles, tile_elems, (t))
-    if (split != NULL && !halves && team > 1 && team <= GEMV_MAX_TEAM && tiles < CLAIM_TILES) {
+    if (!halves && threads > 1 && threads <= GEMV_MAX_TEAM && tiles < CLAIM_TILES) {
         GemvClaim *own = &split->claims[thread];
         const uint64_t call = (uint64_t)++own->calls;
         __atomic_store_n(&own->word, claim_pack(call, first, last), __ATOMIC_RELEASE);
@@ -144,12 +146,12 @@ void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *
             tile_part_times_rows(amx, M, x, x_stride, pad, K, TILE(t), 0, K2, bias != NULL ? bias + t * TILE_N : NULL,
                                  (char *)y + t * TILE_N * esize, y_stride, y_f32, t + 1 < last ? TILE(t + 1) : NULL,
                                  t == first);
-        for (int v = 1; v < team; v++)
-            for (int64_t t; (t = claim_take(&split->claims[(thread + v) % team], call, 1)) >= 0;)
+        for (int v = 1; v < threads; v++)
+            for (int64_t t; (t = claim_take(&split->claims[(thread + v) % threads], call, 1)) >= 0;)
                 tile_part_times_rows(amx, M, x, x_stride, pad, K, TILE(t), 0, K2,
                                      bias != NULL ? bias + t * TILE_N : NULL, (char *)y + t * TILE_N * esize, y_stride,
                                      y_f32, NULL, 1);
-#pragma omp barrier
+        team_wait(&team->barrier, next);
         return;
     }
     if (halves && thread == 1) {
@@ -169,7 +171,7 @@ void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *
                       y_f32, M);
     }
 #undef TILE
-#pragma omp barrier
+    team_wait(&team->barrier, next);
 }
 #endif
 #if !defined(__AVX512BF16__) && defined(__AVX2__) && defined(__FMA__)
@@ -179,8 +181,8 @@ void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *
 /* As above (same layout, arguments and result); a tile (K x 64 bf16, 72 KB at K = 576) stays in
  * L2 while each row of x passes over it. */
 void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *w, int parts, const uint16_t *bias,
-                    void *y, int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N, GemvSplit *split) {
-    (void)split; /* whole tiles only: the split was built and measured for AVX512-BF16 hosts */
+                    void *y, int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N, TeamShared *team) {
+    /* whole tiles only: the split was built and measured for AVX512-BF16 hosts */
     const int64_t tiles = N / TILE_N, K2 = K / 2, tile_elems = K2 * TILE_N * 2;
     const __m256i high_half = _mm256_set1_epi32((int)0xFFFF0000u);
     for (int64_t t = team_start(tiles); t < team_end(tiles); t++) {
@@ -213,7 +215,7 @@ void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *
             }
         }
     }
-#pragma omp barrier
+    team_wait(&team->barrier, own_stream_end(w, parts, tiles, tile_elems));
 }
 #endif
 #if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
@@ -222,9 +224,9 @@ void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *
 int gemv_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *const *w, int parts, const uint16_t *bias, void *y,
               int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N, int num_threads) {
     if (N % TILE_N != 0 || K % 2 != 0) return -1;
-    GemvSplit split = {.ready = 0};
+    TeamShared team = {.barrier = {0}};
 #pragma omp parallel num_threads(num_threads)
-    gemv_bf16_team(x, x_stride, w, parts, bias, y, y_stride, y_f32, M, K, N, &split);
+    gemv_bf16_team(x, x_stride, w, parts, bias, y, y_stride, y_f32, M, K, N, &team);
     return 0;
 }
 #endif

@@ -7,6 +7,8 @@
 
 #include <stdint.h>
 
+#include "team.h"
+
 /* rows up to which gemv_bf16_team splits a tile between two threads */
 #define GEMV_SPLIT_MAX_ROWS 128
 /* threads of a team that share out the tiles of an even split at run time (gemv.c); larger teams split statically */
@@ -19,18 +21,24 @@ typedef struct {
 } GemvClaim;
 /* What the threads of a team share in gemv_bf16_team (gemv.c): to split one tile between two threads, each
  * half's float32 sums, [M][64], and whether thread 1's are posted (0 between calls); to share out the tiles at
- * run time, each thread's claim. Declared, zeroed, by the function that opens the team. */
+ * run time, each thread's claim. */
 typedef struct {
     float sums[2][GEMV_SPLIT_MAX_ROWS * 64];
     int ready;
     GemvClaim claims[GEMV_MAX_TEAM];
 } GemvSplit;
+/* What the threads of a team share in the `_team` kernels: their barrier and gemv's split. Declared, zeroed, by
+ * the function that opens the team. */
+typedef struct {
+    TeamBarrier barrier;
+    GemvSplit gemv;
+} TeamShared;
 
 /* rows up to which decode_layers has each thread compute the norms and silu of every row itself */
 #define DECODE_PRIVATE_ROWS 4
-/* `_team` kernels: called by every thread of an OpenMP team, each returns after a barrier (team.h). */
+/* `_team` kernels: called by every thread of an OpenMP team, each returns after the team's barrier (team_wait). */
 void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *w, int parts, const uint16_t *bias,
-                    void *y, int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N, GemvSplit *split);
+                    void *y, int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N, TeamShared *team);
 
 int gemv_amx_min_rows(void); /* the fewest rows gemv_bf16_team multiplies on the AMX tiles; 0: never */
 
@@ -47,7 +55,7 @@ int qgemv_shape_ok(int bits, int64_t group, int64_t K, int64_t N);
 int64_t qgemv_row_group(int bits, int64_t group, int64_t K);
 void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const void *scales, const void *lows,
                      int bits, int64_t group, const uint16_t *bias, uint16_t *y, int64_t y_stride, int64_t M,
-                     int64_t K, int64_t N, float *workspace, int *failed);
+                     int64_t K, int64_t N, float *workspace, int *failed, TeamShared *team);
 
 void add_rms_norm_rows(uint16_t *x, int64_t x_stride, const uint16_t *delta, int64_t delta_stride,
                        const uint16_t *weight, uint16_t *out, int64_t out_stride, int64_t r0, int64_t r1,
@@ -68,7 +76,8 @@ int paged_decode_attention_ok(int num_heads, int num_kv_heads, int head_dim, int
 void paged_decode_attention_team(uint16_t *q, uint16_t *k_cache, uint16_t *v_cache, uint16_t *out,
                                  const int64_t *block_tables, const int64_t *context_lens, int num_seqs,
                                  int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
-                                 int64_t num_slots, float scale, const HeadPrep *prep);
+                                 int64_t num_slots, float scale, const HeadPrep *prep, TeamShared *team,
+                                 const void *next_weights);
 void add_rms_norm(void *x, int64_t x_stride, const void *delta, int64_t delta_stride, const void *weight,
                   void *out, int64_t out_stride, int64_t rows, int64_t cols, float eps, int is_bf16,
                   int num_threads);

@@ -405,11 +405,14 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
 /* paged_decode_attention for bf16 caches, on the calling team (team.h), each thread its share of the
  * (sequence, KV head) tasks in order, split as team.h splits (at batch 1 a step's attention is a few
  * microseconds a task: a shared counter's claims cost more than they balance); each task first does its head's
- * share of `prep` (rope_kv_head). The shape checked by the caller (paged_decode_attention_ok). */
+ * share of `prep` (rope_kv_head). The shape checked by the caller (paged_decode_attention_ok). Returns after the
+ * team's barrier; next_weights: where this thread reads next (its part of the next weight, or NULL), fetched while
+ * it waits. */
 void paged_decode_attention_team(uint16_t *q, uint16_t *k_cache, uint16_t *v_cache, uint16_t *out,
                                  const int64_t *block_tables, const int64_t *context_lens, int num_seqs,
                                  int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
-                                 int64_t num_slots, float scale, const HeadPrep *prep) {
+                                 int64_t num_slots, float scale, const HeadPrep *prep, TeamShared *team,
+                                 const void *next_weights) {
     const int64_t tasks = (int64_t)num_seqs * num_kv_heads, last = team_end(tasks);
     for (int64_t task = team_start(tasks); task < last; task++) {
         const int64_t next = task + 1 < last ? task + 1 : -1;
@@ -425,5 +428,5 @@ void paged_decode_attention_team(uint16_t *q, uint16_t *k_cache, uint16_t *v_cac
 #endif
             ATTEND(1);
     }
-#pragma omp barrier
+    team_wait(&team->barrier, next_weights);
 }

@@ -344,11 +344,11 @@ static inline int64_t fused_workspace(int bits, int64_t M, int64_t K, int64_t gr
 /* bits 4: int4 (float16 scales and lows per group), 8: int8 (float32 scales per output with group 0, float16
  * scales per group with group > 0; lows NULL). x: [M, K] bf16
  * rows with stride x_stride (K even, rows 4-byte aligned); y: [M, N] bf16. Called by every thread of a team
- * (team.h), the shape checked by the caller (qgemv_shape_ok); returns after a barrier. workspace: shared, at least
- * QGEMV_WORKSPACE floats; *failed set to 1 when a thread's buffer cannot be allocated. */
+ * (team.h), the shape checked by the caller (qgemv_shape_ok); returns after the team's barrier. workspace: shared,
+ * at least QGEMV_WORKSPACE floats; *failed set to 1 when a thread's buffer cannot be allocated. */
 void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const void *scales, const void *lows,
                      int bits, int64_t group, const uint16_t *bias, uint16_t *y, int64_t y_stride, int64_t M,
-                     int64_t K, int64_t N, float *workspace, int *failed) {
+                     int64_t K, int64_t N, float *workspace, int *failed, TeamShared *team) {
     const int64_t tiles = N / TILE_N, K2 = K / 2;
     const int64_t groups = group > 0 ? K / group : 0;
     float *dx = workspace, *dxs = workspace + M * groups;
@@ -416,7 +416,7 @@ void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const v
 #endif
         tile_times_rows(M, x, x_stride, (const uint16_t *)buf, K2, scale, b, y + t * TILE_N, y_stride, 0);
     }
-#pragma omp barrier
+    team_wait(&team->barrier, NULL);
 }
 
 /* The inputs per int16 scale the fused int8 path gives each row (quant.Int8Weight.activations); 0 where it
@@ -435,8 +435,9 @@ int qgemv_bf16(const uint16_t *x, int64_t x_stride, const void *q, const void *s
     if (!qgemv_shape_ok(bits, group, K, N)) return -1;
     float workspace[QGEMV_WORKSPACE];
     int failed = 0;
+    TeamShared team = {.barrier = {0}};
 #pragma omp parallel num_threads(num_threads)
-    qgemv_bf16_team(x, x_stride, q, scales, lows, bits, group, bias, y, y_stride, M, K, N, workspace, &failed);
+    qgemv_bf16_team(x, x_stride, q, scales, lows, bits, group, bias, y, y_stride, M, K, N, workspace, &failed, &team);
     return failed ? -2 : 0;
 }
 
