@@ -114,8 +114,8 @@ static inline int64_t claim_take(GemvClaim *claim, uint64_t call, int from_back)
  * bias: [N] bf16 or NULL; y: [M, N] with row stride y_stride, bf16, or float32 (the sums unrounded) when y_f32.
  * Called by every thread of a team; returns after the team's barrier, each thread fetching the start of its part
  * of the next weight while it waits (team_wait). team: what the threads share. A team of two threads over an odd
- * number of tiles splits the middle tile (the last of thread 0's part) by its inputs: thread 1 takes the second half first and posts its float32 sums, thread 0 takes the first half
- * last and adds them. Otherwise one thread reads a whole tile more than the other, and a thread cannot read
+ * number of tiles splits the middle tile (the last of thread 0's part) by its inputs: thread 1 takes the second
+ * half first and posts its float32 sums, thread 0 takes the first half last and adds them. Otherwise one thread reads a whole tile more than the other, and a thread cannot read
  * faster while the other waits (on a Xeon each core streams at its own limit). Without the halves, the tiles are
  * shared out at run time: each thread takes its own part's from the front, in stream order, then the other
  * parts' from their back, so that a thread the memory serves faster at that moment does not wait for the
