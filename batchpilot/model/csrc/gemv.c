@@ -109,18 +109,18 @@ static inline int64_t claim_take(GemvClaim *claim, uint64_t call, int from_back)
     }
 }
 
-/* w: [N / 64][K / 2][64][2] bf16 (kernels.pack_gemv_weight) in `parts` pieces (team.h's split of the tiles:
- * laid out per thread, each thread's tiles of a step in one stream); x: [M, K] bf16 with row stride x_stride;
- * bias: [N] bf16 or NULL; y: [M, N] with row stride y_stride, bf16, or float32 (the sums unrounded) when y_f32.
- * Called by every thread of a team; returns after the team's barrier, each thread fetching the start of its part
- * of the next weight while it waits (team_wait). team: what the threads share. A team of two threads over an odd
- * number of tiles splits the middle tile (the last of thread 0's part) by its inputs: thread 1 takes the second
- * half first and posts its float32 sums, thread 0 takes the first half last and adds them. Otherwise one thread reads a whole tile more than the other, and a thread cannot read
- * faster while the other waits (on a Xeon each core streams at its own limit). Without the halves, the tiles are
- * shared out at run time: each thread takes its own part's from the front, in stream order, then the other
- * parts' from their back, so that a thread the memory serves faster at that moment does not wait for the
- * other at the barrier (the two cores of a Zen 4 EPYC finished the lm_head's even split 37-132 us apart). Each
- * tile is computed whole by whichever thread takes it: the same sums. */
+/* w: [N / 64][K / 2][64][2] bf16 (kernels.pack_gemv_weight) in `parts` pieces (team.h's split of the tiles: laid out
+ * per thread, each thread's tiles of a step in one stream); x: [M, K] bf16 with row stride x_stride; bias: [N] bf16 or
+ * NULL; y: [M, N] with row stride y_stride, bf16, or float32 (the sums unrounded) when y_f32. Called by every thread of
+ * a team; returns after the team's barrier, each thread fetching the start of its part of the next weight while it
+ * waits (team_wait). team: what the threads share. A team of two threads over an odd number of tiles splits the middle
+ * tile (the last of thread 0's part) by its inputs: thread 1 takes the second half first and posts its float32 sums,
+ * thread 0 takes the first half last and adds them. Otherwise one thread reads a whole tile more than the other, and a
+ * thread cannot read faster while the other waits (on a Xeon each core streams at its own limit). Without the halves,
+ * the tiles are shared out at run time: each thread takes its own part's from the front, in stream order, then the
+ * other parts' from their back, so that a thread the memory serves faster at that moment does not wait for the other at
+ * the barrier (the two cores of a Zen 4 EPYC finished the lm_head's even split 37-132 us apart). Each tile is computed
+ * whole by whichever thread takes it: the same sums. */
 void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *w, int parts, const uint16_t *bias,
                     void *y, int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N, TeamShared *team) {
     const int64_t tiles = N / TILE_N, K2 = K / 2, tile_elems = K2 * TILE_N * 2, mid = tiles / 2;
