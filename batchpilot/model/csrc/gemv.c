@@ -72,9 +72,11 @@ static int gemv_halves(int64_t tiles, int64_t K2, int64_t M) {
            K2 % 32 == 0; /* each half a whole number of the AMX path's 16-pair chunks */
 }
 
-/* Thread 0's end of a split middle tile: its half's sums plus thread 1's (once posted), plus bias, into y. */
-static void finish_halves(GemvSplit *split, const uint16_t *bias, void *y, int64_t y_stride, int y_f32, int64_t M) {
-    while (!__atomic_load_n(&split->ready, __ATOMIC_ACQUIRE)) _mm_pause();
+/* Thread 0's end of a split middle tile: its half's sums plus thread 1's (once posted: thread 0 fetches from
+ * `next` while it waits, as in team_wait), plus bias, into y. */
+static void finish_halves(GemvSplit *split, const uint16_t *bias, void *y, int64_t y_stride, int y_f32, int64_t M,
+                          const void *next) {
+    team_spin(&split->ready, 0, next);
     split->ready = 0; /* read again only after the team's barrier */
     for (int64_t m = 0; m < M; m++)
         for (int c = 0; c < TILE_N / 16; c++) {
@@ -114,13 +116,14 @@ static inline int64_t claim_take(GemvClaim *claim, uint64_t call, int from_back)
  * NULL; y: [M, N] with row stride y_stride, bf16, or float32 (the sums unrounded) when y_f32. Called by every thread of
  * a team; returns after the team's barrier, each thread fetching the start of its part of the next weight while it
  * waits (team_wait). team: what the threads share. A team of two threads over an odd number of tiles splits the middle
- * tile (the last of thread 0's part) by its inputs: thread 1 takes the second half first and posts its float32 sums,
- * thread 0 takes the first half last and adds them. Otherwise one thread reads a whole tile more than the other, and a
- * thread cannot read faster while the other waits (on a Xeon each core streams at its own limit). Without the halves,
- * the tiles are shared out at run time: each thread takes its own part's from the front, in stream order, then the
- * other parts' from their back, so that a thread the memory serves faster at that moment does not wait for the other at
- * the barrier (the two cores of a Zen 4 EPYC finished the lm_head's even split 37-132 us apart). Each tile is computed
- * whole by whichever thread takes it: the same sums. */
+ * tile (the last of thread 0's part) by its inputs: each thread takes its half after its own tiles (in stream order:
+ * the start of its part is what it fetched while it last waited), thread 1 posts its float32 sums and thread 0 adds
+ * them. Otherwise one thread reads a whole tile more than the other, and a thread cannot read faster while the other
+ * waits (on a Xeon each core streams at its own limit). Without the halves, the tiles are shared out at run time: each
+ * thread takes its own part's from the front, in stream order, then the other parts' from their back, so that a thread
+ * the memory serves faster at that moment does not wait for the other at the barrier (the two cores of a Zen 4 EPYC
+ * finished the lm_head's even split 37-132 us apart). Each tile is computed whole by whichever thread takes it: the
+ * same sums. */
 void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *w, int parts, const uint16_t *bias,
                     void *y, int64_t y_stride, int y_f32, int64_t M, int64_t K, int64_t N, TeamShared *team) {
     const int64_t tiles = N / TILE_N, K2 = K / 2, tile_elems = K2 * TILE_N * 2, mid = tiles / 2;
@@ -154,21 +157,20 @@ void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *
         team_wait(&team->barrier, next);
         return;
     }
-    if (halves && thread == 1) {
-        tile_part_times_rows(amx, M, x, x_stride, pad, K, TILE(mid), K2 / 2, K2, NULL, split->sums[1], TILE_N, 1,
-                             first < last ? TILE(first) : NULL, 1);
-        __atomic_store_n(&split->ready, 1, __ATOMIC_RELEASE);
-    }
     for (int64_t t = first; t < last; t++)
         tile_part_times_rows(amx, M, x, x_stride, pad, K, TILE(t), 0, K2, bias != NULL ? bias + t * TILE_N : NULL,
                              (char *)y + t * TILE_N * esize, y_stride, y_f32,
-                             t + 1 < last ? TILE(t + 1) : halves && thread == 0 ? TILE(mid) : NULL,
-                             t == first && !(halves && thread == 1));
+                             t + 1 < last ? TILE(t + 1) : halves ? TILE(mid) : NULL, t == first);
+    if (halves && thread == 1) {
+        tile_part_times_rows(amx, M, x, x_stride, pad, K, TILE(mid), K2 / 2, K2, NULL, split->sums[1], TILE_N, 1,
+                             NULL, first == last);
+        __atomic_store_n(&split->ready, 1, __ATOMIC_RELEASE);
+    }
     if (halves && thread == 0) {
         tile_part_times_rows(amx, M, x, x_stride, pad, K, TILE(mid), 0, K2 / 2, NULL, split->sums[0], TILE_N, 1,
                              NULL, first == last);
         finish_halves(split, bias != NULL ? bias + mid * TILE_N : NULL, (char *)y + mid * TILE_N * esize, y_stride,
-                      y_f32, M);
+                      y_f32, M, next);
     }
 #undef TILE
     team_wait(&team->barrier, next);

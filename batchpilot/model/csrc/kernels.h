@@ -24,7 +24,7 @@ typedef struct {
  * run time, each thread's claim. */
 typedef struct {
     float sums[2][GEMV_SPLIT_MAX_ROWS * 64];
-    int ready;
+    unsigned ready;
     GemvClaim claims[GEMV_MAX_TEAM];
 } GemvSplit;
 /* What the threads of a team share in the `_team` kernels: their barrier and gemv's split. Declared, zeroed, by

@@ -60,6 +60,17 @@ typedef struct {
     _Alignas(64) unsigned passed;
 } TeamBarrier;
 
+/* Spins while *word is `value`, fetching up to TEAM_PREFETCH_MAX bytes from `next` (or nothing, NULL) meanwhile. */
+static inline void team_spin(const unsigned *word, unsigned value, const void *next) {
+    for (int64_t at = 0; __atomic_load_n(word, __ATOMIC_ACQUIRE) == value;) {
+        if (next != NULL && at < TEAM_PREFETCH_MAX) {
+            __builtin_prefetch((const char *)next + at);
+            at += 64;
+        } else
+            TEAM_RELAX();
+    }
+}
+
 /*
  * A barrier: returns once every thread of the team has called it, and what each wrote before it is seen by all
  * after. A thread that waits fetches from `next` (where it reads next, or NULL) meanwhile, up to
@@ -76,13 +87,7 @@ static inline void team_wait(TeamBarrier *barrier, const void *next) {
         __atomic_store_n(&barrier->passed, passed + 1, __ATOMIC_RELEASE);
         return;
     }
-    for (int64_t at = 0; __atomic_load_n(&barrier->passed, __ATOMIC_ACQUIRE) == passed;) {
-        if (next != NULL && at < TEAM_PREFETCH_MAX) {
-            __builtin_prefetch((const char *)next + at);
-            at += 64;
-        } else
-            TEAM_RELAX();
-    }
+    team_spin(&barrier->passed, passed, next);
 }
 
 #endif
