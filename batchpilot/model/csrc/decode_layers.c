@@ -166,6 +166,8 @@ int decode_layers(uint16_t *x, uint16_t *y, const uint16_t *embed, const int64_t
             const void *const *lw = weights + (int64_t)l * POINTERS_PER_LAYER;
             const int64_t *lf = formats + (int64_t)l * FORMATS_PER_LAYER;
             uint16_t *k_cache = caches[2 * l], *v_cache = caches[2 * l + 1];
+            paged_decode_attention_fetch_team(k_cache, v_cache, block_tables, context_lens, (int)B, KVH, D, table_width,
+                                              block_size, num_slots);
             project(lw + QKV, lf, yt, C, lw[QKV_BIAS], qkv, B, C, W, workspace, &team, &failed);
             const HeadPrep prep = {qkv, W, rope_cos, rope_sin, positions, slots};
             paged_decode_attention_team(q, k_cache, v_cache, attn, block_tables, context_lens, (int)B, H, KVH, D,

@@ -73,6 +73,12 @@ typedef struct {
     const int64_t *positions, *slots;
 } HeadPrep;
 int paged_decode_attention_ok(int num_heads, int num_kv_heads, int head_dim, int block_size);
+/* bytes of K/V rows paged_decode_attention_fetch_team fetches at most per thread (the cache's rows of the first
+ * tasks, where the step's other fetches do not evict them first) */
+#define ATTENTION_FETCH_MAX (128 * 1024)
+void paged_decode_attention_fetch_team(const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *block_tables,
+                                       const int64_t *context_lens, int num_seqs, int num_kv_heads, int head_dim,
+                                       int table_width, int block_size, int64_t num_slots);
 void paged_decode_attention_team(uint16_t *q, uint16_t *k_cache, uint16_t *v_cache, uint16_t *out,
                                  const int64_t *block_tables, const int64_t *context_lens, int num_seqs,
                                  int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,

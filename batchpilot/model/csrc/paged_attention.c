@@ -430,3 +430,27 @@ void paged_decode_attention_team(uint16_t *q, uint16_t *k_cache, uint16_t *v_cac
     }
     team_wait(&team->barrier, next_weights);
 }
+
+/* Fetches into L2 the first ATTENTION_FETCH_MAX bytes of K and V rows of this thread's share of the (sequence, KV
+ * head) tasks that paged_decode_attention_team will give it (bf16 caches, its split): decode_layers calls it before
+ * the QKV projection, so that the rows, which lie in blocks anywhere in the cache where the hardware prefetcher does
+ * not follow, arrive while the projection streams its weights. The attention's own lookahead fetches the rest. */
+void paged_decode_attention_fetch_team(const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *block_tables,
+                                       const int64_t *context_lens, int num_seqs, int num_kv_heads, int head_dim,
+                                       int table_width, int block_size, int64_t num_slots) {
+    const int64_t tasks = (int64_t)num_seqs * num_kv_heads, last = team_end(tasks);
+    int64_t budget = ATTENTION_FETCH_MAX;
+    for (int64_t task = team_start(tasks); task < last && budget > 0; task++) {
+        const int b = (int)(task / num_kv_heads), kh = (int)(task % num_kv_heads);
+        const int64_t len = context_lens[b], *table = block_tables + (int64_t)b * table_width;
+        for (int64_t start = 0; start < len && budget > 0; start += block_size) {
+            const int64_t base = ((int64_t)kh * num_slots + table[start / block_size] * block_size) * head_dim;
+            const int64_t bytes = (len - start < block_size ? len - start : block_size) * head_dim * 2;
+            for (int64_t at = 0; at < bytes; at += 64) {
+                __builtin_prefetch((const char *)(k_cache + base) + at, 0, 2);
+                __builtin_prefetch((const char *)(v_cache + base) + at, 0, 2);
+            }
+            budget -= 2 * bytes;
+        }
+    }
+}
