@@ -88,7 +88,7 @@ static void argmax_team(const void *logits, int is_bf16, int64_t B, int64_t voca
         part->index = first + (part->nan ? first_nan(row, is_bf16, n) : first_equal(row, is_bf16, n, part->best));
     }
     for (int64_t b = 0; b < B && n == 0; b++) parts[b * T + j] = (ScanPart){.best = -INFINITY, .nan = 0, .index = -1};
-    team_wait(&team->barrier, NULL);
+    team_wait(&team->barrier, NULL, 0);
     for (int64_t b = team_start(B); b < team_end(B); b++) {
         const ScanPart *row = parts + b * T;
         int at = -1;
@@ -101,7 +101,7 @@ static void argmax_team(const void *logits, int is_bf16, int64_t B, int64_t voca
             if (row[i].index >= 0 && row[i].best == best) at = i;
         tokens[b] = at < 0 ? 0 : row[at].index;
     }
-    team_wait(&team->barrier, NULL);
+    team_wait(&team->barrier, NULL, 0);
 }
 
 /*
@@ -161,7 +161,7 @@ int decode_layers(uint16_t *x, uint16_t *y, const uint16_t *embed, const int64_t
         for (int64_t b = r0; (embed != NULL || mine != NULL) && b < r1; b++) /* the rows from embed, or the caller's */
             memcpy(xt + b * C, embed != NULL ? embed + token_ids[b] * C : x + b * C, (size_t)C * 2);
         add_rms_norm_rows(xt, C, NULL, 0, first_norm, yt, C, r0, r1, C, eps);
-        if (mine == NULL) team_wait(&team.barrier, own_part(weights + QKV, formats));
+        if (mine == NULL) team_wait(&team.barrier, own_part(weights + QKV, formats), TEAM_PREFETCH_MAX);
         for (int l = 0; l < num_layers; l++) {
             const void *const *lw = weights + (int64_t)l * POINTERS_PER_LAYER;
             const int64_t *lf = formats + (int64_t)l * FORMATS_PER_LAYER;
@@ -175,13 +175,13 @@ int decode_layers(uint16_t *x, uint16_t *y, const uint16_t *embed, const int64_t
                                         own_part(lw + O, lf + 3));
             project(lw + O, lf + 3, attn, HD, NULL, proj, B, HD, C, workspace, &team, &failed);
             add_rms_norm_rows(xt, C, proj, C, lw[FFN_NORM], yt, C, r0, r1, C, eps);
-            if (mine == NULL) team_wait(&team.barrier, own_part(lw + GATE_UP, lf + 6));
+            if (mine == NULL) team_wait(&team.barrier, own_part(lw + GATE_UP, lf + 6), TEAM_PREFETCH_MAX);
             project(lw + GATE_UP, lf + 6, yt, C, NULL, gate_up, B, C, 2 * I, workspace, &team, &failed);
             silu_mul_rows(gate_up, actt, r0, r1, I);
-            if (mine == NULL) team_wait(&team.barrier, own_part(lw + DOWN, lf + 9));
+            if (mine == NULL) team_wait(&team.barrier, own_part(lw + DOWN, lf + 9), TEAM_PREFETCH_MAX);
             project(lw + DOWN, lf + 9, actt, I, NULL, proj, B, I, C, workspace, &team, &failed);
             add_rms_norm_rows(xt, C, proj, C, lw[NEXT_NORM], yt, C, r0, r1, C, eps);
-            if (mine == NULL) team_wait(&team.barrier, NULL); /* the projection's wait fetched what comes next */
+            if (mine == NULL) team_wait(&team.barrier, NULL, 0); /* the projection's wait fetched what comes next */
         }
         if (head != NULL) gemv_bf16_team(yt, C, head, head_parts, NULL, logits, vocab, logits_f32, B, C, vocab, &team);
         if (scan != NULL) argmax_team(logits, !logits_f32, B, vocab, scan, tokens, &team);

@@ -76,7 +76,7 @@ static int gemv_halves(int64_t tiles, int64_t K2, int64_t M) {
  * `next` while it waits, as in team_wait), plus bias, into y. */
 static void finish_halves(GemvSplit *split, const uint16_t *bias, void *y, int64_t y_stride, int y_f32, int64_t M,
                           const void *next) {
-    team_spin(&split->ready, 0, next);
+    team_spin(&split->ready, 0, next, TEAM_PREFETCH_MAX);
     split->ready = 0; /* read again only after the team's barrier */
     for (int64_t m = 0; m < M; m++)
         for (int c = 0; c < TILE_N / 16; c++) {
@@ -154,7 +154,7 @@ void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *
                 tile_part_times_rows(amx, M, x, x_stride, pad, K, TILE(t), 0, K2,
                                      bias != NULL ? bias + t * TILE_N : NULL, (char *)y + t * TILE_N * esize, y_stride,
                                      y_f32, NULL, 1);
-        team_wait(&team->barrier, next);
+        team_wait(&team->barrier, next, TEAM_PREFETCH_MAX);
         return;
     }
     for (int64_t t = first; t < last; t++)
@@ -173,7 +173,7 @@ void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *
                       y_f32, M, next);
     }
 #undef TILE
-    team_wait(&team->barrier, next);
+    team_wait(&team->barrier, next, TEAM_PREFETCH_MAX);
 }
 #endif
 #if !defined(__AVX512BF16__) && defined(__AVX2__) && defined(__FMA__)
@@ -217,7 +217,7 @@ void gemv_bf16_team(const uint16_t *x, int64_t x_stride, const uint16_t *const *
             }
         }
     }
-    team_wait(&team->barrier, own_stream_end(w, parts, tiles, tile_elems));
+    team_wait(&team->barrier, own_stream_end(w, parts, tiles, tile_elems), TEAM_PREFETCH_MAX);
 }
 #endif
 #if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))

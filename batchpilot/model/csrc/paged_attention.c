@@ -428,7 +428,7 @@ void paged_decode_attention_team(uint16_t *q, uint16_t *k_cache, uint16_t *v_cac
 #endif
             ATTEND(1);
     }
-    team_wait(&team->barrier, next_weights);
+    team_wait(&team->barrier, next_weights, ATTENTION_WAIT_FETCH);
 }
 
 /* Fetches into L2 the first ATTENTION_FETCH_MAX bytes of K and V rows of this thread's share of the (sequence, KV

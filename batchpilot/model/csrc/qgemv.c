@@ -416,7 +416,7 @@ void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const v
 #endif
         tile_times_rows(M, x, x_stride, (const uint16_t *)buf, K2, scale, b, y + t * TILE_N, y_stride, 0);
     }
-    team_wait(&team->barrier, NULL);
+    team_wait(&team->barrier, NULL, 0);
 }
 
 /* The inputs per int16 scale the fused int8 path gives each row (quant.Int8Weight.activations); 0 where it

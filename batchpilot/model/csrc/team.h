@@ -49,8 +49,8 @@ static inline const uint16_t *own_stream_end(const uint16_t *const *w, int parts
 #define TEAM_RELAX() ((void)0)
 #endif
 
-/* The most bytes a thread waiting in team_wait fetches ahead: about a tile of a 576-input projection (72 KB).
- * Up to 512 KB read the same at batch 1, and made 8-row steps 1.5% slower (docs/reproduction.md). */
+/* The bytes a thread waiting at the end of a projection fetches ahead: about a tile of a 576-input projection
+ * (72 KB). Up to 512 KB read the same at batch 1, and made 8-row steps 1.5% slower (docs/reproduction.md). */
 #define TEAM_PREFETCH_MAX (64 * 1024)
 
 /* What a team's threads share to wait for one another (team_wait): how many have arrived at the barrier now,
@@ -60,10 +60,10 @@ typedef struct {
     _Alignas(64) unsigned passed;
 } TeamBarrier;
 
-/* Spins while *word is `value`, fetching up to TEAM_PREFETCH_MAX bytes from `next` (or nothing, NULL) meanwhile. */
-static inline void team_spin(const unsigned *word, unsigned value, const void *next) {
+/* Spins while *word is `value`, fetching up to `bytes` from `next` (or nothing, NULL) meanwhile. */
+static inline void team_spin(const unsigned *word, unsigned value, const void *next, int64_t bytes) {
     for (int64_t at = 0; __atomic_load_n(word, __ATOMIC_ACQUIRE) == value;) {
-        if (next != NULL && at < TEAM_PREFETCH_MAX) {
+        if (next != NULL && at < bytes) {
             __builtin_prefetch((const char *)next + at);
             at += 64;
         } else
@@ -78,7 +78,7 @@ static inline void team_spin(const unsigned *word, unsigned value, const void *n
  * finishes, the others' streams go on instead of stopping at every kernel's end. On a Zen 4 EPYC a batch-1 step's
  * threads waited ~0.25 ms each at its ~180 barriers (docs/reproduction.md); OpenMP's barrier cannot fetch.
  */
-static inline void team_wait(TeamBarrier *barrier, const void *next) {
+static inline void team_wait(TeamBarrier *barrier, const void *next, int64_t bytes) {
     const int team = omp_get_num_threads();
     if (team == 1) return;
     const unsigned passed = __atomic_load_n(&barrier->passed, __ATOMIC_ACQUIRE);
@@ -87,7 +87,7 @@ static inline void team_wait(TeamBarrier *barrier, const void *next) {
         __atomic_store_n(&barrier->passed, passed + 1, __ATOMIC_RELEASE);
         return;
     }
-    team_spin(&barrier->passed, passed, next);
+    team_spin(&barrier->passed, passed, next, bytes);
 }
 
 #endif
