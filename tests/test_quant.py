@@ -107,7 +107,7 @@ def test_int4_blocks_multiply_by_their_exact_values(rows, symmetric, layout):
     exact = (q.float().view(128, 8, 32) * scale.unsqueeze(-1) + low.unsqueeze(-1)).view(128, 256)
     if w.tiled:
         assert w.scales_zeros.dtype == torch.float16 and len(w.scales_zeros) == (1 if symmetric else 2)
-        used = exact if rows <= quant.QGEMV_FUSED_MAX_ROWS else exact.to(torch.bfloat16).float()
+        used = exact if rows <= kernels.qgemv_fused_max_rows() else exact.to(torch.bfloat16).float()
         assert torch.equal(w.reference(rows), used)
     else:  # torch's kernel takes scales and zeros in bf16: the values move by those roundings
         used = w.reference(rows) if rows <= w.kernel_max_rows else w.dequantize().float()
@@ -128,7 +128,7 @@ def test_int8_blocks_multiply_by_their_exact_values(rows, layout):
     exact = (q.float().view(128, 8, 32) * scale.unsqueeze(-1)).view(128, 256)
     if w.tiled:
         assert w.group_size == 32 and w.scales.dtype == torch.float16
-        used = exact if rows <= quant.QGEMV_FUSED_MAX_ROWS else exact.to(torch.bfloat16).float()
+        used = exact if rows <= kernels.qgemv_fused_max_rows() else exact.to(torch.bfloat16).float()
         assert torch.equal(w.reference(rows), used)
         assert torch.equal(w.dequantize(), exact.to(torch.bfloat16))
         eye = torch.eye(256, dtype=torch.bfloat16)  # each output read back through both kernel paths

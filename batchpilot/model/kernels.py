@@ -91,10 +91,11 @@ def _library() -> ctypes.CDLL | None:
         "qgemv_bf16": (i32, [ptr, i64, ptr, ptr, ptr, i32, i64, ptr, ptr, i64, i64, i64, i64, i32]),
         "qdequant_bf16": (i32, [ptr, ptr, ptr, i32, i64, ptr, i64, i64, i32]),
         "qgemv_row_group": (i64, [i32, i64, i64]),
+        "qgemv_fused_max_rows": (i32, []),
     }
     for name, (restype, argtypes) in signatures.items():
         built_per_cpu = ("gemv_bf16", "gemv_amx_enable", "gemv_amx_min_rows", "decode_layers", "qgemv_bf16",
-                         "qdequant_bf16", "qgemv_row_group")
+                         "qdequant_bf16", "qgemv_row_group", "qgemv_fused_max_rows")
         if name in built_per_cpu and not hasattr(lib, name):
             continue
         getattr(lib, name).restype = restype
@@ -408,6 +409,14 @@ def qgemv_row_group(bits: int, group: int, k: int) -> int:
     multiplies the rows as they are."""
     lib = _library()
     return int(lib.qgemv_row_group(bits, group, k)) if lib is not None and hasattr(lib, "qgemv_row_group") else 0
+
+
+@functools.cache
+def qgemv_fused_max_rows() -> int:
+    """The most rows our int8/int4 kernel multiplies in integers, the inputs rounded to int8 (int4 weights) or
+    int16 (int8) first (csrc/qgemv.c, FUSED_MAX_M); 0 where it is not built."""
+    lib = _library()
+    return int(lib.qgemv_fused_max_rows()) if lib is not None and hasattr(lib, "qgemv_fused_max_rows") else 0
 
 
 def qgemv(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor | None, bits: int, group: int,

@@ -9,7 +9,7 @@
 
 Where the CPU has AVX512-BF16, weights are laid out in tiles for our kernel (csrc/qgemv.c), which
 expands a tile to bf16 once and multiplies every row of the step by it, up to QGEMV_MAX_ROWS rows (int4
-at up to QGEMV_FUSED_MAX_ROWS rows instead multiplies its integers by the rows rounded to int8, and
+at up to kernels.qgemv_fused_max_rows() rows instead multiplies its integers by the rows rounded to int8, and
 int8 there by the rows as int16 with a power-of-two scale per group of inputs: `activations`).
 Elsewhere torch's weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) serve up
 to TORCH_KERNEL_MAX_ROWS rows; their scales must be in the activations' dtype (bf16 rounds a
@@ -33,9 +33,6 @@ Q8_GROUP = 32  # inputs per scale of group-wise int8 (GGUF's Q8_0), used for the
 # torch's kernels are 2-3x slower than bf16 from 16 rows; ours expands each tile once for all rows.
 TORCH_KERNEL_MAX_ROWS = 16
 QGEMV_MAX_ROWS = 128
-# FUSED_MAX_M of csrc/qgemv.c: up to here int4 multiplies the exact weights by the inputs rounded to int8
-# (Int4Weight.activations), and int8 by the inputs as int16 (Int8Weight.activations), in integers
-QGEMV_FUSED_MAX_ROWS = 8
 
 TILE = 64  # outputs per tile of csrc/qgemv.c
 QUANTIZE_ROWS = 4096  # rows quantized at a time
@@ -77,12 +74,12 @@ class Int8Weight(_Layout):
         return (self.q, self.scales, None, 8, self.group_size) if self.tiled else None
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] as `matmul` multiplies it, in float32: up to QGEMV_FUSED_MAX_ROWS rows our kernel takes
+        """x [M, K] as `matmul` multiplies it, in float32: up to kernels.qgemv_fused_max_rows() rows our kernel takes
         each group of a row (the weight's group, or 32 inputs with scales per output: kernels.qgemv_row_group)
         as int16 times 2^(e - 15) for the group's largest magnitude f 2^e (f in [0.5, 1)), rounded to
         nearest even: exact for inputs within 2^7 of it. Else x itself."""
         group = kernels.qgemv_row_group(8, self.group_size, self.shape[1]) if self.tiled else 0
-        if not group or x.shape[0] > QGEMV_FUSED_MAX_ROWS:
+        if not group or x.shape[0] > kernels.qgemv_fused_max_rows():
             return x.float()
         groups = x.float().view(x.shape[0], -1, group)
         _, e = torch.frexp(groups.abs().amax(dim=-1, keepdim=True))
@@ -102,9 +99,9 @@ class Int8Weight(_Layout):
 
     def reference(self, rows: int = 1) -> torch.Tensor:
         """The float32 weight `matmul` of `rows` rows multiplies by: q * s exactly (per output, the sums
-        are scaled once; per group up to QGEMV_FUSED_MAX_ROWS, each group's sums), else q * s rounded to
+        are scaled once; per group up to kernels.qgemv_fused_max_rows(), each group's sums), else q * s rounded to
         bf16 (the expanded tiles)."""
-        if self.group_size and rows > QGEMV_FUSED_MAX_ROWS:
+        if self.group_size and rows > kernels.qgemv_fused_max_rows():
             return self.dequantize().float()
         n, k = self.shape
         q = self.q.transpose(1, 2).reshape(n, k) if self.tiled else self.q
@@ -154,15 +151,15 @@ class Int4Weight(_Layout):
 
     def reference(self, rows: int = 1) -> torch.Tensor:
         """The float32 weight `matmul` of `rows` rows multiplies by: the exact values (torch's kernel,
-        and ours up to QGEMV_FUSED_MAX_ROWS, which scales each group's sums), else the bf16 values of
+        and ours up to kernels.qgemv_fused_max_rows(), which scales each group's sums), else the bf16 values of
         dequantize (our kernel's expanded tiles)."""
-        return self.dequantize().float() if self.tiled and rows > QGEMV_FUSED_MAX_ROWS else self._exact()
+        return self.dequantize().float() if self.tiled and rows > kernels.qgemv_fused_max_rows() else self._exact()
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] as `matmul` multiplies it, in float32: up to QGEMV_FUSED_MAX_ROWS rows our kernel
+        """x [M, K] as `matmul` multiplies it, in float32: up to kernels.qgemv_fused_max_rows() rows our kernel
         rounds each group of a row to int8 (scale amax / 127, to nearest even: GGUF's Q8 blocks, as
         llama.cpp multiplies Q4 weights), else x itself."""
-        if not self.tiled or x.shape[0] > QGEMV_FUSED_MAX_ROWS:
+        if not self.tiled or x.shape[0] > kernels.qgemv_fused_max_rows():
             return x.float()
         groups = x.float().view(x.shape[0], -1, self.group_size)
         d = groups.abs().amax(dim=-1, keepdim=True) / 127

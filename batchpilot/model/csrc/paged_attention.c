@@ -84,8 +84,8 @@ static inline __attribute__((always_inline)) Lookahead lookahead_start(
 }
 
 /* Called before computing block `block` of the current task: fetches the next task's share for it. */
-static inline __attribute__((always_inline)) void lookahead_fetch(Lookahead *la, const void *k_cache, const void *v_cache,
-                                                                  size_t esize, int64_t block) {
+static inline __attribute__((always_inline)) void lookahead_fetch(Lookahead *la, const void *k_cache,
+                                                                  const void *v_cache, size_t esize, int64_t block) {
     const int64_t upto = la->lines * (block + 1) / la->this_blocks;
     while (la->fetched < upto) {
         /* the rest of the current block, or as much of it as this share asks (no division per line) */
@@ -363,10 +363,10 @@ static inline __attribute__((always_inline)) void attend_bf16(
         uint16_t *o = out + (head0 + g) * D;
         for (int c = 0; c < DC; c++) {
             const __m512 lo = acc[g][2 * c], hi = acc[g][2 * c + 1];
-            _mm256_storeu_si256((__m256i *)(o + 32 * c),
-                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), inv)));
-            _mm256_storeu_si256((__m256i *)(o + 32 * c + 16),
-                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), inv)));
+            const __m512 low16 = _mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), inv);
+            const __m512 high16 = _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), inv);
+            _mm256_storeu_si256((__m256i *)(o + 32 * c), (__m256i)_mm512_cvtneps_pbh(low16));
+            _mm256_storeu_si256((__m256i *)(o + 32 * c + 16), (__m256i)_mm512_cvtneps_pbh(high16));
         }
     }
 }

@@ -63,11 +63,15 @@ static uint32_t *thread_buffer(size_t bytes) {
     return tile_buffer;
 }
 
+/* 16 int8 values as float32 */
+static inline __attribute__((always_inline)) __m512 int8x16_to_float(const int8_t *src) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)src)));
+}
+
 /* One k-pair of a tile (64 outputs x 2 inputs) as four vectors of bf16 pairs, 16 outputs each. */
 static inline __attribute__((always_inline)) void expand_int8(const int8_t *src, __m512bh *w) {
     for (int c = 0; c < 4; c++) { /* 16 outputs x 2 inputs = 32 bytes -> 32 bf16 in pair order */
-        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + 32 * c))));
-        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + 32 * c + 16))));
+        const __m512 lo = int8x16_to_float(src + 32 * c), hi = int8x16_to_float(src + 32 * c + 16);
         w[c] = _mm512_cvtne2ps_pbh(hi, lo);
     }
 }
@@ -93,8 +97,7 @@ static inline __attribute__((always_inline)) void expand_int8_grouped(const int8
     const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
     for (int c = 0; c < 4; c++) {
         const __m512 sc = load_f16(s + sg + 16 * c);
-        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + 32 * c))));
-        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + 32 * c + 16))));
+        const __m512 lo = int8x16_to_float(src + 32 * c), hi = int8x16_to_float(src + 32 * c + 16);
         w[c] = _mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, _mm512_permutexvar_ps(second, sc)),
                                    _mm512_mul_ps(lo, _mm512_permutexvar_ps(first, sc)));
     }
@@ -418,6 +421,9 @@ void qgemv_bf16_team(const uint16_t *x, int64_t x_stride, const void *q, const v
     }
     team_wait(&team->barrier, NULL, 0);
 }
+
+/* The most rows qgemv_bf16 multiplies in integers (the fused paths: quant.py's reference rounds the inputs alike). */
+int qgemv_fused_max_rows(void) { return FUSED_MAX_M; }
 
 /* The inputs per int16 scale the fused int8 path gives each row (quant.Int8Weight.activations); 0 where it
  * does not run. */

@@ -51,8 +51,8 @@ static inline __attribute__((always_inline)) float row_max(const void *row, int 
     __m512 lanes = _mm512_set1_ps(-INFINITY);
     __mmask16 nan_lanes = 0;
     for (; i + 16 <= cols; i += 16) {
-        const __m512 v = is_bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                                       _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + i))), 16))
+        const __m256i half = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + i));
+        const __m512 v = is_bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16))
                                  : _mm512_loadu_ps((const float *)row + i);
         lanes = _mm512_max_ps(v, lanes); /* a NaN in v leaves the lane as it was */
         nan_lanes |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
