@@ -73,13 +73,6 @@ typedef struct {
     const int64_t *positions, *slots;
 } HeadPrep;
 int paged_decode_attention_ok(int num_heads, int num_kv_heads, int head_dim, int block_size);
-/* bytes of K/V rows paged_decode_attention_fetch_team fetches at most per thread (the cache's rows of the first
- * tasks, where the step's other fetches do not evict them first) */
-#define ATTENTION_FETCH_MAX (128 * 1024)
-/* bytes of its next weight a thread fetches while it waits at the attention's end: at batch 1 of the default model
- * (3 KV heads on 2 threads) one thread waits ~5 us a layer there; 256 KB, about its part of the O projection, read
- * 0.6% faster than the projections' 64 KB (docs/reproduction.md) */
-#define ATTENTION_WAIT_FETCH (256 * 1024)
 void paged_decode_attention_fetch_team(const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *block_tables,
                                        const int64_t *context_lens, int num_seqs, int num_kv_heads, int head_dim,
                                        int table_width, int block_size, int64_t num_slots);

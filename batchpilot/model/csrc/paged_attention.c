@@ -27,6 +27,13 @@
 #define MAX_D 256
 #define MAX_BS 128
 #define CHUNK_TILES 8 /* tiles of 16 keys per softmax update in attend_bf16 */
+/* bytes of K/V rows paged_decode_attention_fetch_team fetches at most per thread (the cache's rows of the first
+ * tasks, where the step's other fetches do not evict them first) */
+#define ATTENTION_FETCH_MAX (128 * 1024)
+/* bytes of its next weight a thread fetches while it waits at the attention's end: at batch 1 of the default model
+ * (3 KV heads on 2 threads) one thread waits ~5 us a layer there; 256 KB, about its part of the O projection, read
+ * 0.6% faster than the projections' 64 KB (docs/reproduction.md) */
+#define ATTENTION_WAIT_FETCH (256 * 1024)
 
 static inline __attribute__((always_inline)) void load_row(const void *base, int is_bf16, int64_t offset, int d,
                                                           float *dst) {
