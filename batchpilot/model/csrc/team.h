@@ -73,8 +73,8 @@ static inline void team_spin(const unsigned *word, unsigned value, const void *n
 
 /*
  * A barrier: returns once every thread of the team has called it, and what each wrote before it is seen by all
- * after. A thread that waits fetches from `next` (where it reads next, or NULL) meanwhile, up to
- * TEAM_PREFETCH_MAX bytes: each thread's weights of a step lie in one stream (above), so while the last thread
+ * after. A thread that waits fetches from `next` (where it reads next, or NULL) meanwhile, up to `bytes`
+ * (TEAM_PREFETCH_MAX at a projection's end): each thread's weights of a step lie in one stream (above), so while the last thread
  * finishes, the others' streams go on instead of stopping at every kernel's end. On a Zen 4 EPYC a batch-1 step's
  * threads waited ~0.25 ms each at its ~180 barriers (docs/reproduction.md); OpenMP's barrier cannot fetch.
  */
