@@ -25,12 +25,18 @@ falls below `--target`, interpolated between grid points: bench.capacity.capacit
 against the best static limit.
 
     python benchmarks/lockstep_tournament.py --workloads uniform-poisson --rates 3,4,5,6,7
+
+How much a controller that adapts could win on a shift (`--phase-schedule 32,8,32`, shift workloads): one more
+contender, a hindsight schedule of static limits, each phase's own limit while the next request to admit is one
+of that phase's (a diagnostic that knows the workload's phases, not a policy a server could run).
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import gc
+import itertools
 import random
 import statistics
 import sys
@@ -48,9 +54,31 @@ from batchpilot.bench.results import write_json  # noqa: E402
 from batchpilot.bench.serve import arrival_offsets  # noqa: E402
 from batchpilot.bench.workload import workload_requests  # noqa: E402
 from batchpilot.cli import build_parser, engine_config  # noqa: E402
+from batchpilot.controllers.base import SchedulerView, StepStats  # noqa: E402
 from batchpilot.llm import build_engine  # noqa: E402
 from batchpilot.sampling_params import SamplingParams  # noqa: E402
-from batchpilot.sim.tournament import hindsight_regret, sla_targets  # noqa: E402
+from batchpilot.sim.tournament import SHIFTS, hindsight_regret, shift_phases, sla_targets  # noqa: E402
+
+
+class PhaseSchedule:
+    """Static limits switched at a shift's phase boundaries: `limits[i]` while the next request to admit is one of
+    phase i's `sizes[i]` (queue order; every request queued at t=0, so those admitted are the ones not waiting)."""
+
+    name = "phase-schedule"
+    trace: dict[str, float] = {}
+
+    def __init__(self, sizes: list[int], limits: list[int]):
+        if len(sizes) != len(limits):
+            raise ValueError(f"--phase-schedule: {len(limits)} limits for {len(sizes)} phases")
+        self.ends = list(itertools.accumulate(sizes))
+        self.limits = limits
+
+    def limit(self, view: SchedulerView) -> int:
+        admitted = self.ends[-1] - view.num_waiting
+        return self.limits[min(bisect.bisect_right(self.ends, admitted), len(self.limits) - 1)]
+
+    def observe(self, stats: StepStats) -> None:
+        pass
 
 
 def contenders(statics: list[int], policies: list[str]) -> dict[str, list[str]]:
@@ -78,7 +106,7 @@ def told_the_sla(configs: dict[str, list[str]], sla: SLA | None) -> dict[str, li
 
 
 def run_lockstep(workload_flags: list[str], configs: dict[str, list[str]], threads: int, seed: int,
-                 sla: SLA | None = None) -> dict[str, dict]:
+                 sla: SLA | None = None, schedules: dict[str, PhaseSchedule] | None = None) -> dict[str, dict]:
     parser = build_parser()
     base = ["bench", "throughput", *workload_flags, "--threads", str(threads), "--seed", str(seed)]
     args = {name: parser.parse_args([*base, *flags]) for name, flags in told_the_sla(configs, sla).items()}
@@ -95,6 +123,8 @@ def run_lockstep(workload_flags: list[str], configs: dict[str, list[str]], threa
             start = step_start[name]
             return clock[name] + (0.0 if start is None else time.perf_counter() - start)
         engine.clock = engine.scheduler.clock = own_clock
+        if name in (schedules or {}):
+            engine.scheduler.controller = schedules[name]
         engine.start_time = 0.0
     first = next(iter(args.values()))
     requests, ignore_eos = workload_requests(first, next(iter(engines.values())).tokenizer, first.num_prompts, seed)
@@ -173,7 +203,7 @@ def with_rate(flags: list[str], rate: float) -> list[str]:
     return [*flags[:i + 1], str(rate), *flags[i + 2:]]
 
 
-def print_table(configs: dict[str, list[str]], cells: dict[str, list[str]]) -> None:
+def print_table(configs: dict, cells: dict[str, list[str]]) -> None:
     """A markdown table: a row per workload, a column per contender."""
     print("| workload | " + " | ".join(configs) + " |")
     print("|---" * (len(configs) + 1) + "|")
@@ -220,6 +250,18 @@ def capacity_tournament(args: argparse.Namespace, configs: dict[str, list[str]])
     return 0
 
 
+def with_schedule(configs: dict[str, list[str]], wname: str, args: argparse.Namespace
+                  ) -> tuple[dict[str, list[str]], dict[str, PhaseSchedule]]:
+    """The contenders, and on a shift workload with --phase-schedule the schedule's contender too."""
+    if not args.phase_schedule or wname not in SHIFTS:
+        return configs, {}
+    limits = [int(n) for n in args.phase_schedule.split(",")]
+    name = "schedule-" + "/".join(map(str, limits))
+    sizes = [len(phase) for phase in shift_phases(wname, args.scale).values()]
+    return configs | {name: ["--batch-controller", "static", "--max-num-seqs", str(max(limits))]}, \
+        {name: PhaseSchedule(sizes, limits)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
@@ -231,9 +273,12 @@ def main() -> int:
     p.add_argument("--rates", default=None,
                    help="comma list of Poisson rates (req/s): capacity at the SLA instead of one rate's goodput")
     p.add_argument("--target", type=float, default=0.9, help="share of requests in the SLA that capacity keeps")
+    p.add_argument("--phase-schedule", default=None, metavar="LIMITS",
+                   help="one static limit per phase (e.g. 32,8,32): a hindsight contender on the shift workloads")
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
-    configs = contenders([int(n) for n in args.static.split(",")], [s for s in args.policies.split(",") if s])
+    configs = base_configs = contenders([int(n) for n in args.static.split(",")],
+                                        [s for s in args.policies.split(",") if s])
     if args.rates:
         return capacity_tournament(args, configs)
     table: dict[str, dict] = {}
@@ -241,10 +286,11 @@ def main() -> int:
         work = workloads(Path(tmp), args.scale)
         names = args.workloads.split(",") if args.workloads else list(work)
         for wname in names:
+            configs, schedules = with_schedule(base_configs, wname, args)
             runs: dict[str, list[dict]] = {name: [] for name in configs}
             for seed in (int(s) for s in args.seeds.split(",")):
                 sla = TIMED.get(wname)
-                rows = run_lockstep(work[wname], configs, args.threads, seed, sla)
+                rows = run_lockstep(work[wname], configs, args.threads, seed, sla, schedules)
                 # offline: throughput; timed: requests/s within the SLA (all are served: throughput is the load)
                 regret = hindsight_regret(rows, "output_throughput" if sla is None else "request_goodput")
                 for name, row in rows.items():
@@ -259,8 +305,9 @@ def main() -> int:
             table[wname] = {name: {"runs": r, "median_regret": _median([x["regret"] for x in r])}
                             for name, r in runs.items()}
     print()
-    print_table(configs, {wname: ["n/a" if rows[c]["median_regret"] is None
-                                  else f"{100 * rows[c]['median_regret']:+.1f}%" for c in configs]
+    columns = dict.fromkeys(name for rows in table.values() for name in rows)  # a schedule only on the shifts
+    print_table(columns, {wname: ["n/a" if c not in rows or rows[c]["median_regret"] is None
+                                  else f"{100 * rows[c]['median_regret']:+.1f}%" for c in columns]
                           for wname, rows in table.items()})
     if args.output_json:
         write_json(args.output_json, {"args": vars(args), "table": table})
