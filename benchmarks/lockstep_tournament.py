@@ -68,8 +68,6 @@ class PhaseSchedule:
     trace: dict[str, float] = {}
 
     def __init__(self, sizes: list[int], limits: list[int]):
-        if len(sizes) != len(limits):
-            raise ValueError(f"--phase-schedule: {len(limits)} limits for {len(sizes)} phases")
         self.ends = list(itertools.accumulate(sizes))
         self.limits = limits
 
@@ -255,7 +253,7 @@ def with_schedule(configs: dict[str, list[str]], wname: str, args: argparse.Name
     """The contenders, and on a shift workload with --phase-schedule the schedule's contender too."""
     if not args.phase_schedule or wname not in SHIFTS:
         return configs, {}
-    limits = [int(n) for n in args.phase_schedule.split(",")]
+    limits = args.phase_limits
     name = "schedule-" + "/".join(map(str, limits))
     sizes = [len(phase) for phase in shift_phases(wname, args.scale).values()]
     return configs | {name: ["--batch-controller", "static", "--max-num-seqs", str(max(limits))]}, \
@@ -277,6 +275,17 @@ def main() -> int:
                    help="one static limit per phase (e.g. 32,8,32): a hindsight contender on the shift workloads")
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
+    if args.phase_schedule:
+        try:
+            args.phase_limits = [int(n) for n in args.phase_schedule.split(",")]
+        except ValueError:
+            p.error(f"--phase-schedule: {args.phase_schedule!r} is not a comma list of limits")
+        if args.rates or min(args.phase_limits) < 1:
+            p.error("--phase-schedule: positive limits, and only without --rates")
+        for wname in (args.workloads.split(",") if args.workloads else SHIFTS):
+            if wname in SHIFTS and len(args.phase_limits) != len(SHIFTS[wname][1]):
+                p.error(f"--phase-schedule: {wname} has {len(SHIFTS[wname][1])} phases, "
+                        f"{len(args.phase_limits)} limits given")
     configs = base_configs = contenders([int(n) for n in args.static.split(",")],
                                         [s for s in args.policies.split(",") if s])
     if args.rates:
