@@ -286,8 +286,7 @@ def main() -> int:
             if wname in SHIFTS and len(args.phase_limits) != len(SHIFTS[wname][1]):
                 p.error(f"--phase-schedule: {wname} has {len(SHIFTS[wname][1])} phases, "
                         f"{len(args.phase_limits)} limits given")
-    configs = base_configs = contenders([int(n) for n in args.static.split(",")],
-                                        [s for s in args.policies.split(",") if s])
+    configs = contenders([int(n) for n in args.static.split(",")], [s for s in args.policies.split(",") if s])
     if args.rates:
         return capacity_tournament(args, configs)
     table: dict[str, dict] = {}
@@ -295,11 +294,11 @@ def main() -> int:
         work = workloads(Path(tmp), args.scale)
         names = args.workloads.split(",") if args.workloads else list(work)
         for wname in names:
-            configs, schedules = with_schedule(base_configs, wname, args)
-            runs: dict[str, list[dict]] = {name: [] for name in configs}
+            contestants, schedules = with_schedule(configs, wname, args)
+            runs: dict[str, list[dict]] = {name: [] for name in contestants}
             for seed in (int(s) for s in args.seeds.split(",")):
                 sla = TIMED.get(wname)
-                rows = run_lockstep(work[wname], configs, args.threads, seed, sla, schedules)
+                rows = run_lockstep(work[wname], contestants, args.threads, seed, sla, schedules)
                 # offline: throughput; timed: requests/s within the SLA (all are served: throughput is the load)
                 regret = hindsight_regret(rows, "output_throughput" if sla is None else "request_goodput")
                 for name, row in rows.items():
