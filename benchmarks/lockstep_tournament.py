@@ -283,9 +283,9 @@ def main() -> int:
         if args.rates or min(args.phase_limits) < 1:
             p.error("--phase-schedule: positive limits, and only without --rates")
         for wname in (args.workloads.split(",") if args.workloads else SHIFTS):
-            if wname in SHIFTS and len(args.phase_limits) != len(SHIFTS[wname][1]):
-                p.error(f"--phase-schedule: {wname} has {len(SHIFTS[wname][1])} phases, "
-                        f"{len(args.phase_limits)} limits given")
+            phases = len(shift_phases(wname, args.scale)) if wname in SHIFTS else len(args.phase_limits)
+            if len(args.phase_limits) != phases:
+                p.error(f"--phase-schedule: {wname} has {phases} phases, {len(args.phase_limits)} limits given")
     configs = contenders([int(n) for n in args.static.split(",")], [s for s in args.policies.split(",") if s])
     if args.rates:
         return capacity_tournament(args, configs)
