@@ -253,11 +253,22 @@ def with_schedule(configs: dict[str, list[str]], wname: str, args: argparse.Name
     """The contenders, and on a shift workload with --phase-schedule the schedule's contender too."""
     if not args.phase_schedule or wname not in SHIFTS:
         return configs, {}
-    limits = args.phase_limits
+    limits = args.phase_schedule
     name = "schedule-" + "/".join(map(str, limits))
     sizes = [len(phase) for phase in shift_phases(wname, args.scale).values()]
     return configs | {name: ["--batch-controller", "static", "--max-num-seqs", str(max(limits))]}, \
         {name: PhaseSchedule(sizes, limits)}
+
+
+def phase_limits(text: str) -> list[int]:
+    """--phase-schedule's value: positive limits, comma-separated."""
+    try:
+        limits = [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of limits") from None
+    if min(limits) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: limits must be positive")
+    return limits
 
 
 def main() -> int:
@@ -271,21 +282,17 @@ def main() -> int:
     p.add_argument("--rates", default=None,
                    help="comma list of Poisson rates (req/s): capacity at the SLA instead of one rate's goodput")
     p.add_argument("--target", type=float, default=0.9, help="share of requests in the SLA that capacity keeps")
-    p.add_argument("--phase-schedule", default=None, metavar="LIMITS",
+    p.add_argument("--phase-schedule", type=phase_limits, default=None, metavar="LIMITS",
                    help="one static limit per phase (e.g. 32,8,32): a hindsight contender on the shift workloads")
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
     if args.phase_schedule:
-        try:
-            args.phase_limits = [int(n) for n in args.phase_schedule.split(",")]
-        except ValueError:
-            p.error(f"--phase-schedule: {args.phase_schedule!r} is not a comma list of limits")
-        if args.rates or min(args.phase_limits) < 1:
-            p.error("--phase-schedule: positive limits, and only without --rates")
-        for wname in (args.workloads.split(",") if args.workloads else SHIFTS):
-            phases = len(shift_phases(wname, args.scale)) if wname in SHIFTS else len(args.phase_limits)
-            if len(args.phase_limits) != phases:
-                p.error(f"--phase-schedule: {wname} has {phases} phases, {len(args.phase_limits)} limits given")
+        if args.rates:
+            p.error("--phase-schedule: only without --rates")
+        for wname in SHIFTS.keys() & set(args.workloads.split(",") if args.workloads else SHIFTS):
+            phases = len(shift_phases(wname, args.scale))
+            if len(args.phase_schedule) != phases:
+                p.error(f"--phase-schedule: {wname} has {phases} phases, {len(args.phase_schedule)} limits given")
     configs = contenders([int(n) for n in args.static.split(",")], [s for s in args.policies.split(",") if s])
     if args.rates:
         return capacity_tournament(args, configs)
